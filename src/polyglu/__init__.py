@@ -1,0 +1,49 @@
+"""polyglu: PolyGLU feed-forward layers and the PolychromaticLM language model.
+
+Public names are imported lazily (PEP 562), so `import polyglu` and `polyglu --help` do not pay
+for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "PolyGLU": "polyglu.model.polyglu",
+    "SwiGLU": "polyglu.model.polyglu",
+    "GLU": "polyglu.model.polyglu",
+    "PolychromaticLM": "polyglu.model.transformer",
+    "ModelOutput": "polyglu.model.transformer",
+    "KVCache": "polyglu.model.cache",
+    "ModelConfig": "polyglu.config",
+    "ConfigError": "polyglu.config",
+    "load_model": "polyglu.checkpoint",
+    "CheckpointError": "polyglu.checkpoint",
+    "generate": "polyglu.generation",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'polyglu' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyglu.checkpoint import CheckpointError, load_model
+    from polyglu.config import ConfigError, ModelConfig
+    from polyglu.generation import generate
+    from polyglu.model.cache import KVCache
+    from polyglu.model.polyglu import GLU, PolyGLU, SwiGLU
+    from polyglu.model.transformer import ModelOutput, PolychromaticLM

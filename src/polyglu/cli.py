@@ -1,0 +1,62 @@
+"""`polyglu <verb>`: one verb, one module under `polyglu.commands`, imported only when used so that
+`polyglu --help` is instant. Each command module defines `add_arguments(parser)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("polyglu.commands.info", "parameter counts and config of a model directory or preset"),
+    "convert": ("polyglu.commands.convert", "import a checkpoint (original PolyGLU .pt/.safetensors, Qwen3)"),
+}
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _build_parser(verb: str | None) -> argparse.ArgumentParser:
+    from polyglu import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="polyglu",
+        description="PolyGLU / PolychromaticLM: train, fine-tune, generate, evaluate and analyse.",
+        epilog="Run 'polyglu VERB --help' for a verb's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"polyglu {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:  # only the chosen verb's module is imported
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = _build_parser(verb if verb in VERBS else None)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(VERBS[args.verb][0])
+    from polyglu.checkpoint import CheckpointError
+    from polyglu.config import ConfigError
+
+    try:
+        result = module.run(args)
+    except (CommandError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"polyglu {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"polyglu {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""polyglu convert --from upstream|qwen3 IN OUT_DIR"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source_format", required=True, choices=["upstream", "qwen3"],
+                   help="upstream: the original PolyGLU project's .pt / .safetensors; qwen3: a Hugging Face Qwen3 directory")
+    p.add_argument("input", metavar="IN", help="checkpoint file or directory")
+    p.add_argument("output", metavar="OUT_DIR", help="model directory to write (config.json + model.safetensors)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="upstream: routing temperature when the file has none (default 0.1, the end of pre-training)")
+    p.add_argument("--routing-pool", choices=["sequence", "causal", "token"], default=None,
+                   help="upstream: routing pooling of the imported model (default: sequence, the original's)")
+    p.add_argument("--ffn", choices=["swiglu", "polyglu"], default="polyglu",
+                   help="qwen3: keep SwiGLU, or upcycle into PolyGLU routed to SiLU (same outputs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from polyglu.cli import CommandError
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise CommandError(f"{out} exists and is not empty; choose a new output directory")
+    if args.source_format == "upstream":
+        from polyglu.interop.upstream import load_upstream
+
+        overrides = {"routing_pool": args.routing_pool} if args.routing_pool else {}
+        model, info = load_upstream(args.input, tau=args.tau, **overrides)
+    else:
+        try:
+            from polyglu.interop.qwen3 import load_qwen3
+        except ImportError as e:
+            raise CommandError(f"Qwen3 import needs the [hf] extra: {e}") from None
+        model, info = load_qwen3(args.input, ffn=args.ffn)
+    model.save_pretrained(out, extra={"converted_from": info})
+    counts = model.num_parameters()
+    print(f"wrote {out} ({counts['total']:,} parameters, routing_pool={model.config.routing_pool}, "
+          f"tau={model.tau})")
+    return 0

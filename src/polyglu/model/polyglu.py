@@ -1,0 +1,285 @@
+"""PolyGLU: a gated feed-forward layer whose neurons each mix K activations, and GLU baselines.
+
+    out = down_proj( [sum_k g_k * act_k(gate_proj(x))] * up_proj(x) )
+    g   = softmax((alpha + beta * gate_net(pool(x)) + Gumbel noise) / tau)     over k
+
+alpha (d_ff, K) is a static per-neuron preference, beta (K,) scales the dynamic, input-dependent
+part, gate_net is a small d_model -> gate_hidden -> K MLP of the pooled context. Routing semantics
+(pooling, noise, determinism) are described in ARCHITECTURE.md and pinned by tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polyglu.config import ACTIVATION_NAMES, MIXED_IMPLS, ROUTING_POOLS, ConfigError
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# The named activations a PolyGLU neuron can mix. Order in a layer is the order given by the user.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "identity": lambda x: x,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+}
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
+
+
+@dataclass
+class PoolState:
+    """Running state of causal pooling for one layer during cached decoding.
+
+    `total` holds, per row, the sum of the routing network's first projection over the tokens of
+    the row's current (last) document; the count comes from the token positions.
+    """
+
+    total: torch.Tensor  # (B, gate_hidden) float32
+
+
+def routing_weights(alpha: torch.Tensor, dynamic: torch.Tensor, noise: torch.Tensor | None,
+                    tau: torch.Tensor, hard: bool = False) -> torch.Tensor:
+    """g = softmax((alpha + dynamic + noise) / tau) over the activations, in float32.
+
+    alpha: (F, K); dynamic: (B, T', K) with T' = 1 (sequence pooling) or T; noise: (B, F, K) or None.
+    Returns (B, T', F, K). `hard` returns the one-hot argmax instead (deterministic evaluation).
+    """
+    logits = alpha.float()[None, None] + dynamic.float()[:, :, None, :]  # (B, T', F, K)
+    if noise is not None:
+        logits = logits + noise.float()[:, None]
+    if hard:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    return torch.softmax(logits / tau.float(), dim=-1)
+
+
+def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor,
+                               dynamic: torch.Tensor, noise: torch.Tensor | None, tau: torch.Tensor,
+                               activations: Sequence[str], hard: bool = False) -> torch.Tensor:
+    """The plain formulation: stacks the K activation outputs (K x d_ff per token kept for backward).
+
+    gate, up: (B, T, F). Returns (B, T, F) in gate's dtype. The fused implementation is tested
+    against this function.
+    """
+    g = routing_weights(alpha, dynamic, noise, tau, hard)  # (B, T', F, K)
+    acts = torch.stack([ACTIVATIONS[name](gate) for name in activations], dim=-1)  # (B, T, F, K)
+    mixed = (g * acts.float()).sum(-1)  # (B, T, F)
+    return (mixed * up.float()).to(gate.dtype)
+
+
+def _fused_available() -> bool:
+    try:
+        from polyglu.model import fused  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
+                     noise: torch.Tensor | None, tau: torch.Tensor, activations: Sequence[str],
+                     hard: bool = False, impl: str = "auto") -> torch.Tensor:
+    """sum_k g_k * act_k(gate) * up, by the chosen implementation ("auto", "fused", "reference")."""
+    if impl != "reference" and _fused_available():
+        from polyglu.model.fused import mixed_activation_fused
+
+        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
+    if impl == "fused":
+        raise RuntimeError("mixed_impl='fused' requested but polyglu.model.fused is not available")
+    return mixed_activation_reference(gate, up, alpha, dynamic, noise, tau, activations, hard)
+
+
+def sample_gumbel(shape: Sequence[int], device: torch.device, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Standard Gumbel(0, 1) samples: -log(E), E ~ Exponential(1)."""
+    e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
+    return -e.log()
+
+
+class PolyGLU(nn.Module):
+    """Drop-in replacement for a SwiGLU feed-forward block.
+
+    Args:
+        d_model, d_ff: model and hidden widths.
+        activations: names from `ACTIVATIONS` mixed per neuron (any non-empty ordered subset).
+        gate_hidden: width of the routing MLP.
+        routing_pool: "causal" (mean over positions <= t of the same document; default),
+            "sequence" (the original: mean over the whole row or document, future included),
+            "token" (no pooling).
+        eval_routing: "soft" or "hard" routing outside training mode (never noisy).
+        routing_noise: add Gumbel noise to the routing logits in training mode.
+        tau: initial temperature (a persistent buffer; schedules overwrite it).
+        mixed_impl: "auto" | "fused" | "reference" implementation of the mixed activation.
+
+    forward(x, doc_ids=None) -> y, with x, y of shape (B, T, d_model). With `return_routing=True`
+    it returns (y, g) where g (B, T', d_ff, K) are the routing weights used (T' = 1 for "sequence").
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activations: Sequence[str] = ("relu", "tanh", "silu", "gelu"),
+                 gate_hidden: int = 32, routing_pool: str = "causal", eval_routing: str = "soft",
+                 routing_noise: bool = True, tau: float = 1.0, mixed_impl: str = "auto") -> None:
+        super().__init__()
+        activations = tuple(activations)
+        if not activations:
+            raise ConfigError("PolyGLU: activations must name at least one activation")
+        for name in activations:
+            if name not in ACTIVATIONS:
+                raise ConfigError(f"PolyGLU: unknown activation {name!r} (known: {', '.join(ACTIVATIONS)})")
+        if routing_pool not in ROUTING_POOLS:
+            raise ConfigError(f"PolyGLU: routing_pool must be one of {ROUTING_POOLS}, got {routing_pool!r}")
+        if eval_routing not in ("soft", "hard"):
+            raise ConfigError(f"PolyGLU: eval_routing must be 'soft' or 'hard', got {eval_routing!r}")
+        if mixed_impl not in MIXED_IMPLS:
+            raise ConfigError(f"PolyGLU: mixed_impl must be one of {MIXED_IMPLS}, got {mixed_impl!r}")
+        self.d_model, self.d_ff = d_model, d_ff
+        self.activations = activations
+        self.routing_pool = routing_pool
+        self.eval_routing = eval_routing
+        self.routing_noise = routing_noise
+        self.mixed_impl = mixed_impl
+        K = len(activations)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.alpha = nn.Parameter(torch.zeros(d_ff, K))
+        self.beta = nn.Parameter(torch.ones(K))
+        self.gate_net = nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, K))
+        self.register_buffer("tau", torch.tensor(float(tau)), persistent=True)
+
+    @property
+    def n_activations(self) -> int:
+        return len(self.activations)
+
+    def extra_repr(self) -> str:
+        return (f"activations={self.activations}, routing_pool={self.routing_pool!r}, "
+                f"eval_routing={self.eval_routing!r}, routing_noise={self.routing_noise}")
+
+    def dynamic_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                       doc_ids: torch.Tensor | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
+        """beta * gate_net(pool(x)): (B, T', K), T' = 1 for "sequence" pooling without documents.
+
+        The mean is taken after gate_net's first (linear) layer, which commutes with it: the same
+        function, but the running state and the pooled tensor are gate_hidden wide, not d_model.
+        """
+        first, second = self.gate_net[0], self.gate_net[2]
+        proj = F.linear(x, first.weight)  # (B, T, H)
+        if self.routing_pool == "token":
+            pooled = proj
+        elif self.routing_pool == "sequence":
+            if pool_state is not None:
+                raise ValueError("routing_pool='sequence' is non-causal and cannot be decoded with a cache")
+            if doc_ids is None:
+                pooled = proj.float().mean(dim=1, keepdim=True).to(proj.dtype)  # (B, 1, H)
+            else:
+                pooled = _document_mean(proj, doc_ids)
+        else:
+            pooled = _causal_mean(proj, positions, pool_state)
+        hidden = F.relu(pooled + first.bias)
+        return self.beta * second(hidden)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, pool_state: PoolState | None = None,
+                return_routing: bool = False, noise: torch.Tensor | None = None):
+        """x: (B, T, d_model). `positions` (B, T): token positions inside their documents (derived
+        from doc_ids when not given). `noise` (B, d_ff, K) overrides the sampled Gumbel noise."""
+        if positions is None and doc_ids is not None:
+            from polyglu.model.layers import document_positions
+
+            positions = document_positions(doc_ids)
+        gate = self.gate_proj(x)  # (B, T, F)
+        up = self.up_proj(x)  # (B, T, F)
+        if self.n_activations == 1:
+            # softmax over a single activation is identically 1: exactly a fixed-activation GLU
+            hidden = ACTIVATIONS[self.activations[0]](gate) * up
+            routing = torch.ones(x.shape[0], 1, self.d_ff, 1, device=x.device) if return_routing else None
+            out = self.down_proj(hidden)
+            return (out, routing) if return_routing else out
+        dynamic = self.dynamic_logits(x, positions, doc_ids, pool_state)  # (B, T', K)
+        hard = False
+        if self.training:
+            if noise is None and self.routing_noise:
+                # one Gumbel draw per (sequence, neuron, activation), shared across positions
+                noise = sample_gumbel((x.shape[0], self.d_ff, self.n_activations), x.device)
+        else:
+            hard = self.eval_routing == "hard"
+        hidden = mixed_activation(gate, up, self.alpha, dynamic, noise, self.tau, self.activations, hard,
+                                  self.mixed_impl)
+        out = self.down_proj(hidden)
+        if return_routing:
+            with torch.no_grad():
+                routing = routing_weights(self.alpha, dynamic, noise, self.tau, hard)
+            return out, routing
+        return out
+
+
+def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state: PoolState | None) -> torch.Tensor:
+    """Mean over positions <= t of t's document; continues `pool_state` across cached chunks."""
+    B, T, H = proj.shape
+    csum = proj.float().cumsum(dim=1)  # (B, T, H)
+    idx = torch.arange(T, device=proj.device)
+    if positions is None:
+        positions = idx.expand(B, T)
+        if pool_state is not None:
+            raise ValueError("causal pooling with a cache needs token positions")
+    start = idx[None, :] - positions  # (B, T): chunk index of the first token of t's document
+    before = torch.gather(csum, 1, (start - 1).clamp(min=0)[..., None].expand(B, T, H))
+    total = csum - before * (start > 0)[..., None]
+    if pool_state is not None:
+        # documents that began before this chunk continue the cached running sum
+        total = total + pool_state.total[:, None, :] * (start < 0)[..., None]
+        pool_state.total = total[:, -1].detach().clone()
+    return (total / (positions + 1).to(total.dtype)[..., None]).to(proj.dtype)
+
+
+def _document_mean(proj: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over all tokens of each token's document (non-causal): (B, T, H)."""
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    weights = same.float() / same.sum(-1, keepdim=True)
+    return torch.bmm(weights, proj.float()).to(proj.dtype)
+
+
+class GLU(nn.Module):
+    """Gated linear unit FFN with one fixed activation: down(act(gate(x)) * up(x)).
+
+    Same interface and parameter names as PolyGLU (without routing parameters).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "silu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"GLU: unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
+        self.activation = activation
+        self.d_model, self.d_ff = d_model, d_ff
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *, positions=None, pool_state=None,
+                return_routing: bool = False, noise=None):
+        out = self.down_proj(ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
+        return (out, None) if return_routing else out
+
+
+class SwiGLU(GLU):
+    """The SwiGLU baseline: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__(d_model, d_ff, "silu")
+
+
+def max_routing_entropy(n_activations: int) -> float:
+    return math.log(n_activations)

@@ -1,0 +1,174 @@
+"""PolychromaticLM: a pre-norm decoder-only transformer whose feed-forward blocks are PolyGLU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polyglu.config import ModelConfig
+from polyglu.model.attention import Attention
+from polyglu.model.cache import KVCache
+from polyglu.model.layers import RMSNorm, document_positions, rotary_tables
+from polyglu.model.polyglu import GLU, PolyGLU
+
+
+def build_ffn(config: ModelConfig) -> nn.Module:
+    if config.ffn == "polyglu":
+        return PolyGLU(config.d_model, config.d_ff, config.activations, config.gate_hidden, config.routing_pool,
+                       config.eval_routing, config.routing_noise, config.tau, config.mixed_impl)
+    return GLU(config.d_model, config.d_ff, config.ffn_activations[0])
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = build_ffn(config)
+
+    def forward(self, x, cos, sin, mask, doc_ids, positions, cache: KVCache | None = None,
+                return_routing: bool = False):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, self.layer)
+        pool_state = cache.pool[self.layer] if cache is not None else None
+        out = self.ffn(self.ffn_norm(x), doc_ids, positions=positions, pool_state=pool_state,
+                       return_routing=return_routing)
+        if return_routing:
+            out, routing = out
+            return x + out, routing
+        return x + out, None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, T, vocab)
+    hidden_states: torch.Tensor | None = None  # (B, T, d_model), after the final norm
+    routing: list[torch.Tensor | None] | None = None  # per layer (B, T', d_ff, K)
+
+
+class PolychromaticLM(nn.Module):
+    """Decoder-only LM: embed -> N x [RMSNorm -> GQA(QK-norm, RoPE) -> +, RMSNorm -> FFN -> +] -> RMSNorm -> head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # rotary tables stay float32 whatever dtype the model is cast to: built lazily per device
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != device:
+            c = self.config
+            self._rope = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+        return self._rope
+
+    # ---- initialisation
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for linear and embedding weights; residual outputs (o_proj, down_proj)
+        scaled by 1/sqrt(2 n_layers); routing: alpha 0, beta 1, gate_net biases 0."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, PolyGLU):
+                nn.init.zeros_(module.alpha)
+                nn.init.ones_(module.beta)
+
+    # ---- routing temperature
+
+    def set_tau(self, tau: float) -> None:
+        for module in self.polyglu_layers():
+            module.tau.fill_(float(tau))
+
+    @property
+    def tau(self) -> float | None:
+        layers = self.polyglu_layers()
+        return float(layers[0].tau) if layers else None
+
+    def polyglu_layers(self) -> list[PolyGLU]:
+        return [block.ffn for block in self.layers if isinstance(block.ffn, PolyGLU)]
+
+    # ---- forward
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, return_routing: bool = False, compute_logits: bool = True,
+                return_hidden: bool = False) -> ModelOutput:
+        """input_ids: (B, T). doc_ids (B, T): packed documents (block-diagonal causal attention,
+        rotary positions and causal routing restart per document). With `cache`, the tokens continue
+        the cached ones. `compute_logits=False` skips the head (for a chunked loss on hidden states)."""
+        B, T = input_ids.shape
+        if cache is not None:
+            doc_ids, positions = cache.prepare(T, doc_ids)
+            mask = cache.attention_mask(T)
+        elif doc_ids is not None:
+            positions = document_positions(doc_ids)
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+            mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril())[:, None]
+        else:
+            positions, mask = None, None
+        rope_cos, rope_sin = self.rope_tables(input_ids.device)
+        if positions is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin = rope_cos[:T][None, None], rope_sin[:T][None, None]
+        else:
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"a document position reaches {int(positions.max())}, beyond "
+                                 f"max_seq_len={self.config.max_seq_len}")
+            cos, sin = rope_cos[positions][:, None], rope_sin[positions][:, None]  # (B, 1, T, hd/2)
+
+        x = self.embed_tokens(input_ids)
+        routing = [] if return_routing else None
+        for block in self.layers:
+            x, layer_routing = block(x, cos, sin, mask, doc_ids, positions, cache, return_routing)
+            if return_routing:
+                routing.append(layer_routing)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        logits = self.lm_head(x) if compute_logits else None
+        return ModelOutput(logits=logits, hidden_states=x if (return_hidden or not compute_logits) else None,
+                           routing=routing)
+
+    # ---- convenience
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def num_parameters(self) -> dict[str, int]:
+        from polyglu.model.stats import parameter_counts
+
+        return parameter_counts(self)
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+        from polyglu.checkpoint import save_model
+
+        return save_model(self, directory, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> PolychromaticLM:
+        from polyglu.checkpoint import load_model
+
+        return load_model(directory, **kwargs)
+

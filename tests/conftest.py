@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from polyglu.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """A 2-layer model small enough for exhaustive checks in milliseconds."""
+    return ModelConfig.from_preset("debug", vocab_size=97, d_model=32, d_ff=48, n_heads=4, n_kv_heads=2,
+                                   head_dim=8, max_seq_len=64, gate_hidden=8)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    return d
