@@ -1,0 +1,100 @@
+"""Model directories: bitwise round trip, atomic writes, mismatch reporting, no pickle."""
+
+import json
+
+import pytest
+import torch
+
+import polyglu
+from polyglu import ModelConfig, PolychromaticLM
+from polyglu.checkpoint import CheckpointError, atomic_write_bytes
+
+
+def test_round_trip_is_bitwise(tiny_config, tmp_path):
+    model = PolychromaticLM(tiny_config.replace(eval_routing="hard"))
+    with torch.no_grad():
+        for ffn in model.polyglu_layers():
+            ffn.alpha.normal_()
+    model.set_tau(0.3)
+    model.save_pretrained(tmp_path / "m")
+    loaded = polyglu.load_model(tmp_path / "m")
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    ids = torch.randint(0, 97, (2, 9))
+    model.eval()
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["config.json", "model.safetensors"]
+
+
+def test_untied_head_is_saved(tiny_config, tmp_path):
+    model = PolychromaticLM(tiny_config.replace(tie_embeddings=False))
+    model.save_pretrained(tmp_path / "m")
+    loaded = polyglu.load_model(tmp_path / "m")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.lm_head.weight is not loaded.embed_tokens.weight
+
+
+def test_mismatched_tensors_are_listed(tiny_config, tmp_path):
+    PolychromaticLM(tiny_config).save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m/config.json").read_text())
+    meta["model"]["d_ff"] = 64
+    meta["model"]["n_layers"] = 3
+    (tmp_path / "m/config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        polyglu.load_model(tmp_path / "m")
+    msg = str(err.value)
+    assert "missing: layers.2." in msg and "layers.0.ffn.gate_proj.weight (48, 32) vs config (64, 32)" in msg
+
+
+def test_unknown_config_key_in_model_dir(tiny_config, tmp_path):
+    PolychromaticLM(tiny_config).save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m/config.json").read_text())
+    meta["model"]["dropout"] = 0.1
+    (tmp_path / "m/config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config.json: unknown config key 'model.dropout'"):
+        polyglu.load_model(tmp_path / "m")
+
+
+def test_missing_and_corrupt_files(tiny_config, tmp_path):
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        polyglu.load_model(tmp_path / "nope")
+    PolychromaticLM(tiny_config).save_pretrained(tmp_path / "m")
+    (tmp_path / "m/model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        polyglu.load_model(tmp_path / "m")
+    (tmp_path / "m/config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: invalid JSON at line 1"):
+        polyglu.load_model(tmp_path / "m")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new data")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temporary left behind
+
+
+def test_save_keeps_other_files(tiny_config, tmp_path):
+    d = tmp_path / "m"
+    (d / "tokenizer").mkdir(parents=True)
+    (d / "tokenizer/tok.json").write_text("{}")
+    PolychromaticLM(tiny_config).save_pretrained(d)
+    assert (d / "tokenizer/tok.json").exists()
+
+
+def test_load_with_overrides_and_dtype(tiny_config, tmp_path):
+    PolychromaticLM(tiny_config).save_pretrained(tmp_path / "m")
+    model = polyglu.load_model(tmp_path / "m", dtype=torch.bfloat16, eval_routing="hard")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and model.config.eval_routing == "hard"
+    assert model(torch.randint(0, 97, (1, 4))).logits.dtype == torch.bfloat16
+    assert ModelConfig.from_dict(model.config.to_dict()) == model.config

@@ -1,0 +1,69 @@
+"""ModelConfig validation, presets and file IO."""
+
+import json
+
+import pytest
+
+from polyglu.config import MODEL_PRESETS, ConfigError, ModelConfig
+
+
+def test_paper_preset_numbers():
+    c = ModelConfig.from_preset("paper-600m")
+    assert (c.vocab_size, c.d_model, c.d_ff, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == \
+        (151_669, 1024, 4096, 28, 16, 8, 64)
+    assert (c.max_seq_len, c.rope_theta, c.norm_eps, c.tie_embeddings) == (4096, 10_000.0, 1e-6, True)
+    assert c.activations == ("relu", "tanh", "silu", "gelu") and c.gate_hidden == 32
+    assert c.routing_pool == "causal" and c.eval_routing == "soft"
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_every_preset_is_valid(name):
+    assert ModelConfig.from_preset(name).to_dict()["d_model"] > 0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(n_heads=6, n_kv_heads=4), "n_heads .6. must be divisible by n_kv_heads .4."),
+    (dict(d_model=0), "d_model must be a positive integer"),
+    (dict(d_ff=-4), "d_ff must be a positive integer"),
+    (dict(head_dim=7), "head_dim must be even"),
+    (dict(activations=["relu", "swish"]), "unknown activation 'swish'"),
+    (dict(activations=[]), "at least one activation"),
+    (dict(ffn="moe"), "ffn must be one of"),
+    (dict(routing_pool="mean"), "routing_pool must be one of"),
+    (dict(eval_routing="noisy"), "eval_routing must be one of"),
+    (dict(norm_eps=0.0), "norm_eps must be a positive number"),
+    (dict(d_model="1024"), "config key 'd_model' has str value"),
+    (dict(hidden_size=10), "unknown config key 'hidden_size'"),
+])
+def test_bad_values_name_the_field(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_preset("debug", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown model preset 'huge'"):
+        ModelConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_file_round_trip_and_unknown_keys(tmp_path, suffix):
+    config = ModelConfig.from_preset("small", routing_pool="token")
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(config.to_dict()))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(config.to_dict()))
+    assert ModelConfig.from_file(path) == config
+    data = config.to_dict()
+    data["n_layer"] = 4  # a typo must not be silently dropped
+    path.write_text(json.dumps(data) if suffix == ".json" else __import__("yaml").safe_dump(data))
+    with pytest.raises(ConfigError, match=r"model\..*: unknown config key 'n_layer'"):
+        ModelConfig.from_file(path)
+
+
+def test_ints_accepted_for_floats_and_lists_for_tuples():
+    c = ModelConfig.from_dict({"rope_theta": 500000, "activations": ["gelu", "silu"]})
+    assert c.rope_theta == 500000.0 and isinstance(c.rope_theta, float)
+    assert c.activations == ("gelu", "silu")

@@ -1,0 +1,147 @@
+"""PolychromaticLM: causality, documents, determinism, cache exactness, init, parameter counts."""
+
+import math
+
+import pytest
+import torch
+
+from polyglu import ModelConfig, PolychromaticLM
+from polyglu.model.stats import parameter_counts
+
+
+def _model(config: ModelConfig, **overrides) -> PolychromaticLM:
+    model = PolychromaticLM(config.replace(**overrides) if overrides else config)
+    with torch.no_grad():  # non-trivial routing
+        for ffn in model.polyglu_layers():
+            ffn.alpha.normal_(0, 1.0)
+            ffn.beta.uniform_(0.5, 2.0)
+            ffn.gate_net[2].weight.normal_(0, 1.0)
+    model.set_tau(0.5)
+    return model
+
+
+def _forward(model, ids, doc_ids=None, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model(ids, doc_ids).logits
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_causal_routing_no_future_leak(tiny_config, mode, packed):
+    model = _model(tiny_config)
+    getattr(model, mode)()
+    ids = torch.randint(0, 97, (2, 20))
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12, [0] * 13 + [1] * 7]) if packed else None
+    t = 10
+    changed = ids.clone()
+    changed[:, t + 1:] = torch.randint(0, 97, (2, 20 - t - 1))
+    a = _forward(model, ids, doc_ids, seed=3)
+    b = _forward(model, changed, doc_ids, seed=3)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_sequence_pool_leaks_future_as_documented(tiny_config):
+    model = _model(tiny_config, routing_pool="sequence").eval()
+    ids = torch.randint(0, 97, (1, 20))
+    changed = ids.clone()
+    changed[:, 15:] = (changed[:, 15:] + 1) % 97
+    a, b = _forward(model, ids), _forward(model, changed)
+    assert not torch.allclose(a[:, :15], b[:, :15], atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["causal", "token"])
+def test_packed_documents_do_not_see_each_other(tiny_config, pool):
+    model = _model(tiny_config, routing_pool=pool).eval()
+    first, second = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 9))
+    packed = _forward(model, torch.cat([first, second], 1), torch.tensor([[0] * 7 + [1] * 9]))
+    torch.testing.assert_close(packed[:, :7], _forward(model, first), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 7:], _forward(model, second), atol=1e-5, rtol=1e-5)
+
+
+def test_eval_forward_is_deterministic(tiny_config):
+    model = _model(tiny_config).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    assert torch.equal(_forward(model, ids, seed=1), _forward(model, ids, seed=2))
+
+
+@pytest.mark.parametrize("chunks", [[12], [5, 1, 1, 3, 1, 1], [1] * 12])
+def test_cached_forward_matches_full_forward(tiny_config, chunks):
+    model = _model(tiny_config).eval()
+    ids = torch.randint(0, 97, (2, sum(chunks)))
+    full = _forward(model, ids)
+    cache = model.new_cache(2, 32)
+    outs, start = [], 0
+    for n in chunks:
+        outs.append(model(ids[:, start:start + n], cache=cache).logits)
+        start += n
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_with_left_padding_document(tiny_config):
+    """Left padding given as its own document leaves the real tokens' logits unchanged."""
+    model = _model(tiny_config).eval()
+    prompt = torch.randint(0, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
+    cache = model.new_cache(1, 16)
+    out = model(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]]), cache=cache).logits[:, 3:]
+    torch.testing.assert_close(out, _forward(model, prompt), atol=1e-5, rtol=1e-5)
+    nxt = torch.randint(0, 97, (1, 1))
+    step = model(nxt, cache=cache).logits
+    torch.testing.assert_close(step, _forward(model, torch.cat([prompt, nxt], 1))[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_pool_refuses_cache(tiny_config):
+    model = _model(tiny_config, routing_pool="sequence").eval()
+    with pytest.raises(ValueError, match="non-causal"):
+        model(torch.randint(0, 97, (1, 4)), cache=model.new_cache(1, 8))
+
+
+def test_too_long_input_is_an_error(tiny_config):
+    model = PolychromaticLM(tiny_config)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, tiny_config.max_seq_len + 1, dtype=torch.long))
+
+
+def test_init_follows_the_paper(tiny_config):
+    config = tiny_config.replace(d_model=256, d_ff=512, n_heads=8, head_dim=32, n_kv_heads=4, n_layers=4)
+    model = PolychromaticLM(config)
+    residual = 0.02 / math.sqrt(2 * config.n_layers)
+    assert abs(model.embed_tokens.weight.std().item() - 0.02) < 0.002
+    assert abs(model.layers[0].attn.q_proj.weight.std().item() - 0.02) < 0.002
+    assert abs(model.layers[0].attn.o_proj.weight.std().item() - residual) < 0.1 * residual
+    assert abs(model.layers[0].ffn.down_proj.weight.std().item() - residual) < 0.1 * residual
+    ffn = model.layers[0].ffn
+    assert torch.equal(ffn.alpha, torch.zeros_like(ffn.alpha)) and torch.equal(ffn.beta, torch.ones(4))
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_paper_parameter_counts():
+    with torch.device("meta"):
+        model = PolychromaticLM(ModelConfig.from_preset("paper-600m"))
+    counts = parameter_counts(model)
+    assert counts["total"] == 597_153_888
+    assert counts["routing"] == 1_380_960
+    assert round(100 * counts["routing_share"], 3) == 0.231
+
+
+def test_swiglu_model_has_no_routing(tiny_config):
+    model = PolychromaticLM(tiny_config.replace(ffn="swiglu"))
+    counts = parameter_counts(model)
+    assert counts["routing"] == 0 and model.polyglu_layers() == [] and model.tau is None
+    out = model(torch.randint(0, 97, (1, 5)), return_routing=True)
+    assert out.routing == [None, None]
+
+
+def test_return_routing_and_hidden(tiny_config):
+    model = _model(tiny_config).eval()
+    out = model(torch.randint(0, 97, (2, 5)), return_routing=True, compute_logits=False)
+    assert out.logits is None and out.hidden_states.shape == (2, 5, tiny_config.d_model)
+    assert len(out.routing) == tiny_config.n_layers and out.routing[0].shape == (2, 5, 48, 4)
+
+
+def test_set_tau_updates_every_layer(tiny_config):
+    model = PolychromaticLM(tiny_config)
+    model.set_tau(0.25)
+    assert all(float(f.tau) == 0.25 for f in model.polyglu_layers()) and model.tau == 0.25

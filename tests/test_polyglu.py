@@ -1,0 +1,121 @@
+"""PolyGLU module semantics: routing, noise, determinism, SwiGLU exactness, gradients."""
+
+import pytest
+import torch
+
+from polyglu import PolyGLU, SwiGLU
+from polyglu.config import ConfigError
+from polyglu.model.polyglu import GLU, routing_weights
+
+
+def _randomise_routing(m: PolyGLU) -> PolyGLU:
+    with torch.no_grad():
+        m.alpha.normal_(0, 1.0)
+        m.beta.uniform_(0.5, 2.0)
+        m.tau.fill_(0.5)
+    return m
+
+
+@pytest.mark.parametrize("pool", ["causal", "sequence", "token"])
+def test_shapes_and_routing_sums_to_one(pool):
+    m = _randomise_routing(PolyGLU(16, 24, gate_hidden=8, routing_pool=pool)).eval()
+    x = torch.randn(3, 7, 16)
+    y, g = m(x, return_routing=True)
+    assert y.shape == (3, 7, 16)
+    assert g.shape == (3, 1 if pool == "sequence" else 7, 24, 4)
+    torch.testing.assert_close(g.sum(-1), torch.ones(g.shape[:-1]))
+
+
+def test_eval_is_deterministic_and_training_is_noisy():
+    m = _randomise_routing(PolyGLU(16, 24, gate_hidden=8))
+    x = torch.randn(2, 5, 16)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(2)
+    b = m(x)
+    assert not torch.allclose(a, b)
+    torch.manual_seed(1)
+    assert torch.equal(a, m(x))
+
+
+def test_noise_is_shared_across_positions():
+    """Gumbel noise is drawn per (sequence, neuron, activation): with token pooling and a constant
+    input along the sequence, every position gets the same routing."""
+    m = _randomise_routing(PolyGLU(8, 12, gate_hidden=4, routing_pool="token")).train()
+    x = torch.randn(2, 1, 8).expand(2, 6, 8).contiguous()
+    _, g = m(x, return_routing=True)
+    assert torch.allclose(g, g[:, :1].expand_as(g))
+    assert not torch.allclose(g[0], g[1])  # different sequences, different noise
+
+
+def test_hard_eval_routing_is_one_hot():
+    m = _randomise_routing(PolyGLU(8, 12, gate_hidden=4, eval_routing="hard")).eval()
+    _, g = m(torch.randn(2, 5, 8), return_routing=True)
+    assert set(g.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(g.sum(-1), torch.ones(g.shape[:-1]))
+
+
+def test_single_silu_activation_is_swiglu_bitwise():
+    poly = PolyGLU(32, 48, activations=("silu",), gate_hidden=8)
+    swi = SwiGLU(32, 48)
+    swi.load_state_dict({k: v for k, v in poly.state_dict().items() if k.split(".")[0].endswith("proj")})
+    x = torch.randn(3, 9, 32)
+    for mode in ("train", "eval"):
+        getattr(poly, mode)()
+        getattr(swi, mode)()
+        assert torch.equal(poly(x), swi(x))
+
+
+def test_gradients_reach_routing_parameters():
+    m = _randomise_routing(PolyGLU(16, 24, gate_hidden=8)).train()
+    m(torch.randn(2, 5, 16)).pow(2).sum().backward()
+    for name in ("alpha", "beta", "gate_net.0.weight", "gate_net.0.bias", "gate_net.2.weight", "gate_net.2.bias"):
+        grad = m.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_causal_pool_sees_no_future():
+    m = _randomise_routing(PolyGLU(16, 24, gate_hidden=8, routing_pool="causal")).eval()
+    x = torch.randn(1, 10, 16)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(1, 4, 16)
+    torch.testing.assert_close(m(x)[:, :6], m(x2)[:, :6], rtol=0, atol=0)
+
+
+def test_causal_pool_resets_at_documents():
+    m = _randomise_routing(PolyGLU(16, 24, gate_hidden=8, routing_pool="causal")).eval()
+    a, b = torch.randn(1, 4, 16), torch.randn(1, 5, 16)
+    packed = m(torch.cat([a, b], 1), doc_ids=torch.tensor([[0] * 4 + [1] * 5]))
+    torch.testing.assert_close(packed[:, 4:], m(b), atol=1e-6, rtol=1e-5)
+
+
+def test_routing_weights_formula():
+    alpha = torch.randn(5, 3)
+    dynamic = torch.randn(2, 4, 3)
+    tau = torch.tensor(0.3)
+    g = routing_weights(alpha, dynamic, None, tau)
+    expected = torch.softmax((alpha[None, None] + dynamic[:, :, None]) / 0.3, -1)
+    torch.testing.assert_close(g, expected)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(activations=()), "at least one"),
+    (dict(activations=("relu", "swish")), "unknown activation 'swish'"),
+    (dict(routing_pool="mean"), "routing_pool"),
+    (dict(eval_routing="argmax"), "eval_routing"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        PolyGLU(8, 8, **kwargs)
+
+
+def test_glu_baselines_share_parameter_names():
+    names = {n for n, _ in SwiGLU(8, 12).named_parameters()}
+    assert names == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
+    assert names < {n for n, _ in PolyGLU(8, 12).named_parameters()}
+    x = torch.randn(1, 3, 8)
+    g = GLU(8, 12, "gelu")
+    torch.testing.assert_close(g(x), g.down_proj(torch.nn.functional.gelu(g.gate_proj(x)) * g.up_proj(x)))
