@@ -288,3 +288,146 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "paper-600m": dict(vocab_size=151_669, d_model=1024, d_ff=4096, n_layers=28, n_heads=16, n_kv_heads=8,
                        head_dim=64, max_seq_len=4096, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# training configs: one file with sections `model`, `data`, `train` (+ `run_dir`, `init_from`)
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. With no `sources`, the built-in math corpus is generated and prepared
+    inside the run directory (so `configs/debug.yaml` needs no other input)."""
+
+    builtin: str = "math"
+    sources: dict[str, str] = field(default_factory=dict)  # name -> prepared token-shard directory
+    mixture: dict[str, float] | None = None  # weights per source; default proportional to nothing: equal
+    anneal_to: dict[str, float] | None = None  # mix to switch to after `anneal_at` of training
+    anneal_at: float = 0.8
+    validation: dict[str, str] = field(default_factory=dict)  # name -> held-out shard directory
+    tokenizer: str = "byte"  # 'byte', 'train' (BPE on the built-in corpus), a directory or a hub name
+    tokenizer_vocab_size: int = 1024  # for tokenizer: train
+    seq_len: int = 256
+    builtin_train: int = 20_000  # built-in corpus: problems per split
+    builtin_validation: int = 1_000
+    builtin_test: int = 500
+    builtin_seed: int = 0
+    # supervised fine-tuning
+    sft_train: str | None = None  # JSONL (messages, or prompt/response fields); default: built-in chat split
+    sft_validation: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    packing: bool = True
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per step; or set tokens_per_step
+    tokens_per_step: int | None = None  # global target; grad_accum derived from it
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    tau_schedule: Literal["linear", "cosine", "exponential", "constant"] = "linear"
+    freeze_tau: bool = False  # keep the model's saved tau (fine-tuning)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    routing_stats_every: int = 100
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    loss_chunk_size: int = 2048
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    threads: int | None = None  # CPU threads (default: torch's)
+    progress: bool = True
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "max_bad_steps", "loss_chunk_size", "routing_stats_every"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {value}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.tau_start <= 0 or self.tau_end <= 0:
+            raise ConfigError("train.tau_start and train.tau_end must be positive")
+
+
+@dataclass
+class RunConfig:
+    """A training or fine-tuning run. `model` holds ModelConfig fields, optionally a `preset` name
+    whose values the other fields override."""
+
+    run_dir: str = "runs/debug"
+    task: Literal["pretrain", "sft"] = "pretrain"
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "debug"})
+    init_from: str | None = None  # a model directory to start from (SFT, continued pre-training)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        self.model_config()  # validate now, with the key names
+
+    def model_config(self) -> ModelConfig:
+        fields = dict(self.model)
+        preset = fields.pop("preset", None)
+        try:
+            if preset is not None:
+                return ModelConfig.from_preset(preset, **fields)
+            return ModelConfig.from_dict(fields, where="model")
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if (msg.startswith("model") or "'model." in msg) else f"model: {msg}") from None
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] | None = None, **defaults: Any) -> RunConfig:
+        """Read a YAML/JSON run config and apply dotted `key=value` overrides (values parsed as YAML)."""
+        data = load_mapping(path) if path is not None else {}
+        for key, value in defaults.items():
+            data.setdefault(key, value)
+        for item in overrides or []:
+            set_dotted(data, item)
+        try:
+            return dataclass_from_dict(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+
+def set_dotted(data: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict; the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=20)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{part}' is not a section")
+    node[parts[-1]] = value

@@ -1,0 +1,1 @@
+"""Training: one trainer for pre-training and supervised fine-tuning."""

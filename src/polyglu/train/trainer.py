@@ -1,0 +1,294 @@
+"""One trainer for pre-training and supervised fine-tuning.
+
+The data objects are anything with `get_batch(step, micro_step=0) -> {"input_ids", "targets",
+"doc_ids"}` (targets = -100 where no loss), a pure function of its arguments: a resumed run sees
+exactly the batches an uninterrupted one would. Each micro-batch also seeds the routing noise from
+(seed, step, micro_step), so resuming is exact without replaying any random stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from polyglu.config import RunConfig
+from polyglu.train import checkpointing as ckpt
+from polyglu.train.distributed import DistributedContext
+from polyglu.train.loss import IGNORE_INDEX, chunked_cross_entropy_sum
+from polyglu.train.metrics import MetricsWriter, routing_entropy_summary
+from polyglu.train.optim import build_optimizer
+from polyglu.train.schedules import lr_at, tau_at
+
+
+class BatchSource(Protocol):
+    def get_batch(self, step: int, micro_step: int = 0) -> dict[str, torch.Tensor]: ...
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
+
+
+class LossModule(nn.Module):
+    """model + chunked cross-entropy in one forward, so DDP/FSDP wrap the whole computation."""
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, doc_ids, targets):
+        out = self.model(input_ids, doc_ids, compute_logits=False)
+        return chunked_cross_entropy_sum(out.hidden_states, self.model.lm_head.weight, targets, self.chunk_size)
+
+
+def micro_seed(seed: int, step: int, micro_step: int, rank: int = 0) -> int:
+    return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 101 + rank) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, model: nn.Module, train_data: BatchSource,
+                 val_data: BatchSource | None = None, tokenizer_dir: str | Path | None = None,
+                 dist: DistributedContext | None = None, log=print) -> None:
+        self.config = config
+        self.tc = config.train
+        self.run_dir = Path(config.run_dir)
+        self.dist = dist or DistributedContext.from_env()
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.train_data, self.val_data = train_data, val_data
+        self.tokenizer_dir = tokenizer_dir
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        self.autocast_dtype = self._autocast_dtype()
+        self.grad_accum = self._grad_accum()
+        self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas),
+                                         self.tc.eps)
+        self.step = 0
+        self.tokens = 0
+        self.best_val: float | None = None
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.loss_module = self.dist.wrap(self._prepare_model(), self.tc.distributed)
+
+    # ---- set-up
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.tc.dtype == "bfloat16" or (self.tc.dtype == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _grad_accum(self) -> int:
+        if self.tc.tokens_per_step is None:
+            return self.tc.grad_accum
+        per_micro = self.tc.batch_size * self.config.data.seq_len * self.dist.world_size
+        return max(1, round(self.tc.tokens_per_step / per_micro))
+
+    def _prepare_model(self) -> nn.Module:
+        if self.tc.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for i, block in enumerate(self.model.layers):
+                self.model.layers[i] = checkpoint_wrapper(block)
+        if self.tc.compile:
+            for block in self.model.layers:
+                block.compile()
+        return LossModule(self.model, self.tc.loss_chunk_size).to(self.device)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---- state
+
+    def train_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "tau": self.model.tau, "best_val_loss": self.best_val,
+                "skipped_steps": self.skipped_steps, "data": {"next_step": self.step},
+                "rng": ckpt.rng_state(), "config": self.config.to_dict()}
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.train_state(),
+                                        self.tokenizer_dir, keep=self.tc.keep_checkpoints)
+        self.dist.barrier()
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from `path` or the latest complete checkpoint in the run directory."""
+        path = Path(path) if path else ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            self.log(f"no checkpoint in {self.run_dir}/checkpoints; starting from scratch")
+            return False
+        from polyglu.checkpoint import load_state_file
+
+        state = load_state_file(path / "model.safetensors")
+        self.model.load_state_dict(state, strict=False)
+        tensors, meta, train_state = ckpt.read_checkpoint(path)
+        ckpt.load_optimizer(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()}, meta)
+        self.step = int(train_state["step"])
+        self.tokens = int(train_state["tokens"])
+        self.best_val = train_state.get("best_val_loss")
+        self.skipped_steps = int(train_state.get("skipped_steps", 0))
+        if train_state.get("tau") is not None:
+            self.model.set_tau(train_state["tau"])
+        ckpt.set_rng_state(train_state["rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ---- schedules
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.tc.lr, self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio,
+                     self.tc.lr_schedule)
+
+    def tau(self, step: int) -> float | None:
+        if self.tc.freeze_tau or self.model.tau is None:
+            return None
+        return tau_at(step, self.tc.tau_start, self.tc.tau_end, self.tc.max_steps, self.tc.tau_schedule)
+
+    # ---- one step
+
+    def train_step(self) -> dict[str, float]:
+        step = self.step
+        lr = self.lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tau = self.tau(step)
+        if tau is not None:
+            self.model.set_tau(tau)
+        self.model.train()
+        batches = [self.train_data.get_batch(step, micro) for micro in range(self.grad_accum)]
+        n_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+        n_targets = max(1, int(self.dist.all_reduce_sum(float(n_targets))))
+        loss_sum = 0.0
+        for micro, batch in enumerate(batches):
+            torch.manual_seed(micro_seed(self.tc.seed, step, micro, self.dist.rank))
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            last = micro == len(batches) - 1
+            with self.dist.no_sync(self.loss_module, enabled=not last), self._autocast():
+                loss = self.loss_module(batch["input_ids"], batch["doc_ids"], batch["targets"])
+                # normalised by the global token count: ranks' gradients average to the global mean
+                (loss * (self.dist.world_size / n_targets)).backward()
+            loss_sum += float(loss.detach())
+        loss_value = self.dist.all_reduce_sum(loss_sum) / n_targets
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.bad_steps >= self.tc.max_bad_steps:
+                last = ckpt.latest_checkpoint(self.run_dir)
+                raise TrainingError(
+                    f"{self.bad_steps} consecutive non-finite steps (loss={loss_value}, grad_norm={grad_norm}) "
+                    f"at step {step}; stopping. Last good checkpoint: {last or 'none'}")
+        else:
+            self.bad_steps = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["input_ids"].numel()) for b in batches) * self.dist.world_size
+        self.tokens += tokens
+        self.step += 1
+        return {"loss": loss_value, "lr": lr, "tau": tau if tau is not None else self.model.tau,
+                "grad_norm": grad_norm, "step_tokens": tokens, "skipped": not math.isfinite(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(self.tc.eval_batches):
+            batch = {k: v.to(self.device) for k, v in self.val_data.get_batch(i).items()}
+            with self._autocast():
+                out = self.model(batch["input_ids"], batch["doc_ids"], compute_logits=False)
+                total += float(chunked_cross_entropy_sum(out.hidden_states, self.model.lm_head.weight,
+                                                         batch["targets"], self.tc.loss_chunk_size))
+            count += int((batch["targets"] != IGNORE_INDEX).sum())
+        total = self.dist.all_reduce_sum(total)
+        count = self.dist.all_reduce_sum(float(count))
+        self.model.train()
+        return total / max(count, 1)
+
+    # ---- the loop
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to `train.max_steps` (or stop early at `stop_at`, schedules unchanged)."""
+        tc = self.tc
+        end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main, tensorboard=tc.tensorboard,
+                                wandb_project=tc.wandb_project, config=self.config.to_dict())
+        if self.dist.is_main:
+            (self.run_dir / "run_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        bar = None
+        if tc.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{self.config.task}", unit="step",
+                       file=sys.stderr, dynamic_ncols=True, disable=None)
+        window_tokens, window_start = 0, time.perf_counter()
+        last_row: dict[str, Any] = {}
+        try:
+            while self.step < end:
+                out = self.train_step()
+                window_tokens += out["step_tokens"]
+                step = self.step
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
+                           "tau": out["tau"], "grad_norm": out["grad_norm"],
+                           "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
+                    if step % tc.routing_stats_every == 0 or step == tc.max_steps:
+                        stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0), self.device)
+                        if stats:
+                            row["routing_entropy"] = stats
+                    if step % tc.eval_every == 0 or step == tc.max_steps:
+                        val = self.evaluate()
+                        if val is not None:
+                            row["val_loss"] = val
+                            self.best_val = val if self.best_val is None else min(self.best_val, val)
+                    metrics.write(row)
+                    last_row = row
+                    window_tokens, window_start = 0, time.perf_counter()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}",
+                                        tau=f"{out['tau']:.3f}" if out["tau"] is not None else "-",
+                                        tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                    elif self.dist.is_main and tc.progress is False:
+                        pass
+                if bar is not None:
+                    bar.update(1)
+                if step % tc.checkpoint_every == 0 and step != tc.max_steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        path = self.save()
+        if self.dist.is_main:
+            self._export_final()
+        return {"step": self.step, "tokens": self.tokens, "last": last_row, "best_val_loss": self.best_val,
+                "checkpoint": str(path) if path else None, "model_dir": str(self.run_dir / "final")}
+
+    def _export_final(self) -> None:
+        """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval."""
+        import shutil
+
+        from polyglu.checkpoint import save_model
+
+        final = self.run_dir / "final"
+        save_model(self.model, final, extra={"step": self.step, "tokens": self.tokens, "task": self.config.task})
+        if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():
+            if (final / "tokenizer").exists():
+                shutil.rmtree(final / "tokenizer")
+            shutil.copytree(self.tokenizer_dir, final / "tokenizer")

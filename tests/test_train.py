@@ -1,0 +1,167 @@
+"""Trainer: schedules, parameter groups, chunked loss, exact resume, crash safety, non-finite steps."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from polyglu import PolychromaticLM
+from polyglu.config import ConfigError, RunConfig
+from polyglu.train import checkpointing as ckpt
+from polyglu.train.loss import IGNORE_INDEX, chunked_cross_entropy_sum
+from polyglu.train.optim import parameter_groups
+from polyglu.train.schedules import lr_at, tau_at
+from polyglu.train.trainer import Trainer, TrainingError
+
+
+class RandomTokens:
+    """A deterministic batch source: a pure function of (step, micro_step)."""
+
+    def __init__(self, vocab, batch_size, seq_len, seed=0):
+        self.vocab, self.batch_size, self.seq_len, self.seed = vocab, batch_size, seq_len, seed
+
+    def get_batch(self, step, micro_step=0):
+        g = torch.Generator().manual_seed(self.seed * 100_000 + step * 100 + micro_step)
+        # a learnable pattern: next token = (token + 1) % vocab, with random starts
+        start = torch.randint(0, self.vocab, (self.batch_size, 1), generator=g)
+        ids = (start + torch.arange(self.seq_len + 1)) % self.vocab
+        doc_ids = torch.zeros(self.batch_size, self.seq_len, dtype=torch.long)
+        doc_ids[:, self.seq_len // 2:] = 1
+        return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "doc_ids": doc_ids}
+
+
+def _config(run_dir, **train):
+    train = {"max_steps": 6, "batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 3,
+             "eval_batches": 2, "checkpoint_every": 3, "progress": False, "routing_stats_every": 2, **train}
+    return RunConfig.load(None, [f"run_dir={run_dir}"], model={
+        "preset": "debug", "vocab_size": 64, "d_model": 32, "d_ff": 48, "n_heads": 4, "n_kv_heads": 2,
+        "head_dim": 8, "max_seq_len": 32, "gate_hidden": 8}, train=train)
+
+
+def _trainer(config, seed=0):
+    torch.manual_seed(seed)
+    model = PolychromaticLM(config.model_config())
+    data = RandomTokens(64, config.train.batch_size, 16)
+    return Trainer(config, model, data, RandomTokens(64, 2, 16, seed=1), log=lambda *a: None)
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schedules():
+    assert lr_at(0, 1e-4, 2000, 19531) == pytest.approx(1e-4 / 2000)
+    assert lr_at(1999, 1e-4, 2000, 19531) == pytest.approx(1e-4)
+    assert lr_at(19531, 1e-4, 2000, 19531, min_ratio=0.1) == pytest.approx(1e-5)
+    mid = (2000 + 19531) // 2
+    assert lr_at(mid, 1e-4, 2000, 19531, min_ratio=0.0) == pytest.approx(5e-5, rel=1e-3)
+    assert tau_at(0, 1.0, 0.1, 101) == 1.0 and tau_at(100, 1.0, 0.1, 101) == pytest.approx(0.1)
+    assert tau_at(50, 1.0, 0.1, 101) == pytest.approx(0.55)
+    assert tau_at(70, 2.0, 0.1, 101, "constant") == 2.0
+
+
+def test_weight_decay_groups_list_every_parameter(tiny_config):
+    model = PolychromaticLM(tiny_config)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = set(decay["names"]) | set(no_decay["names"])
+    assert names == {n for n, _ in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    for name in no_decay["names"]:
+        assert name.endswith(("alpha", "beta", "bias", "norm.weight")), name
+    for name in decay["names"]:
+        assert name.endswith(("proj.weight", "embed_tokens.weight", "gate_net.0.weight", "gate_net.2.weight")), name
+    assert "layers.0.ffn.alpha" in no_decay["names"] and "layers.1.ffn.beta" in no_decay["names"]
+
+
+def test_chunked_cross_entropy_matches_full():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :3] = IGNORE_INDEX
+    loss = chunked_cross_entropy_sum(hidden, weight, targets, chunk_size=4)
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).reshape(-1, 50), targets.reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(loss.double(), ref)
+    g1 = torch.autograd.grad(loss * 0.5, (hidden, weight))
+    g2 = torch.autograd.grad(ref * 0.5, (hidden, weight))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_reduces_loss_and_logs(tmp_path):
+    config = _config(tmp_path / "run", max_steps=30, checkpoint_every=100, eval_every=10)
+    summary = _trainer(config).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    for key in ("tokens", "lr", "tau", "grad_norm", "tokens_per_s"):
+        assert key in rows[0]
+    assert "val_loss" in rows[9] and len(rows[1]["routing_entropy"]["dynamic"]) == 2
+    assert rows[-1]["tau"] == pytest.approx(0.1) and rows[0]["tau"] == pytest.approx(1.0)
+    assert summary["step"] == 30
+    from polyglu import load_model
+
+    model = load_model(tmp_path / "run/final")
+    assert model.tau == pytest.approx(0.1)
+
+
+def test_resume_is_exact(tmp_path):
+    full = _config(tmp_path / "full", max_steps=6)
+    _trainer(full).fit()
+    half = _config(tmp_path / "half", max_steps=6)
+    trainer = _trainer(half)
+    trainer.fit(stop_at=3)  # stop as if killed after the step-3 checkpoint...
+    trainer = _trainer(half, seed=123)  # ...then a new process (different init seed) resumes
+    assert trainer.resume()
+    assert trainer.step == 3
+    trainer.fit()
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "half")
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path):
+    config = _config(tmp_path / "run", max_steps=12, checkpoint_every=2, keep_checkpoints=2)
+    _trainer(config).fit()
+    found = ckpt.list_checkpoints(tmp_path / "run")
+    assert [s for s, _ in found] == [10, 12]
+    # a half-written checkpoint (crash before the rename) is ignored
+    (tmp_path / "run/checkpoints/.tmp-step-00000014-1").mkdir()
+    (tmp_path / "run/checkpoints/step-00000016").mkdir()  # no train_state.json: incomplete
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000012"
+    from polyglu import load_model
+
+    load_model(found[-1][1])  # a checkpoint is a model directory
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    config = _config(tmp_path / "run", max_steps=20, max_bad_steps=3, checkpoint_every=2)
+    trainer = _trainer(config)
+    real = trainer.loss_module.forward
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    trainer.loss_module.forward = poisoned
+    with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+        trainer.fit()
+    assert trainer.skipped_steps == 3
+    # skipped steps leave the weights untouched: every checkpoint holds finite, loadable weights
+    from polyglu import load_model
+
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    model = load_model(latest)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(v) for v in _losses(tmp_path / "run")[:4])
+
+
+def test_run_config_errors():
+    with pytest.raises(ConfigError, match="unknown config key 'train.max_step'"):
+        RunConfig.load(None, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="train.max_steps must be positive"):
+        RunConfig.load(None, ["train.max_steps=0"])
+    with pytest.raises(ConfigError, match="key=value"):
+        RunConfig.load(None, ["train.max_steps"])
