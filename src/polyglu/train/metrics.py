@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +63,12 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy (nats) of distributions along `dim`; 0 log 0 = 0."""
-    p = probs.float()
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim)
-
-
 @torch.no_grad()
 def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tensor], device) -> dict[str, list]:
     """Per-layer mean routing entropy as a fraction of ln K: static (softmax(alpha/tau)) and dynamic
     (the full deterministic routing on one training batch)."""
+    from polyglu.analysis.stats import routing_entropy
+
     layers = model.polyglu_layers()
     if not layers:
         return {}
@@ -85,7 +80,7 @@ def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tenso
     model.train(was_training)
     static, dynamic = [], []
     for ffn, g in zip(layers, [r for r in routing if r is not None]):
-        norm = math.log(ffn.n_activations)
-        static.append(float(entropy(torch.softmax(ffn.alpha.float() / ffn.tau.float(), -1)).mean()) / norm)
-        dynamic.append(float(entropy(g).mean()) / norm)
+        static_g = torch.softmax(ffn.alpha.float() / ffn.tau.float(), -1)
+        static.append(float(routing_entropy(static_g, normalized=True).mean()))
+        dynamic.append(float(routing_entropy(g.float(), normalized=True).mean()))
     return {"static": [round(x, 6) for x in static], "dynamic": [round(x, 6) for x in dynamic]}
