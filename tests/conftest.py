@@ -4,6 +4,10 @@ import torch
 from polyglu.config import ModelConfig
 
 
+# tiny models are dominated by per-op overhead: one thread is faster and keeps runs deterministic
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"Qwen3 import needs the [hf] extra: {e}") from None
         model, info = load_qwen3(args.input, ffn=args.ffn)
     model.save_pretrained(out, extra={"converted_from": info})
+    if args.source_format == "qwen3":
+        from polyglu.interop.qwen3 import copy_tokenizer_files
+
+        copy_tokenizer_files(args.input, out)
     counts = model.num_parameters()
     print(f"wrote {out} ({counts['total']:,} parameters, routing_pool={model.config.routing_pool}, "
           f"tau={model.tau})")

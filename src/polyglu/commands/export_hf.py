@@ -1,0 +1,37 @@
+"""polyglu export-hf MODEL_DIR OUT_DIR [--dtype float32|bfloat16|float16]"""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_DIR", help="polyglu model directory (config.json + model.safetensors)")
+    p.add_argument("output", metavar="OUT_DIR",
+                   help="directory to write: loadable with AutoModelForCausalLM(..., trust_remote_code=True), "
+                        "polyglu not needed")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: as stored)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from polyglu.cli import CommandError
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise CommandError(f"{out} exists and is not empty; choose a new output directory")
+    try:
+        import torch
+
+        from polyglu.interop.hf_export import export_hf
+    except ImportError as e:
+        raise CommandError(f"export-hf needs the [hf] extra: {e}") from None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    export_hf(args.model, out, dtype=dtype)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out}: {files}")
+    print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0

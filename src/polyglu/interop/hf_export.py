@@ -1,0 +1,267 @@
+"""Export a polyglu model directory as a self-contained Hugging Face directory.
+
+    export_hf("runs/demo/final", "exported/")
+    AutoModelForCausalLM.from_pretrained("exported/", trust_remote_code=True)   # no polyglu needed
+
+The directory holds config.json (with `auto_map`), model.safetensors, generation_config.json, the
+tokenizer when the model directory has one, and two generated files: `configuration_polychromatic.py`
+and `modeling_polychromatic.py`. They are not a second implementation: `bundle_source` copies the
+top-level definitions the HF classes need, from the package's own modules, in dependency order
+(a "tree-shaken" concatenation), and drops polyglu imports. Functions that reach outside the bundle
+(saving a polyglu directory, the optional fused kernel) raise ImportError there instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import shutil
+from pathlib import Path
+
+CONFIG_FILE = "configuration_polychromatic.py"
+MODELING_FILE = "modeling_polychromatic.py"
+AUTO_MAP = {
+    "AutoConfig": "configuration_polychromatic.PolychromaticConfig",
+    "AutoModelForCausalLM": "modeling_polychromatic.PolychromaticForCausalLM",
+}
+# (modules to inline, in dependency order; roots; polyglu modules imported from a sibling file)
+CONFIG_BUNDLE = (("polyglu.config", "polyglu.interop.hf_config"), ("PolychromaticConfig",), {})
+MODELING_BUNDLE = (
+    ("polyglu.config", "polyglu.model.layers", "polyglu.model.polyglu", "polyglu.model.attention",
+     "polyglu.model.cache", "polyglu.model.transformer", "polyglu.interop.transformers"),
+    ("PolychromaticForCausalLM", "PolychromaticCache"),
+    {"polyglu.interop.hf_config": ".configuration_polychromatic"},
+)
+# files of a polyglu model directory that a tokenizer copy must never overwrite
+_MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json", CONFIG_FILE, MODELING_FILE}
+
+
+class BundleError(RuntimeError):
+    """The modules cannot be concatenated (a name defined twice, a polyglu name outside the bundle)."""
+
+
+def _defined_names(node: ast.stmt) -> set[str]:
+    """Names a top-level statement binds."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    names = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+            names.add(sub.id)
+        elif isinstance(sub, (ast.FunctionDef, ast.ClassDef)) and sub is not node:
+            names.add(sub.name)
+    return names
+
+
+def _used_names(node: ast.stmt) -> set[str]:
+    return {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name)}
+
+
+def _is_polyglu(node: ast.stmt) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return node.level == 0 and (node.module or "").split(".")[0] == "polyglu"
+    if isinstance(node, ast.Import):
+        return any(a.name.split(".")[0] == "polyglu" for a in node.names)
+    return False
+
+
+def _rewrite_nested_imports(source: str, inlined: set[str], siblings: dict[str, str]) -> str:
+    """Replace polyglu imports inside functions/blocks: inlined names need nothing, a sibling
+    module becomes a relative import, anything else raises ImportError when reached."""
+    tree = ast.parse(source)
+    top = set(map(id, tree.body))
+    lines = source.splitlines()
+    edits = []
+    for node in ast.walk(tree):
+        if id(node) in top or not _is_polyglu(node):
+            continue
+        indent = lines[node.lineno - 1][: node.col_offset]
+        module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+        if isinstance(node, ast.ImportFrom) and module in inlined:
+            aliases = [f"{a.asname} = {a.name}" for a in node.names if a.asname and a.asname != a.name]
+            text = "; ".join(aliases) or "pass"
+        elif isinstance(node, ast.ImportFrom) and module in siblings:
+            names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
+            text = f"from {siblings[module]} import {names}"
+        else:
+            text = f'raise ImportError("{module} is not part of this standalone export; install polyglu")'
+        edits.append((node.lineno, node.end_lineno, indent + text + "  # bundled by polyglu export-hf"))
+    for start, end, text in sorted(edits, reverse=True):
+        lines[start - 1:end] = [text]
+    return "\n".join(lines) + "\n"
+
+
+def _statement_source(lines: list[str], node: ast.stmt) -> str:
+    """A statement's lines with its decorators and the comment lines right above it."""
+    start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    while start > 1 and lines[start - 2].lstrip().startswith("#"):
+        start -= 1
+    return "\n".join(lines[start - 1:node.end_lineno])
+
+
+def bundle_source(modules: tuple[str, ...], roots: tuple[str, ...], siblings: dict[str, str]) -> str:
+    """One module's source holding `roots` and everything they reference from `modules`.
+
+    siblings: polyglu module -> relative module (e.g. ".configuration_polychromatic") to import
+    names from instead of inlining them.
+    """
+    inlined = set(modules)
+    imports: dict[tuple, str] = {}  # (module or None, level, name, asname) -> the name it binds
+    definitions: dict[str, tuple[int, str, set[str]]] = {}  # name -> (order, source, names used)
+    foreign: dict[str, str] = {}  # name -> the polyglu module it would come from
+    relative: dict[str, str] = {}  # name -> import line from a sibling
+    order = 0
+    for module_name in modules:
+        source = _rewrite_nested_imports(inspect.getsource(importlib.import_module(module_name)), inlined, siblings)
+        lines = source.splitlines()
+        for node in ast.parse(source).body:
+            if isinstance(node, (ast.Expr, ast.Assert)):
+                continue  # docstrings and import-time checks
+            if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+                continue
+            if _is_polyglu(node):
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                for alias in node.names:
+                    name = alias.asname or alias.name
+                    if isinstance(node, ast.ImportFrom) and module in siblings:
+                        relative[name] = f"from {siblings[module]} import {alias.name}" + (
+                            f" as {alias.asname}" if alias.asname else "")
+                    elif not (isinstance(node, ast.ImportFrom) and module in inlined):
+                        foreign[name] = module
+                    elif alias.asname and alias.asname != alias.name:
+                        raise BundleError(f"{module_name}: 'import {alias.name} as {alias.asname}' from an "
+                                          f"inlined module is not supported")
+                continue
+            text = _statement_source(lines, node)
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    imports[(None, 0, alias.name, alias.asname)] = (alias.asname or alias.name).split(".")[0]
+                continue
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    imports[(node.module, node.level, alias.name, alias.asname)] = alias.asname or alias.name
+                continue
+            for name in _defined_names(node):
+                if name in definitions and definitions[name][1] != text:
+                    raise BundleError(f"{module_name}: top-level name {name!r} is also defined by an earlier "
+                                      f"bundled module; rename one of them")
+                definitions.setdefault(name, (order, text, _used_names(node)))
+            order += 1
+
+    # names reachable from the roots, following top-level definitions only
+    keep, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in keep:
+            continue
+        keep.add(name)
+        if name in foreign:
+            raise BundleError(f"the bundle needs {name!r} from {foreign[name]}, which is not inlined")
+        if name in definitions:
+            todo.extend(definitions[name][2] - keep)
+    missing = [r for r in roots if r not in definitions]
+    if missing:
+        raise BundleError(f"roots not defined by {', '.join(modules)}: {', '.join(missing)}")
+
+    # one import line per module, with only the names used
+    grouped: dict[tuple, list[ast.alias]] = {}
+    for (module, level, name, asname), bound in imports.items():
+        if bound in keep:
+            key = ("from", module, level) if module is not None else ("import", name, asname)
+            grouped.setdefault(key, []).append(ast.alias(name, asname))
+    kept_imports = [ast.unparse(ast.ImportFrom(key[1], aliases, key[2]) if key[0] == "from" else ast.Import(aliases))
+                    for key, aliases in grouped.items()]
+    kept_relative = sorted({line for name, line in relative.items() if name in keep})
+    blocks = {}
+    for name in keep & set(definitions):
+        position, text, _ = definitions[name]
+        blocks[position] = text
+    header = ('"""Generated by `polyglu export-hf` from the polyglu package: the definitions the Hugging\n'
+              'Face classes need, copied from polyglu\'s own modules. Do not edit; re-export instead."""\n\n'
+              "from __future__ import annotations\n\n")
+    body = "\n".join(kept_imports + kept_relative) + "\n\n\n" + "\n\n\n".join(blocks[p] for p in sorted(blocks))
+    return header + body + "\n"
+
+
+def standalone_sources() -> dict[str, str]:
+    """{file name: source} of the two generated modules."""
+    return {CONFIG_FILE: bundle_source(*CONFIG_BUNDLE), MODELING_FILE: bundle_source(*MODELING_BUNDLE)}
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
+    """Write `out_dir`: a Hugging Face directory loadable with trust_remote_code=True anywhere, and
+    with plain `AutoModelForCausalLM` where `polyglu.interop.transformers` is imported."""
+    from polyglu.checkpoint import load_model
+    from polyglu.interop.transformers import PolychromaticForCausalLM
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    # the fused kernel is not bundled: the standalone code takes the reference path ("auto")
+    model = load_model(model_dir, dtype=dtype, mixed_impl="auto")
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    wrapper.config.auto_map = dict(AUTO_MAP)
+    wrapper.save_pretrained(out_dir)
+    for name, source in standalone_sources().items():
+        (out_dir / name).write_text(source)
+    tokenizer_dir = model_dir / "tokenizer"
+    if tokenizer_dir.is_dir():
+        copy_tokenizer(tokenizer_dir, out_dir)
+    return out_dir
+
+
+def copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> str:
+    """Copy a tokenizer next to the weights, where AutoTokenizer looks. Returns its kind.
+
+    A Hugging Face tokenizer is copied file by file; polyglu's byte tokenizer is written as an
+    equivalent `tokenizers` byte-level tokenizer (ids 0..255 = bytes, then the special tokens)."""
+    from polyglu.data.tokenizer import BYTE_TOKENIZER_FILE
+
+    if (tokenizer_dir / BYTE_TOKENIZER_FILE).is_file():
+        byte_level_tokenizer().save_pretrained(str(out_dir))
+        return "byte"
+    for path in tokenizer_dir.iterdir():
+        if path.is_file() and path.name not in _MODEL_FILES:
+            shutil.copy2(path, out_dir / path.name)
+    return "hf"
+
+
+def byte_level_tokenizer():
+    """A PreTrainedTokenizerFast that encodes and decodes exactly like polyglu's ByteTokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from polyglu.data.tokenizer import EOS_TOKEN, PAD_TOKEN, ByteTokenizer
+
+    byte_tok = ByteTokenizer()
+    # ByteLevel maps each byte to a printable character; a vocabulary of those 256 characters with
+    # no merges makes every byte its own token, id = byte value
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = _bytes_to_unicode()
+    assert set(byte_to_char.values()) == set(alphabet)
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = sorted(byte_tok.special.items(), key=lambda item: item[1])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+    for token, token_id in specials:
+        if tok.token_to_id(token) != token_id:
+            raise RuntimeError(f"byte tokenizer special token {token} got id {tok.token_to_id(token)}, "
+                               f"expected {token_id}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the one ByteLevel uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))

@@ -1,0 +1,218 @@
+"""transformers classes: config, save/load through the Auto classes, generate(), standalone export."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+from polyglu.cli import main  # noqa: E402
+from polyglu.config import ConfigError  # noqa: E402
+from polyglu.interop.hf_export import byte_level_tokenizer, copy_tokenizer, standalone_sources  # noqa: E402
+from polyglu.interop.transformers import (  # noqa: E402
+    PolychromaticCache,
+    PolychromaticConfig,
+    PolychromaticForCausalLM,
+)
+from polyglu.model.transformer import PolychromaticLM  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(config, **changes) -> PolychromaticLM:
+    """A seeded model whose greedy continuations vary (large init, non-uniform routing)."""
+    torch.manual_seed(0)
+    model = PolychromaticLM(config.replace(init_std=0.3, **changes)).eval()
+    with torch.no_grad():
+        for layer in model.polyglu_layers():
+            layer.alpha.normal_(0.0, 1.0)
+    return model
+
+
+def _greedy(model: PolychromaticLM, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Reference: re-run the whole sequence each step, no cache."""
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_config_mirrors_model_config(tiny_config):
+    hf = PolychromaticConfig(**tiny_config.to_dict())
+    assert hf.model_config() == tiny_config
+    assert hf.hidden_size == tiny_config.d_model and hf.num_hidden_layers == tiny_config.n_layers
+    assert hf.tie_word_embeddings is tiny_config.tie_embeddings
+    assert PolychromaticConfig(tie_word_embeddings=False).tie_embeddings is False
+    with pytest.raises(ConfigError, match="n_heads"):
+        PolychromaticConfig(n_heads=3, n_kv_heads=2)
+
+
+def test_forward_is_the_core_model(tiny_config):
+    wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 11))
+    with torch.no_grad():
+        out = wrapper(ids, labels=ids)
+        ref = wrapper.model(ids).logits
+        last = wrapper(ids, logits_to_keep=1).logits
+    assert torch.equal(out.logits, ref)
+    assert torch.allclose(last, ref[:, -1:], atol=1e-5)  # a smaller matmul may round differently
+    expected = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, ref.shape[-1]), ids[:, 1:].reshape(-1))
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_pretrained_auto_roundtrip(tiny_config, tmp_path, tied):
+    model = _model(tiny_config, tie_embeddings=tied)
+    model.set_tau(0.37)
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    wrapper.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "polychromatic"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PolychromaticConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, PolychromaticForCausalLM) and not loaded.training
+    assert loaded.model.tau == pytest.approx(0.37)
+    assert (loaded.model.lm_head.weight is loaded.model.embed_tokens.weight) is tied
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_generate_uses_cache_and_matches_uncached_loop(tiny_config):
+    model = _model(tiny_config)
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    ids = torch.randint(0, tiny_config.vocab_size, (3, 7))
+    out = wrapper.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, PolychromaticCache)
+    assert out.past_key_values.get_seq_length() == 7 + 12 - 1
+    assert torch.equal(out.sequences, _greedy(model, ids, 12))
+    assert len(set(out.sequences[:, 7:].flatten().tolist())) > 3  # a continuation that discriminates
+
+
+def test_generate_matches_polyglu_generate(tiny_config):
+    generation = pytest.importorskip("polyglu.generation")
+    model = _model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 6))
+    ours = generation.generate(model, ids, 10, eos_token_id=[])
+    theirs = PolychromaticForCausalLM.from_polyglu(model).generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(theirs[:, 6:], ours.tokens)
+
+
+def test_generate_left_padding_matches_unpadded_rows(tiny_config):
+    model = _model(tiny_config)
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    short, long = torch.randint(0, tiny_config.vocab_size, (1, 4)), torch.randint(0, tiny_config.vocab_size, (1, 8))
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    out = wrapper.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out[0, 8:], _greedy(model, short, 8)[0, 4:])
+    assert torch.equal(out[1, 8:], _greedy(model, long, 8)[0, 8:])
+
+
+def test_generate_sequence_pooling_recomputes(tiny_config):
+    model = _model(tiny_config, routing_pool="sequence")
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    out = wrapper.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values is None
+    assert torch.equal(out.sequences, _greedy(model, ids, 6))
+
+
+def test_beam_search_with_cache_matches_without(tiny_config):
+    wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2)
+    assert torch.equal(wrapper.generate(ids, **kwargs), wrapper.generate(ids, use_cache=False, **kwargs))
+
+
+def test_foreign_cache_is_refused(tiny_config):
+    wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
+    with pytest.raises(TypeError, match="PolychromaticCache"):
+        wrapper(torch.zeros(1, 3, dtype=torch.long), past_key_values=DynamicCache())
+
+
+def test_bundle_imports_nothing_from_polyglu(tmp_path):
+    from transformers.dynamic_module_utils import get_imports
+
+    for name, source in standalone_sources().items():
+        (tmp_path / name).write_text(source)
+        # what transformers checks before running remote code: third-party packages only
+        third_party = set(get_imports(tmp_path / name)) - set(sys.stdlib_module_names)
+        assert third_party <= {"torch", "transformers", "yaml"}, (name, third_party)
+        compile(source, name, "exec")
+
+
+def test_byte_level_tokenizer_matches_byte_tokenizer():
+    from polyglu.data.tokenizer import ByteTokenizer
+
+    ours, theirs = ByteTokenizer(), byte_level_tokenizer()
+    text = "héllo wörld 🙂\n<|im_start|>user\n2+2=?<|im_end|><|endoftext|>"
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert theirs.decode(ours.encode(text)) == text
+    assert theirs.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.pad_id
+
+
+def test_copy_hf_tokenizer(tmp_path):
+    tok_dir, out = tmp_path / "tokenizer", tmp_path / "out"
+    byte_level_tokenizer().save_pretrained(str(tok_dir))
+    out.mkdir()
+    assert copy_tokenizer(tok_dir, out) == "hf"
+    assert (out / "tokenizer.json").is_file()
+
+
+STANDALONE_CHECK = """
+import sys
+sys.modules["polyglu"] = None  # as on a machine without polyglu
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ref = torch.load({ref!r})
+with torch.no_grad():
+    diff = (model(ref["ids"]).logits - ref["logits"]).abs().max().item()
+tokens = model.generate(ref["ids"], max_new_tokens=8, do_sample=False)
+tok = AutoTokenizer.from_pretrained({out!r}, trust_remote_code=True)
+print(diff, torch.equal(tokens, ref["greedy"]), tok.encode("hé<|endoftext|>", add_special_tokens=False))
+"""
+
+
+def test_export_hf_loads_without_polyglu(tiny_config, tmp_path):
+    from polyglu.data.tokenizer import ByteTokenizer
+
+    config = tiny_config.replace(vocab_size=ByteTokenizer().vocab_size)
+    model = _model(config, mixed_impl="reference")  # the path the standalone code takes (no fused kernel)
+    model.save_pretrained(tmp_path / "model")
+    ByteTokenizer().save(tmp_path / "model" / "tokenizer")
+    out = tmp_path / "export"
+    assert main(["export-hf", str(tmp_path / "model"), str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_polychromatic.PolychromaticForCausalLM"
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits, "greedy": _greedy(model, ids, 8)}, tmp_path / "ref.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+           "OMP_NUM_THREADS": "1"}
+    script = textwrap.dedent(STANDALONE_CHECK.format(out=str(out), ref=str(tmp_path / "ref.pt")))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diff, same_tokens, encoded = result.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert float(diff) <= 1e-6
+    assert same_tokens == "True"
+    assert encoded == str(ByteTokenizer().encode("hé<|endoftext|>"))
+    assert main(["export-hf", str(tmp_path / "model"), str(out)]) == 2  # refuses a non-empty directory
