@@ -10,6 +10,7 @@ part, gate_net is a small d_model -> gate_hidden -> K MLP of the pooled context.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torc
     return (mixed * up.float()).to(gate.dtype)
 
 
+@functools.cache
 def _fused_available() -> bool:
     try:
         from polyglu.model import fused  # noqa: F401
@@ -226,6 +228,11 @@ class PolyGLU(nn.Module):
 def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state: PoolState | None) -> torch.Tensor:
     """Mean over positions <= t of t's document; continues `pool_state` across cached chunks."""
     B, T, H = proj.shape
+    if pool_state is not None and T == 1 and positions is not None:
+        # one decoded token: continue the running sum unless it starts a new document
+        total = proj.float() + pool_state.total[:, None, :] * (positions > 0)[..., None]
+        pool_state.total = total[:, -1].detach().clone()
+        return (total / (positions + 1).to(total.dtype)[..., None]).to(proj.dtype)
     csum = proj.float().cumsum(dim=1)  # (B, T, H)
     idx = torch.arange(T, device=proj.device)
     if positions is None:

@@ -1,0 +1,92 @@
+"""polyglu eval-math MODEL_DIR --data FILE.jsonl [--chat|--plain] [--num-fewshot N] [--fewshot-data FILE]
+[--limit N] [--output-jsonl FILE] [--json FILE]
+
+Exact-match accuracy on GSM8K-format JSONL ({"question", "answer": "... #### n", optional "difficulty"}),
+overall and per difficulty, with one JSONL record per problem (output, extracted answer, correctness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from polyglu.commands.generate import add_model_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="GSM8K-format JSONL file (question, answer with '#### n')")
+    style = p.add_mutually_exclusive_group()
+    style.add_argument("--chat", dest="chat", action="store_true", default=True,
+                       help="ChatML prompting: question as the user turn (default)")
+    style.add_argument("--plain", dest="chat", action="store_false", help="'Question: ...\\nAnswer:' prompting")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot demonstrations per prompt (default 0)")
+    p.add_argument("--fewshot-data", default=None,
+                   help="JSONL of demonstrations (default: the first N problems of --data, then not evaluated)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default 32)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--output-jsonl", default=None, help="write one record per problem here")
+    p.add_argument("--json", dest="json_path", default=None, help="write the summary (no records) as JSON here")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file; errors name the file and line."""
+    path = Path(path)
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read ({e.strerror or e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from polyglu.commands.generate import load_model_and_tokenizer
+    from polyglu.eval.math import evaluate_math
+
+    problems = read_jsonl(args.data)
+    fewshot = read_jsonl(args.fewshot_data) if args.fewshot_data else None
+    if args.limit is not None:
+        skip = args.num_fewshot if fewshot is None else 0  # demonstrations taken from --data come first
+        problems = problems[:skip + args.limit]
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    total = len(problems) - (args.num_fewshot if fewshot is None else 0)
+    with tqdm(total=total, desc="eval-math", disable=None) as bar:
+        result = evaluate_math(model, tokenizer, problems, chat=args.chat, num_fewshot=args.num_fewshot,
+                               fewshot_examples=fewshot, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, system_prompt=args.system, progress=bar.update)
+    print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']})  "
+          f"[{'chat' if args.chat else 'plain'}, {args.num_fewshot}-shot]")
+    for difficulty, block in result["per_difficulty"].items():
+        print(f"  difficulty {difficulty}: {block['accuracy']:.4f} ({block['correct']}/{block['n']})")
+    if args.output_jsonl:
+        path = Path(args.output_jsonl)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for record in result["records"]:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        print(f"wrote {path}")
+    if args.json_path:
+        summary = {k: v for k, v in result.items() if k != "records"}
+        summary["per_difficulty"] = {str(k): v for k, v in summary["per_difficulty"].items()}
+        summary.update(model=str(args.model), data=str(args.data), chat=args.chat, num_fewshot=args.num_fewshot)
+        Path(args.json_path).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json_path}")
+    return 0

@@ -1,0 +1,369 @@
+"""Text generation: prefill + decode with the KV cache, sampling, stop conditions, batching.
+
+    out = generate(model, [[ids of prompt 1], [ids of prompt 2]], max_new_tokens=64,
+                   temperature=0.7, top_p=0.9, seed=0, tokenizer=tok, stop_strings=["\\n\\n"])
+    out.tokens   # (B, max_new_tokens), pad_token_id after a row stops
+    out.texts    # continuations cut before the stop string / EOS (when a tokenizer is given)
+
+Prompts of different lengths are left-padded, and the padding is a document of its own (`doc_ids`):
+it never enters the real tokens' attention, rotary positions or causal routing, so a batched
+prompt gives exactly (to float tolerance) what it gives alone.
+
+Two paths, same results:
+- cached (default): the prompt is run once (prefill), then one token per step against the KV cache
+  and, for `causal` routing, the per-layer running pool sums.
+- full recompute: every step re-runs the whole sequence. `use_cache=False` asks for it (the original
+  project's only path; kept for tests and benchmarks); a `sequence`-pooled model (the original,
+  non-causal routing, whose pool includes future tokens) always takes it, because appending a token
+  changes the routing of every earlier position: correct, but O(T^2) per token — slow.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# called once per decoding step with (tokens (B,), emitted (B,) bool): the token chosen for each
+# original row, and which rows actually produced one this step (rows already stopped did not)
+StreamCallback = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # (B, max_new_tokens) long; pad_token_id after a row has stopped
+    lengths: torch.Tensor  # (B,) long: tokens generated per row, the stopping token included
+    finished: torch.Tensor  # (B,) bool: stopped on EOS or a stop string (False: ran to max_new_tokens)
+    logits: torch.Tensor | None = None  # (B, max_new_tokens, vocab) float32 raw next-token logits; 0 after a stop
+    texts: list[str] | None = None  # with a tokenizer: continuations cut before the stop string or EOS
+    used_cache: bool = True  # False when every step recomputed the whole sequence
+
+    def token_lists(self) -> list[list[int]]:
+        """Generated ids per row, without the padding after a stop."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+
+# --------------------------------------------------------------------------------------------
+# sampling: pure functions of the logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p. logits: (B, V)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits (B, V): argmax when temperature is 0, else a draw from
+    softmax(filtered logits / temperature). Returns (B,) long."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def _prompt_list(input_ids, attention_mask) -> list[list[int]]:
+    """Normalise the accepted prompt forms to a list of token-id lists (one per row)."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T) or (T,), got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            return input_ids.tolist()
+        mask = torch.as_tensor(attention_mask).bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        return [row[m].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+    if attention_mask is not None:
+        raise ValueError("attention_mask is only meaningful with a padded input_ids tensor; "
+                         "pass lists of ids of different lengths instead")
+    input_ids = list(input_ids)
+    if input_ids and all(isinstance(t, int) for t in input_ids):
+        return [input_ids]
+    return [list(map(int, row)) for row in input_ids]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids (B, P), doc_ids (B, P) or None): left padding as document 0, the prompt as document 1.
+    doc_ids is None when no row needs padding (plain causal attention, the fast path)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    doc_ids = torch.ones(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        doc_ids[b, :P - len(p)] = 0
+    padded = any(len(p) < P for p in prompts)
+    return ids.to(device), (doc_ids.to(device) if padded else None)
+
+
+def _token_set(eos_token_id, model, tokenizer) -> list[int]:
+    if eos_token_id is None:
+        config_eos = getattr(model.config, "eos_token_id", None)
+        if config_eos is not None:
+            return [config_eos]
+        return [tokenizer.eos_id] if tokenizer is not None else []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(t) for t in eos_token_id]
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
+             attention_mask: torch.Tensor | None = None, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             generator: torch.Generator | None = None, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, stop_strings: Sequence[str] | None = None, tokenizer=None,
+             stream: StreamCallback | None = None, return_logits: bool = False,
+             compact: bool = True) -> GenerationOutput:
+    """Generate up to `max_new_tokens` tokens after each prompt.
+
+    input_ids: a (B, T) tensor (all rows real tokens, or with `attention_mask` (B, T), 1 on real
+        tokens, any padding side), a (T,) tensor, a list of ints, or a list of lists of ints of
+        different lengths (batched, left-padded internally).
+    temperature: 0 is greedy (argmax); otherwise sampling with optional `top_k` / `top_p`, from
+        `generator`, or a fresh one seeded with `seed` (reproducible), or torch's global RNG.
+    eos_token_id: id or ids that stop a row (kept as its last token). None: the model config's
+        eos_token_id, else the tokenizer's eos_id; [] disables.
+    stop_strings: stop a row once its decoded continuation contains one (needs `tokenizer`); the
+        token completing it is kept in `tokens`, `texts` are cut before it.
+    stream: called after each step with (tokens (B,), emitted (B,) bool); see `TextStreamer`.
+    compact: drop stopped rows from the batch once they are at least half of it (less compute;
+        results agree to float tolerance).
+
+    The prompt plus `max_new_tokens` must fit in the model context (`max_seq_len`): a longer one is
+    an error; truncate prompts yourself (keep their last tokens). Runs in eval mode (deterministic
+    routing, no Gumbel noise); the model's mode is restored afterwards.
+    """
+    prompts = _prompt_list(input_ids, attention_mask)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for b, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {b} is empty: generation needs at least one token to condition on")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    context = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model "
+                         f"context max_seq_len={context}; shorten the prompt (keep its last "
+                         f"{max(context - max_new_tokens, 0)} tokens) or lower max_new_tokens")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated tokens")
+    vocab = model.config.vocab_size
+    for b, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {b} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+    device = model.embed_tokens.weight.device
+    B = len(prompts)
+    eos_ids = _token_set(eos_token_id, model, tokenizer)
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = tokenizer.pad_id if tokenizer is not None else (eos_ids[0] if eos_ids else 0)
+    if temperature > 0 and generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stop_strings = [s for s in (stop_strings or []) if s]
+    stop_window = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded per check
+    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
+
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
+    lengths = torch.zeros(B, dtype=torch.long)
+    finished = torch.zeros(B, dtype=torch.bool)
+    logits_out = torch.zeros(B, max_new_tokens, vocab) if return_logits else None
+    generated: list[list[int]] = [[] for _ in range(B)]
+    recompute = not use_cache or _needs_recompute(model)
+
+    was_training = model.training
+    model.eval()
+    try:
+        if max_new_tokens > 0:
+            ids, doc_ids = left_pad(prompts, pad_token_id, device)
+            step = _RecomputeStepper(model, ids, doc_ids) if recompute else \
+                _CachedStepper(model, ids, doc_ids, max_new_tokens)
+            rows = torch.arange(B)  # original row of each row of the working batch
+            logits = step.first()
+            for t in range(max_new_tokens):
+                next_ids = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (b,)
+                stops = torch.isin(next_ids, eos_tensor) if eos_ids else torch.zeros_like(next_ids, dtype=torch.bool)
+                next_cpu, stops = next_ids.cpu(), stops.cpu()
+                live = ~finished[rows]
+                live_rows = rows[live]
+                tokens[live_rows, t] = next_cpu[live]
+                lengths[live_rows] += 1
+                if logits_out is not None:
+                    logits_out[live_rows, t] = logits.float().cpu()[live]
+                for r, token in zip(live_rows.tolist(), next_cpu[live].tolist()):
+                    generated[r].append(token)
+                if stop_strings:
+                    for i in live.nonzero().flatten().tolist():
+                        r = int(rows[i])
+                        tail = tokenizer.decode(generated[r][-stop_window:])
+                        stops[i] |= any(s in tail for s in stop_strings)
+                finished[live_rows] |= stops[live]
+                if stream is not None:
+                    emitted = torch.zeros(B, dtype=torch.bool)
+                    emitted[live_rows] = True
+                    stream(tokens[:, t].clone(), emitted)
+                if t == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                # stopped rows keep decoding padding until enough of them can be dropped at once
+                next_ids = next_ids.masked_fill(finished[rows].to(device), pad_token_id)
+                keep = ~finished[rows]
+                if compact and int(keep.sum()) * 2 <= len(rows):
+                    index = keep.nonzero().flatten()
+                    step.select(index.to(device))
+                    rows, next_ids = rows[index], next_ids[index.to(device)]
+                logits = step.next(next_ids)
+    finally:
+        model.train(was_training)
+
+    texts = None
+    if tokenizer is not None:
+        texts = [_continuation_text(tokenizer, ids, eos_ids, stop_strings) for ids in generated]
+    return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished, logits=logits_out, texts=texts,
+                            used_cache=not recompute)
+
+
+def _needs_recompute(model) -> bool:
+    """A `sequence`-pooled PolyGLU layer cannot be decoded incrementally (its pool sees the future)."""
+    return any(getattr(block.ffn, "routing_pool", None) == "sequence" and block.ffn.n_activations > 1
+               for block in model.layers)
+
+
+def _continuation_text(tokenizer, ids: list[int], eos_ids: list[int], stop_strings: list[str]) -> str:
+    if ids and ids[-1] in eos_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids)
+    cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
+    return text[:cut]
+
+
+def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Head applied to the last position only: (B, T, d) -> (B, vocab). Never materialise (B, T, vocab)."""
+    return model.lm_head(hidden[:, -1])
+
+
+class _CachedStepper:
+    """Prefill once, then one token per step against the KV cache."""
+
+    def __init__(self, model, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_new_tokens: int) -> None:
+        self.model, self.ids, self.doc_ids = model, ids, doc_ids
+        # the last generated token is never fed back: P + max_new_tokens - 1 slots suffice
+        self.cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens - 1)
+
+    def first(self) -> torch.Tensor:
+        out = self.model(self.ids, self.doc_ids, cache=self.cache, compute_logits=False)
+        return _last_logits(self.model, out.hidden_states)
+
+    def next(self, next_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(next_ids[:, None], cache=self.cache).logits[:, -1]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+
+
+class _RecomputeStepper:
+    """Every step runs the whole sequence again (uncached reference path; sequence pooling)."""
+
+    def __init__(self, model, ids: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+        self.model, self.ids, self.doc_ids = model, ids, doc_ids
+
+    def first(self) -> torch.Tensor:
+        return self._run()
+
+    def next(self, next_ids: torch.Tensor) -> torch.Tensor:
+        self.ids = torch.cat([self.ids, next_ids[:, None]], dim=1)
+        if self.doc_ids is not None:
+            self.doc_ids = torch.cat([self.doc_ids, self.doc_ids[:, -1:]], dim=1)
+        return self._run()
+
+    def select(self, index: torch.Tensor) -> None:
+        self.ids = self.ids[index]
+        self.doc_ids = self.doc_ids[index] if self.doc_ids is not None else None
+
+    def _run(self) -> torch.Tensor:
+        out = self.model(self.ids, self.doc_ids, compute_logits=False)
+        return _last_logits(self.model, out.hidden_states)
+
+
+# --------------------------------------------------------------------------------------------
+# streaming text
+
+
+class TextStreamer:
+    """A `stream` callback that writes one row's continuation as text while it is generated.
+
+    Decodes the row's tokens so far and writes what is new, holding back an incomplete UTF-8
+    character (decoded as U+FFFD) and any tail that could still become a stop string, so the
+    terminal never shows the stop string or a half character. Tokens in `skip_token_ids` (EOS,
+    <|im_end|>) are not written. Call `finish()` after generation to flush what was held back.
+    """
+
+    def __init__(self, tokenizer, write: Callable[[str], object] | None = None, row: int = 0,
+                 stop_strings: Sequence[str] = (), skip_token_ids: Sequence[int] = ()) -> None:
+        self.tokenizer, self.row = tokenizer, row
+        self.write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        self.stop_strings = [s for s in stop_strings if s]
+        self.skip = set(skip_token_ids)
+        self.ids: list[int] = []
+        self.written = 0  # characters of the decoded text already written
+        self.stopped = False
+
+    def __call__(self, tokens: torch.Tensor, emitted: torch.Tensor) -> None:
+        if not bool(emitted[self.row]) or self.stopped:
+            return
+        token = int(tokens[self.row])
+        if token in self.skip:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        self._flush(final=False)
+
+    def finish(self) -> str:
+        """Write the rest (cut at a stop string); returns the full text written."""
+        return self._flush(final=True)
+
+    def _flush(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.ids)
+        cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+        end = len(text)
+        if not final and cut < 0:
+            if text.endswith("\ufffd"):
+                end = len(text.rstrip("\ufffd"))
+            for s in self.stop_strings:  # hold back a tail that is a prefix of a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        if end > self.written:
+            self.write(text[self.written:end])
+            self.written = end
+        return text[:self.written]

@@ -1,0 +1,247 @@
+import io
+import json
+
+import pytest
+import torch
+
+from polyglu.cli import main
+from polyglu.config import ModelConfig
+from polyglu.data.tokenizer import load_tokenizer
+from polyglu.generation import TextStreamer, filter_logits, generate, sample_next
+from polyglu.model.transformer import PolychromaticLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one thread is faster, and immune to a loaded machine's OpenMP stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 250], [7, 7], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+
+
+def make_model(seed: int = 0, **overrides) -> PolychromaticLM:
+    """A tiny byte-vocabulary model with non-trivial routing (random alpha, beta) and spread-out logits."""
+    torch.manual_seed(seed)
+    config = ModelConfig.from_preset("debug", **{"vocab_size": 260, "d_model": 48, "d_ff": 96, "n_heads": 4,
+                                                 "n_kv_heads": 2, "head_dim": 12, "max_seq_len": 64,
+                                                 "gate_hidden": 8, "init_std": 0.1, **overrides})
+    model = PolychromaticLM(config)
+    with torch.no_grad():
+        for layer in model.polyglu_layers():
+            layer.alpha.normal_(0.0, 2.0)
+            layer.beta.normal_(1.0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> PolychromaticLM:
+    """Briefly trained (AdamW, Gumbel noise on) on random tokens: weights off their initial scale."""
+    model = make_model(seed=1)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        batch = torch.randint(0, 260, (4, 33), generator=generator)
+        logits = model(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 260), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def assert_same_generation(a, b, atol=1e-4):
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.logits, b.logits, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_cached_decoding_matches_full_recompute(trained, trained_model):
+    model = trained_model if trained else make_model()
+    cached = generate(model, PROMPTS, 24, return_logits=True, eos_token_id=[])
+    full = generate(model, PROMPTS, 24, use_cache=False, return_logits=True, eos_token_id=[])
+    assert cached.used_cache and not full.used_cache
+    assert_same_generation(cached, full)
+    # and the first step's logits are the plain forward's
+    direct = model(torch.tensor([PROMPTS[0]])).logits[0, -1]
+    torch.testing.assert_close(cached.logits[0, 0], direct, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{"routing_pool": "token"}, {"ffn": "swiglu"}, {"eval_routing": "hard"}])
+def test_cached_matches_recompute_for_other_ffns(overrides):
+    model = make_model(**overrides)
+    cached = generate(model, PROMPTS, 12, return_logits=True, eos_token_id=[])
+    full = generate(model, PROMPTS, 12, use_cache=False, return_logits=True, eos_token_id=[])
+    assert_same_generation(cached, full)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(trained_model):
+    batched = generate(trained_model, PROMPTS, 16, return_logits=True, eos_token_id=[])
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(trained_model, [prompt], 16, return_logits=True, eos_token_id=[])
+        assert torch.equal(alone.tokens[0], batched.tokens[row])
+        torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-4, rtol=1e-4)
+
+
+def test_input_forms_agree():
+    model = make_model()
+    as_lists = generate(model, PROMPTS, 6, eos_token_id=[]).tokens
+    # a right-padded tensor with an attention mask: padding side does not matter
+    width = max(map(len, PROMPTS))
+    ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(PROMPTS):
+        ids[row, :len(prompt)] = torch.tensor(prompt)
+        mask[row, :len(prompt)] = 1
+    assert torch.equal(generate(model, ids, 6, attention_mask=mask, eos_token_id=[]).tokens, as_lists)
+    single = generate(model, torch.tensor(PROMPTS[0]), 6, eos_token_id=[]).tokens
+    assert torch.equal(single[0], as_lists[0])
+    assert torch.equal(generate(model, PROMPTS[0], 6, eos_token_id=[]).tokens, single)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = make_model()
+    kwargs = dict(temperature=1.0, top_k=50, top_p=0.95, eos_token_id=[])
+    first = generate(model, PROMPTS, 20, seed=123, **kwargs).tokens
+    assert torch.equal(first, generate(model, PROMPTS, 20, seed=123, **kwargs).tokens)
+    assert not torch.equal(first, generate(model, PROMPTS, 20, seed=124, **kwargs).tokens)
+    generator = torch.Generator().manual_seed(123)
+    assert torch.equal(first, generate(model, PROMPTS, 20, generator=generator, **kwargs).tokens)
+    # top_k=1 sampling is greedy
+    greedy = generate(model, PROMPTS, 10, eos_token_id=[]).tokens
+    assert torch.equal(generate(model, PROMPTS, 10, temperature=0.8, top_k=1, seed=0, eos_token_id=[]).tokens,
+                       greedy)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # nucleus 0.7: 0.5 alone is not enough, 0.5 + 0.3 is
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+    assert not torch.isinf(filter_logits(logits, top_p=1.0)).any()
+    generator = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_p=0.7, generator=generator)) for _ in range(50)}
+    assert draws == {0, 1}
+
+
+def test_stops_on_eos_and_pads_after():
+    model = make_model()
+    free = generate(model, PROMPTS, 10, eos_token_id=[])
+    eos = int(free.tokens[0, 3])  # the token row 0 produces at step 3 becomes EOS
+    out = generate(model, PROMPTS, 10, eos_token_id=eos, pad_token_id=0)
+    n = int(out.lengths[0])
+    assert n <= 4 and out.finished[0] and int(out.tokens[0, n - 1]) == eos
+    assert torch.equal(out.tokens[0, :n], free.tokens[0, :n])
+    assert (out.tokens[0, n:] == 0).all()
+    for row in range(len(PROMPTS)):  # other rows are unaffected until they emit it themselves
+        m = int(out.lengths[row])
+        assert torch.equal(out.tokens[row, :m], free.tokens[row, :m])
+        assert bool(out.finished[row]) == (eos in free.tokens[row].tolist())
+
+
+def test_stop_strings_cut_the_text():
+    tokenizer = load_tokenizer("byte")
+    model = make_model()
+    prompt = tokenizer.encode("The answer is")
+    free = generate(model, [prompt], 30, eos_token_id=[], tokenizer=tokenizer)
+    text = free.texts[0]
+    stop = tokenizer.decode(free.tokens[0, 8:10].tolist())  # two bytes from the middle
+    out = generate(model, [prompt], 30, eos_token_id=[], stop_strings=[stop], tokenizer=tokenizer)
+    cut = text.index(stop)
+    assert out.texts[0] == text[:cut]
+    assert out.finished[0] and int(out.lengths[0]) <= 10
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, [prompt], 5, stop_strings=["x"])
+
+
+def test_prompt_too_long_is_a_clear_error():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"60 tokens \+ max_new_tokens=10 exceeds .*max_seq_len=64"):
+        generate(model, [list(range(60))], 10)
+    generate(model, [list(range(54))], 10, eos_token_id=[])  # exactly fits
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [[1, 999]], 3)
+
+
+def test_sequence_pool_model_generates_by_recomputing():
+    model = make_model(routing_pool="sequence")
+    out = generate(model, PROMPTS, 8, return_logits=True, eos_token_id=[])
+    assert not out.used_cache
+    # reference: the original's loop, a plain forward over the whole sequence at each step
+    for row, prompt in enumerate(PROMPTS):
+        seq = torch.tensor([prompt])
+        for step in range(8):
+            logits = model(seq).logits[0, -1]
+            torch.testing.assert_close(out.logits[row, step], logits, atol=1e-4, rtol=1e-4)
+            seq = torch.cat([seq, logits.argmax().view(1, 1)], dim=1)
+        assert seq[0, len(prompt):].tolist() == out.tokens[row].tolist()
+
+
+def test_stream_callback_and_text_streamer():
+    tokenizer = load_tokenizer("byte")
+    model = make_model()
+    seen = []
+    out = generate(model, PROMPTS, 7, eos_token_id=[], stream=lambda tokens, emitted: seen.append(
+        (tokens.clone(), emitted.clone())))
+    assert len(seen) == 7 and all(e.all() for _, e in seen)
+    assert torch.equal(torch.stack([t for t, _ in seen], dim=1), out.tokens)
+
+    written = []
+    prompt = tokenizer.encode("hello")
+    free = generate(model, [prompt], 20, eos_token_id=[], tokenizer=tokenizer)
+    stop = free.texts[0][5:7]
+    streamer = TextStreamer(tokenizer, write=written.append, stop_strings=[stop])
+    out = generate(model, [prompt], 20, eos_token_id=[], tokenizer=tokenizer, stop_strings=[stop], stream=streamer)
+    assert streamer.finish() == out.texts[0] == "".join(written)
+    assert stop not in "".join(written)
+
+
+def test_training_mode_is_restored_and_generation_is_deterministic():
+    model = make_model()
+    model.train()
+    a = generate(model, PROMPTS, 5, eos_token_id=[])
+    assert model.training
+    assert torch.equal(a.tokens, generate(model, PROMPTS, 5, eos_token_id=[]).tokens)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model = make_model()
+    directory = tmp_path / "model"
+    model.save_pretrained(directory)
+    load_tokenizer("byte").save(directory / "tokenizer")
+    return directory
+
+
+def test_cli_generate(model_dir, capsys):
+    assert main(["generate", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["generated_tokens"] == 6 and len(result["tokens"]) == 6 and result["used_cache"]
+    assert main(["generate", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == result["text"] + "\n"
+    assert main(["generate", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "4", "--chat",
+                 "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--json"]) == 0
+    chat = json.loads(capsys.readouterr().out)
+    assert chat["prompt"].startswith("<|im_start|>user\nHi") and chat["generated_tokens"] <= 4
+    assert main(["generate", str(model_dir), "--prompt", "x" * 70, "--max-new-tokens", "4"]) == 2
+    assert "max_seq_len=64" in capsys.readouterr().err
+
+
+def test_cli_chat_reads_turns_from_stdin(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n/reset\nsecond turn\nthird\n"))
+    assert main(["chat", str(model_dir), "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 3 and "(conversation reset)" in out
+    # an overlong history is trimmed to the turns that fit; a too-long single message is skipped
+    monkeypatch.setattr("sys.stdin", io.StringIO("a" * 80 + "\nok\n"))
+    assert main(["chat", str(model_dir), "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "too long" in out and out.count("assistant> ") == 1
