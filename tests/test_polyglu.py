@@ -119,3 +119,21 @@ def test_glu_baselines_share_parameter_names():
     x = torch.randn(1, 3, 8)
     g = GLU(8, 12, "gelu")
     torch.testing.assert_close(g(x), g.down_proj(torch.nn.functional.gelu(g.gate_proj(x)) * g.up_proj(x)))
+
+
+def test_ablation_routing_modes():
+    static = PolyGLU(8, 12, gate_hidden=4, routing_mode="static")
+    assert static.gate_net is None and static.beta is None
+    names = {n for n, _ in static.named_parameters()}
+    assert "alpha" in names and not any(n.startswith(("gate_net", "beta")) for n in names)
+    with torch.no_grad():
+        static.alpha.normal_()
+    _, g = static.eval()(torch.randn(2, 5, 8), return_routing=True)
+    torch.testing.assert_close(g[0, 0], torch.softmax(static.alpha / static.tau, -1))  # input-independent
+
+    dynamic = PolyGLU(8, 12, gate_hidden=4, routing_mode="dynamic")
+    assert "alpha" not in {n for n, _ in dynamic.named_parameters()} and "alpha" in dynamic.state_dict()
+    dynamic.train()(torch.randn(2, 5, 8)).sum().backward()
+    assert dynamic.gate_net[0].weight.grad is not None and torch.equal(dynamic.alpha, torch.zeros(12, 4))
+    with pytest.raises(ConfigError, match="routing_mode"):
+        PolyGLU(8, 8, routing_mode="none")

@@ -19,6 +19,7 @@ FFN_KINDS = ("polyglu", "swiglu", "geglu", "reglu", "tanhglu")
 ROUTING_POOLS = ("causal", "sequence", "token")
 EVAL_ROUTING = ("soft", "hard")
 MIXED_IMPLS = ("auto", "fused", "reference")
+ROUTING_MODES = ("full", "static", "dynamic")
 
 
 class ConfigError(ValueError):
@@ -187,6 +188,8 @@ class ModelConfig:
     tau: float = 1.0
     # mixed-activation implementation: "auto" (fused when available), "fused", "reference"
     mixed_impl: str = "auto"
+    # "full" routing (alpha + beta * gate_net); ablations: "static" (alpha only), "dynamic" (alpha = 0)
+    routing_mode: str = "full"
     init_std: float = 0.02
     pad_token_id: int | None = None
     eos_token_id: int | None = None
@@ -213,6 +216,7 @@ class ModelConfig:
         _check_choice("routing_pool", self.routing_pool, ROUTING_POOLS)
         _check_choice("eval_routing", self.eval_routing, EVAL_ROUTING)
         _check_choice("mixed_impl", self.mixed_impl, MIXED_IMPLS)
+        _check_choice("routing_mode", self.routing_mode, ROUTING_MODES)
         if not self.activations:
             raise ConfigError("ModelConfig.activations must name at least one activation")
         for act in self.activations:
@@ -300,6 +304,7 @@ class DataConfig:
     inside the run directory (so `configs/debug.yaml` needs no other input)."""
 
     builtin: str = "math"
+    builtin_dir: str | None = None  # where the built-in corpus, tokenizer and shards go (default run_dir/data)
     sources: dict[str, str] = field(default_factory=dict)  # name -> prepared token-shard directory
     mixture: dict[str, float] | None = None  # weights per source; default proportional to nothing: equal
     anneal_to: dict[str, float] | None = None  # mix to switch to after `anneal_at` of training

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyglu.config import ACTIVATION_NAMES, MIXED_IMPLS, ROUTING_POOLS, ConfigError
+from polyglu.config import ACTIVATION_NAMES, MIXED_IMPLS, ROUTING_MODES, ROUTING_POOLS, ConfigError
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +123,8 @@ class PolyGLU(nn.Module):
         routing_noise: add Gumbel noise to the routing logits in training mode.
         tau: initial temperature (a persistent buffer; schedules overwrite it).
         mixed_impl: "auto" | "fused" | "reference" implementation of the mixed activation.
+        routing_mode: "full" (alpha + beta * gate_net), or the ablations "static" (alpha only, no
+            gate_net) and "dynamic" (alpha fixed at 0, not trained).
 
     forward(x, doc_ids=None) -> y, with x, y of shape (B, T, d_model). With `return_routing=True`
     it returns (y, g) where g (B, T', d_ff, K) are the routing weights used (T' = 1 for "sequence").
@@ -130,7 +132,8 @@ class PolyGLU(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, activations: Sequence[str] = ("relu", "tanh", "silu", "gelu"),
                  gate_hidden: int = 32, routing_pool: str = "causal", eval_routing: str = "soft",
-                 routing_noise: bool = True, tau: float = 1.0, mixed_impl: str = "auto") -> None:
+                 routing_noise: bool = True, tau: float = 1.0, mixed_impl: str = "auto",
+                 routing_mode: str = "full") -> None:
         super().__init__()
         activations = tuple(activations)
         if not activations:
@@ -142,6 +145,8 @@ class PolyGLU(nn.Module):
             raise ConfigError(f"PolyGLU: routing_pool must be one of {ROUTING_POOLS}, got {routing_pool!r}")
         if eval_routing not in ("soft", "hard"):
             raise ConfigError(f"PolyGLU: eval_routing must be 'soft' or 'hard', got {eval_routing!r}")
+        if routing_mode not in ROUTING_MODES:
+            raise ConfigError(f"PolyGLU: routing_mode must be one of {ROUTING_MODES}, got {routing_mode!r}")
         if mixed_impl not in MIXED_IMPLS:
             raise ConfigError(f"PolyGLU: mixed_impl must be one of {MIXED_IMPLS}, got {mixed_impl!r}")
         self.d_model, self.d_ff = d_model, d_ff
@@ -150,13 +155,20 @@ class PolyGLU(nn.Module):
         self.eval_routing = eval_routing
         self.routing_noise = routing_noise
         self.mixed_impl = mixed_impl
+        self.routing_mode = routing_mode
         K = len(activations)
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-        self.alpha = nn.Parameter(torch.zeros(d_ff, K))
-        self.beta = nn.Parameter(torch.ones(K))
-        self.gate_net = nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, K))
+        if routing_mode == "dynamic":  # ablation: no static preference, alpha stays 0
+            self.register_buffer("alpha", torch.zeros(d_ff, K), persistent=True)
+        else:
+            self.alpha = nn.Parameter(torch.zeros(d_ff, K))
+        if routing_mode == "static":  # ablation: no input-dependent routing network
+            self.beta, self.gate_net = None, None
+        else:
+            self.beta = nn.Parameter(torch.ones(K))
+            self.gate_net = nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, K))
         self.register_buffer("tau", torch.tensor(float(tau)), persistent=True)
 
     @property
@@ -164,7 +176,7 @@ class PolyGLU(nn.Module):
         return len(self.activations)
 
     def extra_repr(self) -> str:
-        return (f"activations={self.activations}, routing_pool={self.routing_pool!r}, "
+        return (f"activations={self.activations}, routing_pool={self.routing_pool!r}, routing_mode={self.routing_mode!r}, "
                 f"eval_routing={self.eval_routing!r}, routing_noise={self.routing_noise}")
 
     def dynamic_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None,
@@ -174,6 +186,8 @@ class PolyGLU(nn.Module):
         The mean is taken after gate_net's first (linear) layer, which commutes with it: the same
         function, but the running state and the pooled tensor are gate_hidden wide, not d_model.
         """
+        if self.gate_net is None:  # static-only routing
+            return x.new_zeros(x.shape[0], 1, self.n_activations)
         first, second = self.gate_net[0], self.gate_net[2]
         proj = F.linear(x, first.weight)  # (B, T, H)
         if self.routing_pool == "token":

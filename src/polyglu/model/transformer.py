@@ -19,7 +19,8 @@ from polyglu.model.polyglu import GLU, PolyGLU
 def build_ffn(config: ModelConfig) -> nn.Module:
     if config.ffn == "polyglu":
         return PolyGLU(config.d_model, config.d_ff, config.activations, config.gate_hidden, config.routing_pool,
-                       config.eval_routing, config.routing_noise, config.tau, config.mixed_impl)
+                       config.eval_routing, config.routing_noise, config.tau, config.mixed_impl,
+                       config.routing_mode)
     return GLU(config.d_model, config.d_ff, config.ffn_activations[0])
 
 
@@ -92,7 +93,8 @@ class PolychromaticLM(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, PolyGLU):
                 nn.init.zeros_(module.alpha)
-                nn.init.ones_(module.beta)
+                if module.beta is not None:
+                    nn.init.ones_(module.beta)
 
     # ---- routing temperature
 
