@@ -1,0 +1,117 @@
+"""Training-step throughput, side by side: PolychromaticLM with PolyGLU vs with SwiGLU FFNs.
+
+One step = forward, next-token cross-entropy, backward, AdamW step. Both models are built from the
+same preset (default `small`) with the same seed and data, and their steps alternate, so machine
+load hits both alike. Prints tokens/s (median and best over `--steps`) and the PolyGLU/SwiGLU time
+ratio; `--json` prints one JSON object instead.
+
+    python benchmarks/train_step.py                                   # small, B=4 T=256, CPU f32
+    python benchmarks/train_step.py --layers 4 --steps 5 --fused-kernel compiled
+    python benchmarks/train_step.py --threads 1 --clock cpu          # work done, robust on a loaded machine
+    python benchmarks/train_step.py --device cuda --dtype bfloat16 --batch 16 --seq-len 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from polyglu.config import MODEL_PRESETS, ModelConfig
+from polyglu.model.fused import KERNELS, use_kernel
+from polyglu.model.transformer import PolychromaticLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--layers", type=int, default=None, help="override n_layers")
+    p.add_argument("--pool", default=None, choices=("causal", "sequence", "token"), help="override routing_pool")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall time, or this process's CPU time (meaningful with --threads 1 on CPU)")
+    p.add_argument("--fused-kernel", default="auto", choices=("auto", *KERNELS),
+                   help="kernel of the fused mixed activation (auto: the default choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p.parse_args(argv)
+
+
+def build(args, ffn: str) -> tuple[PolychromaticLM, torch.optim.Optimizer]:
+    overrides = {"ffn": ffn, "max_seq_len": max(args.seq_len, MODEL_PRESETS[args.preset].get("max_seq_len", 0))}
+    if args.layers is not None:
+        overrides["n_layers"] = args.layers
+    if args.pool is not None:
+        overrides["routing_pool"] = args.pool
+    config = ModelConfig.from_preset(args.preset, **overrides)
+    torch.manual_seed(0)
+    model = PolychromaticLM(config).to(device=args.device, dtype=DTYPES[args.dtype]).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    return model, optimizer
+
+
+def train_step(model, optimizer, tokens: torch.Tensor) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(tokens[:, :-1]).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    return loss.item()  # a sync point on any device
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {ffn: build(args, ffn) for ffn in ("swiglu", "polyglu")}
+    vocab = models["swiglu"][0].config.vocab_size
+    tokens = torch.randint(vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(args.device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {ffn: [] for ffn in models}
+    losses: dict[str, float] = {}
+    with use_kernel(None if args.fused_kernel == "auto" else args.fused_kernel):
+        for step in range(args.warmup + args.steps):
+            for ffn, (model, optimizer) in models.items():
+                start = clock()
+                losses[ffn] = train_step(model, optimizer, tokens)
+                if step >= args.warmup:
+                    times[ffn].append(clock() - start)
+    n_tokens = args.batch * args.seq_len
+    results = {ffn: {"median_s": statistics.median(t), "min_s": min(t), "samples_s": t,
+                     "tokens_per_s_median": n_tokens / statistics.median(t), "tokens_per_s_best": n_tokens / min(t),
+                     "parameters": sum(p.numel() for p in models[ffn][0].parameters()), "last_loss": losses[ffn]}
+               for ffn, t in times.items()}
+    ratio = {"median": results["polyglu"]["median_s"] / results["swiglu"]["median_s"],
+             "min": results["polyglu"]["min_s"] / results["swiglu"]["min_s"]}
+    config = models["polyglu"][0].config
+    setup = {k: v for k, v in vars(args).items() if k != "json"}
+    setup.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                 n_layers=config.n_layers, d_model=config.d_model, d_ff=config.d_ff, routing_pool=config.routing_pool)
+    if args.json:
+        print(json.dumps({"setup": setup, "results": results, "polyglu_over_swiglu_time": ratio}, indent=2))
+        return
+    print(f"train step: preset={args.preset} layers={config.n_layers} d_model={config.d_model} d_ff={config.d_ff} "
+          f"B={args.batch} T={args.seq_len} {args.device} {args.dtype} pool={config.routing_pool} "
+          f"fused kernel={args.fused_kernel} threads={torch.get_num_threads()} steps={args.steps} clock={args.clock}")
+    print(f"{'ffn':<8} {'params':>11} {'step med ms':>11} {'step min ms':>11} {'tok/s med':>10} {'tok/s best':>10}")
+    for ffn, r in results.items():
+        print(f"{ffn:<8} {r['parameters']:>11,} {r['median_s'] * 1e3:>11.1f} {r['min_s'] * 1e3:>11.1f} "
+              f"{r['tokens_per_s_median']:>10.0f} {r['tokens_per_s_best']:>10.0f}")
+    print(f"polyglu / swiglu step time: {ratio['median']:.3f} (median), {ratio['min']:.3f} (best)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""The fused mixed activation: h = sum_k g_k * act_k(gate) * up, at a SwiGLU's memory cost.
+
+The plain formulation (`mixed_activation_reference` in polyglu.py) lets autograd keep the K
+activation outputs (and, with per-token routing, the K routing weights) of every hidden unit for
+the backward pass. Here backward keeps only what a SwiGLU keeps anyway, gate and up, plus the small
+routing inputs (alpha, dynamic, noise, tau), and recomputes activations, weights and mix.
+
+With l_k = alpha_k + dynamic_k + noise_k, g = softmax(l / tau) over k and m = sum_k g_k a_k(gate):
+
+    h          = m * up
+    d up       = dh * m
+    d gate     = sum_k (dh * up * g_k) * a_k'(gate)
+    d l_k      = (dh * up * g_k) * (a_k - m) / tau          (softmax backward)
+    d alpha    = d l summed over tokens;  d dynamic = d l summed over d_ff (and positions if T' = 1)
+
+Kernels (same math, chosen by `default_kernel`):
+- "chunked": eager torch ops over blocks of tokens small enough to stay in cache. Per-token routing
+  weights factorise, exp(l/tau) = exp((alpha + noise)/tau) * exp(dynamic/tau), so no exponential
+  is taken per hidden unit. No compiler, no warm-up: small calls (tests, decoding) and the fallback.
+- "dense": pure functions of whole tensors, unrolled over k so that torch.compile turns each
+  direction into one or two loops over the hidden units. Traced as-is inside a compiled model.
+- "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default on CUDA and for
+  large CPU calls. Compiling takes seconds once per process (inductor caches on disk); if it fails
+  (no compiler), a warning is issued and "chunked" is used from then on.
+Choose explicitly with `use_kernel(...)` or the environment variable POLYGLU_MIXED_KERNEL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from polyglu.model.polyglu import ACTIVATIONS
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------
+# activations and their derivatives
+
+
+@dataclass(frozen=True)
+class ActivationRule:
+    """An elementwise activation and its vector-Jacobian product, in two spellings of the same math.
+
+    forward(z) -> a and backward(grad, z, a) -> grad * act'(z) (given a = forward(z)) use torch's
+    fused eager kernels. expr_forward / expr_backward are plain expressions for torch.compile, with
+    exponentials written as exp2 (see `_exp`). forward may return z itself: callers never write
+    into it.
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    expr_forward: Callable[[torch.Tensor], torch.Tensor]
+    expr_backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_LOG2E = 1.0 / math.log(2.0)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(z) = z * sigmoid(C * z * (1 + A z^2))
+_GELU_TANH_A = 0.044715
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    # exp2, not exp: inductor's CPU backend stores to memory every reused value computed with
+    # exp/sigmoid/tanh; exp2 lets the whole backward stay in one loop (3x faster)
+    return torch.exp2(x * _LOG2E)
+
+
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + _exp(-x))
+
+
+def _tanh(z: torch.Tensor) -> torch.Tensor:
+    # 2 sigmoid(2z) - 1: vectorised on CPU, where torch.tanh is several times slower (|error| < 2e-7);
+    # not in 16-bit floats, where the subtraction would cancel the few bits there are
+    if z.dtype not in (torch.float32, torch.float64):
+        return torch.tanh(z)
+    return torch.sigmoid(2 * z).mul_(2).sub_(1)
+
+
+def _gelu_tanh_slope(z: torch.Tensor, sigmoid: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = sigmoid(y), y = C z (1 + A z^2), and d(z s)/dz = s + z s (1 - s) C (1 + 3 A z^2)."""
+    s = sigmoid(_GELU_TANH_C * z * (1 + _GELU_TANH_A * z * z))
+    return s, s + z * s * (1 - s) * (_GELU_TANH_C * (1 + 3 * _GELU_TANH_A * z * z))
+
+
+def _gelu_expr(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * z * (1 + torch.erf(z * _INV_SQRT2))
+
+
+def _gelu_expr_backward(grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return grad * (0.5 * (1 + torch.erf(z * _INV_SQRT2)) + z * _INV_SQRT_2PI * _exp(-0.5 * z * z))
+
+
+def _silu_expr_backward(grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    s = _sigmoid(z)
+    return grad * s * (1 + z * (1 - s))
+
+
+def _softplus_expr(z: torch.Tensor) -> torch.Tensor:
+    # log(1 + e^z) = relu(z) + log(1 + e^-|z|), written with log2/exp2 (see `_exp`)
+    return torch.relu(z) + torch.log2(1 + _exp(-z.abs())) / _LOG2E
+
+
+RULES: dict[str, ActivationRule] = {
+    "relu": ActivationRule(torch.relu, lambda grad, z, a: aten.threshold_backward(grad, a, 0),
+                           torch.relu, lambda grad, z, a: grad * (z > 0)),
+    "tanh": ActivationRule(_tanh, lambda grad, z, a: aten.tanh_backward(grad, a),
+                           lambda z: 2 * _sigmoid(2 * z) - 1, lambda grad, z, a: grad * (1 - a * a)),
+    "silu": ActivationRule(F.silu, lambda grad, z, a: aten.silu_backward(grad, z),
+                           lambda z: z * _sigmoid(z), _silu_expr_backward),
+    "gelu": ActivationRule(F.gelu, lambda grad, z, a: aten.gelu_backward(grad, z),
+                           _gelu_expr, _gelu_expr_backward),
+    "gelu_tanh": ActivationRule(lambda z: z * _gelu_tanh_slope(z, torch.sigmoid)[0],
+                                lambda grad, z, a: grad * _gelu_tanh_slope(z, torch.sigmoid)[1],
+                                lambda z: z * _gelu_tanh_slope(z, _sigmoid)[0],
+                                lambda grad, z, a: grad * _gelu_tanh_slope(z, _sigmoid)[1]),
+    "identity": ActivationRule(lambda z: z, lambda grad, z, a: grad, lambda z: z, lambda grad, z, a: grad),
+    "sigmoid": ActivationRule(torch.sigmoid, lambda grad, z, a: aten.sigmoid_backward(grad, a),
+                              _sigmoid, lambda grad, z, a: grad * a * (1 - a)),
+    # torch's softplus is linear above 20, where sigmoid(z) rounds to 1 in float32
+    "softplus": ActivationRule(F.softplus, lambda grad, z, a: grad * torch.sigmoid(z),
+                               _softplus_expr, lambda grad, z, a: grad * _sigmoid(z)),
+}
+assert set(RULES) == set(ACTIVATIONS)
+
+
+def _rules(activations: tuple[str, ...]) -> list[ActivationRule]:
+    try:
+        return [RULES[name] for name in activations]
+    except KeyError as e:
+        raise ValueError(f"unknown activation {e.args[0]!r} (known: {', '.join(RULES)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# "dense": whole tensors, unrolled over the K activations (what torch.compile should see)
+
+
+def _compute_dtype(gate: torch.Tensor) -> torch.dtype:
+    """Float32 (the routing math and the mix), or float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if gate.dtype == torch.float64 else torch.float32
+
+
+def _dense_layout(alpha, dynamic, noise, tau, dtype):
+    """Routing inputs in `dtype`, laid out for the unrolled kernels: alpha (K, F), dynamic (K, B, T', 1),
+    noise (K, B, 1, F) or None, tau; contiguous so that compiled loops read them as vectors."""
+    alpha_t = alpha.detach().to(dtype).t().contiguous()
+    dynamic_t = dynamic.detach().to(dtype).permute(2, 0, 1).contiguous()[..., None]
+    noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
+    return alpha_t, dynamic_t, noise_t, tau.detach().to(dtype)
+
+
+def _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard: bool) -> list[torch.Tensor]:
+    """g_k, k < K, each (B, T', F): softmax((alpha + dynamic + noise) / tau) over k, or the one-hot of
+    its first maximum (argmax's tie rule) when `hard`."""
+    K = alpha_t.shape[0]
+    logits = [alpha_t[k] + dynamic_t[k] for k in range(K)]  # same additions, same order as the reference
+    if noise_t is not None:
+        logits = [logits[k] + noise_t[k] for k in range(K)]
+    if not hard:
+        logits = [x / tau for x in logits]
+    top = functools.reduce(torch.maximum, logits)
+    if hard:
+        weights, taken = [], torch.zeros_like(top, dtype=torch.bool)
+        for x in logits:
+            first = (x == top) & ~taken
+            taken = taken | first
+            weights.append(first.to(top.dtype))
+        return weights
+    exps = [_exp(x - top) for x in logits]
+    total = functools.reduce(torch.add, exps)
+    return [e / total for e in exps]
+
+
+def _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard):
+    z = gate.to(alpha_t.dtype)
+    g = _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard)
+    acts = [rule.expr_forward(z) for rule in _rules(activations)]
+    m = functools.reduce(torch.add, [g[k] * a for k, a in enumerate(acts)])
+    return z, g, acts, m
+
+
+def dense_forward_core(gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...], hard: bool):
+    m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard)[3]
+    return (m * up.to(m.dtype)).to(gate.dtype)
+
+
+def _dense_logit_grads(grad, up, g, acts, m, tau) -> list[torch.Tensor]:
+    """d l_k = (dh * up * g_k) * (a_k - m) / tau, per k."""
+    dm = grad.to(m.dtype) * up.to(m.dtype)
+    return [dm * g[k] * (a - m) / tau for k, a in enumerate(acts)]
+
+
+def dense_backward_inputs_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...],
+                               hard: bool, dynamic_grad: bool):
+    """-> (d gate, d up, d dynamic (B, T', K) or None). Reductions over d_ff only, so a compiler can
+    fuse them into the loop that computes the elementwise gradients."""
+    z, g, acts, m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard)
+    dh = grad.to(z.dtype)
+    dm = dh * up.to(z.dtype)
+    d_gate = functools.reduce(torch.add, [rule.expr_backward(dm * g[k], z, acts[k])
+                                          for k, rule in enumerate(_rules(activations))])
+    d_up = dh * m
+    d_dynamic = None
+    if dynamic_grad:
+        shared = dynamic_t.shape[2] == 1  # one routing weight per row: sum over positions too
+        dims = (1, 2) if shared else (2,)
+        d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
+        d_dynamic = d_dynamic[:, None] if shared else d_dynamic
+    return d_gate.to(gate.dtype), d_up.to(up.dtype), d_dynamic
+
+
+def dense_backward_alpha_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...]):
+    """-> d alpha (F, K). A reduction over tokens: kept apart so that compiled, it recomputes the
+    elementwise terms rather than writing K hidden-layer-sized buffers for a second pass."""
+    _, g, acts, m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, False)
+    return torch.stack([d.sum((0, 1)) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
+
+
+_DENSE_CORES = {"forward": dense_forward_core, "inputs": dense_backward_inputs_core,
+                "alpha": dense_backward_alpha_core}
+
+
+def _dense_forward(cores, gate, up, alpha, dynamic, noise, tau, activations, hard):
+    layout = _dense_layout(alpha, dynamic, noise, tau, _compute_dtype(gate))
+    return cores["forward"](gate, up, *layout, activations, hard)
+
+
+def _dense_backward(cores, grad, gate, up, alpha, dynamic, noise, tau, activations, hard, routing_grads):
+    layout = _dense_layout(alpha, dynamic, noise, tau, _compute_dtype(gate))
+    routing_grads = routing_grads and not hard
+    d_gate, d_up, d_dynamic = cores["inputs"](grad, gate, up, *layout, activations, hard, routing_grads)
+    if not routing_grads:
+        return d_gate, d_up, None, None
+    d_alpha = cores["alpha"](grad, gate, up, *layout, activations)
+    return d_gate, d_up, d_alpha.to(alpha.dtype), d_dynamic.to(dynamic.dtype)
+
+
+# Inductor stores a value to memory rather than recompute it when it has many readers or a big
+# expression; here every value is cheap next to a trip through memory, so let all of them fuse.
+_COMPILE_OPTIONS = {"realize_reads_threshold": 64, "realize_opcount_threshold": 10_000,
+                    "realize_cpu_opcount_threshold": 10_000, "realize_acc_reads_threshold": 1_000,
+                    "realize_cpu_acc_reads_threshold": 1_000}
+
+
+@functools.cache
+def _compiled_cores() -> dict[str, Callable]:
+    import torch._inductor.config as inductor_config
+
+    options = {k: v for k, v in _COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
+    return {name: torch.compile(fn, options=options) for name, fn in _DENSE_CORES.items()}
+
+
+_compile_failed: list[str] = []  # the first compile error, if any: later calls go straight to "chunked"
+
+
+def _with_compiled_cores(dense_fn: Callable, chunked_fn: Callable) -> Callable:
+    def run(*args):
+        if not _compile_failed:
+            try:
+                return dense_fn(_compiled_cores(), *args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # no C++ compiler / Triton: the eager kernel computes the same
+                _compile_failed.append(f"{type(e).__name__}: {e}")
+                warnings.warn(f"polyglu: compiling the fused mixed activation failed ({_compile_failed[0]}); "
+                              "using the eager 'chunked' kernel", RuntimeWarning, stacklevel=2)
+        return chunked_fn(*args)
+
+    return run
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# "chunked": eager ops over blocks of tokens
+
+
+_BLOCK_ELEMENTS = 1 << 18  # hidden units per block: 1 MiB per float32 (block, d_ff) tensor
+_TINY = 1e-30  # a softmax denominator below this may have lost terms to float32 underflow
+
+
+def _blocks(B: int, T: int, F: int) -> Iterator[tuple[slice, slice]]:
+    """(rows, positions) slices covering (B, T) in blocks of about _BLOCK_ELEMENTS hidden units."""
+    per_block = max(1, _BLOCK_ELEMENTS // F)
+    if T >= per_block:
+        for b in range(B):
+            for t in range(0, T, per_block):
+                yield slice(b, b + 1), slice(t, min(t + per_block, T))
+    else:
+        rows = max(1, per_block // T)
+        for b in range(0, B, rows):
+            yield slice(b, min(b + rows, B)), slice(0, T)
+
+
+class _Routing:
+    """Routing weights for blocks of tokens, as (W, S): g = W / S, W laid out (K, b, t, F) in `dtype`
+    (t = 1 when one weight serves all positions), S (b, t, F) or None when W is normalised.
+
+    Shared weights (T' = 1) are computed once per row. Per-token soft weights use the factorisation
+    W_k = A_k D_k, A = exp((alpha + noise)/tau - max) per (row, unit), D = exp(dynamic/tau - max)
+    per token, S = sum_k W_k (a matmul); a block whose S could have underflowed (extreme logits over
+    a small tau) falls back to an exact softmax.
+    """
+
+    def __init__(self, alpha, dynamic, noise, tau, hard: bool, dtype: torch.dtype) -> None:
+        self.K = alpha.shape[1]
+        self.hard = hard
+        self.tau = float(tau)
+        self.alpha = alpha.detach().to(dtype).t()[:, None, None, :]  # (K, 1, 1, F)
+        self.dynamic = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None]  # (K, B, T', 1)
+        self.noise = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1)[:, :, None, :]  # (K, B, 1, F)
+        self.shared = dynamic.shape[1] == 1
+        if self.shared:
+            self.weights_all = self._exact(slice(None), slice(None))  # (K, B, 1, F)
+        elif not hard:
+            static = self.alpha[:, :, 0] if self.noise is None else self.alpha[:, :, 0] + self.noise[:, :, 0]
+            static = static / self.tau  # (K, B|1, F)
+            self.a = (static - static.amax(0)).exp_()
+            dyn = self.dynamic[..., 0] / self.tau  # (K, B, T)
+            self.d = (dyn - dyn.amax(0)).exp_()
+            self.a_rows = self.a.permute(1, 0, 2)  # (B|1, K, F) for the matmul S = D @ A
+            self.d_rows = self.d.permute(1, 2, 0)  # (B, T, K)
+            # a lower bound of every S: when it is safe, no block needs checking
+            bound = (self.d * self.a.amin(-1)[..., None]).sum(0)
+            self.checked = bool(bound.min() < _TINY)
+
+    def _exact(self, rows: slice, positions: slice) -> torch.Tensor:
+        # the reference's additions in the reference's order, so argmax ties match
+        logits = self.alpha + self.dynamic[:, rows, positions]
+        if self.noise is not None:
+            logits = logits + self.noise[:, rows]
+        if self.hard:
+            index = logits.argmax(0, keepdim=True)
+            return (torch.arange(self.K, device=logits.device).view(-1, 1, 1, 1) == index).to(logits.dtype)
+        return torch.softmax(logits / self.tau, dim=0)
+
+    def __call__(self, rows: slice, positions: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.K == 1:
+            return None, None  # the only activation has weight 1
+        if self.shared:
+            return self.weights_all[:, rows], None
+        if self.hard:
+            return self._exact(rows, positions), None
+        a_rows = self.a_rows[rows] if self.a_rows.shape[0] > 1 else self.a_rows
+        total = torch.matmul(self.d_rows[rows, positions], a_rows)  # (b, t, F)
+        if self.checked and bool(total.amin() < _TINY):
+            return self._exact(rows, positions), None
+        a = self.a[:, rows] if self.a.shape[1] > 1 else self.a
+        return self.d[:, rows, positions, None] * a[:, :, None, :], total  # (K, b, t, F)
+
+
+def _chunk_mix(acts: list[torch.Tensor], weights: torch.Tensor | None, total: torch.Tensor | None) -> torch.Tensor:
+    """m = sum_k g_k a_k for one block (a new tensor unless K == 1)."""
+    if weights is None:
+        return acts[0]
+    m = acts[0] * weights[0]
+    for k in range(1, len(acts)):
+        m.addcmul_(acts[k], weights[k])
+    return m.div_(total) if total is not None else m
+
+
+def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool):
+    rules = _rules(activations)
+    dtype = _compute_dtype(gate)
+    routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)
+    out = torch.empty_like(gate)
+    for rows, positions in _blocks(*gate.shape):
+        z = gate[rows, positions]
+        weights, total = routing(rows, positions)
+        m = None
+        for k, rule in enumerate(rules):  # one activation alive at a time
+            a = rule.forward(z).to(dtype)  # in gate's dtype first, as the reference (and SwiGLU) do
+            if weights is None:
+                m = a
+            elif m is None:
+                m = a * weights[k]
+            else:
+                m.addcmul_(a, weights[k])
+        if total is not None:
+            m.div_(total)
+        torch.mul(m, up[rows, positions], out=out[rows, positions])
+    return out
+
+
+def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool,
+                     routing_grads: bool):
+    rules = _rules(activations)
+    K = len(rules)
+    dtype = _compute_dtype(gate)
+    routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)
+    routing_grads = routing_grads and not hard
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    B, T, F = gate.shape
+    d_alpha = torch.zeros(K, F, device=gate.device, dtype=dtype) if routing_grads else None
+    d_dynamic = torch.zeros(K, B, dynamic.shape[1], device=gate.device, dtype=dtype) if routing_grads else None
+    for rows, positions in _blocks(B, T, F):
+        z = gate[rows, positions]
+        acts = [rule.forward(z).to(dtype) for rule in rules]
+        z = z.to(dtype)
+        dh = grad[rows, positions].to(dtype)
+        weights, total = routing(rows, positions)
+        m = _chunk_mix(acts, weights, total)
+        torch.mul(dh, m, out=d_up[rows, positions])
+        dm = dh * up[rows, positions]
+        if total is not None:
+            dm.div_(total)  # so that dm * W_k = dh * up * g_k
+        r = torch.empty((K, *m.shape), device=m.device, dtype=dtype) if routing_grads else None  # d l_k * tau
+        dz = None
+        for k, rule in enumerate(rules):
+            dm_g = dm if weights is None else dm * weights[k]
+            term = rule.backward(dm_g, z, acts[k])
+            if dz is None:
+                dz = term
+            elif k == K - 1:
+                torch.add(dz, term, out=d_gate[rows, positions])
+            else:
+                dz.add_(term)
+            if r is not None:
+                torch.sub(acts[k], m, out=r[k]).mul_(dm_g)
+        if K == 1:
+            d_gate[rows, positions] = dz
+        if r is not None:
+            if routing.shared:
+                per_unit = r.sum(2)  # (K, b, F)
+                d_alpha += per_unit.sum(1)
+                d_dynamic[:, rows, 0] += per_unit.sum(-1)
+            else:
+                d_alpha += r.sum((1, 2))
+                d_dynamic[:, rows, positions] = r.sum(-1)
+    if routing_grads:
+        d_alpha = d_alpha.div_(routing.tau).t().to(alpha.dtype)
+        d_dynamic = d_dynamic.div_(routing.tau).permute(1, 2, 0).to(dynamic.dtype)
+    return d_gate, d_up, d_alpha, d_dynamic
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd and kernel choice
+
+
+KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "chunked": (chunked_forward, chunked_backward),
+    "dense": (functools.partial(_dense_forward, _DENSE_CORES), functools.partial(_dense_backward, _DENSE_CORES)),
+    "compiled": (_with_compiled_cores(_dense_forward, chunked_forward),
+                 _with_compiled_cores(_dense_backward, chunked_backward)),
+}
+
+
+class MixedActivation(torch.autograd.Function):
+    """h = sum_k g_k act_k(gate) * up; saves only gate, up and the routing inputs."""
+
+    @staticmethod
+    def forward(ctx, gate, up, alpha, dynamic, noise, tau, activations, hard, kernel):
+        ctx.save_for_backward(gate, up, alpha, dynamic, noise, tau)
+        ctx.activations, ctx.hard, ctx.kernel = activations, hard, kernel
+        return KERNELS[kernel][0](gate, up, alpha, dynamic, noise, tau, activations, hard)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gate, up, alpha, dynamic, noise, tau = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_gate, d_up, d_alpha, d_dynamic = KERNELS[ctx.kernel][1](
+            grad.contiguous(), gate, up, alpha, dynamic, noise, tau, ctx.activations, ctx.hard, need[2] or need[3])
+        return (d_gate if need[0] else None, d_up if need[1] else None, d_alpha if need[2] else None,
+                d_dynamic if need[3] else None, None, None, None, None, None)
+
+
+_kernel_choice: ContextVar[str | None] = ContextVar("polyglu_mixed_kernel", default=None)
+
+
+@contextlib.contextmanager
+def use_kernel(kernel: str | None):
+    """Within the block, compute the mixed activation with `kernel` (None: the default choice)."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"mixed-activation kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    token = _kernel_choice.set(kernel)
+    try:
+        yield
+    finally:
+        _kernel_choice.reset(token)
+
+
+# CPU calls with at least this many hidden units (B * T * d_ff) compile by default: enough work to
+# repay a one-off compile, and eager ops cost the most there (None: never compile by default on CPU)
+COMPILE_MIN_ELEMENTS: int | None = 1 << 20
+
+
+def default_kernel(gate: torch.Tensor) -> str:
+    """"dense" while torch.compile traces (the math joins the caller's graph); else a `use_kernel`
+    choice; else the environment variable POLYGLU_MIXED_KERNEL; else "compiled" on CUDA with Triton
+    and on CPU from COMPILE_MIN_ELEMENTS hidden units, "chunked" otherwise."""
+    if torch.compiler.is_compiling():
+        return "dense"
+    chosen = _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None
+    if chosen is not None:
+        if chosen not in KERNELS:
+            raise ValueError(f"POLYGLU_MIXED_KERNEL must be one of {', '.join(KERNELS)}, got {chosen!r}")
+        return chosen
+    if gate.is_cuda:
+        return "compiled" if _triton_available() else "chunked"
+    if gate.device.type == "cpu" and COMPILE_MIN_ELEMENTS is not None and gate.numel() >= COMPILE_MIN_ELEMENTS:
+        return "compiled"
+    return "chunked"
+
+
+def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
+                           noise: torch.Tensor | None, tau: torch.Tensor, activations: tuple[str, ...],
+                           hard: bool = False, kernel: str | None = None) -> torch.Tensor:
+    """sum_k g_k act_k(gate) * up with g = softmax((alpha + dynamic + noise) / tau) over k (its one-hot
+    argmax when `hard`), computed without keeping K x d_ff per token for backward.
+
+    gate, up: (B, T, F); alpha: (F, K); dynamic: (B, T', K), T' in {1, T}; noise: (B, F, K) or None;
+    tau: 0-dim tensor. Returns (B, T, F) in gate's dtype; routing math in float32. `kernel`:
+    "chunked", "dense" or "compiled" (default: `default_kernel(gate)`).
+    """
+    kernel = kernel or default_kernel(gate)
+    if kernel not in KERNELS:
+        raise ValueError(f"mixed-activation kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    B, T, F_ = gate.shape
+    K = len(activations)
+    if up.shape != gate.shape or tuple(alpha.shape) != (F_, K) or dynamic.dim() != 3 \
+            or dynamic.shape[0] != B or dynamic.shape[1] not in (1, T) or dynamic.shape[2] != K \
+            or (noise is not None and tuple(noise.shape) != (B, F_, K)):
+        raise ValueError(f"mixed activation: inconsistent shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+                         f"alpha {tuple(alpha.shape)}, dynamic {tuple(dynamic.shape)}, noise "
+                         f"{None if noise is None else tuple(noise.shape)} for {K} activations")
+    gate, up = gate.contiguous(), up.contiguous()
+    return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel)

@@ -1,0 +1,338 @@
+"""The fused mixed activation against the reference formulation: values, gradients, memory."""
+
+import warnings
+
+import pytest
+import torch
+
+from polyglu.model import fused
+from polyglu.model.fused import RULES, MixedActivation, default_kernel, mixed_activation_fused, use_kernel
+from polyglu.model.polyglu import ACTIVATIONS, PolyGLU, SwiGLU, mixed_activation_reference
+
+# K = 1..4, every registry activation at least once
+ACTIVATION_SETS = [("silu",), ("gelu_tanh", "softplus"), ("identity", "sigmoid", "tanh"),
+                   ("relu", "tanh", "silu", "gelu")]
+EAGER_KERNELS = ["chunked", "dense"]  # "compiled" is "dense" through torch.compile (see the slow test)
+
+
+def make_inputs(B, T, F, activations, per_token, noise, dtype=torch.float32, tau=0.7, seed=0):
+    """gate, up (B, T, F), alpha (F, K), dynamic (B, T', K) with grads; noise (B, F, K) or None; tau."""
+    K = len(activations)
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    gate, up = randn(B, T, F, scale=2.0).requires_grad_(), randn(B, T, F).requires_grad_()
+    alpha = randn(F, K).requires_grad_()
+    dynamic = randn(B, T if per_token else 1, K).requires_grad_()
+    buffers = torch.float64 if dtype == torch.float64 else torch.float32  # noise and tau, as in PolyGLU
+    gumbel = randn(B, F, K).to(buffers) if noise else None
+    return gate, up, alpha, dynamic, gumbel, torch.tensor(tau, dtype=buffers)
+
+
+def run(fn, inputs, grad_seed=1, **kwargs):
+    """h and the grads of (gate, up, alpha, dynamic) for h.backward(random dh)."""
+    gate, up, alpha, dynamic, noise, tau, activations, hard = inputs
+    for t in (gate, up, alpha, dynamic):
+        t.grad = None
+    h = fn(gate, up, alpha, dynamic, noise, tau, activations, hard, **kwargs)
+    dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(h.dtype)
+    h.backward(dh)
+    return h.detach(), [None if t.grad is None else t.grad.clone() for t in (gate, up, alpha, dynamic)]
+
+
+def assert_matches_reference(inputs, kernel, atol=2e-5, rtol=1e-4):
+    h_ref, grads_ref = run(mixed_activation_reference, inputs)
+    h, grads = run(mixed_activation_fused, inputs, kernel=kernel)
+    assert h.dtype == inputs[0].dtype and h.shape == inputs[0].shape
+    torch.testing.assert_close(h, h_ref, atol=atol, rtol=rtol)
+    for name, g, g_ref in zip(("gate", "up", "alpha", "dynamic"), grads, grads_ref):
+        if g_ref is None:  # hard routing: nothing flows to the routing inputs
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d {n}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# the activation registry
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_registry_values_and_derivatives_match_autograd(name):
+    z = torch.linspace(-25, 25, 2001, dtype=torch.float64)
+    z = torch.cat([z, torch.randn(500, dtype=torch.float64)]).requires_grad_()
+    a_ref = ACTIVATIONS[name](z)
+    grad = torch.randn_like(z)
+    (d_ref,) = torch.autograd.grad(a_ref, z, grad)
+    rule = RULES[name]
+    z = z.detach()
+    for forward, backward in ((rule.forward, rule.backward), (rule.expr_forward, rule.expr_backward)):
+        a = forward(z)
+        torch.testing.assert_close(a, a_ref.detach(), atol=1e-9, rtol=1e-9)
+        # torch's softplus switches to the identity above 20; ours follows the exact function
+        torch.testing.assert_close(backward(grad, z, a), d_ref, atol=1e-8, rtol=1e-8)
+
+
+def test_registry_float32_tanh_is_close_to_torch():
+    z = torch.linspace(-12, 12, 100_001)
+    assert (RULES["tanh"].forward(z) - torch.tanh(z)).abs().max() < 3e-7
+
+
+# --------------------------------------------------------------------------------------------
+# fused == reference
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 8 positions for F = 40: several blocks per row, and rows split across blocks."""
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 8 * 40)
+
+
+@pytest.mark.parametrize("activations", ACTIVATION_SETS, ids=lambda a: "-".join(a))
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("noise", [False, True], ids=["clean", "noisy"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_matches_reference_float32(kernel, hard, noise, per_token, activations, small_blocks):
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, 21, 40, activations, per_token, noise)
+    assert_matches_reference((gate, up, alpha, dynamic, gumbel, tau, activations, hard), kernel)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+def test_blocks_spanning_several_rows(per_token, monkeypatch):
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * 7 * 16)  # two whole rows of T = 7 per block
+    inputs = make_inputs(5, 7, 16, ACTIVATION_SETS[-1], per_token, noise=True)
+    assert_matches_reference((*inputs, ACTIVATION_SETS[-1], False), "chunked")
+
+
+@pytest.mark.parametrize("activations", [ACTIVATION_SETS[-1], ACTIVATION_SETS[1] + ("identity", "sigmoid")],
+                         ids=["default", "others"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("noise", [False, True], ids=["clean", "noisy"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_gradcheck_float64(kernel, noise, per_token, activations, monkeypatch):
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * 5)  # blocks of 2 positions
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 3, 5, activations, per_token, noise, torch.float64)
+
+    def fn(gate, up, alpha, dynamic):
+        return mixed_activation_fused(gate, up, alpha, dynamic, gumbel, tau, activations, kernel=kernel)
+
+    assert torch.autograd.gradcheck(fn, (gate, up, alpha, dynamic), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_k1_routing_gradients_are_zero_like_the_reference():
+    inputs = make_inputs(2, 6, 8, ("gelu",), True, noise=True)
+    _, grads = run(mixed_activation_fused, (*inputs, ("gelu",), False))
+    assert torch.equal(grads[2], torch.zeros_like(grads[2])) and torch.equal(grads[3], torch.zeros_like(grads[3]))
+    assert_matches_reference((*inputs, ("gelu",), False), "chunked")
+
+
+def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch):
+    """With tau = 0.01 the factorised weights exp(alpha/tau) * exp(dynamic/tau) underflow to 0/0; the
+    affected blocks must be computed exactly instead."""
+    activations = ("relu", "silu")
+    gate, up, alpha, dynamic, _, _ = make_inputs(2, 16, 12, activations, True, noise=False)
+    with torch.no_grad():
+        alpha[:, 0], alpha[:, 1] = 10.0, -10.0
+        dynamic[..., 0], dynamic[..., 1] = -10.0, 10.0  # logits tie: g = (0.5, 0.5)
+        dynamic[:, ::2] += torch.tensor([0.05, -0.05])  # and lean one way on even positions
+    inputs = (gate, up, alpha, dynamic, None, torch.tensor(0.01), activations, False)
+    h, grads = run(mixed_activation_fused, inputs, kernel="chunked")
+    assert torch.isfinite(h).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_matches_reference(inputs, "chunked", atol=1e-3, rtol=1e-3)  # routing grads carry 1/tau = 100
+    monkeypatch.setattr(fused, "_TINY", 0.0)  # without the fallback: 0/0
+    assert torch.isnan(mixed_activation_fused(*inputs, kernel="chunked")).any()
+
+
+def test_bfloat16_inputs_keep_their_dtype():
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 12, 16, ACTIVATION_SETS[-1], True, True, torch.bfloat16)
+    inputs = (gate, up, alpha, dynamic, gumbel, tau, ACTIVATION_SETS[-1], False)
+    h, grads = run(mixed_activation_fused, inputs, kernel="chunked")
+    assert h.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] * 4
+    assert_matches_reference(inputs, "chunked", atol=0.05, rtol=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# inside PolyGLU
+
+
+def _routed_pair(pool, **kwargs):
+    torch.manual_seed(0)
+    fused_block = PolyGLU(24, 40, gate_hidden=8, routing_pool=pool, mixed_impl="fused", **kwargs)
+    with torch.no_grad():
+        fused_block.alpha.normal_(0, 1.0)
+        fused_block.beta.uniform_(0.5, 2.0)
+        fused_block.tau.fill_(0.6)
+    reference = PolyGLU(24, 40, gate_hidden=8, routing_pool=pool, mixed_impl="reference", **kwargs)
+    reference.load_state_dict(fused_block.state_dict())
+    return fused_block, reference
+
+
+def _forward_backward(block, x, doc_ids=None, noise=None):
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = block(x, doc_ids, noise=noise) if noise is not None else block(x, doc_ids)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    return y.detach(), x.grad, {name: p.grad for name, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("pool", ["causal", "sequence", "token"])
+@pytest.mark.parametrize("mode", ["train", "eval_soft", "eval_hard"])
+@pytest.mark.parametrize("documents", [False, True], ids=["rows", "packed"])
+def test_polyglu_fused_equals_reference(pool, mode, documents):
+    fused_block, reference = _routed_pair(pool, eval_routing="hard" if mode == "eval_hard" else "soft")
+    x = torch.randn(2, 11, 24)
+    doc_ids = torch.tensor([[0] * 4 + [1] * 7, [0] * 11]) if documents else None
+    noise = None
+    if mode == "train":
+        fused_block.train(), reference.train()
+        noise = torch.empty(2, 40, 4).exponential_(generator=torch.Generator().manual_seed(2)).log_().neg_()
+    else:
+        fused_block.eval(), reference.eval()
+    y, dx, grads = _forward_backward(fused_block, x, doc_ids, noise)
+    y_ref, dx_ref, grads_ref = _forward_backward(reference, x, doc_ids, noise)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        if grads_ref[name] is None:
+            assert grads[name] is None, name
+        else:
+            torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("pool", ["causal", "sequence"])
+def test_routing_fixed_on_silu_is_swiglu_bit_for_bit(pool):
+    """The property that lets a SwiGLU checkpoint be converted: exact, not approximately equal."""
+    block = PolyGLU(24, 40, gate_hidden=8, routing_pool=pool).eval()
+    with torch.no_grad():
+        block.alpha.zero_()
+        block.alpha[:, block.activations.index("silu")] = 120.0
+        block.gate_net[2].weight.zero_()
+        block.gate_net[2].bias.zero_()
+    swiglu = SwiGLU(24, 40)
+    swiglu.load_state_dict({k: v for k, v in block.state_dict().items() if k.endswith("_proj.weight")})
+    x = torch.randn(3, 9, 24)
+    assert torch.equal(block(x), swiglu(x))
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while `fn` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+def test_fused_saves_only_gate_up_and_routing_inputs(per_token):
+    activations = ACTIVATION_SETS[-1]
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 64, 256, activations, per_token, noise=True)
+    args = (gate, up, alpha, dynamic, gumbel, tau, activations, False)
+    fused_bytes = saved_bytes(lambda: mixed_activation_fused(*args))
+    reference_bytes = saved_bytes(lambda: mixed_activation_reference(*args))
+    hidden_bytes = gate.numel() * gate.element_size()
+    small = sum(t.numel() * t.element_size() for t in (alpha, dynamic, gumbel, tau))
+    assert fused_bytes == 2 * hidden_bytes + small  # gate, up, and the routing inputs: nothing K x d_ff
+    assert reference_bytes > 2.5 * fused_bytes
+
+
+def test_polyglu_saves_no_more_than_swiglu():
+    torch.manual_seed(0)
+    polyglu, swiglu = PolyGLU(64, 256), SwiGLU(64, 256)
+    x = torch.randn(2, 64, 64, requires_grad=True)
+
+    def activation_bytes(block):
+        params = {p.untyped_storage().data_ptr() for p in [*block.parameters(), *block.buffers()]}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x)
+        return sum(storages.values())
+
+    assert activation_bytes(polyglu) <= activation_bytes(swiglu)
+
+
+# --------------------------------------------------------------------------------------------
+# kernel choice
+
+
+def test_default_kernel_and_overrides(monkeypatch):
+    gate = torch.zeros(1, 2, 4)
+    monkeypatch.delenv("POLYGLU_MIXED_KERNEL", raising=False)
+    assert default_kernel(gate) == "chunked"
+    monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 8)  # large CPU calls compile
+    assert default_kernel(gate) == "compiled"
+    monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", None)
+    assert default_kernel(gate) == "chunked"
+    with use_kernel("dense"):
+        assert default_kernel(gate) == "dense"
+    assert default_kernel(gate) == "chunked"
+    monkeypatch.setenv("POLYGLU_MIXED_KERNEL", "dense")
+    assert default_kernel(gate) == "dense"
+    monkeypatch.setenv("POLYGLU_MIXED_KERNEL", "fast")
+    with pytest.raises(ValueError, match="POLYGLU_MIXED_KERNEL.*'fast'"):
+        default_kernel(gate)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        use_kernel("fast").__enter__()
+
+
+def test_inconsistent_shapes_are_refused():
+    gate, up, alpha, dynamic, _, tau = make_inputs(2, 5, 8, ("relu", "silu"), True, noise=False)
+    with pytest.raises(ValueError, match=r"alpha \(8, 2\).*3 activations"):
+        mixed_activation_fused(gate, up, alpha, dynamic, None, tau, ("relu", "silu", "gelu"))
+    with pytest.raises(ValueError, match=r"dynamic \(2, 3, 2\)"):
+        mixed_activation_fused(gate, up, alpha, dynamic[:, :3], None, tau, ("relu", "silu"))
+
+
+def test_failed_compilation_falls_back_to_chunked(monkeypatch):
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "_compiled_cores", broken)
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    inputs = (*make_inputs(2, 5, 8, ("relu", "silu"), True, noise=False), ("relu", "silu"), False)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        h, grads = run(mixed_activation_fused, inputs, kernel="compiled")
+    h_ref, grads_ref = run(mixed_activation_fused, inputs, kernel="chunked")
+    assert torch.equal(h, h_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+
+
+def test_polyglu_reaches_the_fused_function(monkeypatch):
+    block = PolyGLU(8, 16, gate_hidden=4, mixed_impl="fused").eval()
+    seen = []
+    original = MixedActivation.forward
+
+    def spy(ctx, *args):
+        seen.append(args[-1])  # the kernel
+        return original(ctx, *args)
+
+    monkeypatch.setattr(MixedActivation, "forward", staticmethod(spy))
+    block(torch.randn(1, 3, 8))
+    assert seen == ["chunked"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+def test_compiled_kernel_matches_reference(per_token):
+    """torch.compile of the dense kernel on CPU (needs a C++ compiler; tens of seconds)."""
+    activations = ACTIVATION_SETS[-1]
+    inputs = (*make_inputs(2, 33, 48, activations, per_token, noise=True), activations, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
+        assert_matches_reference(inputs, "compiled")
