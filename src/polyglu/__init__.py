@@ -40,10 +40,10 @@ def __dir__() -> list[str]:
     return __all__
 
 
-if TYPE_CHECKING:  # pragma: no cover
-    from polyglu.checkpoint import CheckpointError, load_model
-    from polyglu.config import ConfigError, ModelConfig
-    from polyglu.generation import generate
-    from polyglu.model.cache import KVCache
-    from polyglu.model.polyglu import GLU, PolyGLU, SwiGLU
-    from polyglu.model.transformer import ModelOutput, PolychromaticLM
+if TYPE_CHECKING:  # pragma: no cover  # noqa: F401 (re-exports for type checkers)
+    from polyglu.checkpoint import CheckpointError, load_model  # noqa: F401
+    from polyglu.config import ConfigError, ModelConfig  # noqa: F401
+    from polyglu.generation import generate  # noqa: F401
+    from polyglu.model.cache import KVCache  # noqa: F401
+    from polyglu.model.polyglu import GLU, PolyGLU, SwiGLU  # noqa: F401
+    from polyglu.model.transformer import ModelOutput, PolychromaticLM  # noqa: F401

@@ -1,5 +1,12 @@
 from polyglu.model.cache import KVCache
-from polyglu.model.polyglu import ACTIVATIONS, GLU, PolyGLU, SwiGLU, mixed_activation_reference, routing_weights
+from polyglu.model.polyglu import (
+           ACTIVATIONS,
+           GLU,
+           PolyGLU,
+           SwiGLU,
+           mixed_activation_reference,
+           routing_weights,
+)
 from polyglu.model.transformer import ModelOutput, PolychromaticLM
 
 __all__ = ["ACTIVATIONS", "GLU", "KVCache", "ModelOutput", "PolyGLU", "PolychromaticLM", "SwiGLU",

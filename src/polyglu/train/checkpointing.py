@@ -6,8 +6,24 @@
         train_state.json                    # step, tokens, tau, data position, RNG, config
         tokenizer/                          # when the run has one
 
+Under FSDP2 (`train.distributed=fsdp`) the model and optimizer are sharded; the checkpoint holds
+them through torch.distributed.checkpoint (DCP) instead of optimizer.safetensors, and still a full
+model directory (gathered on rank 0) so `polyglu.load_model(step_dir)` works as before:
+
+    run_dir/checkpoints/step-00000100/
+        config.json, model.safetensors      # full weights, gathered (loadable with polyglu.load_model)
+        dcp/                                # DCP: .metadata + one __<rank>_0.distcp per rank
+                                            #   {"model": sharded state, "optimizer": sharded AdamW state}
+        train_state.json                    # as above, plus "sharded": {"format": "dcp", "world_size": N}
+        tokenizer/
+
+A DCP checkpoint loads at any world size (DCP reshards), also in a single process. Its .metadata
+and non-tensor optimizer values are pickled by DCP: load only checkpoints you trust.
+
 A checkpoint is written in a hidden temporary directory, fsynced, then renamed into place: a crash
-at any moment leaves either the complete checkpoint or none. Only `step-*` directories count.
+at any moment leaves either the complete checkpoint or none. Only `step-*` directories count. Under
+FSDP every rank writes its shard into the temporary directory rank 0 created; after a barrier rank 0
+renames it (a shared filesystem is assumed across nodes).
 """
 
 from __future__ import annotations
@@ -16,14 +32,24 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from polyglu.checkpoint import atomic_write_bytes, atomic_write_text, fsync_dir, save_model
+from polyglu.checkpoint import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    save_model,
+)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+DCP_DIR = "dcp"
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -89,17 +115,114 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     atomic_write_text(tmp / "train_state.json", json.dumps(train_state, indent=2) + "\n")
     fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _publish(run_dir, tmp, final, keep)
     return final
 
 
+def _publish(run_dir: str | Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rename the complete temporary directory into place, then prune to the last `keep`."""
+    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- FSDP2: sharded checkpoints through torch.distributed.checkpoint
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of a possibly FSDP-sharded model, on CPU, on rank 0 only
+    (other ranks get {}). Collective under FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_model_dir(state: dict[str, torch.Tensor], config, directory: str | Path,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """A model directory from a full state dict: what polyglu.checkpoint.save_model writes for a
+    module (tied head omitted, model.safetensors then config.json, each atomically)."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if getattr(config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt", "polyglu_format": "1"}))
+    meta = {"polyglu_format": FORMAT_VERSION, "model": config.to_dict()}
+    meta.update(extra or {})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            train_state: dict[str, Any], dist, tokenizer_dir: str | Path | None = None,
+                            keep: int = 3) -> Path:
+    """Collective (every rank calls it): DCP shards of model + optimizer from every rank, and the
+    gathered full model directory from rank 0, into rank 0's temporary directory; then rank 0
+    renames it into place. `model` is the inner model (state-dict keys as in model.safetensors)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = None
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    tmp = Path(dist.broadcast_object(str(tmp) if tmp is not None else None))  # after rank 0 made it
+    model_state, optim_state = get_state_dict(model, optimizer)
+    # each rank writes (and fsyncs) its own shard file; rank 0 writes .metadata once all have
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / DCP_DIR)
+    full = full_model_state(model)  # collective all-gather, kept on rank 0's CPU
+    if dist.is_main:
+        write_model_dir(full, model.config, tmp, extra={"step": step})
+        del full
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        state = dict(train_state, sharded={"format": "dcp", "world_size": dist.world_size})
+        atomic_write_text(tmp / "train_state.json", json.dumps(state, indent=2) + "\n")
+        fsync_dir(tmp / DCP_DIR)
+        fsync_dir(tmp)
+    dist.barrier()  # every shard is on disk before the rename makes the checkpoint visible
+    if dist.is_main:
+        _publish(run_dir, tmp, final, keep)
+    dist.barrier()  # nobody looks for the latest checkpoint before the rename
+    return final
+
+
+def load_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint's model and optimizer state in place, resharding to the current world
+    (any size; a plain process too). Collective under FSDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    with warnings.catch_warnings():
+        if single:  # DCP warns that it "assumes" a single process: that is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=Path(path) / DCP_DIR, no_dist=single)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def read_train_state(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "train_state.json").read_text())
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(optimizer tensors, optimizer meta, train state) of a checkpoint directory."""
+    """(optimizer tensors, optimizer meta, train state) of a (single-process) checkpoint directory."""
     from safetensors.torch import load_file
 
     path = Path(path)

@@ -78,6 +78,10 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.loss_module = self.dist.wrap(self._prepare_model(), self.tc.distributed)
+        self.sharded = self.dist.is_sharded(self.loss_module)
+        if self.sharded:  # fully_shard replaced the parameters with DTensors: optimise those
+            self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas),
+                                             self.tc.eps)
 
     # ---- set-up
 
@@ -116,6 +120,10 @@ class Trainer:
                 "rng": ckpt.rng_state(), "config": self.config.to_dict()}
 
     def save(self) -> Path | None:
+        if self.sharded:  # collective: DCP shards from every rank + the full model dir from rank 0
+            return ckpt.save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                                                self.train_state(), self.dist, self.tokenizer_dir,
+                                                keep=self.tc.keep_checkpoints)
         path = None
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.train_state(),
@@ -129,12 +137,21 @@ class Trainer:
         if path is None:
             self.log(f"no checkpoint in {self.run_dir}/checkpoints; starting from scratch")
             return False
-        from polyglu.checkpoint import load_state_file
+        from polyglu.checkpoint import CheckpointError, load_state_file
 
-        state = load_state_file(path / "model.safetensors")
-        self.model.load_state_dict(state, strict=False)
-        tensors, meta, train_state = ckpt.read_checkpoint(path)
-        ckpt.load_optimizer(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()}, meta)
+        if ckpt.is_sharded_checkpoint(path):  # DCP (saved under FSDP): loads at any world size
+            ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
+            train_state = ckpt.read_train_state(path)
+        elif self.sharded:
+            raise CheckpointError(
+                f"{path}: a single-process/DDP checkpoint (no {ckpt.DCP_DIR}/); an FSDP run resumes only from "
+                f"checkpoints saved under FSDP. Start a new FSDP run from its weights instead, or resume "
+                f"it without train.distributed=fsdp")
+        else:
+            state = load_state_file(path / "model.safetensors")
+            self.model.load_state_dict(state, strict=False)
+            tensors, meta, train_state = ckpt.read_checkpoint(path)
+            ckpt.load_optimizer(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()}, meta)
         self.step = int(train_state["step"])
         self.tokens = int(train_state["tokens"])
         self.best_val = train_state.get("best_val_loss")
@@ -181,7 +198,7 @@ class Trainer:
                 (loss * (self.dist.world_size / n_targets)).backward()
             loss_sum += float(loss.detach())
         loss_value = self.dist.all_reduce_sum(loss_sum) / n_targets
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip))
+        grad_norm = self.dist.clip_grad_norm(self.model.parameters(), self.tc.grad_clip)  # global, also sharded
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -207,13 +224,14 @@ class Trainer:
             return None
         self.model.eval()
         total, count = 0.0, 0
-        for i in range(self.tc.eval_batches):
-            batch = {k: v.to(self.device) for k, v in self.val_data.get_batch(i).items()}
-            with self._autocast():
-                out = self.model(batch["input_ids"], batch["doc_ids"], compute_logits=False)
-                total += float(chunked_cross_entropy_sum(out.hidden_states, self.model.lm_head.weight,
-                                                         batch["targets"], self.tc.loss_chunk_size))
-            count += int((batch["targets"] != IGNORE_INDEX).sum())
+        with self.dist.full_parameters(self.loss_module):  # FSDP: the inner model is called directly
+            for i in range(self.tc.eval_batches):
+                batch = {k: v.to(self.device) for k, v in self.val_data.get_batch(i).items()}
+                with self._autocast():
+                    out = self.model(batch["input_ids"], batch["doc_ids"], compute_logits=False)
+                    total += float(chunked_cross_entropy_sum(out.hidden_states, self.model.lm_head.weight,
+                                                             batch["targets"], self.tc.loss_chunk_size))
+                count += int((batch["targets"] != IGNORE_INDEX).sum())
         total = self.dist.all_reduce_sum(total)
         count = self.dist.all_reduce_sum(float(count))
         self.model.train()
@@ -249,7 +267,9 @@ class Trainer:
                            "tau": out["tau"], "grad_norm": out["grad_norm"],
                            "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
                     if step % tc.routing_stats_every == 0 or step == tc.max_steps:
-                        stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0), self.device)
+                        with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
+                            stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
+                                                            self.device)
                         if stats:
                             row["routing_entropy"] = stats
                     if step % tc.eval_every == 0 or step == tc.max_steps:
@@ -278,19 +298,27 @@ class Trainer:
                 bar.close()
             metrics.close()
         path = self.save()
-        if self.dist.is_main:
-            self._export_final()
+        self._export_final()
         return {"step": self.step, "tokens": self.tokens, "last": last_row, "best_val_loss": self.best_val,
                 "checkpoint": str(path) if path else None, "model_dir": str(self.run_dir / "final")}
 
     def _export_final(self) -> None:
-        """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval."""
+        """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval.
+        Called on every rank: under FSDP the full weights are gathered (collective) to rank 0."""
         import shutil
 
         from polyglu.checkpoint import save_model
 
+        extra = {"step": self.step, "tokens": self.tokens, "task": self.config.task}
         final = self.run_dir / "final"
-        save_model(self.model, final, extra={"step": self.step, "tokens": self.tokens, "task": self.config.task})
+        if self.sharded:
+            state = ckpt.full_model_state(self.model)
+            if self.dist.is_main:
+                ckpt.write_model_dir(state, self.model.config, final, extra=extra)
+        elif self.dist.is_main:
+            save_model(self.model, final, extra=extra)
+        if not self.dist.is_main:
+            return
         if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():
             if (final / "tokenizer").exists():
                 shutil.rmtree(final / "tokenizer")
