@@ -3,7 +3,6 @@ import torch
 
 from polyglu.config import ModelConfig
 
-
 # tiny models are dominated by per-op overhead: one thread is faster and keeps runs deterministic
 torch.set_num_threads(1)
 
