@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed training steps (and loader batches between)")
+    p.add_argument("--ffn", default="polyglu", help="the debug model's feed-forward kind (polyglu, swiglu, ...)")
     p.add_argument("--sft", action="store_true", help="also time SFTDataset.get_batch")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -75,7 +76,8 @@ def loader_vs_step(args, data: dict) -> dict:
     tok = load_tokenizer(data["tokenizer_dir"])
     loader = PackedLoader(data["shards"], seq_len=args.seq_len, batch_size=args.batch, seed=0)
     sft = SFTDataset(data["paths"]["sft_train"], tok, args.seq_len, args.batch) if args.sft else None
-    config = ModelConfig.from_preset("debug", vocab_size=max(512, tok.vocab_size), max_seq_len=args.seq_len)
+    config = ModelConfig.from_preset("debug", vocab_size=max(512, tok.vocab_size), max_seq_len=args.seq_len,
+                                     ffn=args.ffn)
     model = PolychromaticLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     if "sft_loader_ms" in result:
         print(f"              SFT get_batch             {result['sft_loader_ms']:8.3f} ms "
               f"({result['sft_share_of_step']:.2%} of a step)")
-    print(f"debug model   train step ({result['model_parameters']:,} params, {args.threads} threads) "
+    print(f"debug model   train step ({args.ffn}, {result['model_parameters']:,} params, {args.threads} threads) "
           f"{result['debug_step_ms']:8.1f} ms")
     print(f"ratio         loader / step = {result['loader_share_of_step']:.2%} (target <= 2%)")
     return 0

@@ -158,6 +158,8 @@ class SFTDataset:
     get_batch(step, micro_step) is a pure function of (seed, step, micro_step, rank): global row
     index g = ((step * grad_accum_steps + micro_step) * world_size + rank) * batch_size + r runs
     through the rows epoch after epoch, each epoch in its own seeded order (shuffle=False: file order).
+    `grad_accum_steps` must be the trainer's number of micro-batches per step (an attribute, so a
+    trainer that derives it later can set it); a micro_step beyond it is an error.
     """
 
     def __init__(self, source, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,

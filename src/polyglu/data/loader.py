@@ -265,14 +265,14 @@ class PackedLoader:
         """(source name, start offset in its token stream) of each row."""
         weights = self.weights_at(step)
         cumulative = np.cumsum([weights[name] for name in self._names])
-        out = []
-        for choice_bits, offset_bits in self._draws(step, micro_step):
-            u = (int(choice_bits) >> 11) * 2.0**-53
-            part = self.sources[self._names[min(int(np.searchsorted(cumulative, u, side="right")),
-                                                len(self._names) - 1)]]
-            span = part.hi - part.lo - self.seq_len  # number of possible starts
-            out.append((part.name, part.lo + int(offset_bits) % span))
-        return out
+        draws = self._draws(step, micro_step)
+        u = (draws[:, 0] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # uniform in [0, 1)
+        which = np.minimum(np.searchsorted(cumulative, u, side="right"), len(self._names) - 1)
+        parts = [self.sources[name] for name in self._names]
+        lo = np.array([p.lo for p in parts], dtype=np.uint64)
+        span = np.array([p.hi - p.lo - self.seq_len for p in parts], dtype=np.uint64)  # possible starts
+        starts = lo[which] + draws[:, 1] % span[which]
+        return [(self._names[i], int(start)) for i, start in zip(which.tolist(), starts.tolist())]
 
     def get_batch(self, step: int, micro_step: int = 0) -> dict[str, torch.Tensor]:
         """input_ids, targets, doc_ids: (B, T) int64, a pure function of (seed, step, micro_step, rank)."""

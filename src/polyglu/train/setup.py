@@ -43,7 +43,7 @@ def builtin_data(config: RunConfig, log=print) -> dict[str, Any]:
                                     n_test=d.builtin_test, seed=d.builtin_seed, log=log)
     files = {name: shards / rel for name, rel in manifest["builtin"]["files"].items()}
     return {"tokenizer": tokenizer, "tokenizer_dir": tok_dir, "paths": files,
-            "shards": {"train": shards, "validation": shards / "validation"}}
+            "shards": {"train": shards, "validation": shards}}
 
 
 def build_model(config: RunConfig, vocab_size: int | None):
@@ -75,7 +75,9 @@ def build_run(config: RunConfig, device: str | None = None, log=print) -> Traine
     d, tc = config.data, config.train
     tokenizer_dir = None
     if d.sources and config.task == "pretrain":
-        sources, validation = dict(d.sources), dict(d.validation)
+        sources = dict(d.sources)
+        # explicit held-out directories, else each source's validation/ (or held-out tail)
+        validation = dict(d.validation) or dict(d.sources)
         tokenizer = load_tokenizer(d.tokenizer)
         builtin = None
     else:
@@ -98,8 +100,10 @@ def build_run(config: RunConfig, device: str | None = None, log=print) -> Traine
             mixture = Mixture(d.mixture or {k: 1.0 for k in sources}, anneal_to=d.anneal_to, anneal_at=d.anneal_at)
         train_data = PackedLoader(sources, d.seq_len, tc.batch_size, seed=tc.seed, mixture=mixture,
                                   rank=dist.rank, world_size=dist.world_size, total_steps=tc.max_steps)
+        # split="validation" reads DIR/validation/ when prepared, else each source's held-out tail
+        val_split = "train" if d.validation else "validation"
         val_data = PackedLoader(validation, d.seq_len, tc.batch_size, seed=tc.seed + 1, rank=dist.rank,
-                                world_size=dist.world_size) if validation else None
+                                world_size=dist.world_size, split=val_split) if validation else None
     else:
         from polyglu.data.chat import SFTDataset
 

@@ -70,6 +70,8 @@ class Trainer:
             torch.set_num_threads(self.tc.threads)
         self.autocast_dtype = self._autocast_dtype()
         self.grad_accum = self._grad_accum()
+        if hasattr(train_data, "grad_accum_steps"):  # sources that index rows by (step, micro_step)
+            train_data.grad_accum_steps = self.grad_accum
         self.optimizer = build_optimizer(self.model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas),
                                          self.tc.eps)
         self.step = 0
