@@ -165,3 +165,10 @@ def test_run_config_errors():
         RunConfig.load(None, ["train.max_steps=0"])
     with pytest.raises(ConfigError, match="key=value"):
         RunConfig.load(None, ["train.max_steps"])
+
+
+def test_overrides_parse_yaml_values():
+    config = RunConfig.load(None, ["train.lr=3e-3", "train.betas=[0.9, 0.99]", "train.compile=true",
+                                   "data.sources={math: a, code: b}", "init_from=null"])
+    assert config.train.lr == 3e-3 and config.train.betas == (0.9, 0.99) and config.train.compile is True
+    assert config.data.sources == {"math": "a", "code": "b"} and config.init_from is None

@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval-math": ("polyglu.commands.eval_math", "exact-match accuracy on GSM8K-format JSONL (chat or plain, few-shot)"),
     "perplexity": ("polyglu.commands.perplexity", "perplexity per source over token shards, sliding windows, JSON"),
     "analyze": ("polyglu.commands.analyze", "routing analysis: entropy, routing maps, domains, training -> JSON, PNGs, report.html"),
+    "ablate": ("polyglu.commands.ablate", "controlled ablation: PolyGLU variants vs SwiGLU/GEGLU/ReGLU/Tanh-GLU, resumable, report"),
 }
 
 

@@ -429,6 +429,11 @@ def set_dotted(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
