@@ -44,3 +44,13 @@ def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "polyglu", "info", "debug", "--json"], capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out)["parameters"]["total"] > 0
+
+
+def test_every_verb_has_help(capsys):
+    import pytest
+
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, "--help"])
+        assert exit_info.value.code == 0, verb
+        assert f"polyglu {verb}" in capsys.readouterr().out
