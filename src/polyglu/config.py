@@ -404,18 +404,24 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] | None = None, **defaults: Any) -> RunConfig:
         """Read a YAML/JSON run config and apply dotted `key=value` overrides (values parsed as YAML)."""
-        data = load_mapping(path) if path is not None else {}
-        for key, value in defaults.items():
-            data.setdefault(key, value)
-        for item in overrides or []:
-            set_dotted(data, item)
-        try:
-            return dataclass_from_dict(cls, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        return load_config(cls, path, overrides, **defaults)
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] | None = None, **defaults: Any) -> Any:
+    """Dataclass `cls` from a YAML/JSON file (or nothing), `defaults` for missing top-level keys, then
+    dotted `key=value` overrides; errors name the file and the key."""
+    data = load_mapping(path) if path is not None else {}
+    for key, value in defaults.items():
+        data.setdefault(key, value)
+    for item in overrides or []:
+        set_dotted(data, item)
+    try:
+        return dataclass_from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def set_dotted(data: dict[str, Any], item: str) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MANIFEST_NAME = "manifest.json"
-SHARD_GLOB = "shard-*.bin"
+from polyglu.data.shards import MANIFEST_NAME, SHARD_GLOB
 
 
 def doc_ids_from_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
@@ -71,25 +70,11 @@ def manifest_eos_id(manifest: dict) -> int | None:
 
 
 def shard_arrays(directory: str | Path) -> list[np.ndarray]:
-    """Memory-mapped token arrays of `directory/shard-*.bin`, in name order, dtype from the manifest."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    try:
-        dtype = np.dtype(manifest["dtype"])
-    except TypeError:
-        raise ValueError(f"{directory / MANIFEST_NAME}: unknown dtype {manifest['dtype']!r}") from None
-    paths = sorted(directory.glob(SHARD_GLOB))
-    if not paths:
-        raise FileNotFoundError(f"{directory}: no {SHARD_GLOB} files")
-    arrays = []
-    for path in paths:
-        size = path.stat().st_size
-        if size % dtype.itemsize:
-            raise ValueError(f"{path}: {size} bytes is not a multiple of {dtype} ({dtype.itemsize} bytes); "
-                             "truncated shard?")
-        if size:
-            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
-    return arrays
+    """The non-empty memory-mapped shards of a prepared directory, in order."""
+    from polyglu.data.shards import read_token_shards
+
+    arrays, _ = read_token_shards(directory)
+    return [a for a in arrays if a.size]
 
 
 def shard_windows(directory: str | Path, seq_len: int, max_tokens: int) -> list[np.ndarray]:

@@ -13,7 +13,6 @@ naming the dtype), or arrays given directly to `perplexity`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polyglu.data.shards import (
+    MANIFEST_NAME,
+    read_token_shards,  # noqa: F401  (re-exported for callers)
+)
 from polyglu.eval.scoring import score_continuations
-
-MANIFEST_NAME = "manifest.json"
-SHARD_GLOB = "shard-*.bin"
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -82,36 +82,6 @@ def perplexity(model, tokens, *, window: int | None = None, stride: int | None =
 
 # --------------------------------------------------------------------------------------------
 # token shard directories
-
-
-def read_token_shards(directory: str | Path) -> tuple[list[np.ndarray], dict]:
-    """Memory-map the shards of a prepared directory: (arrays in shard order, manifest)."""
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST_NAME
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory of token shards")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{manifest_path}: missing (a shard directory holds {SHARD_GLOB} + "
-                                f"{MANIFEST_NAME}; write one with `polyglu prepare`)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    dtype_name = manifest.get("dtype")
-    if dtype_name not in ("uint16", "uint32", "int32", "int64"):
-        raise ValueError(f"{manifest_path}: 'dtype' must be uint16 or uint32, got {dtype_name!r}")
-    dtype = np.dtype(dtype_name)
-    paths = sorted(directory.glob(SHARD_GLOB))
-    if not paths:
-        raise FileNotFoundError(f"{directory}: no {SHARD_GLOB} files")
-    arrays = []
-    for path in paths:
-        size = path.stat().st_size
-        if size % dtype.itemsize:
-            raise ValueError(f"{path}: {size} bytes is not a multiple of {dtype_name}'s {dtype.itemsize} "
-                             f"(truncated shard?)")
-        arrays.append(np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype))
-    return arrays, manifest
 
 
 def shard_sources(specs: Sequence[str]) -> dict[str, Path]:

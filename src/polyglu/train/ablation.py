@@ -35,8 +35,7 @@ from polyglu.config import (
     ModelConfig,
     RunConfig,
     dataclass_from_dict,
-    load_mapping,
-    set_dotted,
+    load_config,
     to_jsonable,
 )
 
@@ -124,13 +123,7 @@ class AblationConfig:
     def load(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> AblationConfig:
         """Read a YAML/JSON ablation config; `overrides` are dotted `key=value` items
         (e.g. `base.train.max_steps=50`, `ablation.seeds=1`)."""
-        data = load_mapping(path) if path is not None else {}
-        for item in overrides:
-            set_dotted(data, item)
-        try:
-            return dataclass_from_dict(cls, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
