@@ -27,14 +27,6 @@ GEN_DOCS = [{"question": "1 + 1", "answer": "2"}, {"question": "a longer questio
             {"question": "3 * 3", "answer": "9"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> PolychromaticLM:
     torch.manual_seed(0)

@@ -16,14 +16,6 @@ from polyglu.model.transformer import ModelOutput, PolychromaticLM
 TOKENIZER = load_tokenizer("byte")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("text, expected", [
     ("3 + 4 = 7\n#### 7", "7"),
     ("Tom had 1,200 apples.\n#### 1,200", "1200"),

@@ -10,16 +10,6 @@ from polyglu.data.tokenizer import load_tokenizer
 from polyglu.generation import TextStreamer, filter_logits, generate, sample_next
 from polyglu.model.transformer import PolychromaticLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and immune to a loaded machine's OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROMPTS = [[5, 17, 99, 3, 42, 8, 250], [7, 7], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
 

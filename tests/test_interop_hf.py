@@ -24,15 +24,6 @@ from polyglu.interop.transformers import (  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(config, **changes) -> PolychromaticLM:
     """A seeded model whose greedy continuations vary (large init, non-uniform routing)."""
     torch.manual_seed(0)

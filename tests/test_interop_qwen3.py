@@ -21,14 +21,6 @@ from polyglu.interop.qwen3 import (  # noqa: E402
 VOCAB = 101
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _qwen3(tied: bool, **changes) -> Qwen3ForCausalLM:
     """head_dim (16) != hidden/heads (12), GQA 4:2, a non-default theta and eps, random norm weights."""
     torch.manual_seed(1)

@@ -16,14 +16,6 @@ from polyglu.model.transformer import PolychromaticLM
 EOS = 256  # the byte tokenizer's end of text
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> PolychromaticLM:
     torch.manual_seed(0)

@@ -35,7 +35,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from polyglu.interop.hf_config import PolychromaticConfig
 from polyglu.model.cache import KVCache
-from polyglu.model.layers import RMSNorm
 from polyglu.model.polyglu import PolyGLU
 from polyglu.model.transformer import PolychromaticLM
 
@@ -179,19 +178,8 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         """PolychromaticLM.reset_parameters's rules, module by module: transformers calls this for
         modules whose tensors a checkpoint did not provide (its init functions skip loaded tensors)."""
-        std = self.config.init_std
-        if isinstance(module, nn.Linear):
-            residual = any(module is block.attn.o_proj or module is block.ffn.down_proj for block in self.model.layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std / (2 * self.config.n_layers) ** 0.5 if residual else std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, PolyGLU):
-            nn.init.zeros_(module.alpha)
-            nn.init.ones_(module.beta)
+        self.model.init_module(module)
+        if isinstance(module, PolyGLU):
             nn.init.constant_(module.tau, self.config.tau)
 
     # ---- forward

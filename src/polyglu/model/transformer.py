@@ -79,22 +79,26 @@ class PolychromaticLM(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for linear and embedding weights; residual outputs (o_proj, down_proj)
         scaled by 1/sqrt(2 n_layers); routing: alpha 0, beta 1, gate_net biases 0."""
+        for module in self.modules():
+            self.init_module(module)
+
+    def init_module(self, module: nn.Module) -> None:
+        """The initialisation rule for one module (also used by the transformers wrapper)."""
         std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual = name.endswith("o_proj") or name.endswith("down_proj")
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, PolyGLU):
-                nn.init.zeros_(module.alpha)
-                if module.beta is not None:
-                    nn.init.ones_(module.beta)
+        if isinstance(module, nn.Linear):
+            is_residual = any(module is block.attn.o_proj or module is block.ffn.down_proj for block in self.layers)
+            nn.init.normal_(module.weight, mean=0.0,
+                            std=std / math.sqrt(2 * self.config.n_layers) if is_residual else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, PolyGLU):
+            nn.init.zeros_(module.alpha)
+            if module.beta is not None:
+                nn.init.ones_(module.beta)
 
     # ---- routing temperature
 
