@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from polyglu.config import ModelConfig
+from polyglu.model.transformer import PolychromaticLM
 
 # tiny models are dominated by per-op overhead: one thread is faster and keeps runs deterministic
 torch.set_num_threads(1)
@@ -25,3 +26,16 @@ def run_dir(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="module")
+def model() -> PolychromaticLM:
+    """A byte-vocabulary (260) model with non-trivial static routing, for scoring tests."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("debug", vocab_size=260, d_model=32, d_ff=64, n_heads=4, n_kv_heads=2,
+                                     head_dim=8, max_seq_len=48, gate_hidden=8, init_std=0.1)
+    m = PolychromaticLM(config)
+    with torch.no_grad():
+        for layer in m.polyglu_layers():
+            layer.alpha.normal_(0.0, 2.0)
+    return m.eval()

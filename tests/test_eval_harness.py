@@ -11,11 +11,9 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from polyglu.cli import main  # noqa: E402
-from polyglu.config import ModelConfig  # noqa: E402
 from polyglu.data.tokenizer import load_tokenizer  # noqa: E402
 from polyglu.eval.harness import PolygluLM, evaluate  # noqa: E402
 from polyglu.generation import generate  # noqa: E402
-from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 
 TOKENIZER = load_tokenizer("byte")
 MC_DOCS = [
@@ -25,18 +23,6 @@ MC_DOCS = [
 ]
 GEN_DOCS = [{"question": "1 + 1", "answer": "2"}, {"question": "a longer question, with more words", "answer": "x"},
             {"question": "3 * 3", "answer": "9"}]
-
-
-@pytest.fixture(scope="module")
-def model() -> PolychromaticLM:
-    torch.manual_seed(0)
-    config = ModelConfig.from_preset("debug", vocab_size=260, d_model=32, d_ff=64, n_heads=4, n_kv_heads=2,
-                                     head_dim=8, max_seq_len=48, gate_hidden=8, init_std=0.1)
-    m = PolychromaticLM(config)
-    with torch.no_grad():
-        for layer in m.polyglu_layers():
-            layer.alpha.normal_(0.0, 2.0)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from polyglu.cli import main
-from polyglu.config import ModelConfig
 from polyglu.data.tokenizer import load_tokenizer
 from polyglu.eval.perplexity import evaluate_perplexity, perplexity, read_token_shards, sliding_windows
 from polyglu.eval.scoring import score_continuations
-from polyglu.model.transformer import PolychromaticLM
 
 EOS = 256  # the byte tokenizer's end of text
-
-
-@pytest.fixture(scope="module")
-def model() -> PolychromaticLM:
-    torch.manual_seed(0)
-    config = ModelConfig.from_preset("debug", vocab_size=260, d_model=32, d_ff=64, n_heads=4, n_kv_heads=2,
-                                     head_dim=8, max_seq_len=48, gate_hidden=8, init_std=0.1)
-    m = PolychromaticLM(config)
-    with torch.no_grad():
-        for layer in m.polyglu_layers():
-            layer.alpha.normal_(0.0, 2.0)
-    return m.eval()
 
 
 def direct_nll(model, tokens: list[int]) -> tuple[float, int]:
