@@ -17,6 +17,7 @@ from polyglu.cli import main  # noqa: E402
 from polyglu.config import ConfigError  # noqa: E402
 from polyglu.interop.hf_export import byte_level_tokenizer, copy_tokenizer, standalone_sources  # noqa: E402
 from polyglu.interop.transformers import (  # noqa: E402
+    CACHE_KWARG,
     PolychromaticCache,
     PolychromaticConfig,
     PolychromaticForCausalLM,
@@ -88,8 +89,9 @@ def test_generate_uses_cache_and_matches_uncached_loop(tiny_config):
     wrapper = PolychromaticForCausalLM.from_polyglu(model)
     ids = torch.randint(0, tiny_config.vocab_size, (3, 7))
     out = wrapper.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, PolychromaticCache)
-    assert out.past_key_values.get_seq_length() == 7 + 12 - 1
+    cache = getattr(out, CACHE_KWARG)
+    assert isinstance(cache, PolychromaticCache)
+    assert cache.get_seq_length() == 7 + 12 - 1
     assert torch.equal(out.sequences, _greedy(model, ids, 12))
     assert len(set(out.sequences[:, 7:].flatten().tolist())) > 3  # a continuation that discriminates
 
@@ -120,7 +122,7 @@ def test_generate_sequence_pooling_recomputes(tiny_config):
     wrapper = PolychromaticForCausalLM.from_polyglu(model)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
     out = wrapper.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    assert out.past_key_values is None
+    assert getattr(out, CACHE_KWARG) is None
     assert torch.equal(out.sequences, _greedy(model, ids, 6))
 
 
@@ -133,8 +135,48 @@ def test_beam_search_with_cache_matches_without(tiny_config):
 
 def test_foreign_cache_is_refused(tiny_config):
     wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
-    with pytest.raises(TypeError, match="PolychromaticCache"):
-        wrapper(torch.zeros(1, 3, dtype=torch.long), past_key_values=DynamicCache())
+    for name in ("cache", "past_key_values"):
+        with pytest.raises(TypeError, match="PolychromaticCache"):
+            wrapper(torch.zeros(1, 3, dtype=torch.long), **{name: DynamicCache()})
+
+
+def test_forward_takes_the_cache_under_either_name(tiny_config):
+    """transformers >= 5.24 passes `cache=`, earlier versions `past_key_values=`: both continue the cache."""
+    model = _model(tiny_config)
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 6))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            prefix = wrapper(ids[:, :5], use_cache=True)
+            cache = getattr(prefix, CACHE_KWARG)
+            step = wrapper(ids[:, 5:], **{name: cache}).logits[:, -1]
+            assert cache.get_seq_length() == 6
+            assert torch.allclose(step, full, atol=1e-5), name
+
+
+def test_generate_warns_about_nothing(tiny_config):
+    """No FutureWarning or transformers log warning (e.g. "past_key_values is deprecated") per call."""
+    import logging
+    import warnings
+
+    wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = wrapper.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                   pad_token_id=0, return_dict_in_generate=True)
+            getattr(out, CACHE_KWARG)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert [r.getMessage() for r in records] == []
 
 
 def test_bundle_imports_nothing_from_polyglu(tmp_path):

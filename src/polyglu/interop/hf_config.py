@@ -19,7 +19,7 @@ from polyglu.config import ModelConfig
 
 class PolychromaticConfig(PretrainedConfig):
     model_type = "polychromatic"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the name from transformers 5.24, and before
     # standard transformers names -> ModelConfig fields
     attribute_map = {
         "hidden_size": "d_model",

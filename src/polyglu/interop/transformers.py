@@ -14,6 +14,9 @@ that also tracks documents. So `PolychromaticCache` is a thin `Cache` subclass t
 `KVCache` (allocated at the first forward, when the batch size is known) and answers the questions
 `generate` asks (length, beam reordering, batch expansion). `generate` builds it through
 `_prepare_cache_for_generation`; a `DynamicCache` or static cache is refused with an error.
+transformers 5.24 renamed the cache keyword from `past_key_values` to `cache` (in `generate`'s
+model kwargs, `forward` and the output classes): `CACHE_KWARG` is the name the installed version
+uses, and `forward` accepts both, so neither version sees a deprecated name.
 A `sequence`-pooled model (the original, non-causal routing) cannot be decoded with a cache:
 `generate` then recomputes the whole sequence every step (correct, slower).
 
@@ -25,7 +28,7 @@ are ignored: positions follow from the documents.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -38,7 +41,11 @@ from polyglu.model.cache import KVCache
 from polyglu.model.polyglu import PolyGLU
 from polyglu.model.transformer import PolychromaticLM
 
-__all__ = ["PolychromaticCache", "PolychromaticCausalLMOutput", "PolychromaticConfig", "PolychromaticForCausalLM"]
+__all__ = ["CACHE_KWARG", "PolychromaticCache", "PolychromaticCausalLMOutput", "PolychromaticConfig", "PolychromaticForCausalLM"]
+
+# the keyword generate passes the cache under, and the output field holding it: "cache" from
+# transformers 5.24 on, "past_key_values" before (5.24 warns about the old name on every use)
+CACHE_KWARG = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class PolychromaticCache(Cache):
@@ -185,21 +192,27 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- forward
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: PolychromaticCache | None = None, labels: torch.LongTensor | None = None,
+                cache: PolychromaticCache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                return_routing: bool = False, **kwargs) -> PolychromaticCausalLMOutput:
+                return_routing: bool = False, past_key_values: PolychromaticCache | None = None,
+                **kwargs) -> PolychromaticCausalLMOutput:
         """input_ids (B, T); attention_mask (B, S) with S = cached + T, zeros for padding.
 
-        A cache is used when `past_key_values` is a PolychromaticCache (as `generate` passes) or
-        `use_cache=True` (a new one is returned). `logits_to_keep` = n computes logits for the last n
-        positions only (0: all). `labels` (B, T) give the shifted next-token loss, -100 ignored.
+        A cache is used when `cache` (transformers >= 5.24) or `past_key_values` (earlier versions)
+        is a PolychromaticCache, as `generate` passes, or `use_cache=True` (a new one is returned).
+        `logits_to_keep` = n computes logits for the last n positions only (0: all). `labels` (B, T)
+        give the shifted next-token loss, -100 ignored.
         """
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("PolychromaticForCausalLM takes input_ids, not inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, PolychromaticCache):
+        if cache is not None and past_key_values is not None:
+            raise ValueError("PolychromaticForCausalLM got both cache= and past_key_values=; pass one")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, PolychromaticCache):
             raise TypeError(f"PolychromaticForCausalLM needs a PolychromaticCache (it also keeps the routing "
-                            f"pool sums), got {type(past_key_values).__name__}")
-        cache = past_key_values if past_key_values is not None else (PolychromaticCache() if use_cache else None)
+                            f"pool sums), got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = PolychromaticCache()
         kv = cache.bind(self.model, input_ids.shape[0]) if cache is not None else None
         doc_ids = padding_documents(attention_mask, input_ids.shape[1], cached=kv is not None)
         out = self.model(input_ids, doc_ids, cache=kv, return_routing=return_routing, compute_logits=False)
@@ -212,14 +225,14 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return PolychromaticCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, routing=out.routing)
+        return PolychromaticCausalLMOutput(loss=loss, logits=logits, routing=out.routing, **{CACHE_KWARG: cache})
 
     # ---- generation
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """Give `generate` a PolychromaticCache sized to its max length (signature of transformers 5.x:
         generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)."""
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_KWARG)
         if cache is not None:
             if not isinstance(cache, PolychromaticCache):
                 raise TypeError(f"PolychromaticForCausalLM.generate needs a PolychromaticCache, got "
@@ -235,7 +248,7 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
             generation_config.use_cache = False
             return
         max_cache_length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
-        model_kwargs["past_key_values"] = PolychromaticCache(max_len=max_cache_length)
+        model_kwargs[CACHE_KWARG] = PolychromaticCache(max_len=max_cache_length)
 
 
 def register() -> None:
