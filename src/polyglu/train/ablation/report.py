@@ -73,7 +73,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], reference: str = "swiglu") ->
 def report_ablation(config: AblationConfig, log: Callable[..., Any] = print) -> dict[str, Any]:
     """Aggregate the finished runs into output_dir/results.json, results.md and loss_curves.png
     (results-matched.json, ... with `matched_params`)."""
-    from polyglu.checkpoint import atomic_write_text
+    from polyglu.atomic import atomic_write_text
 
     a = config.ablation
     results = collect_results(config)

@@ -56,7 +56,7 @@ def _check_spec(run_dir: Path, spec: dict[str, Any]) -> None:
                               f"see {path}): use another ablation.output_dir or delete the directory")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    from polyglu.checkpoint import atomic_write_text
+    from polyglu.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
 
@@ -74,7 +74,8 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
     """Train (or resume, or read back) one variant × seed and score it; returns its results."""
     import torch
 
-    from polyglu.checkpoint import atomic_write_text, load_model
+    from polyglu.atomic import atomic_write_text
+    from polyglu.checkpoint import load_model
     from polyglu.model.stats import parameter_counts
     from polyglu.train import checkpointing as ckpt
     from polyglu.train.setup import build_run
