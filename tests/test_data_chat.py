@@ -8,8 +8,9 @@ import torch
 from polyglu.config import ConfigError
 from polyglu.data.chat import SFTDataset, chat_segments, encode_chat, render_chatml
 from polyglu.data.sources import DataError, HFSource
+from polyglu.data.special_tokens import IM_END
 from polyglu.data.synthetic import chat_messages, generate_problems, pretraining_text
-from polyglu.data.tokenizer import IM_END, ByteTokenizer, load_tokenizer, train_bpe_tokenizer
+from polyglu.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe_tokenizer
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
                 {"role": "assistant", "content": "2 + 3 = 5\n#### 5"}, {"role": "user", "content": "And 4 * 2?"},

@@ -6,13 +6,9 @@ import pytest
 
 from polyglu.cli import main
 from polyglu.data.sources import DataError
+from polyglu.data.special_tokens import EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS
 from polyglu.data.synthetic import generate_problems, pretraining_text
 from polyglu.data.tokenizer import (
-    EOS_TOKEN,
-    IM_END,
-    IM_START,
-    PAD_TOKEN,
-    SPECIAL_TOKENS,
     ByteTokenizer,
     TokenizerError,
     load_tokenizer,

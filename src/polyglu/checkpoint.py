@@ -7,13 +7,12 @@ section is validated strictly (unknown keys are errors); other top-level keys ar
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from polyglu.atomic import atomic_write_bytes, atomic_write_text
 from polyglu.config import ConfigError, ModelConfig
 
 CONFIG_NAME = "config.json"
@@ -23,41 +22,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A model directory or checkpoint file is missing, unreadable or does not match its config."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def fsync_dir(path: str | Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from polyglu.commands.generate import chat_stop_ids, load_model_and_tokenizer
     from polyglu.data.chat import render_chatml
-    from polyglu.data.tokenizer import EOS_TOKEN, IM_END
+    from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.generation import TextStreamer, generate
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)

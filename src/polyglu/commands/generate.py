@@ -81,7 +81,7 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer=None, *, device: s
 
 def chat_stop_ids(tokenizer) -> list[int]:
     """EOS and <|im_end|> (when the tokenizer has it): the tokens that end an assistant turn."""
-    from polyglu.data.tokenizer import IM_END
+    from polyglu.data.special_tokens import IM_END
 
     ids = [tokenizer.eos_id]
     im_end = tokenizer.token_id(IM_END)
@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from polyglu.cli import CommandError
     from polyglu.data.chat import render_chatml
-    from polyglu.data.tokenizer import EOS_TOKEN, IM_END
+    from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.generation import TextStreamer, generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polyglu.checkpoint import atomic_write_bytes, atomic_write_text
+from polyglu.atomic import atomic_write_bytes, atomic_write_text
 from polyglu.data.shards import (
     FORMAT,
     FORMAT_VERSION,

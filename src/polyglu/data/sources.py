@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyglu.data.tokenizer import EOS_TOKEN
+from polyglu.data.special_tokens import EOS_TOKEN
 
 TEXT_SUFFIXES = (".txt", ".md")
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")

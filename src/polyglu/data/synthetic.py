@@ -534,7 +534,7 @@ def chat_messages(problem: dict) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    from polyglu.checkpoint import atomic_write_text
+    from polyglu.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

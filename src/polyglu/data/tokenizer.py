@@ -25,12 +25,8 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-# ChatML / document markers shared by every tokenizer polyglu trains or ships
-EOS_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-PAD_TOKEN = "<|pad|>"
-SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END, PAD_TOKEN)
+from polyglu.data.sources import iter_documents, parse_sources
+from polyglu.data.special_tokens import EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
@@ -245,8 +241,6 @@ def train_bpe_tokenizer(files: Iterable[str | os.PathLike] | str | os.PathLike, 
     it to `out_dir` as a `PreTrainedTokenizerFast` (loadable by `AutoTokenizer.from_pretrained` and
     `load_tokenizer`), with `<|endoftext|>` as EOS and `<|pad|>` as padding."""
     from transformers import PreTrainedTokenizerFast
-
-    from polyglu.data.sources import iter_documents, parse_sources
 
     if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
         raise TokenizerError(f"vocab_size must be an integer >= {MIN_BPE_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} "

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from polyglu.data.chat import render_chatml
-from polyglu.data.tokenizer import EOS_TOKEN, IM_END
+from polyglu.data.special_tokens import EOS_TOKEN, IM_END
 
 _NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _FINAL = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")

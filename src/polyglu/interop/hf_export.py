@@ -232,7 +232,8 @@ def byte_level_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from polyglu.data.tokenizer import EOS_TOKEN, PAD_TOKEN, ByteTokenizer
+    from polyglu.data.special_tokens import EOS_TOKEN, PAD_TOKEN
+    from polyglu.data.tokenizer import ByteTokenizer
 
     byte_tok = ByteTokenizer()
     # ByteLevel maps each byte to a printable character; a vocabulary of those 256 characters with

@@ -38,15 +38,8 @@ from typing import Any
 
 import torch
 
-from polyglu.checkpoint import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    WEIGHTS_NAME,
-    atomic_write_bytes,
-    atomic_write_text,
-    fsync_dir,
-    save_model,
-)
+from polyglu.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
+from polyglu.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, save_model
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DCP_DIR = "dcp"
