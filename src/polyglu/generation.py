@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from polyglu.documents import doc_ids_with_padding
+
 # called once per decoding step with (tokens (B,), emitted (B,) bool): the token chosen for each
 # original row, and which rows actually produced one this step (rows already stopped did not)
 StreamCallback = Callable[[torch.Tensor, torch.Tensor], None]
@@ -103,16 +105,16 @@ def _prompt_list(input_ids, attention_mask) -> list[list[int]]:
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(ids (B, P), doc_ids (B, P) or None): left padding as document 0, the prompt as document 1.
-    doc_ids is None when no row needs padding (plain causal attention, the fast path)."""
+    """(ids (B, P), doc_ids (B, P) or None): left padding is a document of its own (PADDING_DOCUMENT),
+    the prompt document 0. doc_ids is None when no row needs padding (plain causal attention)."""
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    doc_ids = torch.ones(len(prompts), P, dtype=torch.long)
+    is_token = torch.zeros(len(prompts), P, dtype=torch.bool)
     for b, p in enumerate(prompts):
         ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        doc_ids[b, :P - len(p)] = 0
-    padded = any(len(p) < P for p in prompts)
-    return ids.to(device), (doc_ids.to(device) if padded else None)
+        is_token[b, P - len(p):] = True
+    padded = not bool(is_token.all())
+    return ids.to(device), (doc_ids_with_padding(is_token).to(device) if padded else None)
 
 
 def _token_set(eos_token_id, model, tokenizer) -> list[int]:
