@@ -7,7 +7,14 @@ import torch
 from polyglu.cli import main
 from polyglu.config import ModelConfig
 from polyglu.data.tokenizer import load_tokenizer
-from polyglu.generation import TextStreamer, filter_logits, generate, sample_next
+from polyglu.generation import (
+    IncrementalDecoder,
+    StopStringMatcher,
+    TextStreamer,
+    filter_logits,
+    generate,
+    sample_next,
+)
 from polyglu.model.transformer import PolychromaticLM
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 250], [7, 7], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -120,6 +127,26 @@ def test_filter_logits_top_k_and_top_p():
     assert draws == {0, 1}
 
 
+def test_top_k_keeps_exactly_k_tokens_when_tied():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    kept = ~torch.isinf(filter_logits(logits, top_k=2))
+    assert int(kept.sum()) == 2 and bool(kept[0, 0])
+    generator = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_k=2, generator=generator)) for _ in range(100)}
+    assert len(draws) == 2
+
+
+def test_top_p_near_zero_is_greedy_and_out_of_range_is_an_error():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    assert (~torch.isinf(filter_logits(logits, top_p=0.0))).tolist() == [[False, True, False]]
+    assert int(sample_next(logits, 1.0, top_p=1e-9)) == 1
+    model = make_model()
+    for kwargs, name in [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.1}, "temperature"),
+                         ({"top_k": -1}, "top_k"), ({"temperature": float("nan")}, "temperature")]:
+        with pytest.raises(ValueError, match=name):
+            generate(model, PROMPTS, 3, **{"temperature": 1.0, **kwargs})
+
+
 def test_stops_on_eos_and_pads_after():
     model = make_model()
     free = generate(model, PROMPTS, 10, eos_token_id=[])
@@ -148,6 +175,59 @@ def test_stop_strings_cut_the_text():
     assert out.finished[0] and int(out.lengths[0]) <= 10
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, [prompt], 5, stop_strings=["x"])
+
+
+def scripted_model(script: list[int]) -> PolychromaticLM:
+    """A model whose greedy next token depends on the current token only: script[i] -> script[i+1]
+    (cyclically). Every block adds zero to the residual stream, so the head sees the token's own
+    embedding; the head's row for script[i+1] is that embedding. `script` holds distinct ids."""
+    model = make_model(seed=0, tie_embeddings=False)
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.o_proj.weight.zero_()
+            block.ffn.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        embed = model.embed_tokens.weight
+        for current, following in zip(script, script[1:] + script[:1]):
+            model.lm_head.weight[following] = 10 * embed[current] / embed[current].norm()
+    return model
+
+
+def _distinct_byte_text(n_chars: int, width: int) -> str:
+    """n_chars characters of `width` UTF-8 bytes, no byte used twice (so a scripted model can spell them)."""
+    lead = 0xE4 if width == 3 else 0xF1  # leads whose continuation bytes may be any of 0x80..0xBF
+    continuation = iter(range(0x80, 0xC0))
+    return "".join(bytes([lead + i] + [next(continuation) for _ in range(width - 1)]).decode()
+                   for i in range(n_chars))
+
+
+@pytest.mark.parametrize("width, n_chars", [(3, 5), (4, 3)])
+def test_stop_string_of_many_byte_tokens_is_found(width, n_chars):
+    """CJK / emoji-like characters as byte tokens: the stop string spans more tokens than characters."""
+    tokenizer = load_tokenizer("byte")
+    stop = _distinct_byte_text(n_chars, width)
+    script = tokenizer.encode("Q:") + tokenizer.encode(stop) + tokenizer.encode("!x")
+    model = scripted_model(script)
+    prompt = script[:2]
+    free = generate(model, [prompt], 30, eos_token_id=[], tokenizer=tokenizer)
+    assert free.tokens[0, :len(script) - 2].tolist() == script[2:]  # the model spells the script
+    out = generate(model, [prompt], 30, eos_token_id=[], tokenizer=tokenizer, stop_strings=[stop])
+    assert bool(out.finished[0]) and int(out.lengths[0]) == len(tokenizer.encode(stop))
+    assert out.texts[0] == ""
+
+
+def test_stop_string_matcher_equals_a_search_of_the_whole_text():
+    tokenizer = load_tokenizer("byte")
+    text = "ab 你好，世界 😀 end你好"
+    ids = tokenizer.encode(text)
+    decoder = IncrementalDecoder(tokenizer)
+    assert "".join(decoder.push(t) for t in ids) == text
+    for stop in ["你好，世界", "😀 e", "d你", "b", "nothing"]:
+        matcher = StopStringMatcher(tokenizer, [stop])
+        found = [matcher.push(t) for t in ids]
+        expected = [stop in tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
+        # the first step on which the matcher fires is the first on which the whole text contains it
+        assert (found.index(True) if any(found) else None) == (expected.index(True) if any(expected) else None), stop
 
 
 def test_prompt_too_long_is_a_clear_error():

@@ -60,6 +60,48 @@ def test_packed_documents_do_not_see_each_other(tiny_config, pool):
     torch.testing.assert_close(packed[:, 7:], _forward(model, second), atol=1e-5, rtol=1e-5)
 
 
+RETURNING_ID = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0]])  # the third document reuses the first one's id
+
+
+@pytest.mark.parametrize("pool", ["causal", "token", "sequence"])
+def test_a_returning_document_id_starts_a_new_document(tiny_config, pool):
+    """A document is a run of equal ids: the third run never sees the first, though its id is the same."""
+    model = _model(tiny_config, routing_pool=pool).eval()
+    ids = torch.randint(0, 97, (1, 9))
+    packed = _forward(model, ids, RETURNING_ID)
+    for start in (0, 3, 6):
+        alone = _forward(model, ids[:, start:start + 3])
+        torch.testing.assert_close(packed[:, start:start + 3], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_pool_mean_stays_inside_a_run():
+    from polyglu.model.polyglu import PolyGLU
+
+    ffn = PolyGLU(16, 24, gate_hidden=8, routing_pool="sequence").eval()
+    x = torch.randn(1, 9, 16)
+    packed = ffn.dynamic_logits(x, doc_ids=RETURNING_ID)  # (1, 9, K)
+    third = ffn.dynamic_logits(x[:, 6:])  # (1, 1, K): the third document alone
+    torch.testing.assert_close(packed[:, 6:], third.expand(1, 3, -1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", [[9], [3, 3, 3], [4, 5], [2, 5, 2], [1] * 9])
+def test_cached_chunks_treat_a_returning_id_as_a_new_document(tiny_config, chunks):
+    model = _model(tiny_config).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    full = _forward(model, ids, RETURNING_ID.expand(2, 9))
+    cache = model.new_cache(2, 16)
+    outs, start = [], 0
+    for n in chunks:
+        outs.append(model(ids[:, start:start + n], RETURNING_ID.expand(2, 9)[:, start:start + n], cache=cache).logits)
+        start += n
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    # a token without doc_ids continues the last (third) document, which never saw the first
+    nxt = torch.randint(0, 97, (2, 1))
+    step = model(nxt, cache=cache).logits
+    alone = _forward(model, torch.cat([ids[:, 6:], nxt], 1))[:, -1:]
+    torch.testing.assert_close(step, alone, atol=1e-5, rtol=1e-5)
+
+
 def test_eval_forward_is_deterministic(tiny_config):
     model = _model(tiny_config).eval()
     ids = torch.randint(0, 97, (2, 16))

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from polyglu.documents import doc_ids_with_padding
+
 # called once per decoding step with (tokens (B,), emitted (B,) bool): the token chosen for each
 # original row, and which rows actually produced one this step (rows already stopped did not)
 StreamCallback = Callable[[torch.Tensor, torch.Tensor], None]
@@ -50,18 +52,35 @@ class GenerationOutput:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p. logits: (B, V)."""
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p. logits: (B, V).
+
+    top_k keeps exactly k tokens (ties with the k-th are broken by index); 0 or None: no limit.
+    top_p keeps the smallest set of most likely tokens whose mass reaches top_p, and always the
+    most likely one (top_p near 0 is greedy).
+    """
     if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise a ValueError naming the first sampling argument outside its range."""
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filter), got {top_p}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -103,16 +122,16 @@ def _prompt_list(input_ids, attention_mask) -> list[list[int]]:
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(ids (B, P), doc_ids (B, P) or None): left padding as document 0, the prompt as document 1.
-    doc_ids is None when no row needs padding (plain causal attention, the fast path)."""
+    """(ids (B, P), doc_ids (B, P) or None): left padding is a document of its own (PADDING_DOCUMENT),
+    the prompt document 0. doc_ids is None when no row needs padding (plain causal attention)."""
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    doc_ids = torch.ones(len(prompts), P, dtype=torch.long)
+    is_token = torch.zeros(len(prompts), P, dtype=torch.bool)
     for b, p in enumerate(prompts):
         ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        doc_ids[b, :P - len(p)] = 0
-    padded = any(len(p) < P for p in prompts)
-    return ids.to(device), (doc_ids.to(device) if padded else None)
+        is_token[b, P - len(p):] = True
+    padded = not bool(is_token.all())
+    return ids.to(device), (doc_ids_with_padding(is_token).to(device) if padded else None)
 
 
 def _token_set(eos_token_id, model, tokenizer) -> list[int]:
@@ -143,12 +162,15 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
     input_ids: a (B, T) tensor (all rows real tokens, or with `attention_mask` (B, T), 1 on real
         tokens, any padding side), a (T,) tensor, a list of ints, or a list of lists of ints of
         different lengths (batched, left-padded internally).
-    temperature: 0 is greedy (argmax); otherwise sampling with optional `top_k` / `top_p`, from
-        `generator`, or a fresh one seeded with `seed` (reproducible), or torch's global RNG.
+    temperature: 0 is greedy (argmax); otherwise (> 0) sampling with optional `top_k` (>= 0, exactly
+        k tokens kept) / `top_p` (in (0, 1]), from `generator`, or a fresh one seeded with `seed`
+        (reproducible), or torch's global RNG. Out-of-range values are a ValueError.
     eos_token_id: id or ids that stop a row (kept as its last token). None: the model config's
         eos_token_id, else the tokenizer's eos_id; [] disables.
     stop_strings: stop a row once its decoded continuation contains one (needs `tokenizer`); the
-        token completing it is kept in `tokens`, `texts` are cut before it.
+        token completing it is kept in `tokens`, `texts` are cut before it. Decoded incrementally
+        (`StopStringMatcher`): a stop string of any number of tokens is found, at a per-step cost
+        independent of the continuation's length.
     stream: called after each step with (tokens (B,), emitted (B,) bool); see `TextStreamer`.
     compact: drop stopped rows from the batch once they are at least half of it (less compute;
         results agree to float tolerance).
@@ -173,6 +195,7 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
                          f"{max(context - max_new_tokens, 0)} tokens) or lower max_new_tokens")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated tokens")
+    check_sampling(temperature, top_k, top_p)
     vocab = model.config.vocab_size
     for b, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= t < vocab]
@@ -189,7 +212,7 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
     if temperature > 0 and generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stop_strings = [s for s in (stop_strings or []) if s]
-    stop_window = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded per check
+    stop_matchers = [StopStringMatcher(tokenizer, stop_strings) for _ in range(B)] if stop_strings else None
     eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
@@ -220,11 +243,10 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
                     logits_out[live_rows, t] = logits.float().cpu()[live]
                 for r, token in zip(live_rows.tolist(), next_cpu[live].tolist()):
                     generated[r].append(token)
-                if stop_strings:
+                if stop_matchers is not None:
                     for i in live.nonzero().flatten().tolist():
                         r = int(rows[i])
-                        tail = tokenizer.decode(generated[r][-stop_window:])
-                        stops[i] |= any(s in tail for s in stop_strings)
+                        stops[i] |= stop_matchers[r].push(generated[r][-1])
                 finished[live_rows] |= stops[live]
                 if stream is not None:
                     emitted = torch.zeros(B, dtype=torch.bool)
@@ -313,7 +335,62 @@ class _RecomputeStepper:
 
 
 # --------------------------------------------------------------------------------------------
-# streaming text
+# text: incremental decoding, stop strings, streaming
+
+# tokens held back while they end in an incomplete UTF-8 character, before giving up and taking
+# the replacement character as text (a model can emit invalid bytes forever)
+_MAX_HELD_TOKENS = 16
+
+
+class IncrementalDecoder:
+    """One row's text, decoded as its tokens arrive at a cost independent of the row's length.
+
+    Each push decodes only a short window: the text of ids[prefix:] minus that of ids[prefix:read],
+    where ids[prefix:read] are the tokens of the previous step, kept as context so that tokenizers
+    whose pieces depend on a neighbour (a leading space) decode as in the whole sequence. While the
+    window ends in an incomplete UTF-8 character (U+FFFD), its text is held back.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read]: context; ids[read:]: not yet committed
+        self.held = ""  # decoded text of the held-back tokens (ending in U+FFFD)
+
+    def push(self, token: int) -> str:
+        """Add one token; return the newly committed text (empty while a character is incomplete)."""
+        self.ids.append(int(token))
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        new = after[len(before):]
+        if new.endswith("\ufffd") and len(self.ids) - self.read < _MAX_HELD_TOKENS:
+            self.held = new
+            return ""
+        self.prefix, self.read, self.held = self.read, len(self.ids), ""
+        return new
+
+
+class StopStringMatcher:
+    """Whether one row's continuation contains a stop string yet, fed one token at a time.
+
+    Only the newly decoded text and the last (longest stop string - 1) characters before it are
+    searched: a stop string made of any number of tokens (CJK or emoji as byte tokens) is found
+    on the token that completes it, exactly when decoding the whole continuation would find it.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.keep = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.tail = ""  # the last `keep` characters of the committed text
+
+    def push(self, token: int) -> bool:
+        text = self.tail + self.decoder.push(token)
+        self.tail = text[-self.keep:] if self.keep else ""
+        # as in decoding the whole continuation now: the held-back text counts, U+FFFD included
+        text += self.decoder.held
+        return any(s in text for s in self.stop_strings)
+
 
 
 class TextStreamer:

@@ -1,8 +1,8 @@
 """Decoding state, allocated by the caller: keys/values per layer and the causal-pool running sums.
 
 Rows of a batch may hold several documents (left padding is a document of its own): the cache keeps
-each slot's document id so attention and routing never cross documents, and positions restart per
-document exactly as in an uncached forward.
+each slot's document (segment id) so attention and routing never cross documents, and positions
+restart per document exactly as in an uncached forward, whatever the chunking.
 """
 
 from __future__ import annotations
@@ -10,11 +10,19 @@ from __future__ import annotations
 import torch
 
 from polyglu.config import ModelConfig
-from polyglu.model.layers import document_positions
+from polyglu.documents import document_positions, segment_causal_mask, segment_ids
 from polyglu.model.polyglu import PoolState
 
 
 class KVCache:
+    """Keys/values per layer (B, Hkv, max_len, hd), preallocated, plus per slot the document (a
+    segment id, non-decreasing along the row) and the rotary position of the token written there.
+
+    A chunk's doc_ids follow the contract of `polyglu.documents`: runs of equal ids are documents.
+    Its first run continues the row's last cached document when its id equals that document's id
+    (the id the caller gave), and starts a new document otherwise; every later run is a new document.
+    """
+
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         max_len = max_len or config.max_seq_len
@@ -24,39 +32,53 @@ class KVCache:
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.doc_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.segments = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.last_doc_id = torch.zeros(batch_size, dtype=torch.long, device=device)  # the caller's id
         self.pool = [PoolState(torch.zeros(batch_size, config.gate_hidden, device=device))
                      for _ in range(config.n_layers)]
         self.length = 0
-        # while every token belongs to one document per row, attention needs no explicit mask
+        # while every row holds one document, attention needs no explicit mask
         self.single_document = True
 
+    @property
+    def device(self) -> torch.device:
+        return self.segments.device
+
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        """(B, max_len) segment ids; the old name, kept for callers that read it."""
+        return self.segments
+
     def prepare(self, T: int, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Register a chunk of T new tokens: returns (doc_ids, positions), both (B, T)."""
+        """Register a chunk of T new tokens: returns (segment ids, positions), both (B, T).
+
+        doc_ids None: the chunk continues each row's last document."""
         L = self.length
         if L + T > self.max_len:
             raise ValueError(f"KV cache overflow: {L} cached + {T} new tokens > capacity {self.max_len}")
-        device = self.doc_ids.device
+        device = self.segments.device
+        offsets = torch.arange(T, device=device)
         if doc_ids is None:
-            last_doc = self.doc_ids[:, L - 1:L] if L else torch.zeros(self.batch_size, 1, dtype=torch.long,
-                                                                       device=device)
-            doc_ids = last_doc.expand(self.batch_size, T)
+            if L:
+                segments = self.segments[:, L - 1:L].expand(self.batch_size, T)
+                positions = self.positions[:, L - 1:L] + 1 + offsets
+            else:
+                segments = torch.zeros(self.batch_size, T, dtype=torch.long, device=device)
+                positions = offsets.expand(self.batch_size, T)
         else:
             doc_ids = doc_ids.to(device=device, dtype=torch.long)
+            segments, positions = segment_ids(doc_ids), document_positions(doc_ids)
             if L:
-                self.single_document &= bool((doc_ids == self.doc_ids[:, :1]).all())
-            else:
-                self.single_document = bool((doc_ids == doc_ids[:, :1]).all())
-        positions = document_positions(doc_ids)
-        if L:
-            # the chunk's first document continues the last cached one when the ids agree
-            continues = doc_ids[:, :1] == self.doc_ids[:, L - 1:L]  # (B, 1)
-            in_first_run = positions == torch.arange(T, device=device)
-            positions = positions + (self.positions[:, L - 1:L] + 1) * (continues & in_first_run)
-        self.doc_ids[:, L:L + T] = doc_ids
+                continues = (doc_ids[:, :1] == self.last_doc_id[:, None])  # (B, 1)
+                in_first = segments == 0
+                positions = positions + (self.positions[:, L - 1:L] + 1) * (continues & in_first)
+                segments = segments + self.segments[:, L - 1:L] + (~continues).long()
+            self.last_doc_id = doc_ids[:, -1].clone()
+            self.single_document = bool((segments[:, -1] == 0).all())
+        self.segments[:, L:L + T] = segments
         self.positions[:, L:L + T] = positions
-        return doc_ids, positions
+        return segments, positions
 
     def attention_mask(self, T: int) -> torch.Tensor | None:
         """Boolean (B, 1, T, L+T) mask for the chunk just prepared; None when plain causal suffices."""
@@ -64,12 +86,8 @@ class KVCache:
         if self.single_document and (T == 1 or L == 0):
             return None  # one token sees every cached slot; a first chunk is plain causal
         S = L + T
-        q_slot = torch.arange(L, S, device=self.doc_ids.device)
-        k_slot = torch.arange(S, device=self.doc_ids.device)
-        mask = (k_slot[None, :] <= q_slot[:, None])[None]  # (1, T, S)
-        if not self.single_document:
-            mask = mask & (self.doc_ids[:, None, :S] == self.doc_ids[:, L:S, None])
-        return mask[:, None]
+        return segment_causal_mask(self.segments[:, L:S], self.segments[:, :S],
+                                   torch.arange(L, S, device=self.segments.device))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, hd) at the current offset; return the filled prefix incl. them."""
@@ -85,7 +103,8 @@ class KVCache:
         """Keep rows `index` (beam search / dropping finished rows)."""
         self.keys = [k[index] for k in self.keys]
         self.values = [v[index] for v in self.values]
-        self.doc_ids, self.positions = self.doc_ids[index], self.positions[index]
+        self.segments, self.positions = self.segments[index], self.positions[index]
+        self.last_doc_id = self.last_doc_id[index]
         for state in self.pool:
             state.total = state.total[index]
         self.batch_size = int(index.numel())

@@ -1,9 +1,11 @@
-"""Small building blocks: RMSNorm, rotary position tables, document-aware positions."""
+"""Small building blocks: RMSNorm and rotary position tables."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from polyglu.documents import document_positions  # noqa: F401  (re-exported: its old home)
 
 
 class RMSNorm(nn.Module):
@@ -38,16 +40,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
-
-
-def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Position of each token inside its document: (B, T) ints restarting at 0 at each new doc id.
-
-    A document is a maximal run of equal ids along the row (packed sequences).
-    """
-    _, T = doc_ids.shape
-    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
-    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - start

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyglu.config import ACTIVATION_NAMES, MIXED_IMPLS, ROUTING_MODES, ROUTING_POOLS, ConfigError
+from polyglu.documents import segment_ids
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +266,8 @@ def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state:
 
 def _document_mean(proj: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """Mean over all tokens of each token's document (non-causal): (B, T, H)."""
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    segments = segment_ids(doc_ids)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
     weights = same.float() / same.sum(-1, keepdim=True)
     return torch.bmm(weights, proj.float()).to(proj.dtype)
 

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from polyglu.config import ModelConfig
+from polyglu.documents import document_causal_mask, document_positions
 from polyglu.model.attention import Attention
 from polyglu.model.cache import KVCache
-from polyglu.model.layers import RMSNorm, document_positions, rotary_tables
+from polyglu.model.layers import RMSNorm, rotary_tables
 from polyglu.model.polyglu import GLU, PolyGLU
 
 
@@ -119,17 +120,16 @@ class PolychromaticLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, return_routing: bool = False, compute_logits: bool = True,
                 return_hidden: bool = False) -> ModelOutput:
-        """input_ids: (B, T). doc_ids (B, T): packed documents (block-diagonal causal attention,
-        rotary positions and causal routing restart per document). With `cache`, the tokens continue
-        the cached ones. `compute_logits=False` skips the head (for a chunked loss on hidden states)."""
+        """input_ids: (B, T). doc_ids (B, T): packed documents, each a run of equal ids (see
+        polyglu.documents): block-diagonal causal attention, rotary positions and routing pools
+        restart per document. With `cache`, the tokens continue the cached ones.
+        `compute_logits=False` skips the head (for a chunked loss on hidden states)."""
         B, T = input_ids.shape
         if cache is not None:
             doc_ids, positions = cache.prepare(T, doc_ids)
             mask = cache.attention_mask(T)
         elif doc_ids is not None:
-            positions = document_positions(doc_ids)
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-            mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril())[:, None]
+            positions, mask = document_positions(doc_ids), document_causal_mask(doc_ids)
         else:
             positions, mask = None, None
         rope_cos, rope_sin = self.rope_tables(input_ids.device)
