@@ -61,6 +61,34 @@ def test_schedules():
     assert tau_at(70, 2.0, 0.1, 101, "constant") == 2.0
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("warmup,total", [(2, 6), (3, 10), (0, 5), (1, 2), (10, 1000)])
+def test_lr_schedule_reaches_peak_once_and_ends_at_min(kind, warmup, total):
+    peak, ratio = 3e-3, 0.1
+    lrs = [lr_at(step, peak, warmup, total, ratio, kind) for step in range(total)]  # steps 0..total-1
+    assert sum(lr == pytest.approx(peak, rel=1e-12) for lr in lrs) == 1  # the peak exactly once
+    top = lrs.index(max(lrs))
+    assert top == max(warmup - 1, 0)  # the last warm-up step (step 0 with no warm-up)
+    assert all(a < b for a, b in zip(lrs[:top], lrs[1:top + 1]))  # strictly up, then strictly down
+    assert all(a > b for a, b in zip(lrs[top:], lrs[top + 1:]))
+    assert lrs[-1] == pytest.approx(ratio * peak, rel=1e-12)  # the last step trains at min_lr
+    assert lr_at(total + 5, peak, warmup, total, ratio, kind) == pytest.approx(ratio * peak)
+
+
+def test_lr_schedule_constant_and_warmup_longer_than_run():
+    assert [lr_at(s, 1.0, 2, 5, 0.1, "constant") for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    # a warm-up longer than the run never finishes warming up (no decay to apply)
+    assert [lr_at(s, 1.0, 8, 4, 0.1) for s in range(4)] == pytest.approx([1 / 8, 2 / 8, 3 / 8, 4 / 8])
+
+
+def test_trainer_logs_the_schedule_peak_once_and_min_lr_last(tmp_path):
+    config = _config(tmp_path / "run", max_steps=6, warmup_steps=2, checkpoint_every=100, eval_every=100)
+    _trainer(config).fit()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert lrs.count(max(lrs)) == 1 and max(lrs) == pytest.approx(3e-3)
+    assert lrs[-1] == pytest.approx(3e-3 * config.train.min_lr_ratio)
+
+
 def test_weight_decay_groups_list_every_parameter(tiny_config):
     model = PolychromaticLM(tiny_config)
     decay, no_decay = parameter_groups(model, 0.1)
