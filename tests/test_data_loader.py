@@ -134,11 +134,30 @@ def test_validation_split(data):
     # a has none: its last 1% (at least seq_len + 1 tokens) is held out, and training stops before it
     train = PackedLoader(data["a"], seq_len=16, batch_size=32, split="train")
     held = PackedLoader(data["a"], seq_len=16, batch_size=32, split="validation")
-    n = len(train.sources["a"].shards)
+    shards = train.sources["a"].shards
+    n = len(shards)
     boundary = held.sources["a"].lo
-    assert boundary == n - max(math.ceil(0.01 * n), 17) == train.sources["a"].hi
+    # at least the nominal tail is held out, moved back to the start of the document it would cut
+    assert boundary <= n - max(math.ceil(0.01 * n), 17) and boundary == train.sources["a"].hi
+    assert shards.read(boundary - 1, 1)[0] == EOS
     assert all(start + 17 <= boundary for step in range(5) for _, start in train.windows(step))
     assert all(start >= boundary for _, start in held.windows(0))
+
+
+def test_held_out_tail_starts_at_a_document_boundary(tmp_path):
+    # documents of 40 tokens (39 letters + EOS); the nominal tail of 17 tokens cuts the last one
+    docs = [chr(ord("a") + i % 26) * 39 for i in range(10)]
+    directory = _prepared(tmp_path, "long", docs, shard_tokens=1000)
+    train = PackedLoader(directory, seq_len=16, batch_size=64, split="train")
+    held = PackedLoader(directory, seq_len=16, batch_size=64, split="validation")
+    assert (train.sources["long"].hi, held.sources["long"].lo, held.sources["long"].hi) == (360, 360, 400)
+    train_letters = {t for step in range(20) for t in train.get_batch(step)["input_ids"].unique().tolist()}
+    held_letters = {t for t in held.get_batch(0)["input_ids"].unique().tolist()}
+    assert held_letters == {ord(docs[-1][0])} and ord(docs[-1][0]) not in train_letters - {EOS}
+    # one document longer than the tail: nothing before it to train on
+    single = _prepared(tmp_path, "single", ["x" * 300], shard_tokens=1000)
+    with pytest.raises(DataError, match="held-out tail .* one document"):
+        PackedLoader(single, seq_len=16, batch_size=1, split="train")
 
 
 def test_loader_errors(data, tmp_path):

@@ -17,8 +17,9 @@ global batch (W ranks with batch B see the same data as one rank with batch W*B)
 
 Held-out split: `split="validation"` reads `DIR/validation/` when that directory was prepared
 (`prepare(..., validation=...)`, `prepare --builtin math`); otherwise the last
-`validation_fraction` of each source's tokens (at least seq_len + 1) is held out and the training
-split stops before it.
+`validation_fraction` of each source's tokens (at least seq_len + 1), widened back to the start of
+the document it would cut, is held out and the training split stops before it: no document is
+split between the two.
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ class TokenShards:
         import hashlib
 
         return hashlib.sha256("".join(e["sha256"] for e in self.manifest["shards"]).encode()).hexdigest()[:16]
+
+    def document_start(self, position: int, block: int = 1 << 16) -> int:
+        """The start of the document holding token `position`: the offset after the last EOS
+        before it, or 0."""
+        end = position
+        while end > 0:
+            start = max(0, end - block)
+            hits = np.flatnonzero(self.read(start, end - start) == self.eos_id)
+            if hits.size:
+                return start + int(hits[-1]) + 1
+            end = start
+        return 0
 
     def read(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
         """Tokens [start, start + length) of the stream as int64 (into `out` when given), across
@@ -240,7 +253,13 @@ class PackedLoader:
             shards = TokenShards(directory, tokenizer)
             n = len(shards)
             n_val = max(math.ceil(n * self.validation_fraction), self.seq_len + 1)
-            lo, hi = (n - n_val, n) if self.split == "validation" else (0, n - n_val)
+            # the tail starts at a document start, so no document is split between training and validation
+            boundary = shards.document_start(max(n - n_val, 0))
+            if boundary == 0 < n - n_val:
+                raise DataError(f"source '{name}' ({shards.directory}): the held-out tail (last {n_val} tokens) "
+                                f"lies inside one document that starts at token 0, so no whole document is left "
+                                f"to train on; prepare a validation split (`polyglu prepare --validation FILE`)")
+            lo, hi = (boundary, n) if self.split == "validation" else (0, boundary)
         if hi - lo < self.seq_len + 1:
             raise DataError(f"source '{name}' ({shards.directory}): {max(hi - lo, 0)} {self.split} tokens, fewer "
                             f"than seq_len + 1 = {self.seq_len + 1}")
