@@ -270,11 +270,13 @@ def test_training_curves_stride_long_series(run_dir):
 
 
 def test_token_batches_from_shards(tmp_path):
+    from polyglu.data.shards import write_token_shards
+    from polyglu.data.sources import DataError
+
     eos = 259
     tokens = np.array([5, 6, eos, 7, 8, 9, eos, 10] * 4, dtype=np.uint16)  # 32 tokens
-    (tmp_path / "manifest.json").write_text(json.dumps({"dtype": "uint16", "eos_id": eos}))
-    tokens[:16].tofile(tmp_path / "shard-00000.bin")
-    tokens[16:].tofile(tmp_path / "shard-00001.bin")
+    write_token_shards(tmp_path, [tokens[:16], tokens[16:]], {"kind": "byte", "name": "t", "vocab_size": 260,
+                                                              "eos_id": eos})
     batches = load_token_batches(tmp_path, seq_len=8, batch_size=3, max_tokens=32, vocab_size=260)
     assert [ids.shape for ids, _ in batches] == [(3, 8), (1, 8)]
     ids, docs = batches[0]
@@ -284,9 +286,11 @@ def test_token_batches_from_shards(tmp_path):
     # fewer tokens than the data: windows spread over both shards
     spread = load_token_batches(tmp_path, seq_len=8, batch_size=8, max_tokens=16)
     assert spread[0][0].shape == (2, 8)
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    # refused when the shards are opened (naming the shard), before any window is cut
+    with pytest.raises(DataError, match="shard-00000.bin: token id 259 at token offset 2 is >= the size 100 of "
+                                        "the model's vocabulary"):
         load_token_batches(tmp_path, seq_len=8, batch_size=2, max_tokens=32, vocab_size=100)
-    (tmp_path / "shard-00002.bin").write_bytes(b"\x01\x02\x03")
+    (tmp_path / "shard-00001.bin").write_bytes(b"\x01\x02\x03")
     with pytest.raises(ValueError, match="not a multiple"):
         load_token_batches(tmp_path, seq_len=8, batch_size=2, max_tokens=32)
 

@@ -134,11 +134,30 @@ def test_validation_split(data):
     # a has none: its last 1% (at least seq_len + 1 tokens) is held out, and training stops before it
     train = PackedLoader(data["a"], seq_len=16, batch_size=32, split="train")
     held = PackedLoader(data["a"], seq_len=16, batch_size=32, split="validation")
-    n = len(train.sources["a"].shards)
+    shards = train.sources["a"].shards
+    n = len(shards)
     boundary = held.sources["a"].lo
-    assert boundary == n - max(math.ceil(0.01 * n), 17) == train.sources["a"].hi
+    # at least the nominal tail is held out, moved back to the start of the document it would cut
+    assert boundary <= n - max(math.ceil(0.01 * n), 17) and boundary == train.sources["a"].hi
+    assert shards.read(boundary - 1, 1)[0] == EOS
     assert all(start + 17 <= boundary for step in range(5) for _, start in train.windows(step))
     assert all(start >= boundary for _, start in held.windows(0))
+
+
+def test_held_out_tail_starts_at_a_document_boundary(tmp_path):
+    # documents of 40 tokens (39 letters + EOS); the nominal tail of 17 tokens cuts the last one
+    docs = [chr(ord("a") + i % 26) * 39 for i in range(10)]
+    directory = _prepared(tmp_path, "long", docs, shard_tokens=1000)
+    train = PackedLoader(directory, seq_len=16, batch_size=64, split="train")
+    held = PackedLoader(directory, seq_len=16, batch_size=64, split="validation")
+    assert (train.sources["long"].hi, held.sources["long"].lo, held.sources["long"].hi) == (360, 360, 400)
+    train_letters = {t for step in range(20) for t in train.get_batch(step)["input_ids"].unique().tolist()}
+    held_letters = {t for t in held.get_batch(0)["input_ids"].unique().tolist()}
+    assert held_letters == {ord(docs[-1][0])} and ord(docs[-1][0]) not in train_letters - {EOS}
+    # one document longer than the tail: nothing before it to train on
+    single = _prepared(tmp_path, "single", ["x" * 300], shard_tokens=1000)
+    with pytest.raises(DataError, match="held-out tail .* one document"):
+        PackedLoader(single, seq_len=16, batch_size=1, split="train")
 
 
 def test_loader_errors(data, tmp_path):
@@ -160,3 +179,44 @@ def test_loader_errors(data, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-3])
     with pytest.raises(DataError, match="shard-00000.bin: truncated shard: .* byte offset"):
         TokenShards(damaged)
+
+
+def test_open_checks_checksums_fully_when_small_and_by_samples_when_large(tmp_path, monkeypatch):
+    from polyglu.data import shards as shards_module
+    from polyglu.data.shards import write_token_shards
+
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 256, 40_000)  # 80,000 bytes: more than the 16 sampled 4 KiB blocks
+    tokens[::100] = EOS
+    directory = tmp_path / "d"
+    write_token_shards(directory, [tokens], ByteTokenizer())
+    shard = directory / "shard-00000.bin"
+    damaged = np.fromfile(shard, dtype=np.uint16)
+    offset = 2100  # byte 4200: between the first two sampled blocks, [0, 4096) and [5060, 9156)
+    damaged[offset] = 4000  # an id no byte-level model can embed
+    damaged.tofile(shard)
+    with pytest.raises(DataError, match="shard-00000.bin: contents differ from the manifest's sha256"):
+        TokenShards(directory)  # small: full sha256 at open
+    monkeypatch.setattr(shards_module, "FULL_VERIFY_BYTES", 0)  # as if the data were > 1 GiB
+    opened = TokenShards(directory)  # sampled blocks and the manifest's max id agree: opens
+    assert opened.document_start(offset) <= offset
+    loader = PackedLoader(directory, seq_len=512, batch_size=64, seed=0, validation_fraction=0.1)
+    with pytest.raises(DataError, match=f"shard-00000.bin: token id 4000 at token offset {offset} is >= the "
+                                        f"vocabulary size 260"):
+        for step in range(50):  # the damaged id is refused in the batch that would embed it
+            loader.get_batch(step)
+    # a replaced shard (other content, same size) is caught by the sampled blocks
+    rng.integers(0, 256, 40_000).astype(np.uint16).tofile(shard)
+    with pytest.raises(DataError, match="differ from the manifest's sampled sha256"):
+        TokenShards(directory)
+
+
+def test_training_refuses_shards_of_another_tokenizer(data, tmp_path):
+    from polyglu.data.tokenizer import train_bpe_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("aaa bbb ccc\n" * 20)
+    bpe = train_bpe_tokenizer([corpus], 270, tmp_path / "bpe")
+    with pytest.raises(DataError, match=r"manifest/tokenizer mismatch: shard-00000.bin and the other shards were "
+                                        r"prepared with byte \(vocab 260\), but the run uses .*bpe"):
+        PackedLoader(data["a"], seq_len=8, batch_size=1, tokenizer=bpe)

@@ -237,3 +237,78 @@ def test_cli_prepare_input_and_builtin(tmp_path, jsonl, capsys):
     assert main(["prepare", "--builtin", "math", "--tokenizer", "byte", "--out", str(builtin), "--n-train", "40",
                  "--n-val", "8", "--n-test", "8", "--no-progress"]) == 0  # already prepared: nothing to do
     assert "40 documents" in capsys.readouterr().out
+
+
+# ---- data identity
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_inputs_are_fingerprinted_by_their_whole_content(tmp_path):
+    from polyglu.data.sources import describe_source, same_source
+
+    big = tmp_path / "big.txt"
+    data = bytearray(b"abcdefgh" * (3 << 17))  # 3 MiB: the middle is outside the first and last MiB
+    big.write_bytes(data)
+    before = describe_source(big)
+    data[len(data) // 2] = ord("Z")  # same size, one byte changed in the middle
+    big.write_bytes(data)
+    after = describe_source(big)
+    assert before["bytes"] == after["bytes"] and before["sample_sha256"] == after["sample_sha256"]
+    assert not same_source(before, after)
+    # a manifest written by an older polyglu (no full hash) still compares on what it recorded
+    legacy = {k: v for k, v in before.items() if k != "sha256"}
+    assert same_source(legacy, after)
+
+
+def test_a_different_builtin_spec_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "math"
+    prepare_builtin_math("byte", out, n_train=30, n_val=6, n_test=6, seed=0)
+    before = _snapshot(out)
+    for change in ({"seed": 1}, {"n_train": 31}):
+        with pytest.raises(DataError, match="already prepared from the built-in corpus with "
+                                            f"{next(iter(change))}="):
+            prepare_builtin_math("byte", out, **{"n_train": 30, "n_val": 6, "n_test": 6, "seed": 0, **change})
+        assert _snapshot(out) == before  # text, manifest and shards untouched
+    verify_prepared(out)
+    # an interrupted prepare (state file, no manifest) of another spec is refused too, text untouched
+    (out / "manifest.json").rename(tmp_path / "manifest.json")
+    (out / STATE_NAME).write_text(json.dumps({"inputs": {}, "shards": []}))
+    text_before = _snapshot(out / "text")
+    with pytest.raises(DataError, match="seed=0"):
+        prepare_builtin_math("byte", out, n_train=30, n_val=6, n_test=6, seed=2)
+    assert _snapshot(out / "text") == text_before
+
+
+def test_validation_inputs_are_checked_before_the_training_split_is_written(tmp_path, jsonl):
+    other = _write_jsonl(tmp_path / "other.jsonl", ["held out"])
+    out = tmp_path / "out"
+    prepare(jsonl, "byte", out / "validation")  # out/validation prepared from other inputs
+    with pytest.raises(DataError, match="validation/manifest.json: already prepared from different inputs"):
+        prepare(jsonl, "byte", out, validation=other)
+    assert not (out / "manifest.json").exists() and not list(out.glob("shard-*"))
+
+
+def test_a_copied_prepared_directory_still_matches_its_inputs(tmp_path):
+    import shutil
+
+    first = tmp_path / "first"
+    prepare_builtin_math("byte", first, n_train=30, n_val=6, n_test=6)
+    shutil.copytree(first, tmp_path / "copy")
+    shutil.rmtree(first)  # the original (and its absolute paths) is gone
+    manifest = prepare_builtin_math("byte", tmp_path / "copy", n_train=30, n_val=6, n_test=6)
+    assert manifest["inputs"]["sources"][0]["path"] == "text/pretrain_train.jsonl"
+    assert verify_prepared(tmp_path / "copy")["validation"]["documents"] == 6
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path, jsonl):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    for out in (target, target / "sub"):
+        with pytest.raises(DataError, match=f"--out {out}: is a file"):
+            prepare(jsonl, "byte", out)
+        with pytest.raises(DataError, match="is a file"):
+            prepare_builtin_math("byte", out, n_train=10, n_val=2, n_test=2)
+    assert target.read_text() == "keep me"

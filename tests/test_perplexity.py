@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from polyglu.cli import main
-from polyglu.data.tokenizer import load_tokenizer
-from polyglu.eval.perplexity import evaluate_perplexity, perplexity, read_token_shards, sliding_windows
+from polyglu.data.shards import TokenShards, write_token_shards
+from polyglu.data.sources import DataError
+from polyglu.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from polyglu.eval.perplexity import evaluate_perplexity, perplexity, sliding_windows
 from polyglu.eval.scoring import score_continuations
 
 EOS = 256  # the byte tokenizer's end of text
@@ -85,33 +87,63 @@ def test_scoring_is_batch_invariant_and_truncates_long_contexts(model):
         score_continuations(model, [([], [1])])
 
 
-def write_shards(directory, arrays, dtype="uint16"):
-    directory.mkdir(parents=True)
-    for i, array in enumerate(arrays):
-        np.asarray(array, dtype=dtype).tofile(directory / f"shard-{i:05d}.bin")
-    manifest = {"dtype": dtype, "tokenizer": {"kind": "byte", "name": "byte", "vocab_size": 260, "eos_id": EOS}}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+def write_shards(directory, arrays, tokenizer="byte"):
+    write_token_shards(directory, arrays, load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer)
     return directory
 
 
 def test_token_shards_and_errors(model, tmp_path):
     rng = np.random.default_rng(0)
     shards = [rng.integers(0, 256, 70), rng.integers(0, 256, 30)]
-    directory = write_shards(tmp_path / "math", shards, dtype="uint32")
-    arrays, manifest = read_token_shards(directory)
-    assert [a.tolist() for a in arrays] == [s.tolist() for s in shards] and manifest["dtype"] == "uint32"
+    directory = write_shards(tmp_path / "math", shards)
+    opened = TokenShards(directory)
+    assert [a.tolist() for a in opened.arrays] == [s.tolist() for s in shards] and opened.eos_id == EOS
     result = evaluate_perplexity(model, {"math": directory, "array": shards[0]}, window=32)
     assert result["math"]["tokens"] == 69 + 29
     assert result["array"]["nll"] == pytest.approx(perplexity(model, shards[0], window=32)["nll"])
     assert perplexity(model, shards, max_tokens=80)["tokens"] == 69 + 9
 
-    (directory / "shard-00002.bin").write_bytes(b"\x01\x02\x03")
-    with pytest.raises(ValueError, match=r"shard-00002.bin: 3 bytes is not a multiple"):
-        read_token_shards(directory)
-    with pytest.raises(FileNotFoundError, match="manifest.json: missing"):
-        read_token_shards(tmp_path)
+    shard = directory / "shard-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(DataError, match=r"shard-00001.bin: truncated shard: 59 bytes is not a multiple of 2"):
+        TokenShards(directory)
+    with pytest.raises(DataError, match="manifest.json: no such file"):
+        TokenShards(tmp_path)
     with pytest.raises(ValueError, match="outside the model vocabulary"):
         perplexity(model, np.array([1, 2, 300]))
+
+
+def test_shards_are_checked_against_the_model_before_scoring(model, tmp_path):
+    rng = np.random.default_rng(2)
+    # data of a tokenizer with a larger vocabulary than the model's: refused at open, naming the shard
+    big = {"kind": "hf", "name": "big", "vocab_size": 5000, "eos_id": 4999}
+    ids = np.append(rng.integers(0, 256, 40), [4000, 4999])
+    write_shards(tmp_path / "big", [rng.integers(0, 256, 20), ids], tokenizer=big)
+    with pytest.raises(DataError, match=r"shard-00001.bin: token id 4000 at token offset 40 is >= the size 260 of "
+                                        r"the model's vocabulary; the data was prepared with big"):
+        evaluate_perplexity(model, {"big": tmp_path / "big"})
+    # a shard whose bytes changed (valid ids, same size): refused at open by its checksum
+    directory = write_shards(tmp_path / "ok", [rng.integers(0, 256, 64)])
+    shard = directory / "shard-00000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[30] = (tokens[30] + 1) % 256
+    tokens.tofile(shard)
+    with pytest.raises(DataError, match="shard-00000.bin: contents differ from the manifest's sha256"):
+        evaluate_perplexity(model, {"ok": directory})
+
+
+def test_cli_perplexity_refuses_byte_shards_with_a_bpe_model(model, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\n" * 50)
+    directory = tmp_path / "model"
+    model.save_pretrained(directory)
+    bpe = train_bpe_tokenizer([corpus], 260, directory / "tokenizer")
+    assert bpe.vocab_size <= model.config.vocab_size
+    data = write_shards(tmp_path / "bytes", [np.append(np.frombuffer(b"the cat", np.uint8), EOS)])
+    assert main(["perplexity", str(directory), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "manifest/tokenizer mismatch" in err and "shard-00000.bin" in err
+    assert "prepared with byte (vocab 260)" in err and "but the model uses" in err and "--tokenizer" in err
 
 
 def test_cli_perplexity(model, tmp_path, capsys):

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polyglu.data.shards import MANIFEST_NAME, SHARD_GLOB
-
 
 def doc_ids_from_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
     """Document index of each token of a window: a new document starts after each EOS."""
@@ -46,40 +44,17 @@ def windows_to_batches(windows: list[np.ndarray], eos_id: int | None, batch_size
     return batches
 
 
-def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (a token shard directory holds {MANIFEST_NAME} + "
-                                f"{SHARD_GLOB})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(manifest, dict) or "dtype" not in manifest:
-        raise ValueError(f"{path}: expected an object with a 'dtype' field (e.g. \"uint16\")")
-    return manifest
+def shard_arrays(directory: str | Path, tokenizer=None, vocab_size: int | None = None) -> tuple[list[np.ndarray], int]:
+    """(the non-empty memory-mapped shards of a prepared directory in order, its EOS id), opened by the
+    one shard opener: another tokenizer's data or ids >= `vocab_size` are refused there."""
+    from polyglu.data.shards import TokenShards
+
+    shards = TokenShards(directory, tokenizer, model_vocab_size=vocab_size, user="the model")
+    return [a for a in shards.arrays if a.size], shards.eos_id
 
 
-def manifest_eos_id(manifest: dict) -> int | None:
-    for section in (manifest, manifest.get("tokenizer")):
-        if isinstance(section, dict):
-            for key in ("eos_id", "eos_token_id"):
-                if isinstance(section.get(key), int):
-                    return section[key]
-    return None
-
-
-def shard_arrays(directory: str | Path) -> list[np.ndarray]:
-    """The non-empty memory-mapped shards of a prepared directory, in order."""
-    from polyglu.data.shards import read_token_shards
-
-    arrays, _ = read_token_shards(directory)
-    return [a for a in arrays if a.size]
-
-
-def shard_windows(directory: str | Path, seq_len: int, max_tokens: int) -> list[np.ndarray]:
+def shard_windows(arrays: list[np.ndarray], seq_len: int, max_tokens: int) -> list[np.ndarray]:
     """Up to max_tokens // seq_len windows of seq_len tokens, spread evenly over all shards."""
-    arrays = shard_arrays(directory)
     counts = np.array([len(a) // seq_len for a in arrays])  # whole windows per shard
     total = int(counts.sum())
     if total == 0:  # shards shorter than one window: take what there is
@@ -136,13 +111,13 @@ def text_windows(path: str | Path, tokenizer, seq_len: int, max_tokens: int, tex
 def load_token_batches(source: str | Path, seq_len: int, batch_size: int, max_tokens: int, tokenizer=None,
                        eos_id: int | None = None, vocab_size: int | None = None, text_field: str = "text"
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, doc_ids) batches from a shard directory (manifest.json + shard-*.bin) or a
-    .jsonl / .txt file (needs `tokenizer`). Token ids must be below `vocab_size` when given."""
+    """(input_ids, doc_ids) batches from a shard directory written by `polyglu prepare` or a
+    .jsonl / .txt file (needs `tokenizer`). Token ids must be below `vocab_size` when given; shards
+    must have been prepared with `tokenizer` when given."""
     source = Path(source)
     if source.is_dir():
-        windows = shard_windows(source, seq_len, max_tokens)
-        eos = manifest_eos_id(read_manifest(source))
-        eos_id = eos if eos is not None else eos_id
+        arrays, eos_id = shard_arrays(source, tokenizer, vocab_size)
+        windows = shard_windows(arrays, seq_len, max_tokens)
     elif source.is_file():
         if tokenizer is None:
             raise ValueError(f"{source}: text data needs a tokenizer (none in the model directory; pass --tokenizer)")

@@ -67,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.checkpoint import load_model
     from polyglu.cli import CommandError
 
+    for flag, value in (("--max-tokens", args.max_tokens), ("--evolution-tokens", args.evolution_tokens),
+                        ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            raise CommandError(f"{flag} must be a positive integer, got {value}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"--out {args.out}: is a file; expected a directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     # soft routing whatever the saved eval mode: hard one-hot weights would have zero entropy
@@ -80,13 +86,14 @@ def run(args: argparse.Namespace) -> int:
 
     specs = parse_data_specs(args.data)
     tokenizer = None
-    if any(Path(p).is_file() for p in specs.values()):
+    # the model's tokenizer tokenises text data and must be the one token shards were prepared with
+    tok_spec = args.tokenizer or Path(args.model) / "tokenizer"
+    if args.tokenizer is not None or Path(tok_spec).is_dir():
         from polyglu.data.tokenizer import load_tokenizer
 
-        tok_spec = args.tokenizer or Path(args.model) / "tokenizer"
-        if args.tokenizer is None and not Path(tok_spec).is_dir():
-            raise CommandError(f"text data needs a tokenizer: {tok_spec} does not exist; pass --tokenizer")
         tokenizer = load_tokenizer(tok_spec)
+    elif any(Path(p).is_file() for p in specs.values()):
+        raise CommandError(f"text data needs a tokenizer: {tok_spec} does not exist; pass --tokenizer")
     datasets = {}
     for name, path in specs.items():
         datasets[name] = load_token_batches(path, seq_len, batch_size, args.max_tokens, tokenizer=tokenizer,

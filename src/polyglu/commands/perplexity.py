@@ -26,9 +26,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-documents", action="store_true",
                    help="treat each shard as one stream (default: documents end at EOS)")
     p.add_argument("--eos-id", type=int, default=None,
-                   help="the token ending documents (default: the manifest's tokenizer eos_id, else the "
-                        "model's, else its tokenizer's)")
+                   help="the token ending documents (default: the manifest's eos_id)")
     p.add_argument("--output", default=None, help="write the results JSON here")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    from polyglu.cli import CommandError
+
+    for flag, value in (("--window", args.window), ("--stride", args.stride), ("--max-tokens", args.max_tokens),
+                        ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            raise CommandError(f"{flag} must be a positive number of tokens, got {value}")
+    if args.window is not None and args.stride is not None and args.stride > args.window:
+        raise CommandError(f"--stride {args.stride} must be at most --window {args.window}")
+    check_output_file(args.output, "--output")
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file path that is a directory or lies under a file."""
+    from polyglu.cli import CommandError
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise CommandError(f"{flag} {target}: is a directory; expected a file path")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CommandError(f"{flag} {target}: its parent {parent} is a file; expected a directory")
+            break
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,30 +63,25 @@ def run(args: argparse.Namespace) -> int:
 
     from polyglu.checkpoint import load_model
     from polyglu.cli import CommandError
-    from polyglu.commands.generate import load_model_and_tokenizer, resolve_device, torch_dtype
-    from polyglu.eval.perplexity import perplexity, read_token_shards, shard_sources
+    from polyglu.commands.generate import TOKENIZER_SUBDIR, resolve_device, torch_dtype
+    from polyglu.data.tokenizer import load_tokenizer
+    from polyglu.eval.perplexity import open_sources, perplexity, shard_sources
 
+    check_arguments(args)
     sources = shard_sources([s for s in args.data.split(",") if s])
     if not sources:
         raise CommandError("--data names no shard directory")
-    loaded = {name: read_token_shards(path) for name, path in sources.items()}  # fail early on bad input
     model = load_model(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype))
+    # the model's tokenizer, when it has one, must be the data's: byte shards scored by a BPE model are junk
+    spec = args.tokenizer or (Path(args.model) / TOKENIZER_SUBDIR if (Path(args.model) / TOKENIZER_SUBDIR).is_dir()
+                              else None)
+    tokenizer = load_tokenizer(spec) if spec is not None else None
+    opened = open_sources(sources, model, tokenizer)  # every source checked before any is scored
     results = {}
-    for name, (arrays, manifest) in loaded.items():
-        named = manifest.get("tokenizer")
-        named = named if isinstance(named, dict) else {}
-        vocab = manifest.get("vocab_size") or named.get("vocab_size")
-        document_end = None
-        if not args.no_documents:
-            document_end = next((e for e in (args.eos_id, named.get("eos_id"), manifest.get("eos_id"),
-                                             model.config.eos_token_id) if e is not None), None)
-            if document_end is None:
-                document_end = load_model_and_tokenizer(args.model, args.tokenizer)[1].eos_id
-        if isinstance(vocab, int) and vocab > model.config.vocab_size:
-            raise CommandError(f"{sources[name]}: shards use a vocabulary of {vocab} tokens, the model has "
-                               f"{model.config.vocab_size}")
+    for name, shards in opened.items():
+        document_end = None if args.no_documents else (shards.eos_id if args.eos_id is None else args.eos_id)
         with tqdm(desc=f"perplexity {name}", unit="window", disable=None) as bar:
-            results[name] = perplexity(model, arrays, window=args.window, stride=args.stride,
+            results[name] = perplexity(model, shards.arrays, window=args.window, stride=args.stride,
                                        batch_size=args.batch_size, document_end=document_end,
                                        max_tokens=args.max_tokens, progress=bar.update)
         results[name].update(path=str(sources[name]), document_end=document_end)
@@ -70,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+        from polyglu.checkpoint import atomic_write_text
+
+        atomic_write_text(args.output, text + "\n")
     return 0

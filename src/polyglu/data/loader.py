@@ -17,8 +17,9 @@ global batch (W ranks with batch B see the same data as one rank with batch W*B)
 
 Held-out split: `split="validation"` reads `DIR/validation/` when that directory was prepared
 (`prepare(..., validation=...)`, `prepare --builtin math`); otherwise the last
-`validation_fraction` of each source's tokens (at least seq_len + 1) is held out and the training
-split stops before it.
+`validation_fraction` of each source's tokens (at least seq_len + 1), widened back to the start of
+the document it would cut, is held out and the training split stops before it: no document is
+split between the two.
 """
 
 from __future__ import annotations
@@ -31,69 +32,17 @@ import numpy as np
 import torch
 
 from polyglu.config import ConfigError, dataclass_from_dict, to_jsonable
-from polyglu.data.shards import (
+from polyglu.data.shards import (  # noqa: F401  (TokenShards re-exported: the loader's view of the data)
     MANIFEST_NAME,
     VALIDATION_DIR,
+    TokenShards,
     check_tokenizer,
-    read_manifest,
-    shard_size_check,
 )
 from polyglu.data.sources import DataError
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "validation")
 _SPLIT_KEYS = {"train": 0, "validation": 1}
-
-
-class TokenShards:
-    """The shards of a prepared directory as one memory-mapped token stream.
-
-    Checked on opening against the manifest (every shard present, sizes exact); checksums are left
-    to `polyglu verify-data`.
-    """
-
-    def __init__(self, directory: str | Path, tokenizer=None) -> None:
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        if tokenizer is not None:
-            check_tokenizer(self.directory, self.manifest, tokenizer.identity())
-        self.dtype = np.dtype(self.manifest["dtype"])
-        self.vocab_size: int = self.manifest["vocab_size"]
-        self.eos_id: int = self.manifest["eos_id"]
-        self.identity: dict = self.manifest["tokenizer"]
-        self._shards = []
-        for entry in self.manifest["shards"]:
-            path = shard_size_check(self.directory, entry, self.dtype.name)
-            if entry["tokens"]:
-                self._shards.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(entry["tokens"],)))
-        # starts[i] = offset of shard i in the stream
-        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def fingerprint(self) -> str:
-        """Identifies the data: the shards' checksums."""
-        import hashlib
-
-        return hashlib.sha256("".join(e["sha256"] for e in self.manifest["shards"]).encode()).hexdigest()[:16]
-
-    def read(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Tokens [start, start + length) of the stream as int64 (into `out` when given), across
-        shard boundaries."""
-        if start < 0 or start + length > len(self):
-            raise IndexError(f"{self.directory}: tokens [{start}, {start + length}) outside [0, {len(self)})")
-        if out is None:
-            out = np.empty(length, dtype=np.int64)
-        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
-        filled = 0
-        while filled < length:
-            offset = start + filled - int(self._starts[shard])
-            take = min(length - filled, len(self._shards[shard]) - offset)
-            out[filled:filled + take] = self._shards[shard][offset:offset + take]
-            filled += take
-            shard += 1
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,13 +183,19 @@ class PackedLoader:
     def _open(self, name: str, directory: Path, tokenizer) -> _Split:
         held_out = directory / VALIDATION_DIR
         if (held_out / MANIFEST_NAME).is_file():
-            shards = TokenShards(held_out if self.split == "validation" else directory, tokenizer)
+            shards = TokenShards(held_out if self.split == "validation" else directory, tokenizer, user="the run")
             lo, hi = 0, len(shards)
         else:
-            shards = TokenShards(directory, tokenizer)
+            shards = TokenShards(directory, tokenizer, user="the run")
             n = len(shards)
             n_val = max(math.ceil(n * self.validation_fraction), self.seq_len + 1)
-            lo, hi = (n - n_val, n) if self.split == "validation" else (0, n - n_val)
+            # the tail starts at a document start, so no document is split between training and validation
+            boundary = shards.document_start(max(n - n_val, 0))
+            if boundary == 0 < n - n_val:
+                raise DataError(f"source '{name}' ({shards.directory}): the held-out tail (last {n_val} tokens) "
+                                f"lies inside one document that starts at token 0, so no whole document is left "
+                                f"to train on; prepare a validation split (`polyglu prepare --validation FILE`)")
+            lo, hi = (boundary, n) if self.split == "validation" else (0, boundary)
         if hi - lo < self.seq_len + 1:
             raise DataError(f"source '{name}' ({shards.directory}): {max(hi - lo, 0)} {self.split} tokens, fewer "
                             f"than seq_len + 1 = {self.seq_len + 1}")
@@ -277,8 +232,15 @@ class PackedLoader:
     def get_batch(self, step: int, micro_step: int = 0) -> dict[str, torch.Tensor]:
         """input_ids, targets, doc_ids: (B, T) int64, a pure function of (seed, step, micro_step, rank)."""
         rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)  # (B, T+1)
-        for row, (name, start) in zip(rows, self.windows(step, micro_step)):
+        windows = self.windows(step, micro_step)
+        for row, (name, start) in zip(rows, windows):
             self.sources[name].shards.read(start, self.seq_len + 1, out=row)
+        if rows.max() >= self.vocab_size:  # damage between the blocks checked at open: stop, never embed it
+            row, column = np.argwhere(rows >= self.vocab_size)[0]
+            name, start = windows[row]
+            path, offset = self.sources[name].shards.locate(start + int(column))
+            raise DataError(f"{path}: token id {int(rows[row, column])} at token offset {offset} is >= the "
+                            f"vocabulary size {self.vocab_size} (corrupted shard; run `polyglu verify-data`)")
         inputs = rows[:, :-1]
         is_eos = inputs == self.eos_id
         doc_ids = np.cumsum(is_eos, axis=1) - is_eos  # an EOS belongs to the document it ends

@@ -16,7 +16,6 @@ Safe to interrupt and re-run:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -39,9 +38,17 @@ from polyglu.data.shards import (
     file_sha256,
     read_manifest,
     shard_dtype,
+    shard_record,
     shard_size_check,
 )
-from polyglu.data.sources import DataError, Document, describe_source, iter_documents, parse_sources
+from polyglu.data.sources import (
+    DataError,
+    Document,
+    describe_source,
+    iter_documents,
+    parse_sources,
+    same_source,
+)
 from polyglu.data.tokenizer import describe_identity, load_tokenizer, same_tokenizer
 
 STATE_NAME = ".prepare-state.json"
@@ -57,18 +64,21 @@ def prepare(sources, tokenizer, out: str | Path, *, text_field: str = "text", va
     tokenizer: 'byte', a directory, a hub name, or a loaded tokenizer. `validation`: sources for a
     held-out split, prepared the same way into `out/validation`. `max_tokens` caps the tokens
     written (EOS included; the last document is cut to fit). `log`: a print-like callable for
-    one-line progress notes. Returns the manifest.
+    one-line progress notes. Every check that can refuse (arguments, the output path, a directory
+    prepared or half-prepared from other inputs) runs for both splits before anything is written.
+    Returns the manifest.
     """
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     log = log or (lambda *args, **kwargs: None)
-    manifest = _prepare_split(parse_sources(sources), tok, Path(out), text_field=text_field,
-                              max_tokens=max_tokens, shard_tokens=shard_tokens, workers=workers,
-                              progress=progress, force=force, metadata=metadata, log=log)
+    check_output_directory(out)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    out = Path(out)
+    common = dict(text_field=text_field, shard_tokens=shard_tokens, force=force)
+    plans = [_plan_split(parse_sources(sources), tok, out, max_tokens=max_tokens, **common)]
     if validation is not None:
-        _prepare_split(parse_sources(validation), tok, Path(out) / VALIDATION_DIR, text_field=text_field,
-                       max_tokens=None, shard_tokens=shard_tokens, workers=workers, progress=progress,
-                       force=force, metadata=metadata, log=log)
-    return manifest
+        plans.append(_plan_split(parse_sources(validation), tok, out / VALIDATION_DIR, max_tokens=None, **common))
+    manifests = [_run_split(plan, tok, workers=workers, progress=progress, metadata=metadata, log=log)
+                 for plan in plans]
+    return manifests[0]
 
 
 def prepare_builtin_math(tokenizer, out: str | Path, *, n_train: int = 50_000, n_val: int = 1_000,
@@ -76,13 +86,18 @@ def prepare_builtin_math(tokenizer, out: str | Path, *, n_train: int = 50_000, n
                          progress: bool = False, force: bool = False, log=None) -> dict:
     """The built-in math corpus, written as text under `out/text/` (pre-training JSONL, SFT chat
     JSONL, test JSONL) and tokenised: train into `out`, validation into `out/validation`.
-    The manifest's "builtin" entry lists the text files (relative to `out`)."""
+    The manifest's "builtin" entry lists the text files (relative to `out`). A directory prepared
+    from another seed or size is refused before its text is touched."""
     from polyglu.data.synthetic import write_builtin_math
 
     out_dir = Path(out)
+    check_output_directory(out_dir)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     text_dir = out_dir / "text"
     spec = {"name": "math", "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test}
     stamp = text_dir / "builtin.json"
+    if not force:
+        _check_builtin_target(out_dir, spec, tok.identity(), stamp)
     names = ("pretrain_train", "pretrain_validation", "sft_train", "sft_validation", "test")
     paths = {name: text_dir / f"{name}.jsonl" for name in names}
     if force or not _stamp_matches(stamp, spec) or not all(p.is_file() for p in paths.values()):
@@ -91,9 +106,43 @@ def prepare_builtin_math(tokenizer, out: str | Path, *, n_train: int = 50_000, n
         paths = write_builtin_math(text_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
         atomic_write_text(stamp, json.dumps(spec, indent=2) + "\n")
     metadata = {"builtin": {**spec, "files": {name: str(p.relative_to(out_dir)) for name, p in paths.items()}}}
-    return prepare([paths["pretrain_train"]], tokenizer, out_dir, validation=[paths["pretrain_validation"]],
+    return prepare([paths["pretrain_train"]], tok, out_dir, validation=[paths["pretrain_validation"]],
                    max_tokens=max_tokens, workers=workers, progress=progress, force=force, metadata=metadata,
                    log=log)
+
+
+def check_output_directory(out: str | Path) -> None:
+    """Refuse an output path that is (or lies under) a file, before anything is written."""
+    path = Path(out)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f" (its parent {part} is a file)"
+                raise DataError(f"--out {path}: is a file{where}; expected a directory (new or prepared before)")
+            return
+
+
+def _check_builtin_target(out_dir: Path, spec: dict, identity: dict, stamp: Path) -> None:
+    """Refuse, before the text is rewritten, a directory holding a built-in corpus of another spec
+    (prepared, or half-prepared with its text still there)."""
+    old = None
+    if (out_dir / MANIFEST_NAME).is_file():
+        manifest = read_manifest(out_dir)
+        check_tokenizer(out_dir, manifest, identity, "this prepare")
+        old = {k: v for k, v in manifest.get("builtin", {}).items() if k != "files"} or None
+        if old is None:
+            raise DataError(f"{out_dir / MANIFEST_NAME}: already prepared from other inputs (not the built-in "
+                            f"corpus); use --force to overwrite or another --out")
+    elif (out_dir / STATE_NAME).is_file() and stamp.is_file():
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            old = None
+    if old is not None and old != spec:
+        key = next(k for k in spec if old.get(k) != spec[k])
+        raise DataError(f"{out_dir}: already prepared from the built-in corpus with {key}={old.get(key)!r}, not "
+                        f"{spec[key]!r}; use another --out (or --force to overwrite; for `polyglu train`, "
+                        f"another run_dir or data.builtin_dir)")
 
 
 def _stamp_matches(stamp: Path, spec: dict) -> bool:
@@ -107,25 +156,42 @@ def _stamp_matches(stamp: Path, spec: dict) -> bool:
 # one split
 
 
-def _prepare_split(sources, tok, out_dir: Path, *, text_field, max_tokens, shard_tokens, workers, progress,
-                   force, metadata, log) -> dict:
+class _Plan:
+    """What preparing one split will do, decided (and every refusal raised) before writing."""
+
+    def __init__(self, sources, out_dir: Path, inputs: dict, force: bool, manifest: dict | None = None,
+                 done_shards: list[dict] | None = None) -> None:
+        self.sources, self.out_dir, self.inputs, self.force = sources, out_dir, inputs, force
+        self.manifest, self.done_shards = manifest, done_shards or []
+
+
+def _plan_split(sources, tok, out_dir: Path, *, text_field, max_tokens, shard_tokens, force) -> _Plan:
     if max_tokens is not None and max_tokens <= 0:
-        raise DataError(f"max_tokens must be positive, got {max_tokens}")
-    if shard_tokens <= 0:
-        raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
+        raise DataError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
+        raise DataError(f"--shard-tokens must be a positive number of tokens per shard, got {shard_tokens}")
+    check_output_directory(out_dir)
     identity = tok.identity()
     dtype = shard_dtype(tok.vocab_size)
-    inputs = {"sources": [describe_source(s) for s in sources], "text_field": text_field, "tokenizer": identity,
-              "max_tokens": max_tokens, "shard_tokens": shard_tokens, "dtype": dtype}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"sources": [describe_source(s, out_dir) for s in sources], "text_field": text_field,
+              "tokenizer": identity, "max_tokens": max_tokens, "shard_tokens": shard_tokens, "dtype": dtype}
     if force:
-        _clear(out_dir)
+        return _Plan(sources, out_dir, inputs, force)
     if (out_dir / MANIFEST_NAME).is_file():
-        manifest = _already_prepared(out_dir, inputs, identity)
-        log(f"{out_dir}: already prepared ({manifest['tokens']:,} tokens)")
-        return manifest
+        return _Plan(sources, out_dir, inputs, force, manifest=_already_prepared(out_dir, inputs, identity))
+    return _Plan(sources, out_dir, inputs, force, done_shards=_resume_state(out_dir, inputs))
 
-    done_shards = _resume_state(out_dir, inputs)
+
+def _run_split(plan: _Plan, tok, *, workers, progress, metadata, log) -> dict:
+    out_dir, inputs, sources = plan.out_dir, plan.inputs, plan.sources
+    if plan.manifest is not None:
+        log(f"{out_dir}: already prepared ({plan.manifest['tokens']:,} tokens)")
+        return plan.manifest
+    identity = inputs["tokenizer"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plan.force:
+        _clear(out_dir)
+    done_shards = plan.done_shards
     if done_shards:
         log(f"{out_dir}: resuming after {len(done_shards)} finished shard(s)")
     else:
@@ -134,8 +200,8 @@ def _prepare_split(sources, tok, out_dir: Path, *, text_field, max_tokens, shard
     for leftover in out_dir.glob(".shard-*.tmp"):
         leftover.unlink()
 
-    writer = _ShardWriter(out_dir, inputs, shard_tokens, max_tokens, done_shards)
-    documents = iter_documents(sources, text_field)
+    writer = _ShardWriter(out_dir, inputs, inputs["shard_tokens"], inputs["max_tokens"], done_shards)
+    documents = iter_documents(sources, inputs["text_field"])
     _skip(documents, writer.source_documents)
     bar = _progress_bar(progress, out_dir, writer.tokens)
     try:
@@ -155,7 +221,7 @@ def _prepare_split(sources, tok, out_dir: Path, *, text_field, max_tokens, shard
         documents.close()
 
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer": identity,
-                "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "dtype": dtype,
+                "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "dtype": inputs["dtype"],
                 "tokens": writer.tokens, "documents": sum(s["documents"] for s in writer.shards),
                 "empty_documents": writer.empty_documents, "truncated_last_document": writer.truncated,
                 "shards": writer.shards, "inputs": inputs, **(metadata or {})}
@@ -181,14 +247,18 @@ def _first_difference(old: dict, new: dict) -> str | None:
     for key in new:
         if key == "tokenizer":
             continue
-        if old.get(key) != new[key]:
+        if key == "sources":
+            olds = old.get("sources") or []
+            if len(olds) != len(new["sources"]) or not all(map(same_source, olds, new["sources"])):
+                return key
+        elif old.get(key) != new[key]:
             return key
     return None
 
 
 def _already_prepared(out_dir: Path, inputs: dict, identity: dict) -> dict:
     manifest = read_manifest(out_dir)
-    check_tokenizer(out_dir, manifest, identity)
+    check_tokenizer(out_dir, manifest, identity, "this prepare")
     key = _first_difference(manifest.get("inputs", {}), inputs)
     if key is not None:
         raise DataError(f"{out_dir / MANIFEST_NAME}: already prepared from different inputs ('{key}' differs); "
@@ -274,12 +344,13 @@ class _ShardWriter:
         if not self.buffered_tokens:
             return
         name = SHARD_PATTERN.format(len(self.records))
-        data = np.concatenate(self.buffer).tobytes()
-        atomic_write_bytes(self.out_dir / name, data)
+        tokens = np.concatenate(self.buffer)
+        atomic_write_bytes(self.out_dir / name, tokens.tobytes())
         resume = {"tokens": self.tokens, "source_documents": self.source_documents,
                   "empty_documents": self.empty_documents, "truncated": self.truncated}
-        self.records.append({"file": name, "tokens": self.buffered_tokens, "documents": self.buffered_documents,
-                             "sha256": hashlib.sha256(data).hexdigest(), "resume": resume})
+        # documents counted as added: a last document cut by max_tokens has no EOS
+        record = {**shard_record(name, tokens, int(self.eos[0])), "documents": self.buffered_documents}
+        self.records.append({**record, "resume": resume})
         self.buffer, self.buffered_tokens, self.buffered_documents = [], 0, 0
         atomic_write_text(self.out_dir / STATE_NAME, json.dumps({"inputs": self.inputs, "shards": self.records}))
 

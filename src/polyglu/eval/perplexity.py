@@ -7,8 +7,9 @@ EOS token the data pipeline writes between documents) attention, positions and r
 after each document, as in packed training, and the first token of a document, which has no
 context, is not scored.
 
-Sources are token shard directories written by `polyglu prepare` (`shard-*.bin` + `manifest.json`
-naming the dtype), or arrays given directly to `perplexity`.
+Sources are token shard directories written by `polyglu prepare` (opened with `TokenShards`, which
+refuses another tokenizer's data and ids outside the model's vocabulary), or arrays given directly
+to `perplexity`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polyglu.data.shards import (
-    MANIFEST_NAME,
-    read_token_shards,  # noqa: F401  (re-exported for callers)
-)
+from polyglu.data.shards import MANIFEST_NAME, TokenShards
 from polyglu.eval.scoring import score_continuations
 
 
@@ -32,7 +30,8 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     targets tokens[start+1:end+1], of which the last n_scored are scored. Every target (tokens 1..n-1)
     is scored exactly once."""
     if window < 1 or not 1 <= stride <= window:
-        raise ValueError(f"need window >= 1 and 1 <= stride <= window, got window={window} stride={stride}")
+        raise ValueError(f"need window >= 1 and 1 <= stride <= window (--window, --stride), got window={window} "
+                         f"stride={stride}")
     out: list[tuple[int, int, int]] = []
     scored_until = 0  # targets tokens[1:scored_until+1] are done
     while scored_until < n_tokens - 1:
@@ -101,13 +100,20 @@ def shard_sources(specs: Sequence[str]) -> dict[str, Path]:
     return sources
 
 
-def evaluate_perplexity(model, sources: dict[str, str | Path | np.ndarray | Sequence], **kwargs) -> dict:
-    """{source name: perplexity(...) result} for shard directories or arrays; kwargs go to `perplexity`."""
+def open_sources(sources: dict[str, str | Path], model, tokenizer=None) -> dict[str, TokenShards]:
+    """Open every shard directory before scoring any: data of a tokenizer other than `tokenizer` (the
+    model's, when known) or with ids outside the model's vocabulary is refused, naming the shard."""
+    return {name: TokenShards(path, tokenizer, model_vocab_size=model.config.vocab_size, user="the model")
+            for name, path in sources.items()}
+
+
+def evaluate_perplexity(model, sources: dict[str, str | Path | np.ndarray | Sequence], tokenizer=None,
+                        **kwargs) -> dict:
+    """{source name: perplexity(...) result} for shard directories or arrays; kwargs go to `perplexity`.
+    `tokenizer`: the model's, checked against each shard directory's."""
+    opened = open_sources({k: v for k, v in sources.items() if isinstance(v, (str, Path))}, model, tokenizer)
     results = {}
     for name, source in sources.items():
-        if isinstance(source, (str, Path)):
-            arrays, _ = read_token_shards(source)
-        else:
-            arrays = _as_arrays(source)
+        arrays = opened[name].arrays if name in opened else _as_arrays(source)
         results[name] = perplexity(model, arrays, **kwargs)
     return results

@@ -99,11 +99,12 @@ def build_run(config: RunConfig, device: str | None = None, log=print) -> Traine
         if d.mixture or d.anneal_to:
             mixture = Mixture(d.mixture or {k: 1.0 for k in sources}, anneal_to=d.anneal_to, anneal_at=d.anneal_at)
         train_data = PackedLoader(sources, d.seq_len, tc.batch_size, seed=tc.seed, mixture=mixture,
-                                  rank=dist.rank, world_size=dist.world_size, total_steps=tc.max_steps)
+                                  rank=dist.rank, world_size=dist.world_size, total_steps=tc.max_steps,
+                                  tokenizer=tokenizer)
         # split="validation" reads DIR/validation/ when prepared, else each source's held-out tail
         val_split = "train" if d.validation else "validation"
         val_data = PackedLoader(validation, d.seq_len, tc.batch_size, seed=tc.seed + 1, rank=dist.rank,
-                                world_size=dist.world_size, split=val_split) if validation else None
+                                world_size=dist.world_size, split=val_split, tokenizer=tokenizer) if validation else None
     else:
         from polyglu.data.chat import SFTDataset
 
