@@ -20,6 +20,7 @@ ROUTING_POOLS = ("causal", "sequence", "token")
 EVAL_ROUTING = ("soft", "hard")
 MIXED_IMPLS = ("auto", "fused", "reference")
 ROUTING_MODES = ("full", "static", "dynamic")
+ATTENTION_BACKENDS = ("sdpa", "flex")
 
 
 class ConfigError(ValueError):
@@ -190,6 +191,10 @@ class ModelConfig:
     mixed_impl: str = "auto"
     # "full" routing (alpha + beta * gate_net); ablations: "static" (alpha only), "dynamic" (alpha = 0)
     routing_mode: str = "full"
+    # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, or "flex"
+    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5); without doc_ids both use
+    # SDPA's is_causal (flash on GPU)
+    attention_backend: str = "sdpa"
     init_std: float = 0.02
     pad_token_id: int | None = None
     eos_token_id: int | None = None
@@ -217,6 +222,9 @@ class ModelConfig:
         _check_choice("eval_routing", self.eval_routing, EVAL_ROUTING)
         _check_choice("mixed_impl", self.mixed_impl, MIXED_IMPLS)
         _check_choice("routing_mode", self.routing_mode, ROUTING_MODES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.attention_backend == "flex":
+            _require_flex_attention()
         if not self.activations:
             raise ConfigError("ModelConfig.activations must name at least one activation")
         for act in self.activations:
@@ -268,6 +276,16 @@ class ModelConfig:
     def ffn_activations(self) -> tuple[str, ...]:
         """The activations the FFN mixes: the routed set for PolyGLU, one fixed one for a baseline."""
         return self.activations if self.ffn == "polyglu" else (BASELINE_ACTIVATION[self.ffn],)
+
+
+def _require_flex_attention() -> None:
+    import torch  # only for this check: config stays importable without touching torch otherwise
+
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if (major, minor) < (2, 5):
+        raise ConfigError(f"ModelConfig.attention_backend='flex' needs PyTorch >= 2.5 "
+                          f"(torch.nn.attention.flex_attention); this is torch {torch.__version__}. "
+                          f"Use attention_backend='sdpa' or upgrade torch")
 
 
 BASELINE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "tanhglu": "tanh"}
