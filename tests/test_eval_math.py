@@ -10,6 +10,7 @@ from polyglu.cli import main
 from polyglu.config import ModelConfig
 from polyglu.data.chat import render_chatml
 from polyglu.data.tokenizer import load_tokenizer
+from polyglu.documents import PADDING_DOCUMENT
 from polyglu.eval.math import answers_match, build_prompt, evaluate_math, extract_answer
 from polyglu.model.transformer import ModelOutput, PolychromaticLM
 
@@ -63,7 +64,7 @@ class ScriptedLM(nn.Module):
         if cache.rows is None:  # prefill: pick each row's reply from the last question in its prompt
             cache.rows = []
             for b in range(input_ids.shape[0]):
-                ids = input_ids[b] if doc_ids is None else input_ids[b][doc_ids[b] == 1]
+                ids = input_ids[b] if doc_ids is None else input_ids[b][doc_ids[b] != PADDING_DOCUMENT]
                 prompt = TOKENIZER.decode(ids.tolist())
                 self.prompts.append(prompt)
                 question = max(self.replies, key=lambda q: prompt.rfind(q))
