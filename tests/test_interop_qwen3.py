@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from polyglu.checkpoint import CheckpointError, load_model  # noqa: E402
+from polyglu.checkpoint import CheckpointError  # noqa: E402
 from polyglu.cli import main  # noqa: E402
 from polyglu.interop.qwen3 import (  # noqa: E402
     copy_tokenizer_files,
@@ -17,6 +17,7 @@ from polyglu.interop.qwen3 import (  # noqa: E402
     qwen3_model_config,
     route_to_silu,
 )
+from polyglu.loading import load_model  # noqa: E402
 
 VOCAB = 101
 

@@ -20,7 +20,7 @@ _EXPORTS = {
     "KVCache": "polyglu.model.cache",
     "ModelConfig": "polyglu.config",
     "ConfigError": "polyglu.config",
-    "load_model": "polyglu.checkpoint",
+    "load_model": "polyglu.loading",
     "CheckpointError": "polyglu.checkpoint",
     "generate": "polyglu.generation",
 }
@@ -41,9 +41,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover  # noqa: F401 (re-exports for type checkers)
-    from polyglu.checkpoint import CheckpointError, load_model  # noqa: F401
+    from polyglu.checkpoint import CheckpointError  # noqa: F401
     from polyglu.config import ConfigError, ModelConfig  # noqa: F401
     from polyglu.generation import generate  # noqa: F401
+    from polyglu.loading import load_model  # noqa: F401
     from polyglu.model.cache import KVCache  # noqa: F401
     from polyglu.model.polyglu import GLU, PolyGLU, SwiGLU  # noqa: F401
     from polyglu.model.transformer import ModelOutput, PolychromaticLM  # noqa: F401

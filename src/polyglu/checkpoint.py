@@ -37,13 +37,22 @@ def save_model(model: torch.nn.Module, directory: str | Path, extra: dict[str, A
 
     Other files in the directory (a tokenizer, training state) are left alone.
     """
+    return write_model_dir(model_state_dict(model), model.config, directory, extra)
+
+
+def write_model_dir(state: dict[str, torch.Tensor], config, directory: str | Path,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """A model directory from a full state dict (tied head omitted, model.safetensors then config.json,
+    each atomically): `save_model` for a module, the trainer for weights gathered from FSDP shards."""
     from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.cpu() for k, v in model_state_dict(model).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if getattr(config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
     atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt", "polyglu_format": "1"}))
-    meta = {"polyglu_format": FORMAT_VERSION, "model": model.config.to_dict()}
+    meta = {"polyglu_format": FORMAT_VERSION, "model": config.to_dict()}
     meta.update(extra or {})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return directory
@@ -99,23 +108,3 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError(f"{source} does not match its config; " + "; ".join(problems))
 
 
-def load_model(directory: str | Path, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, **overrides: Any):
-    """Load a PolychromaticLM from a model directory. `overrides` change config fields that do not
-    affect tensor shapes (e.g. eval_routing, mixed_impl, routing_pool)."""
-    from polyglu.model.transformer import PolychromaticLM
-
-    config, _ = read_model_config(directory)
-    if overrides:
-        config = config.replace(**overrides)
-    state = load_state_file(Path(directory) / WEIGHTS_NAME)
-    with torch.device("cpu"):
-        model = PolychromaticLM(config)
-    check_state_dict(model, state, str(Path(directory) / WEIGHTS_NAME))
-    model.load_state_dict(state, strict=False)
-    if dtype is not None:
-        model = model.to(dtype)
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model

@@ -97,7 +97,7 @@ def checkpoint_evolution(run: str | Path | Sequence[str | Path], batches: Iterab
                          ) -> dict[str, Any]:
     """Per checkpoint (sorted by step): static routing per layer and, with `batches` (re-iterable,
     e.g. a list), dynamic routing per layer, as per-layer summaries."""
-    from polyglu.checkpoint import load_model
+    from polyglu.loading import load_model
 
     checkpoints = []
     for ckpt in find_checkpoints(run):

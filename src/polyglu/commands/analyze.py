@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.analysis.plots import render_plots
     from polyglu.analysis.report import findings, render_report
     from polyglu.analysis.runs import METRICS_NAME, find_checkpoints
-    from polyglu.checkpoint import load_model
     from polyglu.cli import CommandError
+    from polyglu.loading import load_model
 
     for flag, value in (("--max-tokens", args.max_tokens), ("--evolution-tokens", args.evolution_tokens),
                         ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):

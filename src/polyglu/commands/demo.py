@@ -98,9 +98,9 @@ def _accuracy_table(rows: dict[str, dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from polyglu.checkpoint import load_model
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.math import evaluate_math
+    from polyglu.loading import load_model
     from polyglu.model.transformer import PolychromaticLM
 
     def log(*a, **k):

@@ -56,9 +56,10 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer=None, *, device: s
                              dtype=None):
     """(model in eval mode, tokenizer) from a model directory. The tokenizer is `tokenizer` (an object,
     or a spec for `load_tokenizer`), else MODEL_DIR/tokenizer, else the one named in config.json."""
-    from polyglu.checkpoint import load_model, read_model_config
+    from polyglu.checkpoint import read_model_config
     from polyglu.cli import CommandError
     from polyglu.data.tokenizer import load_tokenizer
+    from polyglu.loading import load_model
 
     model = load_model(model_dir, device=resolve_device(device), dtype=torch_dtype(dtype))
     if tokenizer is None or isinstance(tokenizer, (str, Path)):

@@ -61,11 +61,11 @@ def check_output_file(path: str | None, flag: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from polyglu.checkpoint import load_model
     from polyglu.cli import CommandError
     from polyglu.commands.generate import TOKENIZER_SUBDIR, resolve_device, torch_dtype
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.perplexity import open_sources, perplexity, shard_sources
+    from polyglu.loading import load_model
 
     check_arguments(args)
     sources = shard_sources([s for s in args.data.split(",") if s])

@@ -194,8 +194,8 @@ def standalone_sources() -> dict[str, str]:
 def export_hf(model_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
     """Write `out_dir`: a Hugging Face directory loadable with trust_remote_code=True anywhere, and
     with plain `AutoModelForCausalLM` where `polyglu.interop.transformers` is imported."""
-    from polyglu.checkpoint import load_model
     from polyglu.interop.transformers import PolychromaticForCausalLM
+    from polyglu.loading import load_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     # the fused kernel is not bundled: the standalone code takes the reference path ("auto")

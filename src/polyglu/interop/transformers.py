@@ -158,7 +158,7 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
     def from_polyglu(cls, model: PolychromaticLM | str) -> PolychromaticForCausalLM:
         """Wrap a PolychromaticLM (or load a polyglu model directory) without copying its tensors."""
         if not isinstance(model, PolychromaticLM):
-            from polyglu.checkpoint import load_model
+            from polyglu.loading import load_model
 
             model = load_model(model)
         config = PolychromaticConfig(**model.config.to_dict())

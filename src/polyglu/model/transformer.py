@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -167,14 +168,33 @@ class PolychromaticLM(nn.Module):
 
         return parameter_counts(self)
 
+    # The model-directory format lives in polyglu.checkpoint, which does not import this module. It is
+    # imported inside these two methods so that export-hf can bundle this file without it.
+
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
         from polyglu.checkpoint import save_model
 
         return save_model(self, directory, extra=extra)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **kwargs) -> PolychromaticLM:
-        from polyglu.checkpoint import load_model
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, **overrides: Any) -> PolychromaticLM:
+        """Load from a model directory. `overrides` change config fields that do not affect tensor
+        shapes (e.g. eval_routing, mixed_impl, routing_pool)."""
+        from polyglu.checkpoint import WEIGHTS_NAME, check_state_dict, load_state_file, read_model_config
 
-        return load_model(directory, **kwargs)
+        config, _ = read_model_config(directory)
+        if overrides:
+            config = config.replace(**overrides)
+        state = load_state_file(Path(directory) / WEIGHTS_NAME)
+        with torch.device("cpu"):
+            model = cls(config)
+        check_state_dict(model, state, str(Path(directory) / WEIGHTS_NAME))
+        model.load_state_dict(state, strict=False)
+        if dtype is not None:
+            model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
+        model.eval()
+        return model
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from polyglu.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
-from polyglu.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, save_model
+from polyglu.checkpoint import save_model, write_model_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DCP_DIR = "dcp"
@@ -135,24 +135,6 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def write_model_dir(state: dict[str, torch.Tensor], config, directory: str | Path,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """A model directory from a full state dict: what polyglu.checkpoint.save_model writes for a
-    module (tied head omitted, model.safetensors then config.json, each atomically)."""
-    from safetensors.torch import save
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if getattr(config, "tie_embeddings", False):
-        state.pop("lm_head.weight", None)
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt", "polyglu_format": "1"}))
-    meta = {"polyglu_format": FORMAT_VERSION, "model": config.to_dict()}
-    meta.update(extra or {})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
-    return directory
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

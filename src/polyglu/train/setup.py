@@ -47,7 +47,7 @@ def builtin_data(config: RunConfig, log=print) -> dict[str, Any]:
 
 
 def build_model(config: RunConfig, vocab_size: int | None):
-    from polyglu.checkpoint import load_model
+    from polyglu.loading import load_model
     from polyglu.model.transformer import PolychromaticLM
 
     if config.init_from:

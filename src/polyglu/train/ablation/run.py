@@ -75,7 +75,7 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
     import torch
 
     from polyglu.atomic import atomic_write_text
-    from polyglu.checkpoint import load_model
+    from polyglu.loading import load_model
     from polyglu.model.stats import parameter_counts
     from polyglu.train import checkpointing as ckpt
     from polyglu.train.setup import build_run
