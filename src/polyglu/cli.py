@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from polyglu.commands import CommandError
+
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("polyglu.commands.demo", "the built-in end-to-end demo: data, tokenizer, pre-training, SFT, evaluation"),
@@ -26,10 +28,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "analyze": ("polyglu.commands.analyze", "routing analysis: entropy, routing maps, domains, training -> JSON, PNGs, report.html"),
     "ablate": ("polyglu.commands.ablate", "controlled ablation: PolyGLU variants vs SwiGLU/GEGLU/ReGLU/Tanh-GLU, resumable, report"),
 }
-
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def _build_parser(verb: str | None) -> argparse.ArgumentParser:

@@ -442,6 +442,12 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
+def bundled_configs_dir() -> Path:
+    """The repository's configs/ (demo, ablation and size presets as YAML) next to src/ in an
+    editable install; the package ships no second copy."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
 def set_dotted(data: dict[str, Any], item: str) -> None:
     """Apply one `a.b.c=value` override to a nested dict; the value is parsed as YAML."""
     import yaml

@@ -35,14 +35,14 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from polyglu.cli import CommandError
-    from polyglu.commands.demo import _configs_dir
+    from polyglu.commands import CommandError
+    from polyglu.config import bundled_configs_dir
     from polyglu.train.ablation import AblationConfig, report_ablation, run_ablation
     from polyglu.train.trainer import TrainingError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CommandError("polyglu ablate runs in one process (one device); start it without torchrun")
-    path = Path(args.config) if args.config else _configs_dir() / DEFAULT_CONFIG
+    path = Path(args.config) if args.config else bundled_configs_dir() / DEFAULT_CONFIG
     if not path.is_file():
         raise CommandError(f"ablation config {path} not found (pass --config)")
     overrides = list(args.overrides)

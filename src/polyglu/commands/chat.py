@@ -37,10 +37,10 @@ def fit_history(messages: list[dict], encode, budget: int) -> list[dict] | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from polyglu.commands.generate import chat_stop_ids, load_model_and_tokenizer
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.generation import TextStreamer, generate
+    from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
     # one sampling stream for the whole conversation: --seed makes the session reproducible

@@ -17,11 +17,6 @@ DEFAULT_PRETRAIN = "demo.yaml"
 DEFAULT_SFT = "demo-sft.yaml"
 
 
-def _configs_dir() -> Path:
-    # the repository's configs/ (editable install); the package ships no second copy
-    return Path(__file__).resolve().parents[3] / "configs"
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default="runs/demo", help="where everything is written (default runs/demo)")
     p.add_argument("--config", default=None, help=f"pre-training config (default configs/{DEFAULT_PRETRAIN})")
@@ -98,6 +93,7 @@ def _accuracy_table(rows: dict[str, dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from polyglu.config import bundled_configs_dir
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.math import evaluate_math
     from polyglu.loading import load_model
@@ -108,12 +104,12 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
-    configs = _configs_dir()
+    configs = bundled_configs_dir()
     pre_cfg = Path(args.config) if args.config else configs / DEFAULT_PRETRAIN
     sft_cfg = Path(args.sft_config) if args.sft_config else configs / DEFAULT_SFT
     for path in (pre_cfg, sft_cfg):
         if not path.is_file():
-            from polyglu.cli import CommandError
+            from polyglu.commands import CommandError
 
             raise CommandError(f"config {path} not found (pass --config/--sft-config)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -156,12 +152,12 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_report:
         try:
-            from polyglu.cli import main as cli_main
+            from polyglu.analysis.pipeline import analyze_to_directory
 
-            cli_main(["analyze", str(sft_dir), "--data", f"math={files['pretrain_validation']}", "--out",
-                      str(run_dir / "report"), "--run", str(run_dir / "pretrain"), "--max-tokens", "8192",
-                      "--evolution-tokens", "2048", "--seq-len", "256"])
-        except ImportError as e:  # matplotlib missing
+            analyze_to_directory(sft_dir, {"math": str(files["pretrain_validation"])}, run_dir / "report",
+                                 run_dir=run_dir / "pretrain", max_tokens=8192, evolution_tokens=2048, seq_len=256)
+        # matplotlib missing, or bad inputs (the errors `polyglu analyze` reported while the demo went on)
+        except (ImportError, ValueError, FileNotFoundError) as e:
             log(f"routing report skipped ({e})")
     log(f"done in {time.perf_counter() - t0:.0f}s; everything is in {run_dir}/ "
         f"(results.json, predictions.jsonl, pretrain/, sft/)")

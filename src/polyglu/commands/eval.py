@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polyglu.cli import CommandError
+    from polyglu.commands import CommandError
 
     try:
         from lm_eval.utils import make_table
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         from polyglu.eval.harness import PolygluLM, evaluate
     except ImportError as e:
         raise CommandError(f"polyglu eval needs lm-evaluation-harness: pip install 'polyglu[eval]' ({e})") from None
-    from polyglu.commands.generate import load_model_and_tokenizer
+    from polyglu.loading import load_model_and_tokenizer
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:

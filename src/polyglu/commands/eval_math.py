@@ -58,8 +58,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from polyglu.commands.generate import load_model_and_tokenizer
     from polyglu.eval.math import evaluate_math
+    from polyglu.loading import load_model_and_tokenizer
 
     problems = read_jsonl(args.data)
     fewshot = read_jsonl(args.fewshot_data) if args.fewshot_data else None

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from polyglu.cli import CommandError
+    from polyglu.commands import CommandError
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):

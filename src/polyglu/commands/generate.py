@@ -1,8 +1,8 @@
 """polyglu generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
 [--seed S] [--chat] [--stop STR]...
 
-Also the shared pieces of the model-reading verbs (generate, chat, eval, eval-math, perplexity):
-`add_model_arguments` and `load_model_and_tokenizer`.
+Also the shared options of the model-reading verbs (generate, chat, eval, eval-math, perplexity):
+`add_model_arguments`, `add_sampling_arguments`; they load with `polyglu.loading.load_model_and_tokenizer`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-TOKENIZER_SUBDIR = "tokenizer"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,65 +29,6 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
 
 
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def torch_dtype(name):
-    """'bfloat16' -> torch.bfloat16; None, 'auto' (as stored) and torch dtypes pass through."""
-    import torch
-
-    if name is None or name == "auto" or isinstance(name, torch.dtype):
-        return None if name == "auto" else name
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(dtypes)})")
-    return dtypes[name]
-
-
-def load_model_and_tokenizer(model_dir: str | Path, tokenizer=None, *, device: str | None = None,
-                             dtype=None):
-    """(model in eval mode, tokenizer) from a model directory. The tokenizer is `tokenizer` (an object,
-    or a spec for `load_tokenizer`), else MODEL_DIR/tokenizer, else the one named in config.json."""
-    from polyglu.checkpoint import read_model_config
-    from polyglu.cli import CommandError
-    from polyglu.data.tokenizer import load_tokenizer
-    from polyglu.loading import load_model
-
-    model = load_model(model_dir, device=resolve_device(device), dtype=torch_dtype(dtype))
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        spec = tokenizer
-        if spec is None and (Path(model_dir) / TOKENIZER_SUBDIR).is_dir():
-            spec = Path(model_dir) / TOKENIZER_SUBDIR
-        if spec is None:
-            _, meta = read_model_config(model_dir)
-            named = meta.get("tokenizer")
-            spec = named.get("name") if isinstance(named, dict) else named
-        if spec is None:
-            raise CommandError(f"{model_dir} has no {TOKENIZER_SUBDIR}/ directory and names no tokenizer; "
-                               f"pass --tokenizer byte|DIR|NAME")
-        tokenizer = load_tokenizer(spec)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CommandError(f"tokenizer {getattr(tokenizer, 'name', '?')} has {tokenizer.vocab_size} tokens but "
-                           f"the model's vocabulary is {model.config.vocab_size}")
-    return model, tokenizer
-
-
-def chat_stop_ids(tokenizer) -> list[int]:
-    """EOS and <|im_end|> (when the tokenizer has it): the tokens that end an assistant turn."""
-    from polyglu.data.special_tokens import IM_END
-
-    ids = [tokenizer.eos_id]
-    im_end = tokenizer.token_id(IM_END)
-    if im_end is not None:
-        ids.append(im_end)
-    return ids
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from standard input)")
@@ -102,10 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polyglu.cli import CommandError
+    from polyglu.commands import CommandError
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.generation import TextStreamer, generate
+    from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)

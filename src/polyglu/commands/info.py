@@ -28,7 +28,7 @@ def describe(target: str) -> dict:
     elif target in MODEL_PRESETS:
         config, source = ModelConfig.from_preset(target), "preset"
     else:
-        from polyglu.cli import CommandError
+        from polyglu.commands import CommandError
 
         raise CommandError(f"{target!r} is neither a model directory nor a preset ({', '.join(MODEL_PRESETS)})")
     with torch.device("meta"):

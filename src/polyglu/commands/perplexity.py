@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    from polyglu.cli import CommandError
+    from polyglu.commands import CommandError
 
     for flag, value in (("--window", args.window), ("--stride", args.stride), ("--max-tokens", args.max_tokens),
                         ("--batch-size", args.batch_size)):
@@ -44,7 +44,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def check_output_file(path: str | None, flag: str) -> None:
     """Refuse, before any work, an output file path that is a directory or lies under a file."""
-    from polyglu.cli import CommandError
+    from polyglu.commands import CommandError
 
     if path is None:
         return
@@ -61,11 +61,10 @@ def check_output_file(path: str | None, flag: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from polyglu.cli import CommandError
-    from polyglu.commands.generate import TOKENIZER_SUBDIR, resolve_device, torch_dtype
+    from polyglu.commands import CommandError
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.perplexity import open_sources, perplexity, shard_sources
-    from polyglu.loading import load_model
+    from polyglu.loading import TOKENIZER_SUBDIR, load_model, resolve_device, torch_dtype
 
     check_arguments(args)
     sources = shard_sources([s for s in args.data.split(",") if s])
@@ -92,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        from polyglu.checkpoint import atomic_write_text
+        from polyglu.atomic import atomic_write_text
 
         atomic_write_text(args.output, text + "\n")
     return 0

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace, task: str = TASK) -> int:
     try:
         summary = trainer.fit()
     except TrainingError as e:
-        from polyglu.cli import CommandError
+        from polyglu.commands import CommandError
 
         raise CommandError(str(e)) from None
     finally:

@@ -174,7 +174,7 @@ def write_token_shards(directory: str | Path, arrays, tokenizer, metadata: dict 
     """Write token arrays that were tokenised elsewhere as a prepared directory (one shard per array,
     documents ended by the tokenizer's EOS), so that `TokenShards` and `verify-data` can check them.
     `tokenizer`: a tokenizer or its `identity()`. Returns the manifest."""
-    from polyglu.checkpoint import atomic_write_bytes, atomic_write_text
+    from polyglu.atomic import atomic_write_bytes, atomic_write_text
 
     identity = tokenizer if isinstance(tokenizer, dict) else tokenizer.identity()
     vocab, eos = identity["vocab_size"], identity["eos_id"]

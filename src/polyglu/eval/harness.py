@@ -41,7 +41,7 @@ class PolygluLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("PolygluLM needs pretrained=MODEL_DIR or a model object")
-            from polyglu.commands.generate import load_model_and_tokenizer
+            from polyglu.loading import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device=device, dtype=dtype)
         elif isinstance(tokenizer, (str, Path)) or tokenizer is None:

@@ -1,0 +1,96 @@
+"""A model directory -> its routing analysis on disk: DIR/analysis.json, one PNG per figure and
+DIR/report.html. What `polyglu analyze` and the demo's report run.
+
+    analyze_to_directory("runs/demo/sft", {"math": "val.jsonl"}, "runs/demo/report", run_dir="runs/demo/pretrain")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyglu.analysis.data import load_token_batches
+from polyglu.analysis.plots import render_plots
+from polyglu.analysis.report import findings, render_report
+from polyglu.analysis.runs import METRICS_NAME, checkpoint_evolution, find_checkpoints, training_curves
+from polyglu.analysis.stats import analyze_model
+from polyglu.loading import load_model
+
+ROUTING_MEMORY_BUDGET = 1 << 30  # bytes of routing weights one forward may return (all layers)
+
+
+class AnalysisError(ValueError):
+    """The inputs of an analysis do not fit the model (context length, tokenizer, run directory)."""
+
+
+def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out_dir: str | Path,
+                         run_dir: str | Path | None = None, *, max_tokens: int = 32_768,
+                         evolution_tokens: int = 8_192, seq_len: int | None = None, batch_size: int | None = None,
+                         tokenizer: str | None = None, text_field: str = "text", device: str | None = None,
+                         dtype: str = "float32", log: Callable[..., Any] = print) -> dict[str, Any]:
+    """Analyse the model in `model_dir` on `datasets` ({name: token shard directory or .jsonl/.txt}) and,
+    with `run_dir`, across that run's checkpoints and metrics; write the JSON, figures and report to
+    `out_dir`. Returns the analysis dict."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    # soft routing whatever the saved eval mode: hard one-hot weights would have zero entropy
+    model = load_model(model_dir, device=device, dtype=torch_dtype, eval_routing="soft")
+    config = model.config
+    seq_len = seq_len or min(config.max_seq_len, 1024)
+    if seq_len > config.max_seq_len:
+        raise AnalysisError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    per_row = seq_len * config.d_ff * config.n_activations * 4 * config.n_layers
+    batch_size = batch_size or max(1, min(32, ROUTING_MEMORY_BUDGET // per_row))
+
+    specs = dict(datasets)
+    text_tokenizer = None
+    # the model's tokenizer tokenises text data and must be the one token shards were prepared with
+    tok_spec = tokenizer or Path(model_dir) / "tokenizer"
+    if tokenizer is not None or Path(tok_spec).is_dir():
+        from polyglu.data.tokenizer import load_tokenizer
+
+        text_tokenizer = load_tokenizer(tok_spec)
+    elif any(Path(p).is_file() for p in specs.values()):
+        raise AnalysisError(f"text data needs a tokenizer: {tok_spec} does not exist; pass --tokenizer")
+    batches = {}
+    for name, path in specs.items():
+        batches[name] = load_token_batches(path, seq_len, batch_size, max_tokens, tokenizer=text_tokenizer,
+                                           eos_id=config.eos_token_id, vocab_size=config.vocab_size,
+                                           text_field=text_field)
+        n_tokens = sum(ids.numel() for ids, _ in batches[name])
+        log(f"{name}: {n_tokens:,} tokens from {path}")
+
+    analysis = analyze_model(model, batches, max_tokens)
+    analysis["source"] = {"model": str(model_dir), "data": specs, "seq_len": seq_len, "device": device,
+                          "dtype": dtype}
+    del model
+    if run_dir:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise AnalysisError(f"--run {run_dir}: not a directory")
+        try:
+            checkpoints = find_checkpoints(run_dir)
+        except FileNotFoundError:
+            checkpoints = []
+        if checkpoints:
+            first = next(iter(batches.values()), None)
+            log(f"evolution: {len(checkpoints)} checkpoints in {run_dir}")
+            analysis["evolution"] = checkpoint_evolution(run_dir, first, evolution_tokens, device=device)
+        if (run_dir / METRICS_NAME).is_file():
+            analysis["training"] = training_curves(run_dir / METRICS_NAME)
+        if not checkpoints and "training" not in analysis:
+            raise AnalysisError(f"--run {run_dir}: neither checkpoints nor {METRICS_NAME} found")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(analysis) + "\n")
+    figures = render_plots(analysis, out)
+    report = render_report(analysis, figures, out / "report.html")
+    for line in findings(analysis):
+        log(f"  {line}")
+    log(f"wrote {out / 'analysis.json'}, {len(figures)} figures, {report}")
+    return analysis
