@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyglu import ModelConfig, PolychromaticLM
-from polyglu.model.stats import parameter_counts
+from polyglu.model.parameters import parameter_counts
 
 
 def _model(config: ModelConfig, **overrides) -> PolychromaticLM:

@@ -19,7 +19,7 @@ def describe(target: str) -> dict:
 
     from polyglu.checkpoint import read_model_config
     from polyglu.config import MODEL_PRESETS, ModelConfig
-    from polyglu.model.stats import parameter_counts
+    from polyglu.model.parameters import parameter_counts
     from polyglu.model.transformer import PolychromaticLM
 
     if Path(target).is_dir():

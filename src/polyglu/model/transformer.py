@@ -164,7 +164,7 @@ class PolychromaticLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def num_parameters(self) -> dict[str, int]:
-        from polyglu.model.stats import parameter_counts
+        from polyglu.model.parameters import parameter_counts
 
         return parameter_counts(self)
 

@@ -33,7 +33,7 @@ def parameter_total(model_config: ModelConfig) -> int:
     """Total parameters (tied weights once) of a model built on the meta device: no memory, no init."""
     import torch
 
-    from polyglu.model.stats import parameter_counts
+    from polyglu.model.parameters import parameter_counts
     from polyglu.model.transformer import PolychromaticLM
 
     with torch.device("meta"):

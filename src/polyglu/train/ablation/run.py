@@ -76,7 +76,7 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
 
     from polyglu.atomic import atomic_write_text
     from polyglu.loading import load_model
-    from polyglu.model.stats import parameter_counts
+    from polyglu.model.parameters import parameter_counts
     from polyglu.train import checkpointing as ckpt
     from polyglu.train.setup import build_run
 
