@@ -9,7 +9,6 @@ pytest.importorskip("transformers")
 
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from polyglu.checkpoint import CheckpointError  # noqa: E402
 from polyglu.cli import main  # noqa: E402
 from polyglu.interop.qwen3 import (  # noqa: E402
     copy_tokenizer_files,
@@ -18,6 +17,7 @@ from polyglu.interop.qwen3 import (  # noqa: E402
     route_to_silu,
 )
 from polyglu.loading import load_model  # noqa: E402
+from polyglu.model_io import CheckpointError  # noqa: E402
 
 VOCAB = 101
 

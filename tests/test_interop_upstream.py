@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import polyglu
-from polyglu.checkpoint import CheckpointError
 from polyglu.cli import main
 from polyglu.interop.upstream import load_upstream
+from polyglu.model_io import CheckpointError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 pytestmark = pytest.mark.skipif(not (FIXTURES / "upstream_tiny.pt").exists(), reason="shared/fixtures not present")

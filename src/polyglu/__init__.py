@@ -21,7 +21,7 @@ _EXPORTS = {
     "ModelConfig": "polyglu.config",
     "ConfigError": "polyglu.config",
     "load_model": "polyglu.loading",
-    "CheckpointError": "polyglu.checkpoint",
+    "CheckpointError": "polyglu.model_io",
     "generate": "polyglu.generation",
 }
 
@@ -41,10 +41,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover  # noqa: F401 (re-exports for type checkers)
-    from polyglu.checkpoint import CheckpointError  # noqa: F401
     from polyglu.config import ConfigError, ModelConfig  # noqa: F401
     from polyglu.generation import generate  # noqa: F401
     from polyglu.loading import load_model  # noqa: F401
     from polyglu.model.cache import KVCache  # noqa: F401
     from polyglu.model.polyglu import GLU, PolyGLU, SwiGLU  # noqa: F401
     from polyglu.model.transformer import ModelOutput, PolychromaticLM  # noqa: F401
+    from polyglu.model_io import CheckpointError  # noqa: F401

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(VERBS[args.verb][0])
-    from polyglu.checkpoint import CheckpointError
     from polyglu.config import ConfigError
+    from polyglu.model_io import CheckpointError
 
     try:
         result = module.run(args)

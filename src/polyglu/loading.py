@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from polyglu.checkpoint import CheckpointError, read_model_config
 from polyglu.data.special_tokens import IM_END
 from polyglu.data.tokenizer import load_tokenizer
 from polyglu.model.transformer import PolychromaticLM
+from polyglu.model_io import CheckpointError, read_model_config
 
 TOKENIZER_SUBDIR = "tokenizer"
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from polyglu.analysis.stats import Batch, _sig, dynamic_routing_stats, static_routing_stats, summarize_layers
-from polyglu.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from polyglu.model_io import CONFIG_NAME, WEIGHTS_NAME
 
 METRICS_NAME = "metrics.jsonl"
 MAX_POINTS = 2000  # per training curve; longer series are strided (the last point kept)

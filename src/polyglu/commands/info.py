@@ -17,10 +17,10 @@ def describe(target: str) -> dict:
 
     import torch
 
-    from polyglu.checkpoint import read_model_config
     from polyglu.config import MODEL_PRESETS, ModelConfig
     from polyglu.model.parameters import parameter_counts
     from polyglu.model.transformer import PolychromaticLM
+    from polyglu.model_io import read_model_config
 
     if Path(target).is_dir():
         config, _ = read_model_config(target)

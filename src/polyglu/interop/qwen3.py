@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from polyglu.checkpoint import CheckpointError
 from polyglu.config import ModelConfig
+from polyglu.model_io import CheckpointError
 
 # other activations weigh exp(-margin / tau): exactly 0 in float32 (below ~1e-45) while tau <= 1.15,
 # so a converted model computes SwiGLU bit for bit under softmax routing
@@ -108,7 +108,7 @@ def qwen3_model_config(raw: dict[str, Any], source: str = "config.json", **overr
 
 def read_safetensors_dir(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors or of the shards listed in model.safetensors.index.json."""
-    from polyglu.checkpoint import load_state_file
+    from polyglu.model_io import load_state_file
 
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
@@ -184,8 +184,8 @@ def load_qwen3(hf_dir: str | Path, ffn: str = "polyglu", dtype: torch.dtype = to
     (`route_to_silu(model, silu_margin)`), same outputs. `overrides` set other ModelConfig fields
     (e.g. activations, gate_hidden, routing_pool, max_seq_len). Weights are cast to `dtype`.
     """
-    from polyglu.checkpoint import check_state_dict
     from polyglu.model.transformer import PolychromaticLM
+    from polyglu.model_io import check_state_dict
 
     if ffn not in ("polyglu", "swiglu"):
         raise ValueError(f"ffn must be 'polyglu' or 'swiglu', got {ffn!r}")

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from polyglu.checkpoint import CheckpointError
 from polyglu.config import ModelConfig
+from polyglu.model_io import CheckpointError
 
 # original activation order (ReLU, Tanh, SiLU, GELU)
 UPSTREAM_ACTIVATIONS = ("relu", "tanh", "silu", "gelu")
@@ -50,7 +50,7 @@ def read_upstream_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from polyglu.checkpoint import load_state_file
+        from polyglu.model_io import load_state_file
 
         return load_state_file(path), {}
     try:
@@ -134,8 +134,8 @@ def load_upstream(path: str | Path, tau: float | None = None, **overrides: Any):
     tau: routing temperature; read from the file when it carries one, else 0.1 (the end of the
     original pre-training schedule) unless given.
     """
-    from polyglu.checkpoint import check_state_dict
     from polyglu.model.transformer import PolychromaticLM
+    from polyglu.model_io import check_state_dict
 
     state, meta = read_upstream_file(path)
     if tau is None:

@@ -168,11 +168,11 @@ class PolychromaticLM(nn.Module):
 
         return parameter_counts(self)
 
-    # The model-directory format lives in polyglu.checkpoint, which does not import this module. It is
+    # The model-directory format lives in polyglu.model_io, which does not import this module. It is
     # imported inside these two methods so that export-hf can bundle this file without it.
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
-        from polyglu.checkpoint import save_model
+        from polyglu.model_io import save_model
 
         return save_model(self, directory, extra=extra)
 
@@ -181,7 +181,7 @@ class PolychromaticLM(nn.Module):
                         dtype: torch.dtype | None = None, **overrides: Any) -> PolychromaticLM:
         """Load from a model directory. `overrides` change config fields that do not affect tensor
         shapes (e.g. eval_routing, mixed_impl, routing_pool)."""
-        from polyglu.checkpoint import WEIGHTS_NAME, check_state_dict, load_state_file, read_model_config
+        from polyglu.model_io import WEIGHTS_NAME, check_state_dict, load_state_file, read_model_config
 
         config, _ = read_model_config(directory)
         if overrides:

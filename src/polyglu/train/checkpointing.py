@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from polyglu.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
-from polyglu.checkpoint import save_model, write_model_dir
+from polyglu.model_io import save_model, write_model_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DCP_DIR = "dcp"

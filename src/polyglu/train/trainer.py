@@ -139,7 +139,7 @@ class Trainer:
         if path is None:
             self.log(f"no checkpoint in {self.run_dir}/checkpoints; starting from scratch")
             return False
-        from polyglu.checkpoint import CheckpointError, load_state_file
+        from polyglu.model_io import CheckpointError, load_state_file
 
         if ckpt.is_sharded_checkpoint(path):  # DCP (saved under FSDP): loads at any world size
             ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
@@ -309,7 +309,7 @@ class Trainer:
         Called on every rank: under FSDP the full weights are gathered (collective) to rank 0."""
         import shutil
 
-        from polyglu.checkpoint import save_model
+        from polyglu.model_io import save_model
 
         extra = {"step": self.step, "tokens": self.tokens, "task": self.config.task}
         final = self.run_dir / "final"

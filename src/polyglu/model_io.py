@@ -1,4 +1,6 @@
-"""Model directories: `config.json` + `model.safetensors`, written atomically, loaded without pickle.
+"""The model-directory format: `config.json` + `model.safetensors`, written atomically, read without
+pickle. `PolychromaticLM.from_pretrained` / `polyglu.load_model` build a model from one; training
+checkpoints (`train/checkpointing.py`) are a model directory plus optimizer and train state.
 
 config.json holds {"polyglu_format": 1, "model": {ModelConfig fields}, ...metadata}. The "model"
 section is validated strictly (unknown keys are errors); other top-level keys are metadata.

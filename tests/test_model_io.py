@@ -7,7 +7,7 @@ import torch
 
 import polyglu
 from polyglu import ModelConfig, PolychromaticLM
-from polyglu.checkpoint import CheckpointError
+from polyglu.model_io import CheckpointError
 
 
 def test_round_trip_is_bitwise(tiny_config, tmp_path):
