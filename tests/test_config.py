@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from polyglu.config import MODEL_PRESETS, ConfigError, ModelConfig
+from polyglu.config import MODEL_PRESETS, ConfigError, ModelConfig, RunConfig, load_mapping
 
 
 def test_paper_preset_numbers():
@@ -67,3 +67,32 @@ def test_ints_accepted_for_floats_and_lists_for_tuples():
     c = ModelConfig.from_dict({"rope_theta": 500000, "activations": ["gelu", "silu"]})
     assert c.rope_theta == 500000.0 and isinstance(c.rope_theta, float)
     assert c.activations == ("gelu", "silu")
+
+
+@pytest.mark.parametrize("text, match", [
+    (b"train:\n  max_steps: 1\n  max_steps: 2\n", r"c.yaml line 3: duplicate key 'max_steps' \(first at line 2\)"),
+    (b"", r"c.yaml is empty"),
+    (b"# nothing but a comment\n", r"c.yaml is empty"),
+    (b"train:\n  betas: [0.9\nmodel: {}\n", r"c.yaml line 3: YAML syntax error .*flow sequence started at line 2"),
+    (b"train:\n  x: \"\xff\"\n", r"c.yaml line 2: not UTF-8 \(byte 0xff at byte offset 13\)"),
+    (b"- a\n- b\n", r"c.yaml: top level must be a mapping, got list"),
+])
+def test_bad_yaml_files_name_file_and_line(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=match):
+        load_mapping(path)
+
+
+def test_yaml_floats_in_exponent_form_are_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  eps: 1E-8\n  warmup_steps: 10\n  max_steps: 1_000\nname: 1e3x\n")
+    assert load_mapping(path) == {"train": {"lr": 0.001, "eps": 1e-8, "warmup_steps": 10, "max_steps": 1000},
+                                  "name": "1e3x"}
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  lr: 1e-3\n")
+    assert RunConfig.load(run).train.lr == RunConfig.load(None, ["train.lr=1e-3"]).train.lr == 0.001
+    json_path = tmp_path / "c.json"
+    json_path.write_text('{"a": 1,\n "a": 2}\n')
+    with pytest.raises(ConfigError, match=r"c.json line 2: duplicate key 'a'"):
+        load_mapping(json_path)

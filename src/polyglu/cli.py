@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"polyglu {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a symlink loop or a permission error on a path no check foresaw
+        cause = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        print(f"polyglu {args.verb}: error: {cause}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"polyglu {args.verb}: interrupted", file=sys.stderr)
         return 130

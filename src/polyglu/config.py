@@ -123,26 +123,100 @@ def _type_name(annotation: Any) -> str:
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON file into a dict, with errors that name the file."""
+    """Read a YAML or JSON file into a dict, with errors that name the file (and line): unreadable,
+    not UTF-8, a syntax error, a duplicate key, an empty file, or a top level that is not a mapping.
+    YAML floats follow YAML 1.2 (`lr: 1e-3` is a float, as on the command line)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
-        raise ConfigError(f"cannot parse config file {path}: {e}".splitlines()[0]) from None
-    if data is None:
-        data = {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte offset "
+                          f"{e.start}); save it as UTF-8") from None
+    if not text.strip() or (path.suffix != ".json" and all(
+            not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())):
+        raise ConfigError(f"config file {path} is empty; expected a mapping (e.g. sections model, data, train)")
+    try:
+        data = _parse_json(text) if path.suffix == ".json" else _parse_yaml(text)
+    except _ParseError as e:
+        raise ConfigError(f"config file {path} line {e.line}: {e.message}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+class _ParseError(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+def _parse_json(text: str) -> Any:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise _ParseError(0, f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise _ParseError(e.lineno, f"invalid JSON at column {e.colno}: {e.msg}") from None
+    except _ParseError as e:  # json gives no position for a duplicate: find the key's second occurrence
+        key = e.message.split(" ", 2)[2]
+        lines = [i for i, line in enumerate(text.splitlines(), 1) if f'"{key[1:-1]}"' in line]
+        raise _ParseError(lines[1] if len(lines) > 1 else 1, e.message) from None
+
+
+def _yaml_loader():
+    """A SafeLoader that reads YAML 1.2 floats (`1e-3`, which YAML 1.1 leaves a string) and refuses
+    duplicate keys (which YAML silently resolves to the last)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _ParseError(line, f"duplicate key {key!r} (first at line {seen[key]})")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+                   r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def _parse_yaml(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        where = f" at column {mark.column + 1}" if mark is not None else ""
+        context = ""
+        if e.context and e.context_mark is not None and e.problem:
+            context = f" ({e.context} started at line {e.context_mark.line + 1})"
+        raise _ParseError(line, f"YAML syntax error{where}: {e.problem or e.context}{context}") from None
+    except yaml.YAMLError as e:
+        raise _ParseError(1, f"YAML error: {str(e).splitlines()[0]}") from None
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -456,8 +530,8 @@ def set_dotted(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=20)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_yaml_loader()) if raw != "" else None
+    except (yaml.YAMLError, _ParseError):
         value = raw
     if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
         try:

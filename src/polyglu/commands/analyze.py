@@ -53,17 +53,13 @@ def parse_data_specs(spec: str | None) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from polyglu.analysis.pipeline import analyze_to_directory
-    from polyglu.commands import CommandError
+    from polyglu.commands.common import check_output_directory, check_positive
 
-    for flag, value in (("--max-tokens", args.max_tokens), ("--evolution-tokens", args.evolution_tokens),
-                        ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
-        if value is not None and value <= 0:
-            raise CommandError(f"{flag} must be a positive integer, got {value}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise CommandError(f"--out {args.out}: is a file; expected a directory")
+    check_positive(max_tokens=args.max_tokens, evolution_tokens=args.evolution_tokens, seq_len=args.seq_len,
+                   batch_size=args.batch_size)
+    check_output_directory(args.out, "--out", empty=False)
     analyze_to_directory(args.model, parse_data_specs(args.data), args.out, run_dir=args.run,
                          max_tokens=args.max_tokens, evolution_tokens=args.evolution_tokens, seq_len=args.seq_len,
                          batch_size=args.batch_size, tokenizer=args.tokenizer, text_field=args.text_field,

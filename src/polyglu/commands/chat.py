@@ -37,21 +37,21 @@ def fit_history(messages: list[dict], encode, budget: int) -> list[dict] | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from polyglu.commands.generate import check_fits_context, check_sampling_arguments
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.generation import TextStreamer, generate
     from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
+    check_sampling_arguments(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    check_fits_context(args.max_new_tokens, model)
     # one sampling stream for the whole conversation: --seed makes the session reproducible
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(args.seed)
     interactive = sys.stdin.isatty()
     budget = model.config.max_seq_len - args.max_new_tokens
-    if budget < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the conversation in the "
-                         f"model context ({model.config.max_seq_len} tokens)")
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     stop_ids, stop_strings = chat_stop_ids(tokenizer), [IM_END, EOS_TOKEN]

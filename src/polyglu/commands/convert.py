@@ -22,10 +22,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from polyglu.commands import CommandError
+    from polyglu.commands.common import check_output_directory
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise CommandError(f"{out} exists and is not empty; choose a new output directory")
+    check_output_directory(out, "OUT_DIR")
     if args.source_format == "upstream":
         from polyglu.interop.upstream import load_upstream
 

@@ -43,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
         from polyglu.eval.harness import PolygluLM, evaluate
     except ImportError as e:
         raise CommandError(f"polyglu eval needs lm-evaluation-harness: pip install 'polyglu[eval]' ({e})") from None
+    from polyglu.commands.common import check_output_file, check_positive
     from polyglu.loading import load_model_and_tokenizer
 
+    check_positive(batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, limit=args.limit)
+    check_output_file(args.output, "--output")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise CommandError("--tasks names no task")

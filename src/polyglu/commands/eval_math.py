@@ -32,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the summary (no records) as JSON here")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file; errors name the file and line."""
+def read_jsonl(path: str | Path, problems: bool = True) -> list[dict]:
+    """Records of a JSONL file; errors name the file and line. With `problems`, each record must have a
+    string 'question' and an 'answer' with a numeric final answer ('... #### 42', or a number)."""
+    from polyglu.eval.math import reference_answer
+
     path = Path(path)
     records = []
     try:
@@ -49,6 +52,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object")
+        if problems:
+            if not isinstance(record.get("question"), str) or "answer" not in record:
+                raise ValueError(f"{path} line {number}: expected fields 'question' (text) and 'answer' "
+                                 f"(fields: {', '.join(map(str, record)) or 'none'})")
+            if reference_answer(record) is None:
+                raise ValueError(f"{path} line {number}: answer {str(record['answer'])[-60:]!r} has no numeric "
+                                 f"final answer (expected '... #### 42' or a number)")
         records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")
@@ -58,9 +68,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from polyglu.commands import CommandError
+    from polyglu.commands.common import check_output_file, check_positive
     from polyglu.eval.math import evaluate_math
     from polyglu.loading import load_model_and_tokenizer
 
+    check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    if args.num_fewshot < 0:
+        raise CommandError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    check_output_file(args.output_jsonl, "--output-jsonl")
+    check_output_file(args.json_path, "--json")
     problems = read_jsonl(args.data)
     fewshot = read_jsonl(args.fewshot_data) if args.fewshot_data else None
     if args.limit is not None:

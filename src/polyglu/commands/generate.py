@@ -29,6 +29,32 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
 
 
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """The sampling flags' ranges, checked before the model is loaded."""
+    import math
+
+    from polyglu.commands import CommandError
+
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CommandError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        raise CommandError(f"--top-k must be >= 0 (0 or unset: no top-k), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CommandError(f"--top-p must be in (0, 1] (1 or unset: no nucleus), got {args.top_p}")
+
+
+def check_fits_context(max_new_tokens: int, model) -> None:
+    """--max-new-tokens must leave room for at least one prompt token in the model context."""
+    from polyglu.commands import CommandError
+
+    context = model.config.max_seq_len
+    if max_new_tokens >= context:
+        raise CommandError(f"--max-new-tokens {max_new_tokens} does not fit the model context of {context} tokens "
+                           f"(prompt included); use at most {context - 1}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from standard input)")
@@ -46,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.generation import TextStreamer, generate
     from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
+    check_sampling_arguments(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    check_fits_context(args.max_new_tokens, model)
     stop_strings = list(args.stop)
     eos_ids = [tokenizer.eos_id]
     if args.chat:

@@ -32,30 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     from polyglu.commands import CommandError
+    from polyglu.commands.common import check_output_file, check_positive
 
-    for flag, value in (("--window", args.window), ("--stride", args.stride), ("--max-tokens", args.max_tokens),
-                        ("--batch-size", args.batch_size)):
-        if value is not None and value <= 0:
-            raise CommandError(f"{flag} must be a positive number of tokens, got {value}")
+    check_positive(window=args.window, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size)
     if args.window is not None and args.stride is not None and args.stride > args.window:
         raise CommandError(f"--stride {args.stride} must be at most --window {args.window}")
     check_output_file(args.output, "--output")
-
-
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse, before any work, an output file path that is a directory or lies under a file."""
-    from polyglu.commands import CommandError
-
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise CommandError(f"{flag} {target}: is a directory; expected a file path")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CommandError(f"{flag} {target}: its parent {parent} is a file; expected a directory")
-            break
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,9 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polyglu.commands.common import check_positive
     from polyglu.data.prepare import DEFAULT_SHARD_TOKENS, prepare, prepare_builtin_math
     from polyglu.data.sources import HFSource
 
+    check_positive(max_tokens=args.max_tokens, shard_tokens=args.shard_tokens, workers=args.workers)
+    if args.builtin:
+        check_positive(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
     common = dict(max_tokens=args.max_tokens, workers=args.workers, progress=not args.no_progress,
                   force=args.force)
     if args.builtin:
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             sources = args.input
         manifest = prepare(sources, args.tokenizer, args.out, text_field=args.text_field,
-                           validation=args.validation, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                           validation=args.validation, shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
                            **common)
     print(f"{args.out}: {manifest['tokens']:,} tokens, {manifest['documents']:,} documents in "
           f"{len(manifest['shards'])} shard(s) ({manifest['dtype']}, vocab {manifest['vocab_size']}, "

@@ -180,7 +180,24 @@ def load_tokenizer(spec: str | os.PathLike):
         spec = "Qwen/Qwen3-0.6B"
     if path.exists() and not path.is_dir():
         raise TokenizerError(f"tokenizer {spec}: expected a directory, 'byte', or a Hugging Face name")
-    return _auto(spec, spec)
+    if not path.exists() and _is_path_only(spec):
+        raise TokenizerError(f"tokenizer {spec}: no such directory (expected 'byte', a tokenizer directory, or a "
+                             f"Hugging Face name such as Qwen/Qwen3-0.6B)")
+    try:
+        return _auto(spec, spec)
+    except TokenizerError as e:
+        if path.exists():
+            raise
+        raise TokenizerError(f"tokenizer {spec}: no such directory, and not loadable as a Hugging Face name "
+                             f"({str(e).split(': ', 1)[-1]})") from None
+
+
+def _is_path_only(spec: str) -> bool:
+    """A spec meant as a path: one no hub name can be ('org/name' at most: absolute, ./ ../ ~, several '/',
+    a separator at the end), or one whose parent directory exists here."""
+    parent = Path(spec).parent
+    return (os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1 or spec.endswith(("/", os.sep))
+            or (os.sep != "/" and os.sep in spec) or (parent != Path(".") and parent.is_dir()))
 
 
 def same_tokenizer(a: dict, b: dict) -> str | None:

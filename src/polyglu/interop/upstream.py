@@ -53,6 +53,9 @@ def read_upstream_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
         from polyglu.model_io import load_state_file
 
         return load_state_file(path), {}
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither the zip archive `torch.save` writes nor "
+                              f"a pickle; expected an original PolyGLU .pt or .safetensors file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError
@@ -74,7 +77,27 @@ def read_upstream_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     return state, meta
 
 
+def _looks_like_torch_save(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle stream (protocol 2+ starts with 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+# rank of each tensor the config is inferred from: a wrong rank would otherwise fail as an unpacking error
+_RANKS = {"embeddings.weight": 2, "model_core.0.gqa.rmsnorm_q.gama": 1, "model_core.0.gqa.W_q.weight": 2,
+          "model_core.0.gqa.W_k.weight": 2, "model_core.0.polyglu.alpha": 2,
+          "model_core.0.polyglu.gate_net.0.weight": 2, "rope.cosines": 2}
+
+
 def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint", **overrides: Any) -> ModelConfig:
+    for key, rank in _RANKS.items():
+        if key in state and state[key].dim() != rank:
+            raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(state[key].shape)}, expected "
+                                  f"{rank} dimension{'s' if rank > 1 else ''}")
+
     def need(key: str) -> torch.Tensor:
         if key not in state:
             raise CheckpointError(f"{source}: tensor '{key}' not found; is this an original PolyGLU checkpoint?")

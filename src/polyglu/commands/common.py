@@ -1,0 +1,48 @@
+"""Checks the verbs share on their flags, run before any work so that a bad flag costs nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def check_output_file(path: str | Path | None, flag: str) -> None:
+    """Refuse an output file path that is a directory or lies under a file."""
+    from polyglu.commands import CommandError
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise CommandError(f"{flag} {target}: is a directory; expected a file path")
+    _check_parents(target, flag)
+
+
+def check_output_directory(path: str | Path, flag: str, empty: bool = True) -> None:
+    """Refuse an output directory path that is a file, lies under a file, or (with `empty`) holds files."""
+    from polyglu.commands import CommandError
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CommandError(f"{flag} {target}: is a file; expected a new directory")
+    if empty and target.is_dir() and any(target.iterdir()):
+        raise CommandError(f"{flag} {target}: exists and is not empty; choose a new output directory")
+    _check_parents(target, flag)
+
+
+def _check_parents(target: Path, flag: str) -> None:
+    from polyglu.commands import CommandError
+
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CommandError(f"{flag} {target}: its parent {parent} is a file; expected a directory")
+            return
+
+
+def check_positive(**flags: int | float | None) -> None:
+    """Each given flag (name with '_' for '-') must be None or > 0."""
+    from polyglu.commands import CommandError
+
+    for name, value in flags.items():
+        if value is not None and not value > 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
