@@ -300,6 +300,8 @@ def test_a_copied_prepared_directory_still_matches_its_inputs(tmp_path):
     shutil.rmtree(first)  # the original (and its absolute paths) is gone
     manifest = prepare_builtin_math("byte", tmp_path / "copy", n_train=30, n_val=6, n_test=6)
     assert manifest["inputs"]["sources"][0]["path"] == "text/pretrain_train.jsonl"
+    validation = read_manifest(tmp_path / "copy" / "validation")
+    assert validation["inputs"]["sources"][0]["path"] == "../text/pretrain_validation.jsonl"
     assert verify_prepared(tmp_path / "copy")["validation"]["documents"] == 6
 
 

@@ -73,9 +73,10 @@ def prepare(sources, tokenizer, out: str | Path, *, text_field: str = "text", va
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     out = Path(out)
     common = dict(text_field=text_field, shard_tokens=shard_tokens, force=force)
-    plans = [_plan_split(parse_sources(sources), tok, out, max_tokens=max_tokens, **common)]
+    plans = [_plan_split(parse_sources(sources), tok, out, out, max_tokens=max_tokens, **common)]
     if validation is not None:
-        plans.append(_plan_split(parse_sources(validation), tok, out / VALIDATION_DIR, max_tokens=None, **common))
+        plans.append(_plan_split(parse_sources(validation), tok, out / VALIDATION_DIR, out, max_tokens=None,
+                                 **common))
     manifests = [_run_split(plan, tok, workers=workers, progress=progress, metadata=metadata, log=log)
                  for plan in plans]
     return manifests[0]
@@ -165,7 +166,7 @@ class _Plan:
         self.manifest, self.done_shards = manifest, done_shards or []
 
 
-def _plan_split(sources, tok, out_dir: Path, *, text_field, max_tokens, shard_tokens, force) -> _Plan:
+def _plan_split(sources, tok, out_dir: Path, root: Path, *, text_field, max_tokens, shard_tokens, force) -> _Plan:
     if max_tokens is not None and max_tokens <= 0:
         raise DataError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
     if not isinstance(shard_tokens, int) or shard_tokens <= 0:
@@ -173,7 +174,7 @@ def _plan_split(sources, tok, out_dir: Path, *, text_field, max_tokens, shard_to
     check_output_directory(out_dir)
     identity = tok.identity()
     dtype = shard_dtype(tok.vocab_size)
-    inputs = {"sources": [describe_source(s, out_dir) for s in sources], "text_field": text_field,
+    inputs = {"sources": [describe_source(s, out_dir, root) for s in sources], "text_field": text_field,
               "tokenizer": identity, "max_tokens": max_tokens, "shard_tokens": shard_tokens, "dtype": dtype}
     if force:
         return _Plan(sources, out_dir, inputs, force)

@@ -62,12 +62,13 @@ class HFSource:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"cannot load Hugging Face dataset {self}: {first}") from None
 
-    def describe(self, relative_to: Path | None = None) -> dict:
+    def describe(self, relative_to: Path | None = None, within: Path | None = None) -> dict:
         """What identifies the data (for resuming and idempotency); local data files by content too."""
         files = None
         if self.data_files is not None:
             paths = [self.data_files] if isinstance(self.data_files, str) else list(self.data_files)
-            files = [_file_fingerprint(Path(p), relative_to) if Path(p).is_file() else {"path": p} for p in paths]
+            files = [_file_fingerprint(Path(p), relative_to, within) if Path(p).is_file() else {"path": p}
+                     for p in paths]
         return {"kind": "hf", "name": self.name, "config": self.config, "split": self.split,
                 "data_files": files, "revision": self.revision}
 
@@ -115,12 +116,13 @@ def parse_sources(spec) -> list[Source]:
     return sources
 
 
-def describe_source(source: Source, relative_to: Path | None = None) -> dict:
-    """What identifies a source: a local file by its size and full sha256 (its path is kept for people,
-    relative to `relative_to` when inside it so that a copied directory still matches)."""
+def describe_source(source: Source, relative_to: Path | None = None, within: Path | None = None) -> dict:
+    """What identifies a source: a local file by its size and full sha256. Its path is kept for people:
+    relative to `relative_to` when the file lies inside `within` (default: `relative_to`), so a
+    copied directory holds no stale absolute path; it is never compared."""
     if isinstance(source, HFSource):
-        return source.describe(relative_to)
-    return {"kind": "file", **_file_fingerprint(source, relative_to)}
+        return source.describe(relative_to, within)
+    return {"kind": "file", **_file_fingerprint(source, relative_to, within)}
 
 
 def same_source(old: dict, new: dict) -> bool:
@@ -147,7 +149,7 @@ def _same_file(old: dict, new: dict) -> bool:
 HASH_BLOCK = 1 << 22
 
 
-def _file_fingerprint(path: Path, relative_to: Path | None = None) -> dict:
+def _file_fingerprint(path: Path, relative_to: Path | None = None, within: Path | None = None) -> dict:
     """Path, size, the sha256 of the whole file (~0.9 GB/s: an edit anywhere changes it) and the
     sample hash older manifests recorded (first and last MiB), so those still compare."""
     try:
@@ -164,11 +166,8 @@ def _file_fingerprint(path: Path, relative_to: Path | None = None) -> dict:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     resolved = path.resolve()
     shown = str(resolved)
-    if relative_to is not None:
-        try:
-            shown = str(resolved.relative_to(Path(relative_to).resolve()))
-        except ValueError:
-            pass
+    if relative_to is not None and resolved.is_relative_to(Path(within or relative_to).resolve()):
+        shown = os.path.relpath(resolved, Path(relative_to).resolve())
     return {"path": shown, "bytes": size, "sha256": full.hexdigest(), "sample_sha256": sample.hexdigest()}
 
 
