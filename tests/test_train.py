@@ -1,5 +1,6 @@
 """Trainer: schedules, parameter groups, chunked loss, exact resume, crash safety, non-finite steps."""
 
+import contextlib
 import json
 import math
 
@@ -116,6 +117,36 @@ def test_chunked_cross_entropy_matches_full():
     g2 = torch.autograd.grad(ref * 0.5, (hidden, weight))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_input_requires_grad"])
+def test_chunked_cross_entropy_skips_gradient_work_without_grad(mode, monkeypatch):
+    """Evaluation (no_grad) must not form the loss's gradients: the autograd Function, which computes
+    them in its forward pass, is not called, and the value is the same."""
+    from polyglu.train import loss as loss_module
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=(mode != "no_input_requires_grad"))
+    weight = torch.nn.Parameter(torch.randn(40, 16), requires_grad=(mode != "no_input_requires_grad"))
+    targets = torch.randint(0, 40, (2, 9))
+    targets[1, :4] = IGNORE_INDEX
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).reshape(-1, 40), targets.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum")
+    calls = []
+    real_apply = loss_module._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(loss_module._ChunkedLinearCrossEntropy, "apply",
+                        lambda *args: calls.append(1) or real_apply(*args))
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "no_input_requires_grad": contextlib.nullcontext}[mode]
+    with context():
+        loss = chunked_cross_entropy_sum(hidden, weight, targets, chunk_size=4)
+    assert calls == [] and not loss.requires_grad
+    torch.testing.assert_close(loss, ref)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    if mode == "no_grad":  # with grad enabled again the gradient path is used
+        chunked_cross_entropy_sum(hidden, weight, targets, chunk_size=4).backward()
+        assert calls == [1] and weight.grad is not None
 
 
 def test_training_reduces_loss_and_logs(tmp_path):
