@@ -13,10 +13,13 @@ import torch
 
 from polyglu.analysis.stats import Batch, _sig, dynamic_routing_stats, static_routing_stats, summarize_layers
 from polyglu.model_io import CONFIG_NAME, WEIGHTS_NAME
+from polyglu.train.metrics import (
+    METRICS_NAME,  # noqa: F401  (the name commands import from here)
+    STEP_KEYS,
+    read_metrics,
+)
 
-METRICS_NAME = "metrics.jsonl"
 MAX_POINTS = 2000  # per training curve; longer series are strided (the last point kept)
-_STEP_KEYS = ("step", "global_step", "train_step")
 SEARCH_DEPTH = 3
 
 
@@ -39,7 +42,7 @@ def checkpoint_step(model_dir: str | Path) -> int | None:
             continue
         for section in (meta, meta.get("train"), meta.get("state")):
             if isinstance(section, dict):
-                for key in _STEP_KEYS:
+                for key in STEP_KEYS:
                     value = section.get(key)
                     if isinstance(value, int) and not isinstance(value, bool):
                         return value
@@ -127,39 +130,25 @@ def _flatten(value: Any, prefix: str, out: dict[str, float]) -> None:
 
 
 def training_curves(metrics: str | Path, max_points: int = MAX_POINTS) -> dict[str, Any]:
-    """Every numeric series in a `metrics.jsonl` (a file, or a run directory holding one).
+    """Every numeric series in a `metrics.jsonl` (a file, or a run directory holding one), read by
+    `polyglu.train.metrics.read_metrics` (one row per step, the last logged winning).
 
     Lenient: unparseable lines are counted and skipped, nested values are flattened to dotted keys
     (`routing_entropy.dynamic.3`), non-finite values are dropped. The x axis is `step` when a row
     has one, else the row index. Returns {"path", "rows", "skipped_lines", "series": {key: {"step",
     "value"}}}, each series strided to at most `max_points` points.
     """
-    path = Path(metrics)
-    if path.is_dir():
-        path = path / METRICS_NAME
+    log = read_metrics(metrics)
+    if not log.path.is_file():
+        raise FileNotFoundError(f"{log.path}: no such metrics file")
     series: dict[str, tuple[list[float], list[float]]] = {}
-    rows = skipped = 0
-    with open(path) as f:
-        for index, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                skipped += 1
-                continue
-            if not isinstance(row, dict):
-                skipped += 1
-                continue
-            rows += 1
-            step = next((row[k] for k in _STEP_KEYS if isinstance(row.get(k), (int, float))), index)
-            flat: dict[str, float] = {}
-            _flatten({k: v for k, v in row.items() if k not in _STEP_KEYS}, "", flat)
-            for key, value in flat.items():
-                xs, ys = series.setdefault(key, ([], []))
-                xs.append(step)
-                ys.append(value)
+    for step, row in zip(log.steps, log.rows):
+        flat: dict[str, float] = {}
+        _flatten({k: v for k, v in row.items() if k not in STEP_KEYS}, "", flat)
+        for key, value in flat.items():
+            xs, ys = series.setdefault(key, ([], []))
+            xs.append(step)
+            ys.append(value)
     out = {}
     for key, (xs, ys) in sorted(series.items()):
         stride = max(1, math.ceil(len(xs) / max_points))
@@ -169,4 +158,4 @@ def training_curves(metrics: str | Path, max_points: int = MAX_POINTS) -> dict[s
         out[key] = {"step": [xs[i] for i in keep], "value": [_sig(ys[i]) for i in keep]}
         if stride > 1:
             out[key]["strided_from"] = len(xs)
-    return {"path": str(path), "rows": rows, "skipped_lines": skipped, "series": out}
+    return {"path": str(log.path), "rows": len(log.rows), "skipped_lines": log.skipped_lines, "series": out}

@@ -66,7 +66,7 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
         if meta.get("step") == config.train.max_steps:
             log(f"[{task}] already finished in {stage_dir} (use --fresh to redo)")
             return stage_dir / "final"
-    trainer = build_run(config, log=log)
+    trainer = build_run(config, log=log, overwrite=fresh)  # --fresh replaces an earlier stage's results
     if not fresh:
         trainer.resume()
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""polyglu sft --config FILE [key=value ...] [--resume]: supervised fine-tuning (loss on assistant tokens)."""
+"""polyglu sft --config FILE [key=value ...] [--resume | --overwrite]: supervised fine-tuning (loss on assistant tokens)."""
 
 from __future__ import annotations
 

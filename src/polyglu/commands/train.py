@@ -1,8 +1,10 @@
-"""polyglu train --config FILE [key=value ...] [--resume]   (also `polyglu sft`)"""
+"""polyglu train --config FILE [key=value ...] [--resume | --overwrite]   (also `polyglu sft`)"""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 TASK = "pretrain"
 
@@ -11,26 +13,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML/JSON run config (sections model, data, train)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.max_steps=20 run_dir=runs/x model.d_ff=512")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in run_dir")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in run_dir from its latest complete checkpoint (the config may "
+                            "change only in settings that keep its results: max_steps, logging/eval/checkpoint "
+                            "cadence, ...)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="run_dir holds an earlier run: delete its results (run_config.json, metrics.jsonl, "
+                            "checkpoints/, final/) and start again")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
+def resume_command(args: argparse.Namespace, verb: str) -> str:
+    parts = ["polyglu", verb] + (["--config", args.config] if args.config else []) + list(args.overrides)
+    if args.device:
+        parts += ["--device", args.device]
+    return shlex.join([*parts, "--resume"])
+
+
 def run(args: argparse.Namespace, task: str = TASK) -> int:
+    from polyglu.commands import CommandError
     from polyglu.config import RunConfig
     from polyglu.train.setup import build_run
-    from polyglu.train.trainer import TrainingError
+    from polyglu.train.trainer import TrainingError, TrainingInterrupted
 
+    verb = "train" if task == TASK else "sft"
     # the verb decides the task: `polyglu sft --config any.yaml` fine-tunes
     config = RunConfig.load(args.config, [*args.overrides, f"task={task}"])
-    trainer = build_run(config, device=args.device)
-    if args.resume:
-        trainer.resume()
+    trainer = build_run(config, device=args.device, resume=args.resume, overwrite=args.overwrite)
     try:
+        if args.resume:
+            trainer.resume()
         summary = trainer.fit()
     except TrainingError as e:
-        from polyglu.commands import CommandError
-
         raise CommandError(str(e)) from None
+    except TrainingInterrupted as e:
+        if trainer.dist.is_main:
+            print(f"polyglu {verb}: interrupted at step {e.step}: checkpoint saved in {e.checkpoint}; resume with: "
+                  f"{resume_command(args, verb)}", file=sys.stderr)
+        return 130
     finally:
         trainer.dist.close()
     if trainer.dist.is_main:

@@ -1,19 +1,93 @@
-"""Run observability: metrics.jsonl (always), TensorBoard and Weights & Biases (opt-in)."""
+"""Run observability: metrics.jsonl (always), TensorBoard and Weights & Biases (opt-in).
+
+metrics.jsonl has one writer (MetricsWriter, appending a JSON object per logged step) and one reader
+(read_metrics) that every consumer uses: the trainer truncating it on resume, the analysis curves,
+the ablation tables.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+METRICS_NAME = "metrics.jsonl"
+STEP_KEYS = ("step", "global_step", "train_step")  # the x axis, also of metrics logged by other tools
+
+
+@dataclass
+class MetricsLog:
+    """The rows of a metrics.jsonl, one per step in step order. A step logged more than once (the
+    steps a killed run logged after its last checkpoint, logged again by the resumed run, in files
+    written before resumes truncated them) keeps its last row. Rows without a step key use their
+    line number as the step."""
+
+    path: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    skipped_lines: int = 0  # not a JSON object (e.g. a line torn by a kill)
+    duplicate_rows: int = 0  # replaced by a later row of the same step
+
+
+def read_metrics(metrics: str | Path) -> MetricsLog:
+    """Read a metrics.jsonl (the file, or a run directory holding one). A missing file is empty."""
+    path = Path(metrics)
+    if path.is_dir():
+        path = path / METRICS_NAME
+    log = MetricsLog(path)
+    if not path.is_file():
+        return log
+    by_step: dict[float, dict[str, Any]] = {}
+    with open(path, errors="replace") as f:
+        for index, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                log.skipped_lines += 1
+                continue
+            if not isinstance(row, dict):
+                log.skipped_lines += 1
+                continue
+            step = next((row[k] for k in STEP_KEYS if _is_number(row.get(k))), index)
+            log.duplicate_rows += step in by_step
+            by_step.pop(step, None)  # re-insert: the later row also takes the later position
+            by_step[step] = row
+    log.steps = sorted(by_step)
+    log.rows = [by_step[s] for s in log.steps]
+    return log
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> int:
+    """Keep the rows of steps <= `step` (the resumed checkpoint's), one per step: the steps after it
+    are trained, and logged, again. Rewritten atomically; returns the number of rows dropped."""
+    from polyglu.atomic import atomic_write_text
+
+    log = read_metrics(run_dir)
+    if not log.path.is_file():
+        return 0
+    keep = [row for s, row in zip(log.steps, log.rows) if s <= step]
+    dropped = len(log.rows) - len(keep) + log.duplicate_rows + log.skipped_lines
+    if dropped:
+        atomic_write_text(log.path, "".join(json.dumps(row) + "\n" for row in keep))
+    return dropped
 
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False,
                  wandb_project: str | None = None, config: dict | None = None) -> None:
         self.enabled = enabled
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.file = open(Path(run_dir) / METRICS_NAME, "a") if enabled else None  # noqa: SIM115
         self.tb = None
         self.wandb = None
         if enabled and tensorboard:

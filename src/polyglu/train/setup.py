@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from polyglu.config import ConfigError, RunConfig
+from polyglu.train import rundir
 from polyglu.train.distributed import DistributedContext
 from polyglu.train.trainer import Trainer
 
@@ -65,13 +66,21 @@ def build_model(config: RunConfig, vocab_size: int | None):
     return PolychromaticLM(config.model_config())
 
 
-def build_run(config: RunConfig, device: str | None = None, log=print) -> Trainer:
+def build_run(config: RunConfig, device: str | None = None, log=print, resume: bool | None = None,
+              overwrite: bool = False) -> Trainer:
+    """The Trainer of `config`, its run directory locked first (a second trainer there stops here,
+    before anything is written). `resume=False` (a fresh start) refuses a run directory holding
+    another run's results unless `overwrite`; None leaves the decision to resume()/fit()."""
     from polyglu.data.loader import Mixture, PackedLoader
     from polyglu.data.tokenizer import load_tokenizer
 
     dist = DistributedContext.from_env(device)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731
+    run_lock = rundir.RunLock(config.run_dir)
+    rundir.on_main(dist, lambda: run_lock.acquire(log))
+    if resume is False:
+        rundir.on_main(dist, lambda: rundir.refuse_existing_results(config.run_dir, overwrite))
     d, tc = config.data, config.train
     tokenizer_dir = None
     if d.sources and config.task == "pretrain":
@@ -119,4 +128,5 @@ def build_run(config: RunConfig, device: str | None = None, log=print) -> Traine
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{config.task}: {n_params:,} parameters, ffn={model.config.ffn}, vocab={model.config.vocab_size}, "
         f"device={dist.device}, world_size={dist.world_size}")
-    return Trainer(config, model, train_data, val_data, tokenizer_dir=tokenizer_dir, dist=dist, log=log)
+    return Trainer(config, model, train_data, val_data, tokenizer_dir=tokenizer_dir, dist=dist, log=log,
+                   overwrite=overwrite, run_lock=run_lock)

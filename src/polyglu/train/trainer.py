@@ -9,9 +9,11 @@ exactly the batches an uninterrupted one would. Each micro-batch also seeds the 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,10 +22,12 @@ import torch
 from torch import nn
 
 from polyglu.config import RunConfig
+from polyglu.model_io import CheckpointError, load_state_file, save_model
 from polyglu.train import checkpointing as ckpt
+from polyglu.train import rundir
 from polyglu.train.distributed import DistributedContext
 from polyglu.train.loss import IGNORE_INDEX, chunked_cross_entropy_sum
-from polyglu.train.metrics import MetricsWriter, routing_entropy_summary
+from polyglu.train.metrics import MetricsWriter, routing_entropy_summary, truncate_metrics
 from polyglu.train.optim import build_optimizer
 from polyglu.train.schedules import lr_at, tau_at
 
@@ -34,6 +38,14 @@ class BatchSource(Protocol):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT): the step in progress finished, a checkpoint was saved, the run stopped."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved: {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 class LossModule(nn.Module):
@@ -56,7 +68,11 @@ def micro_seed(seed: int, step: int, micro_step: int, rank: int = 0) -> int:
 class Trainer:
     def __init__(self, config: RunConfig, model: nn.Module, train_data: BatchSource,
                  val_data: BatchSource | None = None, tokenizer_dir: str | Path | None = None,
-                 dist: DistributedContext | None = None, log=print) -> None:
+                 dist: DistributedContext | None = None, log=print, overwrite: bool = False,
+                 run_lock: rundir.RunLock | None = None) -> None:
+        """`overwrite`: a run directory holding another run's results is cleared when fit() starts
+        (without it, and without resume(), fit() refuses to start there). `run_lock`: the run
+        directory's lock when the caller took it already (build_run, before writing data)."""
         self.config = config
         self.tc = config.train
         self.run_dir = Path(config.run_dir)
@@ -79,6 +95,13 @@ class Trainer:
         self.best_val: float | None = None
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.overwrite = overwrite
+        self.run_lock = run_lock or rundir.RunLock(self.run_dir)
+        self.resumed_step: int | None = None  # set by resume(): continue this run directory's run
+        self.config_changes: dict[str, tuple[Any, Any]] = {}  # safe changes against the resumed run
+        self._started = False
+        self._saved_step: int | None = None
+        self._interrupt_requested = False
         self.loss_module = self.dist.wrap(self._prepare_model(), self.tc.distributed)
         self.sharded = self.dist.is_sharded(self.loss_module)
         if self.sharded:  # fully_shard replaced the parameters with DTensors: optimise those
@@ -122,6 +145,7 @@ class Trainer:
                 "rng": ckpt.rng_state(), "config": self.config.to_dict()}
 
     def save(self) -> Path | None:
+        self._saved_step = self.step
         if self.sharded:  # collective: DCP shards from every rank + the full model dir from rank 0
             return ckpt.save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                                 self.train_state(), self.dist, self.tokenizer_dir,
@@ -133,17 +157,31 @@ class Trainer:
         self.dist.barrier()
         return path
 
+    def claim_run_dir(self) -> None:
+        """Hold the run directory's lock (rank 0; RunDirError on every rank when another trainer
+        holds it)."""
+        rundir.on_main(self.dist, lambda: self.run_lock.acquire(self.log))
+
     def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from `path` or the latest complete checkpoint in the run directory."""
+        """Continue the run in the run directory from `path` or its latest complete checkpoint
+        (from scratch when it has none). The saved config is compared with this one first: a change
+        that alters the run's results raises RunDirError listing each key, before any tensor loads."""
+        self.claim_run_dir()
         path = Path(path) if path else ckpt.latest_checkpoint(self.run_dir)
         if path is None:
+            saved = rundir.read_run_config(self.run_dir)
+            if saved is not None:  # a run killed before its first checkpoint: the same run again
+                self.config_changes = rundir.check_resume_config(
+                    saved, self.config.to_dict(), self.run_dir, str(self.run_dir / rundir.RUN_CONFIG_NAME))
+            self.resumed_step = 0
             self.log(f"no checkpoint in {self.run_dir}/checkpoints; starting from scratch")
             return False
-        from polyglu.model_io import CheckpointError, load_state_file
-
+        train_state = ckpt.read_train_state(path)
+        if train_state.get("config") is not None:
+            self.config_changes = rundir.check_resume_config(
+                train_state["config"], self.config.to_dict(), self.run_dir, f"checkpoint {path}", checkpoint=path)
         if ckpt.is_sharded_checkpoint(path):  # DCP (saved under FSDP): loads at any world size
             ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
-            train_state = ckpt.read_train_state(path)
         elif self.sharded:
             raise CheckpointError(
                 f"{path}: a single-process/DDP checkpoint (no {ckpt.DCP_DIR}/); an FSDP run resumes only from "
@@ -154,7 +192,7 @@ class Trainer:
             self.model.load_state_dict(state, strict=False)
             tensors, meta, train_state = ckpt.read_checkpoint(path)
             ckpt.load_optimizer(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()}, meta)
-        self.step = int(train_state["step"])
+        self.step = self.resumed_step = int(train_state["step"])
         self.tokens = int(train_state["tokens"])
         self.best_val = train_state.get("best_val_loss")
         self.skipped_steps = int(train_state.get("skipped_steps", 0))
@@ -242,14 +280,75 @@ class Trainer:
     # ---- the loop
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to `train.max_steps` (or stop early at `stop_at`, schedules unchanged)."""
+        """Train to `train.max_steps` (or stop early at `stop_at`, schedules unchanged), holding the
+        run directory's lock. Without resume(), a run directory holding another run's results is
+        refused (RunDirError) unless `overwrite`. Ctrl-C finishes the step, saves a checkpoint and
+        raises TrainingInterrupted."""
+        self.claim_run_dir()
+        self._interrupt_requested = False
+        previous_handler = self._catch_sigint()
+        try:
+            rundir.on_main(self.dist, self._prepare_run_dir)
+            self.dist.barrier()  # no rank writes before rank 0 cleared or truncated old results
+            self._started = True
+            return self._train(stop_at)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            self.run_lock.release()
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0, lock held: refuse or clear another run's results (fresh start), or drop the
+        metrics rows after the resumed step (resume); clean what killed trainers left; record the
+        config."""
+        if self._started:  # fit() again on this trainer: the same run goes on
+            truncate_metrics(self.run_dir, self.step)
+            return
+        found = []
+        if self.resumed_step is None:
+            found = rundir.refuse_existing_results(self.run_dir, self.overwrite)
+        rundir.clean_leftovers(self.run_dir, self.log)
+        if found:
+            rundir.clear_results(self.run_dir, self.log)
+        if self.resumed_step is not None:
+            dropped = truncate_metrics(self.run_dir, self.step)
+            if dropped:
+                self.log(f"{self.run_dir / 'metrics.jsonl'}: dropped {dropped} rows logged after step {self.step} "
+                         f"(those steps are trained again)")
+        if self.config_changes:
+            self.log(f"resuming with changed settings: {rundir.format_changes(self.config_changes)} "
+                     f"(recorded in {self.run_dir / rundir.HISTORY_NAME})")
+        event = "resume" if self.resumed_step is not None else ("overwrite" if found else "start")
+        rundir.record_start(self.run_dir, self.config.to_dict(), event, self.step, self.config_changes)
+
+    def _catch_sigint(self):
+        """Ctrl-C asks the loop to checkpoint and stop after the current step; a second Ctrl-C stops
+        at once. Returns the previous handler (None off the main thread, where signals can't be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            if self._interrupt_requested:
+                raise KeyboardInterrupt
+            self._interrupt_requested = True
+            self.log(f"interrupt: saving a checkpoint after step {self.step + 1} and stopping "
+                     f"(Ctrl-C again to stop at once without saving)")
+
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, request_stop)
+        return previous if previous is not None else signal.default_int_handler
+
+    def _stop_requested(self) -> bool:
+        # every rank must stop at the same step (the checkpoint is collective under FSDP)
+        if self.dist.enabled:
+            return self.dist.all_reduce_sum(float(self._interrupt_requested)) > 0
+        return self._interrupt_requested
+
+    def _train(self, stop_at: int | None) -> dict[str, Any]:
         tc = self.tc
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main, tensorboard=tc.tensorboard,
                                 wandb_project=tc.wandb_project, config=self.config.to_dict())
-        if self.dist.is_main:
-            (self.run_dir / "run_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         bar = None
         if tc.progress and self.dist.is_main:
             from tqdm.auto import tqdm
@@ -295,6 +394,9 @@ class Trainer:
                     bar.update(1)
                 if step % tc.checkpoint_every == 0 and step != tc.max_steps:
                     self.save()
+                if self._stop_requested() and step < end:
+                    path = self.save() if self._saved_step != step else ckpt.latest_checkpoint(self.run_dir)
+                    raise TrainingInterrupted(step, path)
         finally:
             if bar is not None:
                 bar.close()
@@ -305,23 +407,24 @@ class Trainer:
                 "checkpoint": str(path) if path else None, "model_dir": str(self.run_dir / "final")}
 
     def _export_final(self) -> None:
-        """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval.
-        Called on every rank: under FSDP the full weights are gathered (collective) to rank 0."""
+        """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval,
+        written in a temporary directory and swapped in whole. Called on every rank: under FSDP the
+        full weights are gathered (collective) to rank 0."""
         import shutil
-
-        from polyglu.model_io import save_model
 
         extra = {"step": self.step, "tokens": self.tokens, "task": self.config.task}
         final = self.run_dir / "final"
+        tmp = self.run_dir / f".tmp-final-{os.getpid()}"
+        if self.dist.is_main and tmp.exists():
+            shutil.rmtree(tmp)
         if self.sharded:
             state = ckpt.full_model_state(self.model)
             if self.dist.is_main:
-                ckpt.write_model_dir(state, self.model.config, final, extra=extra)
+                ckpt.write_model_dir(state, self.model.config, tmp, extra=extra)
         elif self.dist.is_main:
-            save_model(self.model, final, extra=extra)
+            save_model(self.model, tmp, extra=extra)
         if not self.dist.is_main:
             return
         if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():
-            if (final / "tokenizer").exists():
-                shutil.rmtree(final / "tokenizer")
-            shutil.copytree(self.tokenizer_dir, final / "tokenizer")
+            shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
+        ckpt.replace_dir(tmp, final)
