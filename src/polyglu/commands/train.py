@@ -53,6 +53,7 @@ def run(args: argparse.Namespace, task: str = TASK) -> int:
                   f"{resume_command(args, verb)}", file=sys.stderr)
         return 130
     finally:
+        trainer.run_lock.release()
         trainer.dist.close()
     if trainer.dist.is_main:
         last = summary["last"]

@@ -282,17 +282,46 @@ def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, (old, new) in changes.items())
 
 
+# the global batch (rows per micro-step over all ranks, micro-steps per step) decides the data and
+# the gradient of each step; per-process batch_size, grad_accum and tokens_per_step only spell it
+# (W ranks with batch B read the rows one rank with batch W*B reads: see data.loader)
+BATCH_KEYS = ("train.batch_size", "train.grad_accum", "train.tokens_per_step")
+
+
+def global_batch(layout: dict[str, Any]) -> tuple[int, int]:
+    """(rows per micro-step over all ranks, micro-steps per step) of {"world_size", "batch_size",
+    "grad_accum"}."""
+    return int(layout["world_size"]) * int(layout["batch_size"]), int(layout["grad_accum"])
+
+
 def check_resume_config(old: dict[str, Any], new: dict[str, Any], run_dir: str | Path, source: str,
-                        checkpoint: str | Path | None = None) -> dict[str, tuple[Any, Any]]:
+                        checkpoint: str | Path | None = None, old_layout: dict[str, Any] | None = None,
+                        new_layout: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """The safe changes between the saved config (of `source`: a checkpoint, run_config.json) and
-    the new one; raise RunDirError listing every change that would alter the run's results."""
+    the new one; raise RunDirError listing every change that would alter the run's results.
+    With both batch layouts ({"world_size", "batch_size", "grad_accum"}) known, a batch_size,
+    grad_accum, tokens_per_step or world-size change that keeps the global batch is safe."""
     changes = config_changes(old, new)
-    unsafe = {k: v for k, v in changes.items() if k not in SAFE_RESUME_KEYS}
+    unsafe = {k: v for k, v in changes.items() if k not in SAFE_RESUME_KEYS and k not in BATCH_KEYS}
+    batch_changes = {k: v for k, v in changes.items() if k in BATCH_KEYS}
+    note = ""
+    if old_layout is not None and new_layout is not None:
+        before, after = global_batch(old_layout), global_batch(new_layout)
+        if before != after:
+            unsafe.update(batch_changes)
+            if old_layout["world_size"] != new_layout["world_size"]:
+                unsafe["world_size"] = (old_layout["world_size"], new_layout["world_size"])
+            note = (f" (global batch {before[0]} rows x {before[1]} micro-steps -> {after[0]} x {after[1]}; a "
+                    f"new world size needs batch_size x world_size kept)")
+        elif old_layout["world_size"] != new_layout["world_size"]:
+            changes["world_size"] = (old_layout["world_size"], new_layout["world_size"])
+    else:
+        unsafe.update(batch_changes)
     if unsafe:
         fresh = f"start a new run (another run_dir) with init_from={checkpoint}" if checkpoint \
             else "start a new run with --overwrite or another run_dir"
-        raise RunDirError(f"cannot resume {run_dir}: {format_changes(unsafe)} differ from {source}, which would "
-                          f"change the run's results; restore them, or {fresh}")
+        raise RunDirError(f"cannot resume {run_dir}: {format_changes(dict(sorted(unsafe.items())))} differ from "
+                          f"{source}{note}, which would change the run's results; restore them, or {fresh}")
     return changes
 
 

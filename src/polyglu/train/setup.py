@@ -71,16 +71,24 @@ def build_run(config: RunConfig, device: str | None = None, log=print, resume: b
     """The Trainer of `config`, its run directory locked first (a second trainer there stops here,
     before anything is written). `resume=False` (a fresh start) refuses a run directory holding
     another run's results unless `overwrite`; None leaves the decision to resume()/fit()."""
-    from polyglu.data.loader import Mixture, PackedLoader
-    from polyglu.data.tokenizer import load_tokenizer
-
     dist = DistributedContext.from_env(device)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731
     run_lock = rundir.RunLock(config.run_dir)
     rundir.on_main(dist, lambda: run_lock.acquire(log))
-    if resume is False:
-        rundir.on_main(dist, lambda: rundir.refuse_existing_results(config.run_dir, overwrite))
+    try:
+        if resume is False:
+            rundir.on_main(dist, lambda: rundir.refuse_existing_results(config.run_dir, overwrite))
+        return _build(config, dist, log, overwrite, run_lock)
+    except BaseException:
+        run_lock.release()  # a start that stops here leaves no lock file behind
+        raise
+
+
+def _build(config: RunConfig, dist: DistributedContext, log, overwrite: bool, run_lock: rundir.RunLock) -> Trainer:
+    from polyglu.data.loader import Mixture, PackedLoader
+    from polyglu.data.tokenizer import load_tokenizer
+
     d, tc = config.data, config.train
     tokenizer_dir = None
     if d.sources and config.task == "pretrain":

@@ -139,10 +139,13 @@ class Trainer:
 
     # ---- state
 
+    def batch_layout(self) -> dict[str, int]:
+        return {"world_size": self.dist.world_size, "batch_size": self.tc.batch_size, "grad_accum": self.grad_accum}
+
     def train_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "tau": self.model.tau, "best_val_loss": self.best_val,
                 "skipped_steps": self.skipped_steps, "data": {"next_step": self.step},
-                "rng": ckpt.rng_state(), "config": self.config.to_dict()}
+                "rng": ckpt.rng_state(), "config": self.config.to_dict(), "batch_layout": self.batch_layout()}
 
     def save(self) -> Path | None:
         self._saved_step = self.step
@@ -167,6 +170,13 @@ class Trainer:
         (from scratch when it has none). The saved config is compared with this one first: a change
         that alters the run's results raises RunDirError listing each key, before any tensor loads."""
         self.claim_run_dir()
+        try:
+            return self._resume(path)
+        except BaseException:
+            self.run_lock.release()  # refused or failed: the run directory is free again
+            raise
+
+    def _resume(self, path: str | Path | None) -> bool:
         path = Path(path) if path else ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             saved = rundir.read_run_config(self.run_dir)
@@ -179,7 +189,8 @@ class Trainer:
         train_state = ckpt.read_train_state(path)
         if train_state.get("config") is not None:
             self.config_changes = rundir.check_resume_config(
-                train_state["config"], self.config.to_dict(), self.run_dir, f"checkpoint {path}", checkpoint=path)
+                train_state["config"], self.config.to_dict(), self.run_dir, f"checkpoint {path}", checkpoint=path,
+                old_layout=train_state.get("batch_layout"), new_layout=self.batch_layout())
         if ckpt.is_sharded_checkpoint(path):  # DCP (saved under FSDP): loads at any world size
             ckpt.load_sharded_checkpoint(path, self.model, self.optimizer)
         elif self.sharded:
