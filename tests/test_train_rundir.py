@@ -309,6 +309,14 @@ def test_a_new_world_size_may_keep_the_global_batch_but_not_change_it(tmp_path):
         check_resume_config(old, old, tmp_path, "ckpt", old_layout=two_ranks,
                             new_layout={"world_size": 1, "batch_size": 2, "grad_accum": 2})
     assert "world_size 2 -> 1" in _one_line(error) and "global batch 4 rows x 2 micro-steps -> 2 x 2" in str(error.value)
+    # half the ranks, twice the micro-steps (tokens_per_step): the same rows per step, split otherwise
+    changes = check_resume_config(old, old, tmp_path, "ckpt", old_layout=two_ranks,
+                                  new_layout={"world_size": 1, "batch_size": 2, "grad_accum": 4})
+    assert changes == {"world_size": (2, 1), "global_batch": ("4x2", "2x4")}
+    with pytest.raises(RunDirError, match="train.grad_accum 1 -> 2"):  # the same ranks: a choice that changes the run
+        check_resume_config(old, _config(tmp_path, batch_size=2, grad_accum=2).to_dict(), tmp_path, "ckpt",
+                            old_layout={"world_size": 1, "batch_size": 2, "grad_accum": 1},
+                            new_layout={"world_size": 1, "batch_size": 2, "grad_accum": 2})
 
 
 def test_resume_accepts_and_records_safe_changes(tmp_path):

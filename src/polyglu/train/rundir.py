@@ -300,21 +300,28 @@ def check_resume_config(old: dict[str, Any], new: dict[str, Any], run_dir: str |
     """The safe changes between the saved config (of `source`: a checkpoint, run_config.json) and
     the new one; raise RunDirError listing every change that would alter the run's results.
     With both batch layouts ({"world_size", "batch_size", "grad_accum"}) known, a batch_size,
-    grad_accum, tokens_per_step or world-size change that keeps the global batch is safe."""
+    grad_accum, tokens_per_step or world-size change that keeps the global batch is safe; at
+    another world size, one that keeps the rows per step (tokens_per_step) is accepted and recorded
+    as a "global_batch" change (the steps from here read other rows)."""
     changes = config_changes(old, new)
     unsafe = {k: v for k, v in changes.items() if k not in SAFE_RESUME_KEYS and k not in BATCH_KEYS}
     batch_changes = {k: v for k, v in changes.items() if k in BATCH_KEYS}
     note = ""
     if old_layout is not None and new_layout is not None:
         before, after = global_batch(old_layout), global_batch(new_layout)
-        if before != after:
-            unsafe.update(batch_changes)
-            if old_layout["world_size"] != new_layout["world_size"]:
-                unsafe["world_size"] = (old_layout["world_size"], new_layout["world_size"])
-            note = (f" (global batch {before[0]} rows x {before[1]} micro-steps -> {after[0]} x {after[1]}; a "
-                    f"new world size needs batch_size x world_size kept)")
-        elif old_layout["world_size"] != new_layout["world_size"]:
+        new_world = old_layout["world_size"] != new_layout["world_size"]
+        if new_world:
             changes["world_size"] = (old_layout["world_size"], new_layout["world_size"])
+        if before != after and new_world and before[0] * before[1] == after[0] * after[1]:
+            # fewer or more ranks than the run had, the same rows per step split otherwise (what
+            # tokens_per_step does): the run goes on, but its steps read other rows from here on
+            changes["global_batch"] = (f"{before[0]}x{before[1]}", f"{after[0]}x{after[1]}")
+        elif before != after:
+            unsafe.update(batch_changes)
+            if new_world:
+                unsafe["world_size"] = changes["world_size"]
+            note = (f" (global batch {before[0]} rows x {before[1]} micro-steps -> {after[0]} x {after[1]}; keep "
+                    f"batch_size x world_size, or at another world size the rows per step with tokens_per_step)")
     else:
         unsafe.update(batch_changes)
     if unsafe:
