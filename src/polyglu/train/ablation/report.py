@@ -15,17 +15,10 @@ from polyglu.train.ablation.stats import aggregate
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows by step; a step logged twice (a resumed run repeats the steps after its
-    last checkpoint) keeps its later row."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[int(row["step"])] = row
-    return [rows[s] for s in sorted(rows)]
+    """metrics.jsonl rows by step, one per step (train.metrics.read_metrics: the later row wins)."""
+    from polyglu.train.metrics import read_metrics as read_metrics_log
+
+    return read_metrics_log(run_dir).rows
 
 
 def collect_results(config: AblationConfig) -> list[dict[str, Any]]:
