@@ -18,6 +18,7 @@ from test_train import RandomTokens, _config, _losses, _trainer
 import polyglu
 from polyglu import PolychromaticLM
 from polyglu.analysis import training_curves
+from polyglu.atomic import temporary_name
 from polyglu.cli import main
 from polyglu.train import checkpointing as ckpt
 from polyglu.train import trainer as trainer_module
@@ -237,7 +238,6 @@ def test_a_kill_while_final_is_written_leaves_the_old_final_whole(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         longer.fit()
     assert _hashes(run / "final") == old_final  # the old model, whole: not new weights with an old config
-    assert list(run.glob(".tmp-final-*"))
     monkeypatch.setattr(trainer_module, "save_model", real_save_model)
     again = _trainer(_config(run, max_steps=6))
     again.resume()
@@ -246,16 +246,24 @@ def test_a_kill_while_final_is_written_leaves_the_old_final_whole(tmp_path, monk
     assert not list(run.glob(".tmp-*")) and _steps(run) == [1, 2, 3, 4, 5, 6]
 
 
-def test_an_interrupted_swap_is_put_back_at_the_next_start(tmp_path):
+def test_leftovers_of_killed_writers_are_cleaned_and_an_interrupted_swap_put_back(tmp_path):
     """Where the filesystem cannot swap directories, the old one is renamed aside first; a kill
     between the two renames leaves no final/, which the next start restores."""
     run = tmp_path / "run"
-    (run / ".old-final-4242").mkdir(parents=True)
-    (run / ".old-final-4242/config.json").write_text("{}")
-    (run / "checkpoints/.tmp-step-00000004-77").mkdir(parents=True)
+    old_final = temporary_name(run / "final", "old")
+    old_final.mkdir(parents=True)
+    (old_final / "config.json").write_text("{}")
+    leftovers = [temporary_name(run / "metrics.jsonl"), temporary_name(run / "checkpoints/step-00000008"),
+                 run / "checkpoints/.tmp-step-00000004-77", run / ".trash-99"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x") if path.name.startswith(".metrics") else path.mkdir()
+    (run / ".keep-me").write_text("a user's hidden file")
     logs = []
-    assert clean_leftovers(run, logs.append) == ["checkpoints/.tmp-step-00000004-77"]
-    assert (run / "final/config.json").read_text() == "{}"
+    cleaned = clean_leftovers(run, logs.append)
+    assert sorted(cleaned) == sorted(str(p.relative_to(run)) for p in leftovers)
+    assert not any(p.exists() for p in leftovers) and (run / ".keep-me").is_file()
+    assert (run / "final/config.json").read_text() == "{}" and not old_final.exists()
     assert any("restored" in line for line in logs)
 
 

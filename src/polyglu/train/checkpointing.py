@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from polyglu.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
+from polyglu.atomic import atomic_write_bytes, atomic_write_text, fsync_dir, replace_directory
 from polyglu.model_io import save_model, write_model_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -114,41 +114,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
 
 def _publish(run_dir: str | Path, tmp: Path, final: Path, keep: int) -> None:
     """Rename the complete temporary directory into place, then prune to the last `keep`."""
-    replace_dir(tmp, final)  # re-saving a step (e.g. the end of a resumed run) swaps it whole
+    replace_directory(tmp, final)  # re-saving a step (e.g. the end of a resumed run) swaps it whole
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def replace_dir(src: str | Path, dst: str | Path) -> None:
-    """Make the complete directory `src` appear as `dst` in one step: a kill at any moment leaves
-    the old `dst` or the new one, never a mix. An existing `dst` is swapped atomically
-    (renameat2 RENAME_EXCHANGE) then deleted; where the filesystem cannot swap, it is renamed
-    aside to `.old-NAME-PID` first, which the next start puts back if the new one is missing
-    (train.rundir.clean_leftovers)."""
-    src, dst = Path(src), Path(dst)
-    fsync_dir(src)
-    if not dst.exists():
-        os.rename(src, dst)
-    elif _exchange(src, dst):
-        shutil.rmtree(src)  # now the old directory
-    else:
-        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old)
-    fsync_dir(dst.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux's renameat2(RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not glibc >= 2.28 / not Linux
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 # ---- FSDP2: sharded checkpoints through torch.distributed.checkpoint

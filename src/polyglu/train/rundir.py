@@ -13,8 +13,8 @@
 Starting a run where another run's results lie needs `--resume` (continue it; the config may change
 only in keys that do not change its results) or `--overwrite` (move the old results aside, then
 delete them). Every result directory is written under a hidden temporary name and renamed into
-place; what a killed trainer leaves behind (`.tmp-*`, `.trash-*`, `.old-*`) is cleaned at the next
-start, while the lock is held.
+place (polyglu.atomic); what a killed trainer leaves behind (`.tmp-step-*`, `.trash-*`, atomic
+temporaries `.NAME.PID-HEX.tmp|old`) is cleaned at the next start, while the lock is held.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ LOCK_NAME = ".lock"
 RUN_CONFIG_NAME = "run_config.json"
 HISTORY_NAME = "run_config_history.jsonl"
 RESULT_NAMES = (RUN_CONFIG_NAME, HISTORY_NAME, METRICS_NAME, "checkpoints", "final", "tensorboard")
-# leftovers of a killed trainer: a result being written, an old result being replaced or deleted
-_LEFTOVER = re.compile(r"^\.(tmp|trash|old)-")
-_OLD = re.compile(r"^\.old-(?P<name>.+)-\d+$")
+# leftovers of a killed trainer: a checkpoint being written (.tmp-step-*), old results being deleted
+# (.trash-*), and polyglu.atomic's temporaries: a file or directory being written (.NAME.PID-HEX.tmp)
+# or an old directory moved aside while being replaced (.NAME.PID-HEX.old)
+_LEFTOVER = re.compile(r"^\.(tmp-|trash-)|^\..+\.\d+-[0-9a-f]+\.(tmp|old)$")
+_OLD = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]+\.old$")
 
 # keys a resume may change: they decide how often to log, evaluate and save, or how long to train,
 # never what a step computes (max_steps stretches the schedules from the resumed step on)
@@ -222,18 +224,21 @@ def clean_leftovers(run_dir: str | Path, log=print) -> list[str]:
         if not parent.is_dir():
             continue
         for path in sorted(parent.iterdir()):
-            if not _LEFTOVER.match(path.name) or not path.is_dir():
+            if not _LEFTOVER.match(path.name) or path.is_symlink():
                 continue
             old = _OLD.match(path.name)
-            if old and not (parent / old["name"]).exists():
+            if old and path.is_dir() and not (parent / old["name"]).exists():
                 os.replace(path, parent / old["name"])
                 log(f"{run_dir}: restored {parent / old['name']} (its replacement was interrupted)")
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             cleaned.append(str(path.relative_to(run_dir)))
     if cleaned:
-        log(f"{run_dir}: removed {len(cleaned)} left-over temporary director"
-            f"{'y' if len(cleaned) == 1 else 'ies'} of an interrupted run ({', '.join(cleaned)})")
+        log(f"{run_dir}: removed {len(cleaned)} left-over temporary file(s) of an interrupted run "
+            f"({', '.join(cleaned)})")
     return cleaned
 
 

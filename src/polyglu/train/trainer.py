@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -21,8 +20,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from polyglu.atomic import atomic_directory
 from polyglu.config import RunConfig
-from polyglu.model_io import CheckpointError, load_state_file, save_model
+from polyglu.model_io import CheckpointError, load_state_file, save_model, write_model_dir
 from polyglu.train import checkpointing as ckpt
 from polyglu.train import rundir
 from polyglu.train.distributed import DistributedContext
@@ -424,18 +424,13 @@ class Trainer:
         import shutil
 
         extra = {"step": self.step, "tokens": self.tokens, "task": self.config.task}
-        final = self.run_dir / "final"
-        tmp = self.run_dir / f".tmp-final-{os.getpid()}"
-        if self.dist.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        if self.sharded:
-            state = ckpt.full_model_state(self.model)
-            if self.dist.is_main:
-                ckpt.write_model_dir(state, self.model.config, tmp, extra=extra)
-        elif self.dist.is_main:
-            save_model(self.model, tmp, extra=extra)
+        state = ckpt.full_model_state(self.model) if self.sharded else None
         if not self.dist.is_main:
             return
-        if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():
-            shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
-        ckpt.replace_dir(tmp, final)
+        with atomic_directory(self.run_dir / "final") as tmp:
+            if state is not None:
+                write_model_dir(state, self.model.config, tmp, extra=extra)
+            else:
+                save_model(self.model, tmp, extra=extra)
+            if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():
+                shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
