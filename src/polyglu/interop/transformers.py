@@ -211,7 +211,10 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
         keeps its names), or unwrap them."""
         from functools import partial
 
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointWrapper,
+            checkpoint_wrapper,
+        )
 
         if gradient_checkpointing_func is None:
             from torch.utils.checkpoint import checkpoint
