@@ -70,7 +70,7 @@ def _load(path):
 
 
 def test_export_carries_template_stop_and_pad_ids(chat_export):
-    model, _, out = chat_export
+    model, model_dir, out = chat_export
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == chat_stop_ids(TOKENIZER) == [TOKENIZER.eos_id, TOKENIZER.token_id(IM_END)]
     assert generation["pad_token_id"] == TOKENIZER.pad_id
@@ -83,8 +83,10 @@ def test_export_carries_template_stop_and_pad_ids(chat_export):
                 render_chatml(messages, add_generation_prompt=prompt)
     umask = os.umask(0o022)
     os.umask(umask)
-    for path in out.iterdir():  # readable by others as any file the user writes (safetensors makes 0o600)
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    # readable by others as any file the user writes (mkstemp and safetensors make 0o600)
+    for path in [*out.iterdir(), *model_dir.iterdir()]:
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
 def test_pipeline_on_messages_stops_where_polyglu_chat_does(chat_export):
@@ -167,16 +169,37 @@ def test_trl_sft_trainer_defaults_three_steps_on_messages(chat_export, tmp_path)
     # TRL tokenised the conversations with the export's chat template: polyglu's ChatML
     first = trainer.train_dataset[0]["input_ids"]
     assert tok.decode(first) == render_chatml(CONVERSATIONS[0])
+    # TRL's loss (a fused head over model.base_model's hidden states) is the model's own loss
+    batch = next(iter(trainer.get_train_dataloader()))
+    reference = _load(out)[0].train()
+    with torch.no_grad():
+        expected = reference(**batch).loss.item()
+        assert trainer.compute_loss(trainer.model, dict(batch)).item() == pytest.approx(expected, rel=1e-5)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # the first step's loss, under TRL's default bf16 autocast where the Trainer applies it on CPU
+    assert losses[0] == pytest.approx(expected, rel=5e-2)
     # state_dict names: TRL's default gradient_checkpointing=True wraps the blocks
     changed = [name for name, p in hf_model.state_dict().items() if not torch.equal(p, before[name])]
     assert len(changed) > 10
-    # TRL's first loss (fused head over model.base_model's hidden states) is the model's own loss
-    batch = tok([render_chatml(c) for c in CONVERSATIONS], return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    reference = _load(out)[0].train()
-    with torch.no_grad():
-        expected = reference(**batch, labels=labels).loss.item()
-    assert losses[0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_saved_tokenizers_carry_the_chatml_template(tmp_path):
+    """Trained BPE tokenizers and HF tokenizers polyglu saves into a run get the export's template."""
+    from polyglu.data.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_bpe_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("12 + 30 = 42\nthe answer is 42\n" * 50)
+    trained = train_bpe_tokenizer([corpus], 300, tmp_path / "bpe")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "bpe")
+    assert loaded.chat_template == CHATML_TEMPLATE
+    messages = CONVERSATIONS[1]
+    assert loaded.apply_chat_template(messages, tokenize=False) == render_chatml(messages)
+    assert loaded.apply_chat_template(messages, tokenize=True, return_dict=False) == \
+        trained.encode(render_chatml(messages))
+    # a tokenizer without a template gains it when saved (e.g. data.tokenizer copied into a run)
+    bare = load_tokenizer(tmp_path / "bpe")
+    bare.tok.chat_template = None
+    bare.save(tmp_path / "copy")
+    assert AutoTokenizer.from_pretrained(tmp_path / "copy").chat_template == CHATML_TEMPLATE
