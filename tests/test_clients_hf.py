@@ -19,11 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import polyglu.interop.transformers  # noqa: E402, F401  (registers model_type "polychromatic")
 from polyglu.cli import main  # noqa: E402
-from polyglu.commands.generate import chat_stop_ids  # noqa: E402
 from polyglu.config import ModelConfig  # noqa: E402
 from polyglu.data.chat import render_chatml  # noqa: E402
-from polyglu.data.tokenizer import IM_END, ByteTokenizer  # noqa: E402
+from polyglu.data.special_tokens import IM_END  # noqa: E402
+from polyglu.data.tokenizer import ByteTokenizer  # noqa: E402
 from polyglu.generation import generate  # noqa: E402
+from polyglu.loading import chat_stop_ids  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 
 TOKENIZER = ByteTokenizer()

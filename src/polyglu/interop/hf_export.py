@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import shutil
 from pathlib import Path
 
