@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
+from transformers import __version__ as transformers_version  # noqa: E402
 
 from polyglu.cli import main  # noqa: E402
 from polyglu.config import ConfigError  # noqa: E402
@@ -158,7 +160,6 @@ def test_forward_takes_the_cache_under_either_name(tiny_config):
 def test_generate_warns_about_nothing(tiny_config):
     """No FutureWarning or transformers log warning (e.g. "past_key_values is deprecated") per call."""
     import logging
-    import warnings
 
     wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
     ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
@@ -249,3 +250,126 @@ def test_export_hf_loads_without_polyglu(tiny_config, tmp_path):
     assert same_tokens == "True"
     assert encoded == str(ByteTokenizer().encode("hé<|endoftext|>"))
     assert main(["export-hf", str(tmp_path / "model"), str(out)]) == 2  # refuses a non-empty directory
+
+
+@pytest.mark.parametrize("method", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, tmp_path, method):
+    """`gradient_checkpointing_enable()` (what PEFT and TRL call; transformers 5.24 renames it
+    `activation_checkpointing_enable` and warns about the old name) checkpoints every Block."""
+    model = _model(tiny_config)
+    wrapper = PolychromaticForCausalLM.from_polyglu(model).train()
+    if not hasattr(wrapper, method):
+        pytest.skip(f"transformers {transformers_version} has no {method}")
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    names = list(wrapper.state_dict())
+
+    def grads():
+        wrapper.zero_grad()
+        wrapper(ids, labels=ids).loss.backward()
+        return {name.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+                for name, p in wrapper.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(1)
+    plain = grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        getattr(wrapper, method)()
+    assert wrapper.gradient_checkpointing
+    assert all(type(block).__name__ == "CheckpointWrapper" for block in wrapper.model.layers)
+    torch.manual_seed(1)  # the same Gumbel routing noise in the first forward
+    checkpointed = grads()
+    assert checkpointed.keys() == plain.keys() and len(plain) > 10
+    for name in plain:
+        assert torch.allclose(checkpointed[name], plain[name], atol=1e-6), name
+    # tensor names and saving are unchanged; eval-mode generation still uses the cache
+    assert list(wrapper.state_dict()) == names
+    wrapper.save_pretrained(tmp_path)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).model.embed_tokens.weight,
+                       model.embed_tokens.weight)
+    wrapper.eval()
+    prompt = ids[:, :4]
+    assert torch.equal(wrapper.generate(prompt, max_new_tokens=5, do_sample=False), _greedy(model, prompt, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapper.gradient_checkpointing_disable()
+    assert not wrapper.gradient_checkpointing
+    assert all(type(block).__name__ == "Block" for block in wrapper.model.layers)
+
+
+def test_base_model_returns_hidden_states(tiny_config):
+    """What TRL's fused loss calls: model.base_model(...).last_hidden_state, then get_output_embeddings()."""
+    wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        hidden = wrapper.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = wrapper(ids, attention_mask=mask).logits
+    assert hidden.shape == (2, 7, tiny_config.d_model)
+    assert torch.allclose(wrapper.get_output_embeddings()(hidden), logits, atol=1e-6)
+    assert dict(wrapper.named_parameters()).keys() == dict(wrapper.model.named_parameters(prefix="model")).keys()
+
+
+def _hf_and_polyglu(wrapper, model, ids, mask, seed: int, **sampling):
+    """(cached HF, uncached HF, polyglu.generate) token continuations, each drawn after the same seed."""
+    from polyglu.generation import generate
+
+    steps = 10
+    hf = dict(max_new_tokens=steps, do_sample=True, top_p=1.0, pad_token_id=0, **sampling)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(seed)
+        runs.append(wrapper.generate(ids, attention_mask=mask, use_cache=use_cache, **hf)[:, ids.shape[1]:])
+    torch.manual_seed(seed)  # polyglu draws from torch's global RNG when given no seed or generator
+    ours = generate(model, ids, steps, attention_mask=mask, eos_token_id=[], pad_token_id=0, **sampling).tokens
+    return runs[0], runs[1], ours
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sampling_with_a_seed_matches_uncached_and_polyglu_generate(tiny_config, padded):
+    model = _model(tiny_config)
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    ids = torch.randint(1, tiny_config.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    if padded:  # left padding, as a tokenizer with padding_side="left" gives
+        mask[0, :3] = 0
+        mask[2, :5] = 0
+        ids[mask == 0] = 0
+    cached, uncached, ours = _hf_and_polyglu(wrapper, model, ids, mask, seed=5, temperature=0.9, top_k=40)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, ours)
+    torch.manual_seed(6)
+    assert not torch.equal(wrapper.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=40,
+                                            temperature=0.9, top_p=1.0, pad_token_id=0)[:, 7:], cached)
+
+
+def test_left_padded_greedy_batch_matches_polyglu_generate(tiny_config):
+    from polyglu.generation import generate
+
+    model = _model(tiny_config)
+    wrapper = PolychromaticForCausalLM.from_polyglu(model)
+    rows = [torch.randint(1, tiny_config.vocab_size, (n,)).tolist() for n in (3, 9, 6)]
+    ours = generate(model, rows, 8, eos_token_id=[], pad_token_id=0)
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, 9 - len(row):] = torch.tensor(row)
+        mask[b, 9 - len(row):] = 1
+    for use_cache in (True, False):
+        out = wrapper.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=use_cache,
+                               pad_token_id=0)
+        assert torch.equal(out[:, 9:], ours.tokens), use_cache
+
+
+def test_left_padded_beam_search_with_cache_matches_without(tiny_config):
+    wrapper = PolychromaticForCausalLM.from_polyglu(_model(tiny_config))
+    ids = torch.randint(1, tiny_config.vocab_size, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=3,
+                  pad_token_id=0)
+    cached = wrapper.generate(ids, **kwargs)
+    assert torch.equal(cached, wrapper.generate(ids, use_cache=False, **kwargs))
+    # the padded row's beams are those of the row alone
+    alone = wrapper.generate(ids[1:, 3:], **{**kwargs, "attention_mask": None})
+    assert torch.equal(cached[3:, 6:], alone[:, 3:])

@@ -28,6 +28,15 @@ from pathlib import Path
 from polyglu.data.sources import iter_documents, parse_sources
 from polyglu.data.special_tokens import EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS
 
+# The Jinja chat template of Hugging Face tokenizers we save (apply_chat_template, pipelines, TRL):
+# the text polyglu.data.chat.render_chatml gives, so chat and SFT outside polyglu see what polyglu trains on
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
+)
+
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
@@ -152,7 +161,15 @@ class HFTokenizer:
         return dict(self._identity)
 
     def save(self, directory: str | Path) -> None:
-        self.tok.save_pretrained(str(directory))
+        """save_pretrained, with the ChatML template when the tokenizer has no chat template."""
+        with_chat_template(self.tok).save_pretrained(str(directory))
+
+
+def with_chat_template(tok):
+    """`tok` (a transformers tokenizer), given CHATML_TEMPLATE unless it has a chat template of its own."""
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
 
 
 def qwen3_tokenizer_path() -> Path | None:
@@ -267,7 +284,7 @@ def train_bpe_tokenizer(files: Iterable[str | os.PathLike] | str | os.PathLike, 
     texts: Iterator[str] = (doc.text for doc in iter_documents(sources, text_field))
     tokenizer.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                   additional_special_tokens=[IM_START, IM_END])
+                                   additional_special_tokens=[IM_START, IM_END], chat_template=CHATML_TEMPLATE)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

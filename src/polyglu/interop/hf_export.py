@@ -4,11 +4,17 @@
     AutoModelForCausalLM.from_pretrained("exported/", trust_remote_code=True)   # no polyglu needed
 
 The directory holds config.json (with `auto_map`), model.safetensors, generation_config.json, the
-tokenizer when the model directory has one, and two generated files: `configuration_polychromatic.py`
+tokenizer when the model directory has one (with a ChatML chat template unless it has its own), and
+two generated files: `configuration_polychromatic.py`
 and `modeling_polychromatic.py`. They are not a second implementation: `bundle_source` copies the
 top-level definitions the HF classes need, from the package's own modules, in dependency order
 (a "tree-shaken" concatenation), and drops polyglu imports. Functions that reach outside the bundle
 (saving a polyglu directory, the optional fused kernel) raise ImportError there instead.
+
+Stopping and padding: config.json's `eos_token_id` is the document separator (`<|endoftext|>`) and
+`pad_token_id` the tokenizer's padding; generation_config.json stops at the tokens `polyglu generate`
+stops at: the separator, and `<|im_end|>` too for a chat model (trained with task "sft", or whose
+config already ends at `<|im_end|>`, as Qwen3 chat models do).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import shutil
 from pathlib import Path
 
@@ -191,32 +198,63 @@ def standalone_sources() -> dict[str, str]:
     return {CONFIG_FILE: bundle_source(*CONFIG_BUNDLE), MODELING_FILE: bundle_source(*MODELING_BUNDLE)}
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
+def export_hf(model_dir: str | Path, out_dir: str | Path, dtype=None, chat: bool | None = None) -> Path:
     """Write `out_dir`: a Hugging Face directory loadable with trust_remote_code=True anywhere, and
-    with plain `AutoModelForCausalLM` where `polyglu.interop.transformers` is imported."""
+    with plain `AutoModelForCausalLM` where `polyglu.interop.transformers` is imported.
+
+    chat: whether generation also stops at `<|im_end|>` (default: a model trained with task "sft",
+    or whose config ends at `<|im_end|>`)."""
+    from polyglu.data.tokenizer import load_tokenizer
     from polyglu.interop.transformers import PolychromaticForCausalLM
     from polyglu.loading import load_model
+    from polyglu.model_io import read_model_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _, meta = read_model_config(model_dir)
     # the fused kernel is not bundled: the standalone code takes the reference path ("auto")
     model = load_model(model_dir, dtype=dtype, mixed_impl="auto")
     wrapper = PolychromaticForCausalLM.from_polyglu(model)
     wrapper.config.auto_map = dict(AUTO_MAP)
+    tokenizer_dir = model_dir / "tokenizer"
+    if tokenizer_dir.is_dir():
+        set_generation_ids(wrapper, load_tokenizer(tokenizer_dir), chat, meta.get("task"))
     wrapper.save_pretrained(out_dir)
     for name, source in standalone_sources().items():
         (out_dir / name).write_text(source)
-    tokenizer_dir = model_dir / "tokenizer"
     if tokenizer_dir.is_dir():
         copy_tokenizer(tokenizer_dir, out_dir)
+    # safetensors writes its files 0o600: make them readable as any other file this user writes
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.chmod(_new_file_mode())
     return out_dir
+
+
+def set_generation_ids(wrapper, tokenizer, chat: bool | None = None, task: str | None = None) -> list[int]:
+    """Put the document separator and padding ids in `wrapper.config`, and the tokens generation
+    stops at in `wrapper.generation_config` (those of `polyglu generate`, with --chat for a chat
+    model). Returns the stop ids."""
+    from polyglu.data.special_tokens import IM_END
+    from polyglu.loading import chat_stop_ids
+
+    im_end = tokenizer.token_id(IM_END)
+    if chat is None:
+        chat = task == "sft" or (im_end is not None and wrapper.config.eos_token_id == im_end)
+    stop_ids = chat_stop_ids(tokenizer) if chat else [tokenizer.eos_id]
+    wrapper.config.eos_token_id = tokenizer.eos_id
+    wrapper.config.pad_token_id = tokenizer.pad_id
+    wrapper.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    wrapper.generation_config.pad_token_id = tokenizer.pad_id
+    return stop_ids
 
 
 def copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> str:
     """Copy a tokenizer next to the weights, where AutoTokenizer looks. Returns its kind.
 
-    A Hugging Face tokenizer is copied file by file; polyglu's byte tokenizer is written as an
-    equivalent `tokenizers` byte-level tokenizer (ids 0..255 = bytes, then the special tokens)."""
-    from polyglu.data.tokenizer import BYTE_TOKENIZER_FILE
+    A Hugging Face tokenizer is copied file by file (and given the ChatML chat template when it has
+    none); polyglu's byte tokenizer is written as an equivalent `tokenizers` byte-level tokenizer
+    (ids 0..255 = bytes, then the special tokens)."""
+    from polyglu.data.tokenizer import BYTE_TOKENIZER_FILE, load_tokenizer, with_chat_template
 
     if (tokenizer_dir / BYTE_TOKENIZER_FILE).is_file():
         byte_level_tokenizer().save_pretrained(str(out_dir))
@@ -224,7 +262,17 @@ def copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> str:
     for path in tokenizer_dir.iterdir():
         if path.is_file() and path.name not in _MODEL_FILES:
             shutil.copy2(path, out_dir / path.name)
+    tok = load_tokenizer(tokenizer_dir).tok
+    if not getattr(tok, "chat_template", None):
+        with_chat_template(tok).save_pretrained(str(out_dir))
     return "hf"
+
+
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file under the process umask (0o644 for umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def byte_level_tokenizer():
@@ -233,7 +281,7 @@ def byte_level_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     from polyglu.data.special_tokens import EOS_TOKEN, PAD_TOKEN
-    from polyglu.data.tokenizer import ByteTokenizer
+    from polyglu.data.tokenizer import CHATML_TEMPLATE, ByteTokenizer
 
     byte_tok = ByteTokenizer()
     # ByteLevel maps each byte to a printable character; a vocabulary of those 256 characters with
@@ -251,7 +299,8 @@ def byte_level_tokenizer():
         if tok.token_to_id(token) != token_id:
             raise RuntimeError(f"byte tokenizer special token {token} got id {tok.token_to_id(token)}, "
                                f"expected {token_id}")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                   chat_template=CHATML_TEMPLATE)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -34,14 +34,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from polyglu.interop.hf_config import PolychromaticConfig
 from polyglu.model.cache import KVCache
 from polyglu.model.polyglu import PolyGLU
 from polyglu.model.transformer import PolychromaticLM
 
-__all__ = ["CACHE_KWARG", "PolychromaticCache", "PolychromaticCausalLMOutput", "PolychromaticConfig", "PolychromaticForCausalLM"]
+__all__ = ["CACHE_KWARG", "PolychromaticBackbone", "PolychromaticCache", "PolychromaticCausalLMOutput",
+           "PolychromaticConfig", "PolychromaticForCausalLM"]
 
 # the keyword generate passes the cache under, and the output field holding it: "cache" from
 # transformers 5.24 on, "past_key_values" before (5.24 warns about the old name on every use)
@@ -142,16 +143,47 @@ def padding_documents(attention_mask: torch.Tensor | None, length: int, cached: 
     return (mask == 0).long()
 
 
+def _checkpoint_while_training(checkpoint_func, block: nn.Module, *args, **kwargs):
+    """Run `block` under `checkpoint_func` (torch.utils.checkpoint with transformers' options) only when
+    a backward will follow: evaluation and cached decoding run it plainly."""
+    if block.training and torch.is_grad_enabled():
+        return checkpoint_func(block.__call__, *args, **kwargs)
+    return block(*args, **kwargs)
+
+
+class PolychromaticBackbone:
+    """`model.base_model`: the transformer without the LM head, called like a transformers base model
+    (input_ids, attention_mask, cache) and returning `last_hidden_state` (B, T, d_model) after the
+    final norm. A view of the wrapper holding no tensors of its own (the weights keep their names);
+    TRL's fused-loss path calls it and applies `get_output_embeddings()` itself."""
+
+    _tp_plan = None
+    _pp_plan = None
+
+    def __init__(self, wrapper: PolychromaticForCausalLM) -> None:
+        self.wrapper = wrapper
+        self.config = wrapper.config
+
+    def __call__(self, *args, **kwargs) -> BaseModelOutputWithPast:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        hidden, cache, _ = self.wrapper.forward_backbone(input_ids, attention_mask, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_KWARG: cache})
+
+
 class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PolychromaticConfig
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: PolychromaticConfig) -> None:
         super().__init__(config)
         self.model = PolychromaticLM(config.model_config())
+        self.gradient_checkpointing = False
         self.post_init()
 
     @classmethod
@@ -167,6 +199,36 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
         wrapper.model = model
         wrapper.train(model.training)
         return wrapper
+
+    @property
+    def base_model(self) -> PolychromaticBackbone:
+        return PolychromaticBackbone(self)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1, **kwargs) -> None:
+        """What `gradient_checkpointing_enable()` / `_disable()` call: wrap every `every_n_layers`-th
+        Block in torch's checkpoint wrapper (as `train.activation_checkpointing` does; the state dict
+        keeps its names), or unwrap them."""
+        from functools import partial
+
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointWrapper,
+            checkpoint_wrapper,
+        )
+
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint
+
+            gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        layers = self.model.layers
+        for i, block in enumerate(layers):
+            inner = block._checkpoint_wrapped_module if isinstance(block, CheckpointWrapper) else block
+            if enable and i % every_n_layers == 0:
+                layers[i] = checkpoint_wrapper(inner, checkpoint_fn=partial(_checkpoint_while_training,
+                                                                            gradient_checkpointing_func))
+            else:
+                layers[i] = inner
+        self.gradient_checkpointing = enable
 
     # ---- embeddings (the inner model is not a PreTrainedModel: answer for it)
 
@@ -203,6 +265,25 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
         `logits_to_keep` = n computes logits for the last n positions only (0: all). `labels` (B, T)
         give the shifted next-token loss, -100 ignored.
         """
+        hidden, cache, routing = self.forward_backbone(input_ids, attention_mask, cache=cache, use_cache=use_cache,
+                                                    return_routing=return_routing, past_key_values=past_key_values,
+                                                    **kwargs)
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.model.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return PolychromaticCausalLMOutput(loss=loss, logits=logits, routing=routing, **{CACHE_KWARG: cache})
+
+    def forward_backbone(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                      cache: PolychromaticCache | None = None, use_cache: bool | None = None,
+                      return_routing: bool = False, past_key_values: PolychromaticCache | None = None,
+                      **kwargs) -> tuple[torch.Tensor, PolychromaticCache | None, list | None]:
+        """(hidden states (B, T, d_model) after the final norm, the cache used or None, routing):
+        the part of `forward` before the head, shared with `base_model`."""
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("PolychromaticForCausalLM takes input_ids, not inputs_embeds")
         if cache is not None and past_key_values is not None:
@@ -216,16 +297,7 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
         kv = cache.bind(self.model, input_ids.shape[0]) if cache is not None else None
         doc_ids = padding_documents(attention_mask, input_ids.shape[1], cached=kv is not None)
         out = self.model(input_ids, doc_ids, cache=kv, return_routing=return_routing, compute_logits=False)
-        hidden = out.hidden_states  # (B, T, d_model), after the final norm
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        logits = self.model.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return PolychromaticCausalLMOutput(loss=loss, logits=logits, routing=out.routing, **{CACHE_KWARG: cache})
+        return out.hidden_states, cache, out.routing
 
     # ---- generation
 
