@@ -96,3 +96,26 @@ def test_yaml_floats_in_exponent_form_are_floats(tmp_path):
     json_path.write_text('{"a": 1,\n "a": 2}\n')
     with pytest.raises(ConfigError, match=r"c.json line 2: duplicate key 'a'"):
         load_mapping(json_path)
+
+
+def test_model_override_without_model_section_refines_the_default_preset():
+    from polyglu.config import RunConfig
+
+    config = RunConfig.load(None, ["model.d_model=128"])
+    model = config.model_config()
+    # the debug preset, with only d_model changed (not the paper-size ModelConfig defaults)
+    assert model.d_model == 128
+    assert model.n_layers == ModelConfig.from_preset("debug").n_layers
+    assert model.vocab_size == ModelConfig.from_preset("debug").vocab_size
+
+
+def test_overrides_may_follow_flags_on_the_command_line(monkeypatch):
+    import polyglu.commands.train as train_command
+    from polyglu import cli
+
+    seen = {}
+    monkeypatch.setattr(train_command, "run", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["train", "train.max_steps=6", "--resume", "run_dir=runs/x"]) == 0
+    assert seen["resume"] and seen["overrides"] == ["train.max_steps=6", "run_dir=runs/x"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", "--no-such-flag"])

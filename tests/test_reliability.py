@@ -201,4 +201,15 @@ def test_every_documented_row_is_tested():
 
 # rows of the table kept true by other test files (accepted inputs, or run-directory cases)
 TESTED_ELSEWHERE = {"yaml-exponent-float", "copied-prepared-directory", "held-out-split-document-boundary",
-                    "input-edited-in-the-middle", "shard-replaced-large-data"}
+                    "input-edited-in-the-middle", "shard-replaced-large-data", *(
+                        re.findall(r"^\| `([a-z0-9-]+)` \|.*\| test_train_rundir\.py::\w+ \|$",
+                                   DOC.read_text(), flags=re.M))}
+
+
+def test_run_directory_rows_name_existing_tests():
+    """Each run-directory row names a test of tests/test_train_rundir.py that exists."""
+    names = re.findall(r"\| test_train_rundir\.py::(\w+) \|$", DOC.read_text(), flags=re.M)
+    source = (Path(__file__).parent / "test_train_rundir.py").read_text()
+    assert len(names) >= 10
+    missing = [n for n in names if f"def {n}(" not in source]
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"

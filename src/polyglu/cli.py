@@ -51,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = _build_parser(verb if verb in VERBS else None)
-    args = parser.parse_args(argv)
+    # `key=value` overrides may follow flags (`train --resume train.max_steps=6`): argparse stops
+    # collecting a positional list at the first flag, so gather the rest here
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb is None:
         parser.print_help()
         return 0

@@ -509,11 +509,27 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     for key, value in defaults.items():
         data.setdefault(key, value)
     for item in overrides or []:
+        # an override inside a mapping-valued section the file does not have (`model.d_model=128`
+        # with no `model:`) refines that section's default ({"preset": "debug"}), not an empty one
+        top = item.split("=", 1)[0].strip().split(".")[0]
+        if "." in item.split("=", 1)[0] and top not in data:
+            default = _mapping_default(cls, top)
+            if default is not None:
+                data[top] = default
         set_dotted(data, item)
     try:
         return dataclass_from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _mapping_default(cls: type, name: str) -> dict[str, Any] | None:
+    """A fresh copy of dataclass field `name`'s default when that default is a mapping, else None."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            return value if isinstance(value, dict) else None
+    return None
 
 
 def bundled_configs_dir() -> Path:
