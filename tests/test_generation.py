@@ -1,5 +1,6 @@
 import io
 import json
+import warnings
 
 import pytest
 import torch
@@ -101,15 +102,18 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [{}, {"ffn": "swiglu"}])
-def test_compiled_decode_step_matches_eager_and_recompute(overrides):
+@pytest.mark.parametrize("overrides, compile", [({}, True), ({"ffn": "swiglu"}, True),
+                                               ({"routing_pool": "token"}, "eager")])
+def test_compiled_decode_step_matches_eager_and_recompute(overrides, compile):
     """torch.compile(fullgraph) of the whole decode step: same tokens and logits, left-padded batch,
     causal pooling; a second generation of the same shape reuses the compiled step."""
     model = make_model(seed=3, **overrides)
     full = generate(model, PROMPTS, 10, use_cache=False, return_logits=True, eos_token_id=[])
-    compiled = generate(model, PROMPTS, 10, return_logits=True, eos_token_id=[], compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure would fall back silently
+        compiled = generate(model, PROMPTS, 10, return_logits=True, eos_token_id=[], compile=compile)
     assert_same_generation(compiled, full)
-    again = generate(model, PROMPTS, 10, return_logits=True, eos_token_id=[], compile=True)
+    again = generate(model, PROMPTS, 10, return_logits=True, eos_token_id=[], compile=compile)
     assert_same_generation(again, compiled, atol=0)
 
 

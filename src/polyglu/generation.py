@@ -176,8 +176,8 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
     stream: called after each step with (tokens (B,), emitted (B,) bool); see `TextStreamer`.
     compact: drop stopped rows from the batch once they are at least half of it (less compute;
         results agree to float tolerance). Off when compiled.
-    compile: run each cached decoding step compiled (`DecodeStep`: True, or a torch.compile mode
-        name; "reduce-overhead" on CUDA gives CUDA graphs). Pays for long or repeated generations
+    compile: run each cached decoding step compiled (`DecodeStep`: True, a torch.compile mode or
+        backend name; True means "reduce-overhead" on CUDA: CUDA graphs). Pays for long or repeated generations
         (compiling takes seconds to minutes, once per process and batch shape); a failure falls back
         to eager with a warning. Ignored on the recompute path.
 
@@ -348,6 +348,7 @@ class _RecomputeStepper:
 # compiled decode steps per model and mode: compiling costs seconds to minutes, once per process
 _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILE_FAILED: set[str] = set()  # modes whose compilation failed once (warned; eager from then on)
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class DecodeStep:
@@ -365,7 +366,8 @@ class DecodeStep:
             logits = step(next_ids, cache)
 
     compile: False (eager), True (torch.compile with mode "reduce-overhead" on CUDA, the default
-    mode elsewhere) or a torch.compile mode name. The first compiled call compiles (seconds to
+    mode elsewhere), a torch.compile mode name, or a backend name ("eager" or "aot_eager" check the
+    capture in seconds, without generating code). The first compiled call compiles (seconds to
     minutes); the compiled step is kept per model and mode for the process. A batch size or cache
     length not seen before compiles again. If compiling fails, one warning is issued and the step
     runs eagerly from then on. On CUDA the logits are copied out of the graph's memory.
@@ -376,15 +378,21 @@ class DecodeStep:
         self.device = model.embed_tokens.weight.device
         on_cuda = self.device.type == "cuda"
         if compile is True:
-            self.mode = "reduce-overhead" if on_cuda else "default"
+            compile = "reduce-overhead" if on_cuda else "default"
         elif compile is False or compile is None:
-            self.mode = None
-        elif isinstance(compile, str):
-            self.mode = compile
+            compile = None
+        elif not isinstance(compile, str):
+            raise ValueError(f"compile must be True, False, a torch.compile mode ({', '.join(_COMPILE_MODES)}) "
+                             f"or a torch.compile backend name, got {compile!r}")
+        self.mode = compile  # a mode, or a backend name ("eager", "aot_eager": checks without a compiler)
+        if compile is None:
+            self.options = {}
+        elif compile in _COMPILE_MODES:
+            self.options = {} if compile == "default" else {"mode": compile}
         else:
-            raise ValueError(f"compile must be True, False or a torch.compile mode name, got {compile!r}")
-        self._cuda_graphs = on_cuda and self.mode in ("reduce-overhead", "max-autotune")
-        self._marked_cache: int | None = None
+            self.options = {"backend": compile}
+        self._cuda_graphs = on_cuda and compile in ("reduce-overhead", "max-autotune", "cudagraphs")
+        self._marked_cache: weakref.ref | None = None
 
     @property
     def compiled(self) -> bool:
@@ -403,8 +411,8 @@ class DecodeStep:
     def _compiled_call(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
         per_model = _COMPILED_STEPS.setdefault(self.model, {})
         if self.mode not in per_model:
-            options = {} if self.mode == "default" else {"mode": self.mode}
-            per_model[self.mode] = torch.compile(self.model.decode_logits, fullgraph=True, dynamic=False, **options)
+            per_model[self.mode] = torch.compile(self.model.decode_logits, fullgraph=True, dynamic=False,
+                                                 **self.options)
         if self._cuda_graphs:
             self._mark_static(cache)
             torch.compiler.cudagraph_mark_step_begin()
@@ -423,13 +431,13 @@ class DecodeStep:
 
     def _mark_static(self, cache) -> None:
         """CUDA graphs replay fixed addresses: the cache's tensors, written in place, are marked static."""
-        if self._marked_cache == id(cache):
+        if self._marked_cache is not None and self._marked_cache() is cache:
             return
         tensors = [*cache.keys, *cache.values, cache.segments, cache.positions, cache.filled,
                    *(state.total for state in cache.pool)]
         for tensor in tensors:
             torch._dynamo.mark_static_address(tensor)
-        self._marked_cache = id(cache)
+        self._marked_cache = weakref.ref(cache)
 
 
 # --------------------------------------------------------------------------------------------
