@@ -42,7 +42,7 @@ class ScriptedLM(nn.Module):
     """A stand-in model that answers each question with a fixed reply, one byte per step.
 
     It implements what `polyglu.generate` uses (config, embed_tokens, layers, lm_head, new_cache,
-    forward with a cache) and records the prompts it was given.
+    forward with a cache, decode_step) and records the prompts it was given.
     """
 
     def __init__(self, replies: dict[str, str], max_seq_len: int = 512) -> None:
@@ -74,6 +74,9 @@ class ScriptedLM(nn.Module):
         for b, queue in enumerate(cache.rows):
             logits[b, -1, queue.pop(0) if queue else TOKENIZER.eos_id] = 1.0
         return ModelOutput(logits=logits, hidden_states=logits)
+
+    def decode_step(self, token_ids, cache):
+        return self(token_ids, cache=cache).logits[:, -1]
 
 
 PROBLEMS = [

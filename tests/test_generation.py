@@ -1,5 +1,6 @@
 import io
 import json
+import warnings
 
 import pytest
 import torch
@@ -75,6 +76,45 @@ def test_cached_matches_recompute_for_other_ffns(overrides):
     cached = generate(model, PROMPTS, 12, return_logits=True, eos_token_id=[])
     full = generate(model, PROMPTS, 12, use_cache=False, return_logits=True, eos_token_id=[])
     assert_same_generation(cached, full)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    import polyglu.generation as generation
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(generation, "_COMPILED_STEPS", generation.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(generation, "_COMPILE_FAILED", set())
+    model = make_model(seed=2)
+    eager = generate(model, PROMPTS, 6, return_logits=True, eos_token_id=[])
+    with pytest.warns(RuntimeWarning, match=r"RuntimeError: no compiler here\); decoding eagerly") as caught:
+        fallback = generate(model, PROMPTS, 6, return_logits=True, eos_token_id=[], compile=True)
+        again = generate(model, PROMPTS, 6, return_logits=True, eos_token_id=[], compile=True)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert_same_generation(fallback, eager, atol=0)
+    assert_same_generation(again, eager, atol=0)
+    with pytest.raises(ValueError, match="compile"):
+        generate(model, PROMPTS, 2, compile=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, compile", [({}, True), ({"ffn": "swiglu"}, True),
+                                               ({"routing_pool": "token"}, "eager")])
+def test_compiled_decode_step_matches_eager_and_recompute(overrides, compile):
+    """torch.compile(fullgraph) of the whole decode step: same tokens and logits, left-padded batch,
+    causal pooling; a second generation of the same shape reuses the compiled step."""
+    model = make_model(seed=3, **overrides)
+    full = generate(model, PROMPTS, 10, use_cache=False, return_logits=True, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure would fall back silently
+        compiled = generate(model, PROMPTS, 10, return_logits=True, eos_token_id=[], compile=compile)
+    assert_same_generation(compiled, full)
+    again = generate(model, PROMPTS, 10, return_logits=True, eos_token_id=[], compile=compile)
+    assert_same_generation(again, compiled, atol=0)
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one(trained_model):

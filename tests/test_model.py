@@ -134,6 +134,34 @@ def test_cache_with_left_padding_document(tiny_config):
     torch.testing.assert_close(step, _forward(model, torch.cat([prompt, nxt], 1))[:, -1:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"routing_pool": "token"}, {"ffn": "swiglu"}])
+def test_decode_step_matches_full_forward_after_padded_and_packed_prefill(tiny_config, overrides):
+    """The fixed-shape decode step (attention over every cache slot under a mask) continues each
+    row's last document exactly: left padding, a returning id and plain rows in one batch."""
+    model = _model(tiny_config, **overrides).eval()
+    P, steps = 9, 6
+    doc_ids = torch.cat([torch.tensor([[-1, -1, -1, 0, 0, 0, 0, 0, 0]]), RETURNING_ID, torch.zeros(1, 9).long()])
+    ids = torch.randint(0, 97, (3, P + steps))
+    cache = model.new_cache(3, P + steps)
+    model(ids[:, :P], doc_ids, cache=cache)
+    logits = torch.stack([model.decode_step(ids[:, t:t + 1], cache) for t in range(P, P + steps)], 1)
+    first_of_last_document = [3, 6, 0]
+    for row, start in enumerate(first_of_last_document):
+        alone = _forward(model, ids[row:row + 1, start:])[:, P - start:]
+        torch.testing.assert_close(logits[row:row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert cache.length == P + steps and int(cache.filled) == P + steps
+    with pytest.raises(ValueError, match="overflow"):
+        model.decode_step(ids[:, :1], cache)
+
+
+def test_decode_step_on_an_empty_cache_starts_at_position_zero(tiny_config):
+    model = _model(tiny_config).eval()
+    ids = torch.randint(0, 97, (2, 4))
+    cache = model.new_cache(2, 8)
+    logits = torch.stack([model.decode_step(ids[:, t:t + 1], cache) for t in range(4)], 1)
+    torch.testing.assert_close(logits, _forward(model, ids), atol=1e-5, rtol=1e-5)
+
+
 def test_sequence_pool_refuses_cache(tiny_config):
     model = _model(tiny_config, routing_pool="sequence").eval()
     with pytest.raises(ValueError, match="non-causal"):

@@ -21,6 +21,8 @@ Two paths, same results:
 from __future__ import annotations
 
 import sys
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -156,7 +158,7 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
              generator: torch.Generator | None = None, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, stop_strings: Sequence[str] | None = None, tokenizer=None,
              stream: StreamCallback | None = None, return_logits: bool = False,
-             compact: bool = True) -> GenerationOutput:
+             compact: bool = True, compile: bool | str = False) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     input_ids: a (B, T) tensor (all rows real tokens, or with `attention_mask` (B, T), 1 on real
@@ -173,7 +175,11 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
         independent of the continuation's length.
     stream: called after each step with (tokens (B,), emitted (B,) bool); see `TextStreamer`.
     compact: drop stopped rows from the batch once they are at least half of it (less compute;
-        results agree to float tolerance).
+        results agree to float tolerance). Off when compiled.
+    compile: run each cached decoding step compiled (`DecodeStep`: True, a torch.compile mode or
+        backend name; True means "reduce-overhead" on CUDA: CUDA graphs). Pays for long or repeated generations
+        (compiling takes seconds to minutes, once per process and batch shape); a failure falls back
+        to eager with a warning. Ignored on the recompute path.
 
     The prompt plus `max_new_tokens` must fit in the model context (`max_seq_len`): a longer one is
     an error; truncate prompts yourself (keep their last tokens). Runs in eval mode (deterministic
@@ -221,6 +227,7 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
     logits_out = torch.zeros(B, max_new_tokens, vocab) if return_logits else None
     generated: list[list[int]] = [[] for _ in range(B)]
     recompute = not use_cache or _needs_recompute(model)
+    compiled = bool(compile) and not recompute  # a new batch size would compile again: never compact
 
     was_training = model.training
     model.eval()
@@ -228,7 +235,7 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
         if max_new_tokens > 0:
             ids, doc_ids = left_pad(prompts, pad_token_id, device)
             step = _RecomputeStepper(model, ids, doc_ids) if recompute else \
-                _CachedStepper(model, ids, doc_ids, max_new_tokens)
+                _CachedStepper(model, ids, doc_ids, max_new_tokens, DecodeStep(model, compile))
             rows = torch.arange(B)  # original row of each row of the working batch
             logits = step.first()
             for t in range(max_new_tokens):
@@ -257,7 +264,7 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
                 # stopped rows keep decoding padding until enough of them can be dropped at once
                 next_ids = next_ids.masked_fill(finished[rows].to(device), pad_token_id)
                 keep = ~finished[rows]
-                if compact and int(keep.sum()) * 2 <= len(rows):
+                if compact and not compiled and int(keep.sum()) * 2 <= len(rows):
                     index = keep.nonzero().flatten()
                     step.select(index.to(device))
                     rows, next_ids = rows[index], next_ids[index.to(device)]
@@ -292,10 +299,11 @@ def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _CachedStepper:
-    """Prefill once, then one token per step against the KV cache."""
+    """Prefill once, then one token per step against the KV cache (`DecodeStep`)."""
 
-    def __init__(self, model, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_new_tokens: int) -> None:
-        self.model, self.ids, self.doc_ids = model, ids, doc_ids
+    def __init__(self, model, ids: torch.Tensor, doc_ids: torch.Tensor | None, max_new_tokens: int,
+                 decode: DecodeStep) -> None:
+        self.model, self.ids, self.doc_ids, self.decode = model, ids, doc_ids, decode
         # the last generated token is never fed back: P + max_new_tokens - 1 slots suffice
         self.cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens - 1)
 
@@ -304,7 +312,7 @@ class _CachedStepper:
         return _last_logits(self.model, out.hidden_states)
 
     def next(self, next_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(next_ids[:, None], cache=self.cache).logits[:, -1]
+        return self.decode(next_ids[:, None], self.cache)
 
     def select(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
@@ -332,6 +340,104 @@ class _RecomputeStepper:
     def _run(self) -> torch.Tensor:
         out = self.model(self.ids, self.doc_ids, compute_logits=False)
         return _last_logits(self.model, out.hidden_states)
+
+
+# --------------------------------------------------------------------------------------------
+# the decode step, eager or compiled
+
+# compiled decode steps per model and mode: compiling costs seconds to minutes, once per process
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILE_FAILED: set[str] = set()  # modes whose compilation failed once (warned; eager from then on)
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class DecodeStep:
+    """model.decode_step as a callable, eager or compiled: (token_ids (B, 1), cache) -> logits (B, vocab).
+
+    Every step has the same shapes (attention reads all the cache's slots under a mask), so
+    torch.compile captures the whole step in one graph (fullgraph) and, on CUDA with
+    mode="reduce-overhead", replays it as a CUDA graph.
+
+        step = DecodeStep(model, compile=True)
+        cache = model.new_cache(batch_size, prompt_len + new_tokens)
+        logits = model(prompt_ids, cache=cache).logits[:, -1]      # prefill
+        for _ in range(new_tokens - 1):
+            next_ids = logits.argmax(-1, keepdim=True)            # (B, 1)
+            logits = step(next_ids, cache)
+
+    compile: False (eager), True (torch.compile with mode "reduce-overhead" on CUDA, the default
+    mode elsewhere), a torch.compile mode name, or a backend name ("eager" or "aot_eager" check the
+    capture in seconds, without generating code). The first compiled call compiles (seconds to
+    minutes); the compiled step is kept per model and mode for the process. A batch size or cache
+    length not seen before compiles again. If compiling fails, one warning is issued and the step
+    runs eagerly from then on. On CUDA the logits are copied out of the graph's memory.
+    """
+
+    def __init__(self, model, compile: bool | str = False) -> None:
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        on_cuda = self.device.type == "cuda"
+        if compile is True:
+            compile = "reduce-overhead" if on_cuda else "default"
+        elif compile is False or compile is None:
+            compile = None
+        elif not isinstance(compile, str):
+            raise ValueError(f"compile must be True, False, a torch.compile mode ({', '.join(_COMPILE_MODES)}) "
+                             f"or a torch.compile backend name, got {compile!r}")
+        self.mode = compile  # a mode, or a backend name ("eager", "aot_eager": checks without a compiler)
+        if compile is None:
+            self.options = {}
+        elif compile in _COMPILE_MODES:
+            self.options = {} if compile == "default" else {"mode": compile}
+        else:
+            self.options = {"backend": compile}
+        self._cuda_graphs = on_cuda and compile in ("reduce-overhead", "max-autotune", "cudagraphs")
+        self._marked_cache: weakref.ref | None = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps run compiled (False after a compile failure)."""
+        return self.mode is not None and self.mode not in _COMPILE_FAILED
+
+    def __call__(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
+        if not self.compiled:
+            return self.model.decode_step(token_ids, cache)
+        cache.check_room(1)
+        self.model.rope_tables(token_ids.device)  # built outside the trace
+        logits = self._compiled_call(token_ids, cache)
+        cache.advance(1)
+        return logits
+
+    def _compiled_call(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
+        per_model = _COMPILED_STEPS.setdefault(self.model, {})
+        if self.mode not in per_model:
+            per_model[self.mode] = torch.compile(self.model.decode_logits, fullgraph=True, dynamic=False,
+                                                 **self.options)
+        if self._cuda_graphs:
+            self._mark_static(cache)
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            with warnings.catch_warnings():
+                # polyglu's own cached helpers are pure: tracing through the cache wrapper is safe
+                warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+                logits = per_model[self.mode](token_ids, cache)
+        except Exception as error:  # any compiler failure: fall back, once
+            _COMPILE_FAILED.add(self.mode)
+            warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); decoding eagerly",
+                          RuntimeWarning, stacklevel=3)
+            return self.model.decode_logits(token_ids, cache)
+        return logits.clone() if self._cuda_graphs else logits
+
+    def _mark_static(self, cache) -> None:
+        """CUDA graphs replay fixed addresses: the cache's tensors, written in place, are marked static."""
+        if self._marked_cache is not None and self._marked_cache() is cache:
+            return
+        tensors = [*cache.keys, *cache.values, cache.segments, cache.positions, cache.filled,
+                   *(state.total for state in cache.pool)]
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
+        self._marked_cache = weakref.ref(cache)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ class KVCache:
         self.last_doc_id = torch.zeros(batch_size, dtype=torch.long, device=device)  # the caller's id
         self.pool = [PoolState(torch.zeros(batch_size, config.gate_hidden, device=device))
                      for _ in range(config.n_layers)]
-        self.length = 0
+        self.length = 0  # slots filled, on the host
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # the same count, on the device
         # while every row holds one document, attention needs no explicit mask
         self.single_document = True
 
@@ -98,6 +99,28 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.length += T
+        self.filled += T
+
+    # ---- one decode step at fixed shapes (see PolychromaticLM.decode_logits)
+
+    def check_room(self, T: int = 1) -> None:
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length} cached + {T} new tokens > capacity {self.max_len}")
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Register one token per row continuing each row's last document, at slot `filled`, reading
+        nothing on the host: returns (segments (B, 1), positions (B, 1), mask (B, 1, 1, max_len))."""
+        slot = self.filled.view(1, 1).expand(self.batch_size, 1)  # (B, 1)
+        last = (slot - 1).clamp(min=0)
+        segments = self.segments.gather(1, last)
+        positions = (self.positions.gather(1, last) + 1) * (slot > 0)  # a first token is at position 0
+        self.segments.scatter_(1, slot, segments)
+        self.positions.scatter_(1, slot, positions)
+        mask = segment_causal_mask(segments, self.segments, self.filled.view(1))
+        return segments, positions, mask
+
+    def step_view(self) -> _StepView:
+        return _StepView(self)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search / dropping finished rows)."""
@@ -108,3 +131,19 @@ class KVCache:
         for state in self.pool:
             state.total = state.total[index]
         self.batch_size = int(index.numel())
+
+
+class _StepView:
+    """The cache as one decode step sees it: k, v are written at slot `filled` and attention reads
+    every one of the max_len slots (the step's mask hides the unwritten ones), so every step has the
+    same shapes and no host-side length."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache, self.pool = cache, cache.pool
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self.cache.filled.view(1)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        return keys, values

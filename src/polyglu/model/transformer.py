@@ -157,6 +157,38 @@ class PolychromaticLM(nn.Module):
         return ModelOutput(logits=logits, hidden_states=x if (return_hidden or not compute_logits) else None,
                            routing=routing)
 
+    # ---- decoding one token at a time
+
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row, (B, 1), continuing each row's last cached document: returns the
+        next-token logits (B, vocab). Equals `self(token_ids, cache=cache).logits[:, -1]`, at fixed
+        shapes. `polyglu.generation.DecodeStep` runs the same step compiled."""
+        cache.check_room(1)
+        self.rope_tables(token_ids.device)  # built outside any trace
+        logits = self.decode_logits(token_ids, cache)
+        cache.advance(1)
+        return logits
+
+    def decode_logits(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The body of `decode_step`, the function torch.compile captures whole: every tensor keeps
+        its shape from step to step (attention reads all cache slots under a mask), nothing is read
+        on the host and the cache changes only in place. It neither checks the cache's room nor
+        advances it: call `decode_step` (or DecodeStep) rather than this."""
+        segments, positions, mask = cache.step_inputs()  # (B, 1), (B, 1), (B, 1, 1, max_len)
+        rope_cos, rope_sin = self._rope
+        cos, sin = rope_cos[positions][:, None], rope_sin[positions][:, None]  # (B, 1, 1, hd/2)
+        pool_totals = [state.total for state in cache.pool]
+        view = cache.step_view()
+        x = self.embed_tokens(token_ids)
+        for block in self.layers:
+            x, _ = block(x, cos, sin, mask, segments, positions, view)
+        # causal pooling hands back new running sums: keep them in the cache's own tensors, whose
+        # addresses never change (what CUDA graphs need)
+        for state, total in zip(cache.pool, pool_totals):
+            total.copy_(state.total)
+            state.total = total
+        return self.lm_head(self.norm(x))[:, -1]
+
     # ---- convenience
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
