@@ -14,14 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def doc_ids_from_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
-    """Document index of each token of a window: a new document starts after each EOS."""
-    if eos_id is None:
-        return np.zeros(len(tokens), dtype=np.int64)
-    starts = np.zeros(len(tokens), dtype=np.int64)
-    starts[1:] = tokens[:-1] == eos_id
-    return np.cumsum(starts)
+from polyglu.documents import doc_ids_from_eos
 
 
 def windows_to_batches(windows: list[np.ndarray], eos_id: int | None, batch_size: int
@@ -31,9 +24,8 @@ def windows_to_batches(windows: list[np.ndarray], eos_id: int | None, batch_size
 
     def flush() -> None:
         if group:
-            ids = np.stack(group).astype(np.int64)
-            docs = np.stack([doc_ids_from_eos(w, eos_id) for w in group])
-            batches.append((torch.from_numpy(ids), torch.from_numpy(docs)))
+            ids = torch.from_numpy(np.stack(group).astype(np.int64))
+            batches.append((ids, doc_ids_from_eos(ids, eos_id)))
             group.clear()
 
     for window in windows:

@@ -39,6 +39,7 @@ from polyglu.data.shards import (  # noqa: F401  (TokenShards re-exported: the l
     check_tokenizer,
 )
 from polyglu.data.sources import DataError
+from polyglu.documents import doc_ids_from_eos
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "validation")
@@ -241,13 +242,11 @@ class PackedLoader:
             path, offset = self.sources[name].shards.locate(start + int(column))
             raise DataError(f"{path}: token id {int(rows[row, column])} at token offset {offset} is >= the "
                             f"vocabulary size {self.vocab_size} (corrupted shard; run `polyglu verify-data`)")
-        inputs = rows[:, :-1]
-        is_eos = inputs == self.eos_id
-        doc_ids = np.cumsum(is_eos, axis=1) - is_eos  # an EOS belongs to the document it ends
+        input_ids = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
         self.next_step = step + 1
-        return {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
+        return {"input_ids": input_ids,
                 "targets": torch.from_numpy(np.ascontiguousarray(rows[:, 1:])),
-                "doc_ids": torch.from_numpy(doc_ids)}
+                "doc_ids": doc_ids_from_eos(input_ids, self.eos_id)}
 
     # ---- state
 

@@ -8,18 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from polyglu.documents import doc_ids_from_eos, doc_ids_with_padding
+
 
 @dataclass
 class Score:
     logprob: float  # sum of log p(target) over the scored targets (natural log)
     count: int  # targets scored
     greedy: bool  # every scored target is the argmax of its distribution
-
-
-def document_ids(ids: torch.Tensor, document_end: int) -> torch.Tensor:
-    """(B, T) document index of each token: a new document starts after each `document_end` token."""
-    ends = (ids == document_end).long()
-    return ends.cumsum(dim=1) - ends  # the end token belongs to the document it closes
 
 
 @torch.no_grad()
@@ -65,12 +61,11 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
                 real[row, :lengths[row]] = True
             doc_ids = None
             if document_end is not None and bool((ids[real] == document_end).any()):
-                doc_ids = document_ids(ids, document_end)
+                doc_ids = doc_ids_from_eos(ids, document_end)
             if sequence_pool and not bool(real.all()):
                 doc_ids = torch.zeros_like(ids) if doc_ids is None else doc_ids
             if doc_ids is not None:
-                doc_ids = doc_ids.masked_fill(~real, -1)  # right padding: a document of its own
-                doc_ids = doc_ids.to(device)
+                doc_ids = doc_ids_with_padding(real, doc_ids).to(device)  # right padding: a document of its own
             hidden = model(ids.to(device), doc_ids, compute_logits=False).hidden_states  # (b, T, d)
 
             # only the scored positions go through the head: (N, d) -> (N, vocab)

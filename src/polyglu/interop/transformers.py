@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from polyglu.documents import doc_ids_with_padding
 from polyglu.interop.hf_config import PolychromaticConfig
 from polyglu.model.cache import KVCache
 from polyglu.model.polyglu import PolyGLU
@@ -127,7 +128,7 @@ class PolychromaticCausalLMOutput(CausalLMOutputWithPast):
 
 
 def padding_documents(attention_mask: torch.Tensor | None, length: int, cached: bool) -> torch.Tensor | None:
-    """doc_ids (B, length) from a 2D attention mask: padding (0) is document 1, tokens document 0.
+    """doc_ids (B, length) from a 2D attention mask: padding (0) is PADDING_DOCUMENT, tokens document 0.
 
     Tokens get id 0 because a cache fed without a mask continues document 0. Without a cache, a mask
     of ones gives None (plain causal attention, the fast path).
@@ -140,7 +141,7 @@ def padding_documents(attention_mask: torch.Tensor | None, length: int, cached: 
     mask = attention_mask[:, -length:]
     if not cached and bool(mask.all()):
         return None
-    return (mask == 0).long()
+    return doc_ids_with_padding(mask)
 
 
 def _checkpoint_while_training(checkpoint_func, block: nn.Module, *args, **kwargs):
