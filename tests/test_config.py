@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from polyglu.config import MODEL_PRESETS, ConfigError, ModelConfig, RunConfig, load_mapping
+from polyglu.config import (
+    MODEL_PRESETS,
+    ROUTING_POOLS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    load_mapping,
+    routing_is_causal,
+)
 
 
 def test_paper_preset_numbers():
@@ -119,3 +127,28 @@ def test_overrides_may_follow_flags_on_the_command_line(monkeypatch):
     assert seen["resume"] and seen["overrides"] == ["train.max_steps=6", "run_dir=runs/x"]
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", "--no-such-flag"])
+
+
+# the truth table of "is this routing causal?"; a pool added to ROUTING_POOLS must be added here
+CAUSAL_POOL = {"causal": True, "token": True, "sequence": False}
+
+
+def test_routing_is_causal_truth_table():
+    assert set(CAUSAL_POOL) == set(ROUTING_POOLS)
+    for pool, causal in CAUSAL_POOL.items():
+        assert routing_is_causal(pool) is causal
+        # a pool that is never read cannot see the future: one activation, or static routing (no gate_net)
+        assert routing_is_causal(pool, n_activations=1) is True
+        assert routing_is_causal(pool, routing_mode="static") is True
+        assert routing_is_causal(pool, routing_mode="dynamic") is causal
+    with pytest.raises(ConfigError, match="routing_pool must be one of .* got 'lookahead'"):
+        routing_is_causal("lookahead")
+
+
+@pytest.mark.parametrize("pool", ROUTING_POOLS)
+def test_model_config_causal_routing_follows_the_pool(pool):
+    config = ModelConfig.from_preset("debug", routing_pool=pool)
+    assert config.causal_routing is CAUSAL_POOL[pool]
+    assert config.replace(ffn="swiglu").causal_routing is True  # a baseline FFN has no routing
+    assert config.replace(activations=["silu"]).causal_routing is True
+    assert config.replace(routing_mode="static").causal_routing is True

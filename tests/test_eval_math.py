@@ -48,7 +48,7 @@ class ScriptedLM(nn.Module):
     def __init__(self, replies: dict[str, str], max_seq_len: int = 512) -> None:
         super().__init__()
         self.config = SimpleNamespace(vocab_size=TOKENIZER.vocab_size, max_seq_len=max_seq_len, eos_token_id=None,
-                                      pad_token_id=None)
+                                      pad_token_id=None, causal_routing=True)
         self.embed_tokens = nn.Embedding(1, 1)
         self.layers = nn.ModuleList()
         self.lm_head = nn.Identity()  # hidden states are already one-hot logits

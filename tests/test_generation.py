@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyglu.cli import main
-from polyglu.config import ModelConfig
+from polyglu.config import ROUTING_POOLS, ModelConfig, routing_is_causal
 from polyglu.data.tokenizer import load_tokenizer
 from polyglu.generation import (
     IncrementalDecoder,
@@ -75,6 +75,21 @@ def test_cached_matches_recompute_for_other_ffns(overrides):
     model = make_model(**overrides)
     cached = generate(model, PROMPTS, 12, return_logits=True, eos_token_id=[])
     full = generate(model, PROMPTS, 12, use_cache=False, return_logits=True, eos_token_id=[])
+    assert cached.used_cache
+    assert_same_generation(cached, full)
+
+
+def test_static_routing_decodes_with_the_cache_whatever_its_pool():
+    """Static routing (alpha only) never reads its pool, so even a `sequence` pool is causal there."""
+    torch.manual_seed(0)
+    model = PolychromaticLM(ModelConfig.from_preset("debug", vocab_size=260, max_seq_len=64, routing_pool="sequence",
+                                                    routing_mode="static")).eval()
+    with torch.no_grad():
+        for layer in model.polyglu_layers():
+            layer.alpha.normal_(0.0, 2.0)
+    cached = generate(model, PROMPTS, 12, return_logits=True, eos_token_id=[])
+    full = generate(model, PROMPTS, 12, use_cache=False, return_logits=True, eos_token_id=[])
+    assert cached.used_cache
     assert_same_generation(cached, full)
 
 
@@ -281,8 +296,16 @@ def test_prompt_too_long_is_a_clear_error():
         generate(model, [[1, 999]], 3)
 
 
-def test_sequence_pool_model_generates_by_recomputing():
-    model = make_model(routing_pool="sequence")
+NON_CAUSAL_POOLS = [pool for pool in ROUTING_POOLS if not routing_is_causal(pool)]
+
+
+def test_there_is_a_non_causal_pool_to_test():
+    assert NON_CAUSAL_POOLS == ["sequence"]
+
+
+@pytest.mark.parametrize("pool", NON_CAUSAL_POOLS)
+def test_non_causal_pool_model_generates_by_recomputing(pool):
+    model = make_model(routing_pool=pool)
     out = generate(model, PROMPTS, 8, return_logits=True, eos_token_id=[])
     assert not out.used_cache
     # reference: the original's loop, a plain forward over the whole sequence at each step

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa:
 from transformers import __version__ as transformers_version  # noqa: E402
 
 from polyglu.cli import main  # noqa: E402
-from polyglu.config import ConfigError  # noqa: E402
+from polyglu.config import ROUTING_POOLS, ConfigError, routing_is_causal  # noqa: E402
 from polyglu.interop.hf_export import byte_level_tokenizer, copy_tokenizer, standalone_sources  # noqa: E402
 from polyglu.interop.transformers import (  # noqa: E402
     CACHE_KWARG,
@@ -119,8 +119,9 @@ def test_generate_left_padding_matches_unpadded_rows(tiny_config):
     assert torch.equal(out[1, 8:], _greedy(model, long, 8)[0, 8:])
 
 
-def test_generate_sequence_pooling_recomputes(tiny_config):
-    model = _model(tiny_config, routing_pool="sequence")
+@pytest.mark.parametrize("pool", [pool for pool in ROUTING_POOLS if not routing_is_causal(pool)])
+def test_generate_non_causal_pooling_recomputes(tiny_config, pool):
+    model = _model(tiny_config, routing_pool=pool)
     wrapper = PolychromaticForCausalLM.from_polyglu(model)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
     out = wrapper.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)

@@ -21,10 +21,26 @@ EVAL_ROUTING = ("soft", "hard")
 MIXED_IMPLS = ("auto", "fused", "reference")
 ROUTING_MODES = ("full", "static", "dynamic")
 ATTENTION_BACKENDS = ("sdpa", "flex")
+# Pools whose value at position t reads only positions <= t. Any other pool (the original "sequence",
+# or one added to ROUTING_POOLS and not here) counts as non-causal: generation recomputes it every
+# step instead of decoding it wrongly with a cache.
+CAUSAL_ROUTING_POOLS = ("causal", "token")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
+
+
+def routing_is_causal(routing_pool: str, *, n_activations: int = 2, routing_mode: str = "full") -> bool:
+    """Whether a feed-forward's routing at position t reads only positions <= t, so that a KV cache
+    decodes it exactly (the one answer to "is this pooling causal?").
+
+    True for a pool in CAUSAL_ROUTING_POOLS, and whenever the pool is never read: one activation
+    (the softmax over one is 1) or static routing (alpha only, no gate_net).
+    """
+    if routing_pool not in ROUTING_POOLS:
+        raise ConfigError(f"routing_pool must be one of {ROUTING_POOLS}, got {routing_pool!r}")
+    return routing_pool in CAUSAL_ROUTING_POOLS or n_activations == 1 or routing_mode == "static"
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +269,7 @@ class ModelConfig:
     activations: tuple[str, ...] = ("relu", "tanh", "silu", "gelu")
     gate_hidden: int = 32
     # how the routing network summarises the context: "causal" (default), "sequence" (original,
-    # non-causal), "token" (no pooling); see ARCHITECTURE.md
+    # non-causal), "token" (no pooling); see docs/architecture.md
     routing_pool: str = "causal"
     # deterministic routing outside training: "soft" softmax(logits/tau) or "hard" one-hot argmax
     eval_routing: str = "soft"
@@ -350,6 +366,12 @@ class ModelConfig:
     def ffn_activations(self) -> tuple[str, ...]:
         """The activations the FFN mixes: the routed set for PolyGLU, one fixed one for a baseline."""
         return self.activations if self.ffn == "polyglu" else (BASELINE_ACTIVATION[self.ffn],)
+
+    @property
+    def causal_routing(self) -> bool:
+        """Whether every feed-forward reads only positions <= t (a KV cache decodes the model exactly)."""
+        return routing_is_causal(self.routing_pool, n_activations=len(self.ffn_activations),
+                                 routing_mode=self.routing_mode)
 
 
 def _require_flex_attention() -> None:

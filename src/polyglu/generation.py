@@ -280,9 +280,9 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
 
 
 def _needs_recompute(model) -> bool:
-    """A `sequence`-pooled PolyGLU layer cannot be decoded incrementally (its pool sees the future)."""
-    return any(getattr(block.ffn, "routing_pool", None) == "sequence" and block.ffn.n_activations > 1
-               for block in model.layers)
+    """A model whose routing is not causal (e.g. `sequence` pooling: its pool sees the future) cannot be
+    decoded incrementally."""
+    return not model.config.causal_routing
 
 
 def _continuation_text(tokenizer, ids: list[int], eos_ids: list[int], stop_strings: list[str]) -> str:

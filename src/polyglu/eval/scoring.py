@@ -46,7 +46,8 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     was_training = model.training
     model.eval()
     device = model.embed_tokens.weight.device
-    sequence_pool = any(getattr(block.ffn, "routing_pool", None) == "sequence" for block in model.layers)
+    # a non-causal pool (e.g. `sequence`) would average right padding into the tokens' routing
+    non_causal = not model.config.causal_routing
     results: list[Score | None] = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     try:
@@ -62,7 +63,7 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
             doc_ids = None
             if document_end is not None and bool((ids[real] == document_end).any()):
                 doc_ids = doc_ids_from_eos(ids, document_end)
-            if sequence_pool and not bool(real.all()):
+            if non_causal and not bool(real.all()):
                 doc_ids = torch.zeros_like(ids) if doc_ids is None else doc_ids
             if doc_ids is not None:
                 doc_ids = doc_ids_with_padding(real, doc_ids).to(device)  # right padding: a document of its own

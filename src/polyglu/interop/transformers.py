@@ -17,7 +17,8 @@ that also tracks documents. So `PolychromaticCache` is a thin `Cache` subclass t
 transformers 5.24 renamed the cache keyword from `past_key_values` to `cache` (in `generate`'s
 model kwargs, `forward` and the output classes): `CACHE_KWARG` is the name the installed version
 uses, and `forward` accepts both, so neither version sees a deprecated name.
-A `sequence`-pooled model (the original, non-causal routing) cannot be decoded with a cache:
+A non-causal model (`ModelConfig.causal_routing` False: the original `sequence` pooling) cannot be
+decoded with a cache:
 `generate` then recomputes the whole sequence every step (correct, slower).
 
 Padding: zeros in `attention_mask` become a document of their own (`doc_ids`), so padding never
@@ -316,7 +317,7 @@ class PolychromaticForCausalLM(PreTrainedModel, GenerationMixin):
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported "
                              f"by PolychromaticForCausalLM (it keeps its own cache)")
-        if self.config.ffn == "polyglu" and self.config.routing_pool == "sequence" and len(self.config.activations) > 1:
+        if not self.model.config.causal_routing:
             # non-causal routing: a new token changes every position's pool, so recompute each step
             generation_config.use_cache = False
             return

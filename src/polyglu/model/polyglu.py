@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyglu.config import ACTIVATION_NAMES, MIXED_IMPLS, ROUTING_MODES, ROUTING_POOLS, ConfigError
+from polyglu.config import (
+    ACTIVATION_NAMES,
+    MIXED_IMPLS,
+    ROUTING_MODES,
+    ROUTING_POOLS,
+    ConfigError,
+    routing_is_causal,
+)
 from polyglu.documents import segment_ids
 
 
@@ -176,6 +183,11 @@ class PolyGLU(nn.Module):
     def n_activations(self) -> int:
         return len(self.activations)
 
+    @property
+    def causal(self) -> bool:
+        """Whether the output at position t reads only positions <= t (a KV cache decodes it exactly)."""
+        return routing_is_causal(self.routing_pool, n_activations=self.n_activations, routing_mode=self.routing_mode)
+
     def extra_repr(self) -> str:
         return (f"activations={self.activations}, routing_pool={self.routing_pool!r}, routing_mode={self.routing_mode!r}, "
                 f"eval_routing={self.eval_routing!r}, routing_noise={self.routing_noise}")
@@ -190,12 +202,12 @@ class PolyGLU(nn.Module):
         if self.gate_net is None:  # static-only routing
             return x.new_zeros(x.shape[0], 1, self.n_activations)
         first, second = self.gate_net[0], self.gate_net[2]
+        if pool_state is not None and not self.causal:
+            raise ValueError(f"routing_pool={self.routing_pool!r} is non-causal and cannot be decoded with a cache")
         proj = F.linear(x, first.weight)  # (B, T, H)
         if self.routing_pool == "token":
             pooled = proj
         elif self.routing_pool == "sequence":
-            if pool_state is not None:
-                raise ValueError("routing_pool='sequence' is non-causal and cannot be decoded with a cache")
             if doc_ids is None:
                 pooled = proj.float().mean(dim=1, keepdim=True).to(proj.dtype)  # (B, 1, H)
             else:
