@@ -16,6 +16,7 @@ from polyglu.analysis import (
     find_checkpoints,
     load_token_batches,
     routing_entropy,
+    static_routing,
     static_routing_stats,
     training_curves,
 )
@@ -57,6 +58,20 @@ def _tanh_model(config, beta_zero=True, strength=8.0):
             if beta_zero:
                 layer.beta.zero_()
     return model
+
+
+def test_static_routing_is_what_the_model_routes_with_alpha_alone(tiny_config):
+    """static_routing (the one softmax(alpha / tau), used by analysis, training metrics and the Qwen3
+    converter) equals the routing a static-mode model applies at every token."""
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config.replace(routing_mode="static", tau=0.7)).eval()
+    layer = model.polyglu_layers()[0]
+    with torch.no_grad():
+        layer.alpha.normal_(0.0, 2.0)
+    expected = torch.softmax(layer.alpha.detach() / 0.7, dim=-1)  # (F, K)
+    torch.testing.assert_close(static_routing(layer), expected)
+    routing = model(torch.randint(0, tiny_config.vocab_size, (2, 5)), return_routing=True).routing[0]
+    torch.testing.assert_close(routing, static_routing(layer).expand_as(routing))
 
 
 def test_static_routing_every_neuron_prefers_tanh(tiny_config):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from polyglu.analysis.stats import static_routing
 from polyglu.config import ModelConfig
 from polyglu.model_io import CheckpointError
 
@@ -229,7 +230,7 @@ def silu_weight(model) -> float:
     lowest = 1.0
     for layer in model.polyglu_layers():
         silu = layer.activations.index("silu")
-        weights = torch.softmax(layer.alpha.float() / layer.tau.float(), dim=-1)[:, silu]
+        weights = static_routing(layer)[:, silu]  # (F,)
         lowest = min(lowest, float(weights.min()))
     return lowest
 

@@ -141,7 +141,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tensor], device) -> dict[str, list]:
     """Per-layer mean routing entropy as a fraction of ln K: static (softmax(alpha/tau)) and dynamic
     (the full deterministic routing on one training batch)."""
-    from polyglu.analysis.stats import routing_entropy
+    from polyglu.analysis.stats import routing_entropy, static_routing
 
     layers = model.polyglu_layers()
     if not layers:
@@ -154,7 +154,6 @@ def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tenso
     model.train(was_training)
     static, dynamic = [], []
     for ffn, g in zip(layers, [r for r in routing if r is not None]):
-        static_g = torch.softmax(ffn.alpha.float() / ffn.tau.float(), -1)
-        static.append(float(routing_entropy(static_g, normalized=True).mean()))
+        static.append(float(routing_entropy(static_routing(ffn), normalized=True).mean()))
         dynamic.append(float(routing_entropy(g.float(), normalized=True).mean()))
     return {"static": [round(x, 6) for x in static], "dynamic": [round(x, 6) for x in dynamic]}
