@@ -24,29 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from polyglu.model.polyglu import PolyGLU, max_routing_entropy, routing_weights
+from polyglu.model.polyglu import PolyGLU, max_routing_entropy
+from polyglu.model.routing import routing_entropy, static_routing
 
 HISTOGRAM_BINS = 20
 FORMAT = "polyglu-analysis/1"
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | Mapping[str, torch.Tensor]
-
-
-# --------------------------------------------------------------------------------------------
-# the entropy function
-
-
-def routing_entropy(probs: torch.Tensor, dim: int = -1, normalized: bool = False) -> torch.Tensor:
-    """Shannon entropy -sum p log p over `dim` (0 log 0 = 0), in nats.
-
-    `normalized=True` divides by ln K (K = probs.shape[dim]), giving a fraction of the maximum in
-    [0, 1]; with K = 1 the entropy is 0 and so is the fraction.
-    """
-    entropy = -torch.special.xlogy(probs, probs).sum(dim)
-    if normalized:
-        k = probs.shape[dim]
-        return entropy / max_routing_entropy(k) if k > 1 else torch.zeros_like(entropy)
-    return entropy
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,13 +40,6 @@ def routing_entropy(probs: torch.Tensor, dim: int = -1, normalized: bool = False
 def polyglu_layers(model: torch.nn.Module) -> list[tuple[int, PolyGLU]]:
     """(block index, PolyGLU) for every block whose feed-forward is a PolyGLU."""
     return [(i, block.ffn) for i, block in enumerate(model.layers) if isinstance(block.ffn, PolyGLU)]
-
-
-def static_routing(layer: PolyGLU) -> torch.Tensor:
-    """softmax(alpha / tau) per neuron: (d_ff, K) float32, through the model's own routing function."""
-    zeros = torch.zeros(1, 1, layer.n_activations, device=layer.alpha.device)
-    with torch.no_grad():
-        return routing_weights(layer.alpha.detach(), zeros, None, layer.tau)[0, 0]
 
 
 def _sig(x: float, digits: int = 6) -> float | None:

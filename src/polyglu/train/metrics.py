@@ -141,7 +141,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tensor], device) -> dict[str, list]:
     """Per-layer mean routing entropy as a fraction of ln K: static (softmax(alpha/tau)) and dynamic
     (the full deterministic routing on one training batch)."""
-    from polyglu.analysis.stats import routing_entropy, static_routing
+    from polyglu.model.routing import routing_entropy, static_routing
 
     layers = model.polyglu_layers()
     if not layers:
