@@ -68,3 +68,27 @@ def test_graph_sees_function_level_and_relative_imports_but_not_type_checking(im
                                           ["polyglu.cli", "polyglu.sub.low", "polyglu.sub.high"]]
     assert [(e.source, e.target) for e in import_graph.library_to_cli_edges(edges)] == \
         [("polyglu.sub.high", "polyglu.cli")]
+
+
+def test_layers_import_one_way(import_graph, edges):
+    # e.g. train.metrics reading routing off the model through analysis while analysis reads train's metrics
+    loops = import_graph.layer_cycles(edges)
+    shown = "\n".join(" -> ".join(c + c[:1]) for c in loops)
+    assert not loops, f"layers that import each other:\n{shown}"
+
+
+def test_layer_graph_collapses_modules_to_their_layer(import_graph, tmp_path):
+    package = tmp_path / "polyglu"
+    (package / "low").mkdir(parents=True)
+    (package / "high").mkdir()
+    for init in (package / "__init__.py", package / "low" / "__init__.py", package / "high" / "__init__.py"):
+        init.write_text("")
+    (package / "config.py").write_text("")
+    (package / "__main__.py").write_text("import polyglu.high.b\n")
+    (package / "low" / "a.py").write_text("import polyglu.config\nimport polyglu.low.c\n")
+    (package / "low" / "c.py").write_text("def f():\n    import polyglu.high.b\n")
+    (package / "high" / "b.py").write_text("import polyglu.low.a\n")
+    edges = import_graph.build_graph(tmp_path)
+    assert import_graph.layer_graph(edges) == {"cli": {"high"}, "high": {"low"}, "low": {"config", "high"},
+                                               "config": set()}
+    assert import_graph.layer_cycles(edges) == [["high", "low"]]

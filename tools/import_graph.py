@@ -2,6 +2,7 @@
 
     python tools/import_graph.py            # cycles and library -> CLI edges
     python tools/import_graph.py --edges    # every edge, marking function-level ones
+    python tools/import_graph.py --layers   # the graph between layers (subpackages, top-level modules)
 
 Every `import` counts, at module level or inside a function (a function-local import that hides a
 cycle is still a cycle), except those under `if TYPE_CHECKING:`, which never run. An edge points at
@@ -136,6 +137,34 @@ def library_to_cli_edges(edges: list[Edge]) -> list[Edge]:
     return [edge for edge in edges if not is_cli(edge.source) and is_cli(edge.target)]
 
 
+def layer_of(module: str) -> str:
+    """The layer a module belongs to: its subpackage (`model`, `data`, `train`, ...) or, for a top-level
+    module, its own name (`config`, `documents`, ...); `cli` and `__main__` are the layer `cli`, the
+    package's `__init__` is `polyglu`."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return PACKAGE
+    return "cli" if parts[1] == "__main__" else parts[1]
+
+
+def layer_graph(edges: list[Edge]) -> dict[str, set[str]]:
+    """Layer -> the other layers it imports (every layer present, possibly with no imports)."""
+    graph: dict[str, set[str]] = {}
+    for edge in edges:
+        source, target = layer_of(edge.source), layer_of(edge.target)
+        graph.setdefault(source, set())
+        graph.setdefault(target, set())
+        if source != target:
+            graph[source].add(target)
+    return graph
+
+
+def layer_cycles(edges: list[Edge]) -> list[list[str]]:
+    """Cycles between layers (a layer importing one that imports it back, through any modules)."""
+    pairs = [Edge(a, b, 0, False) for a, targets in layer_graph(edges).items() for b in targets]
+    return cycles(pairs)
+
+
 def _describe(edge: Edge) -> str:
     where = "function-level" if edge.function_level else "module-level"
     return f"{edge.source} -> {edge.target} (line {edge.line}, {where})"
@@ -150,11 +179,18 @@ def cycle_edges(edges: list[Edge], cycle: list[str]) -> list[Edge]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edges", action="store_true", help="print every edge")
+    parser.add_argument("--layers", action="store_true", help="print the graph between layers")
     args = parser.parse_args(argv)
     edges = build_graph()
     if args.edges:
         for edge in sorted(edges, key=lambda e: (e.source, e.target, e.line)):
             print(_describe(edge))
+        print()
+    if args.layers:
+        for layer, targets in sorted(layer_graph(edges).items()):
+            print(f"{layer:<11} -> {', '.join(sorted(targets)) or '(nothing in polyglu)'}")
+        for cycle in layer_cycles(edges):
+            print("layer cycle: " + " -> ".join(cycle + cycle[:1]))
         print()
     found = cycles(edges)
     print(f"{len(module_names())} modules, {len(edges)} import edges, {len(found)} cycles")
