@@ -92,3 +92,7 @@ def test_layer_graph_collapses_modules_to_their_layer(import_graph, tmp_path):
     assert import_graph.layer_graph(edges) == {"cli": {"high"}, "high": {"low"}, "low": {"config", "high"},
                                                "config": set()}
     assert import_graph.layer_cycles(edges) == [["high", "low"]]
+    assert import_graph.layer_levels(edges) is None
+    (package / "low" / "c.py").write_text("")  # high -> low -> config, one way
+    edges = import_graph.build_graph(tmp_path)
+    assert import_graph.layer_levels(edges) == {"cli": 3, "high": 2, "low": 1, "config": 0}

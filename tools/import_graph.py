@@ -165,6 +165,24 @@ def layer_cycles(edges: list[Edge]) -> list[list[str]]:
     return cycles(pairs)
 
 
+def layer_levels(edges: list[Edge]) -> dict[str, int] | None:
+    """Layer -> its level: 0 for a layer importing no other, else one above the highest it imports
+    (so every import points to a lower level). None when layers import each other (no such order)."""
+    graph = layer_graph(edges)
+    if layer_cycles(edges):
+        return None
+    levels: dict[str, int] = {}
+
+    def level(layer: str) -> int:
+        if layer not in levels:
+            levels[layer] = 1 + max((level(t) for t in graph[layer]), default=-1)
+        return levels[layer]
+
+    for layer in graph:
+        level(layer)
+    return levels
+
+
 def _describe(edge: Edge) -> str:
     where = "function-level" if edge.function_level else "module-level"
     return f"{edge.source} -> {edge.target} (line {edge.line}, {where})"
@@ -191,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{layer:<11} -> {', '.join(sorted(targets)) or '(nothing in polyglu)'}")
         for cycle in layer_cycles(edges):
             print("layer cycle: " + " -> ".join(cycle + cycle[:1]))
+        levels = layer_levels(edges)
+        if levels is not None:
+            print("levels (each layer imports only layers on lower levels):")
+            for level in sorted(set(levels.values()), reverse=True):
+                print(f"  {level}: {', '.join(sorted(n for n, v in levels.items() if v == level))}")
         print()
     found = cycles(edges)
     print(f"{len(module_names())} modules, {len(edges)} import edges, {len(found)} cycles")
