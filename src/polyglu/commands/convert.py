@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from polyglu.config import ROUTING_POOLS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source_format", required=True, choices=["upstream", "qwen3"],
@@ -12,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", metavar="OUT_DIR", help="model directory to write (config.json + model.safetensors)")
     p.add_argument("--tau", type=float, default=None,
                    help="upstream: routing temperature when the file has none (default 0.1, the end of pre-training)")
-    p.add_argument("--routing-pool", choices=["sequence", "causal", "token"], default=None,
+    p.add_argument("--routing-pool", choices=ROUTING_POOLS, default=None,
                    help="upstream: routing pooling of the imported model (default: sequence, the original's)")
     p.add_argument("--ffn", choices=["swiglu", "polyglu"], default="polyglu",
                    help="qwen3: keep SwiGLU, or upcycle into PolyGLU routed to SiLU (same outputs)")
