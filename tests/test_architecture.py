@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "import_graph.py"
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "import_graph.py"
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,12 @@ def test_layer_graph_collapses_modules_to_their_layer(import_graph, tmp_path):
     (package / "low" / "c.py").write_text("")  # high -> low -> config, one way
     edges = import_graph.build_graph(tmp_path)
     assert import_graph.layer_levels(edges) == {"cli": 3, "high": 2, "low": 1, "config": 0}
+
+
+def test_architecture_doc_shows_the_current_layers(import_graph, edges):
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc.split("## Layers and the direction of dependencies", 1)[1]
+    shown = section.split("```\n", 2)[1].rstrip("\n")  # the first fenced block of the section
+    assert shown == import_graph.layer_report(edges), (
+        "docs/architecture.md: the layer picture is stale; paste the output of "
+        "`python tools/import_graph.py --layers`")

@@ -183,6 +183,20 @@ def layer_levels(edges: list[Edge]) -> dict[str, int] | None:
     return levels
 
 
+def layer_report(edges: list[Edge]) -> str:
+    """The layer graph as text: each layer's imports, then the cycles or the levels (docs/architecture.md
+    shows this text, and tests/test_architecture.py checks that it is current)."""
+    lines = [f"{layer:<11} -> {', '.join(sorted(targets)) or '(nothing in polyglu)'}"
+             for layer, targets in sorted(layer_graph(edges).items())]
+    lines += ["layer cycle: " + " -> ".join(cycle + cycle[:1]) for cycle in layer_cycles(edges)]
+    levels = layer_levels(edges)
+    if levels is not None:
+        lines.append("levels (each layer imports only layers on lower levels):")
+        for level in sorted(set(levels.values()), reverse=True):
+            lines.append(f"  {level}: {', '.join(sorted(n for n, v in levels.items() if v == level))}")
+    return "\n".join(lines)
+
+
 def _describe(edge: Edge) -> str:
     where = "function-level" if edge.function_level else "module-level"
     return f"{edge.source} -> {edge.target} (line {edge.line}, {where})"
@@ -205,15 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_describe(edge))
         print()
     if args.layers:
-        for layer, targets in sorted(layer_graph(edges).items()):
-            print(f"{layer:<11} -> {', '.join(sorted(targets)) or '(nothing in polyglu)'}")
-        for cycle in layer_cycles(edges):
-            print("layer cycle: " + " -> ".join(cycle + cycle[:1]))
-        levels = layer_levels(edges)
-        if levels is not None:
-            print("levels (each layer imports only layers on lower levels):")
-            for level in sorted(set(levels.values()), reverse=True):
-                print(f"  {level}: {', '.join(sorted(n for n, v in levels.items() if v == level))}")
+        print(layer_report(edges))
         print()
     found = cycles(edges)
     print(f"{len(module_names())} modules, {len(edges)} import edges, {len(found)} cycles")

@@ -5,7 +5,7 @@
 
 alpha (d_ff, K) is a static per-neuron preference, beta (K,) scales the dynamic, input-dependent
 part, gate_net is a small d_model -> gate_hidden -> K MLP of the pooled context. Routing semantics
-(pooling, noise, determinism) are described in ARCHITECTURE.md and pinned by tests.
+(pooling, noise, determinism) are described in docs/architecture.md and pinned by tests.
 """
 
 from __future__ import annotations
