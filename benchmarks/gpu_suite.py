@@ -42,7 +42,6 @@ import contextlib
 import gc
 import inspect
 import json
-import os
 import platform
 import statistics
 import sys
@@ -158,7 +157,8 @@ def free_memory(device: str) -> None:
 
 
 def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(error, oom_type) or "out of memory" in str(error).lower()
 
 
 def device_name(device: str) -> str:
@@ -568,9 +568,9 @@ PART_FUNCTIONS: dict[str, Callable[[Shapes, float], dict]] = {
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic: a reader (or a kill mid-write) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from polyglu.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,0 +1,209 @@
+"""polyglu against its peer: Hugging Face `Qwen3ForCausalLM` of the same shape, side by side.
+
+Three models of one shape (a polyglu preset, `small` by default; random weights, nothing
+downloaded): polyglu with PolyGLU, polyglu with SwiGLU, and transformers' Qwen3ForCausalLM built
+from a Qwen3Config with the same sizes (Qwen3 is our architecture with SwiGLU). Measured in one
+run, interleaved repeat by repeat (so machine load hits all alike):
+
+- decode tokens/s at batch 1 and at batch 64: greedy, with the KV cache, a fixed number of new
+  tokens (EOS disabled), prefill included; polyglu through `polyglu.generate`, Qwen3 through
+  `model.generate`;
+- training-step time: forward, cross-entropy on the logits, backward, AdamW step (same loss code
+  for all three).
+
+Prints medians and ratios to Qwen3 (tokens/s: higher is better; step time: lower is better).
+
+    python benchmarks/peer.py                       # small preset, 3 repeats
+    python benchmarks/peer.py --repeats 5 --threads 2
+    python benchmarks/peer.py --compile             # also polyglu's compiled decode step, if present
+    python benchmarks/peer.py --preset debug --repeats 1 --new-tokens 4 --batch-new-tokens 2  # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from polyglu import PolychromaticLM, generate  # noqa: E402
+from polyglu.config import MODEL_PRESETS, ModelConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS))
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement and model (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens at batch 1")
+    p.add_argument("--batch", type=int, default=64, help="the batched decoding's batch size")
+    p.add_argument("--batch-new-tokens", type=int, default=16, help="new tokens at --batch")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-seq-len", type=int, default=256)
+    p.add_argument("--compile", action="store_true",
+                   help="also time polyglu's compiled decode step (generate(compile=True)), when this polyglu has it")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    for name in ("repeats", "prompt_len", "new_tokens", "batch", "batch_new_tokens", "train_batch", "train_seq_len"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def qwen3_config(config: ModelConfig):
+    """A transformers Qwen3Config with the sizes of a polyglu ModelConfig (EOS disabled)."""
+    from transformers import Qwen3Config
+
+    from polyglu.interop.hf_config import PolychromaticConfig
+
+    # the standard transformers names of our fields: the one mapping the transformers wrapper uses
+    sizes = {hf: getattr(config, ours) for hf, ours in PolychromaticConfig.attribute_map.items()}
+    return Qwen3Config(vocab_size=config.vocab_size, head_dim=config.head_dim, rope_theta=config.rope_theta,
+                       hidden_act="silu", attention_bias=False, use_sliding_window=False, eos_token_id=None,
+                       bos_token_id=None, pad_token_id=0, **sizes)
+
+
+def build_models(args) -> dict[str, torch.nn.Module]:
+    from transformers import Qwen3ForCausalLM
+
+    max_len = max(args.prompt_len + max(args.new_tokens, args.batch_new_tokens), args.train_seq_len)
+    config = ModelConfig.from_preset(args.preset)
+    config = config.replace(max_seq_len=max(config.max_seq_len, max_len))
+    models = {}
+    for name, ffn in (("polyglu", "polyglu"), ("swiglu", "swiglu")):
+        torch.manual_seed(0)
+        models[name] = PolychromaticLM(config.replace(ffn=ffn)).eval()
+    torch.manual_seed(0)
+    qwen = Qwen3ForCausalLM._from_config(qwen3_config(config), attn_implementation="sdpa").eval()
+    qwen.generation_config.eos_token_id = None
+    qwen.generation_config.pad_token_id = 0
+    models["qwen3"] = qwen
+    return models
+
+
+def decode_runner(name: str, model, prompts: torch.Tensor, new_tokens: int, compiled: bool = False):
+    if name == "qwen3":
+        mask = torch.ones_like(prompts)
+
+        def run():
+            with torch.no_grad():
+                out = model.generate(prompts, attention_mask=mask, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+            assert out.shape[1] == prompts.shape[1] + new_tokens
+    else:
+        extra = {"compile": True} if compiled else {}
+
+        def run():
+            out = generate(model, prompts, new_tokens, eos_token_id=[], **extra)
+            assert int(out.lengths.min()) == new_tokens
+    return run
+
+
+def train_runner(model, tokens: torch.Tensor):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def run():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        return float(loss.detach())
+    return run
+
+
+def interleaved(runners: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per run: one warm-up each, then `repeats` rounds running every model once."""
+    for run in runners.values():
+        run()
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def has_compiled_decode() -> bool:
+    return "compile" in inspect.signature(generate).parameters
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = build_models(args)
+    vocab = models["polyglu"].config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    results: dict = {}
+    compiled = args.compile and has_compiled_decode()
+    for label, batch, new_tokens in (("decode_batch1", 1, args.new_tokens),
+                                     (f"decode_batch{args.batch}", args.batch, args.batch_new_tokens)):
+        prompts = torch.randint(1, vocab, (batch, args.prompt_len), generator=gen)
+        runners = {name: decode_runner(name, model, prompts, new_tokens) for name, model in models.items()}
+        if compiled:
+            runners["polyglu_compiled"] = decode_runner("polyglu", models["polyglu"], prompts, new_tokens, True)
+        times = interleaved(runners, args.repeats)
+        results[label] = {name: {"median_s": statistics.median(t), "samples_s": t,
+                                 "tokens_per_s": batch * new_tokens / statistics.median(t)}
+                          for name, t in times.items()}
+        results[label]["setup"] = {"batch": batch, "new_tokens": new_tokens, "prompt_len": args.prompt_len}
+    if not args.skip_train:
+        tokens = torch.randint(0, vocab, (args.train_batch, args.train_seq_len + 1), generator=gen)
+        runners = {name: train_runner(model, tokens) for name, model in models.items()}
+        times = interleaved(runners, args.repeats)
+        results["train_step"] = {name: {"median_s": statistics.median(t), "samples_s": t,
+                                        "tokens_per_s": tokens[:, 1:].numel() / statistics.median(t)}
+                                 for name, t in times.items()}
+        results["train_step"]["setup"] = {"batch": args.train_batch, "seq_len": args.train_seq_len}
+    config = models["polyglu"].config
+    import transformers
+
+    setup = {"preset": args.preset, "d_model": config.d_model, "d_ff": config.d_ff, "n_layers": config.n_layers,
+             "vocab_size": config.vocab_size, "repeats": args.repeats, "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
+             "compiled_decode": compiled,
+             "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}}
+    if args.json:
+        print(json.dumps({"setup": setup, "results": results}, indent=2))
+        return
+    print_table(setup, results)
+
+
+def print_table(setup: dict, results: dict) -> None:
+    print(f"peer: preset={setup['preset']} (d_model {setup['d_model']}, d_ff {setup['d_ff']}, {setup['n_layers']} "
+          f"layers, vocab {setup['vocab_size']}), CPU threads={setup['threads']}, repeats={setup['repeats']} "
+          f"(interleaved), torch {setup['torch']}, transformers {setup['transformers']}")
+    print(f"{'measure':<24} {'model':<18} {'median':>10} {'tokens/s':>10} {'vs qwen3':>9}")
+    for label, rows in results.items():
+        base = rows["qwen3"]
+        what = (f"{label} ({rows['setup']['batch']}x{rows['setup'].get('new_tokens', rows['setup'].get('seq_len'))})")
+        for name, r in rows.items():
+            if name == "setup":
+                continue
+            # tokens/s ratio: > 1 means faster than Qwen3 (for the training step too)
+            ratio = r["tokens_per_s"] / base["tokens_per_s"]
+            print(f"{what:<24} {name:<18} {r['median_s'] * 1e3:>8.0f}ms {r['tokens_per_s']:>10.1f} {ratio:>8.2f}x")
+            what = ""
+    for label, rows in results.items():
+        if "swiglu" in rows:
+            print(f"{label}: polyglu/swiglu speed {rows['polyglu']['tokens_per_s'] / rows['swiglu']['tokens_per_s']:.3f}, "
+                  f"polyglu/qwen3 speed {rows['polyglu']['tokens_per_s'] / rows['qwen3']['tokens_per_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

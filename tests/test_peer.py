@@ -1,0 +1,33 @@
+"""benchmarks/peer.py builds a Hugging Face Qwen3 of exactly the polyglu preset's shape."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import peer  # noqa: E402
+
+from polyglu.config import ModelConfig  # noqa: E402
+from polyglu.interop.qwen3 import qwen3_model_config  # noqa: E402
+
+
+@pytest.mark.parametrize("preset", ["small", "demo"])
+def test_qwen3_peer_has_the_preset_shape(preset):
+    ours = ModelConfig.from_preset(preset)
+    qwen = peer.qwen3_config(ours)
+    # read back through the Qwen3 importer: every size, RoPE, norm and tying setting agrees
+    back = qwen3_model_config(qwen.to_dict())
+    for field in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len",
+                  "rope_theta", "norm_eps", "tie_embeddings"):
+        assert getattr(back, field) == getattr(ours, field), field
+    assert qwen.eos_token_id is None  # decoding runs to the fixed token count
+
+
+def test_peer_models_have_equal_swiglu_parameter_counts():
+    args = peer.parse_args(["--preset", "debug", "--train-seq-len", "16"])
+    models = peer.build_models(args)
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    assert counts["qwen3"] == counts["swiglu"] < counts["polyglu"]
