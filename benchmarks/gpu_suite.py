@@ -300,9 +300,9 @@ class PackedDocuments:
 
 def attended_pairs(doc_ids: torch.Tensor) -> int:
     """(query, key) pairs causal attention inside documents computes: sum over documents of n(n+1)/2."""
-    from polyglu.model.flex import document_segments
+    from polyglu.documents import segment_ids
 
-    segments = document_segments(doc_ids)
+    segments = segment_ids(doc_ids)
     total = 0
     for row in segments:
         counts = torch.bincount(row).double()

@@ -5,22 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from polyglu.config import ConfigError, ModelConfig
+from polyglu.documents import segment_ids
 from polyglu.model import flex
 
 
 def _dense_document_mask(doc_ids, q_len):
     """The reference: key slot j visible to query slot i when j <= i and both in one run of equal ids."""
     S = doc_ids.shape[1]
-    segments = flex.document_segments(doc_ids)
+    segments = segment_ids(doc_ids)
     q_slot = torch.arange(S - q_len, S)
     causal = torch.arange(S)[None, :] <= q_slot[:, None]  # (T, S)
     same = segments[:, q_slot, None] == segments[:, None, :]  # (B, T, S)
     return (causal & same)[:, None]
-
-
-def test_segments_are_runs_of_equal_ids():
-    doc_ids = torch.tensor([[3, 3, 5, 5, 3, 3], [0, 0, 0, 0, 0, 0]])
-    assert flex.document_segments(doc_ids).tolist() == [[0, 0, 1, 1, 2, 2], [0] * 6]
 
 
 @pytest.mark.parametrize("q_len", [70, 5])  # whole rows (prefill/training), a chunk after cached slots
@@ -86,3 +82,80 @@ def test_flex_on_old_torch_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"attention_backend='flex' needs PyTorch >= 2.5.*torch 2.4.1"):
         ModelConfig.from_preset("debug", attention_backend="flex")
     assert ModelConfig.from_preset("debug").attention_backend == "sdpa"  # sdpa still fine there
+
+
+# ---- the model with attention_backend="flex"
+
+
+def _pair(tiny_config):
+    """The same weights under both backends."""
+    from polyglu import PolychromaticLM
+
+    torch.manual_seed(0)
+    sdpa = PolychromaticLM(tiny_config).eval()
+    flex_model = PolychromaticLM(tiny_config.replace(attention_backend="flex")).eval()
+    flex_model.load_state_dict(sdpa.state_dict())
+    return sdpa, flex_model
+
+
+def _packed(B=3, T=40, vocab=97):
+    ids = torch.randint(0, vocab, (B, T))
+    doc_ids = torch.tensor([[0] * 9 + [1] * 17 + [0] * 14,  # the id 0 returns: a third document
+                            [5] * 3 + [6] * 30 + [7] * 7,
+                            [2] * 40])[:B, :T]
+    return ids, doc_ids
+
+
+def _masks_seen(model):
+    seen = []
+    for block in model.layers:
+        block.attn.register_forward_pre_hook(lambda m, args: seen.append(type(args[3]).__name__))
+    return seen
+
+
+def test_flex_model_matches_sdpa_logits_on_packed_documents(tiny_config):
+    sdpa, flex_model = _pair(tiny_config)  # tiny_config: GQA 4 heads over 2
+    ids, doc_ids = _packed()
+    seen = _masks_seen(flex_model)
+    with torch.no_grad():
+        expected = sdpa(ids, doc_ids).logits
+        got = flex_model(ids, doc_ids).logits
+    assert seen == ["DocumentMask"] * tiny_config.n_layers  # the flex branch really ran
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # and a packed row equals its documents run one by one
+    with torch.no_grad():
+        alone = flex_model(ids[:1, 9:26]).logits
+    torch.testing.assert_close(got[:1, 9:26], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_cached_chunks_match_uncached(tiny_config):
+    _, flex_model = _pair(tiny_config)
+    ids, doc_ids = _packed()
+    with torch.no_grad():
+        full = flex_model(ids, doc_ids).logits
+        cache = flex_model.new_cache(ids.shape[0], ids.shape[1])
+        pieces = [flex_model(ids[:, a:b], doc_ids[:, a:b], cache=cache).logits
+                  for a, b in ((0, 12), (12, 13), (13, 30), (30, 40))]  # chunks across document edges
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_generation_cached_equals_recompute(tiny_config):
+    from polyglu import generate
+
+    _, flex_model = _pair(tiny_config)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23]]  # left padding: a document of its own
+    cached = generate(flex_model, prompts, 6, eos_token_id=[], return_logits=True)
+    recompute = generate(flex_model, prompts, 6, eos_token_id=[], use_cache=False, return_logits=True)
+    assert cached.tokens.tolist() == recompute.tokens.tolist()
+    torch.testing.assert_close(cached.logits, recompute.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_flex_model_trains_on_cpu_with_sdpa_gradients(tiny_config):
+    sdpa, flex_model = _pair(tiny_config)
+    ids, doc_ids = _packed()
+    for model in (sdpa, flex_model):
+        model.train()
+        torch.manual_seed(1)  # the same Gumbel routing noise for both
+        model(ids, doc_ids).logits.square().mean().backward()
+    for (name, a), b in zip(sdpa.named_parameters(), flex_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)

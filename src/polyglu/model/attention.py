@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyglu.config import ModelConfig
+from polyglu.model.flex import DocumentMask, flex_attention
 from polyglu.model.layers import RMSNorm, apply_rotary
 
 # enable_gqa arrived in torch 2.5; older versions repeat the K/V heads explicitly
@@ -28,7 +29,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache=None, layer: int = 0) -> torch.Tensor:
-        """x: (B, T, d_model); cos/sin: (B, 1, T, hd/2); mask: bool (B, 1, T, S) or None for causal."""
+        """x: (B, T, d_model); cos/sin: (B, 1, T, hd/2); mask: bool (B, 1, T, S), a flex
+        DocumentMask, or None for causal."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
@@ -36,10 +38,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, hd), (B, Hkv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
-        is_causal = mask is None and T > 1 and k.shape[2] == T
-        if mask is None and T > 1 and not is_causal:
-            raise ValueError("a multi-token chunk after cached tokens needs an explicit mask")
-        y = _sdpa(q, k, v, mask, is_causal, self.n_heads // self.n_kv_heads)  # (B, H, T, hd)
+        if isinstance(mask, DocumentMask):  # attention_backend="flex" on packed documents (model/flex.py)
+            y = flex_attention(q, k, v, mask)  # (B, H, T, hd)
+        else:
+            is_causal = mask is None and T > 1 and k.shape[2] == T
+            if mask is None and T > 1 and not is_causal:
+                raise ValueError("a multi-token chunk after cached tokens needs an explicit mask")
+            y = _sdpa(q, k, v, mask, is_causal, self.n_heads // self.n_kv_heads)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

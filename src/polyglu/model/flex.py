@@ -7,7 +7,8 @@ O(T^2 / 128^2) and fully masked tiles (other documents) are skipped: the job fla
 kernel did in the original project. Without `doc_ids` the model keeps SDPA with `is_causal` (the
 flash kernel on GPU), which is already the fastest causal attention.
 
-A document is a maximal run of equal ids along a row: ids [3, 3, 5, 5, 3] hold three documents.
+A document is a maximal run of equal ids along a row (`polyglu.documents`): ids [3, 3, 5, 5, 3]
+hold three documents.
 
 Decoding one token (T = 1) stays on SDPA with the cache's (B, 1, 1, S) mask: a one-row query has no
 (T x T) mask to avoid, and a BlockMask would have to be rebuilt every step (its key length grows),
@@ -31,12 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
-def document_segments(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, S) ids -> (B, S) segment numbers counting maximal runs of equal ids: [3,3,5,5,3] -> [0,0,1,1,2]."""
-    starts = torch.zeros_like(doc_ids, dtype=torch.long)
-    starts[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()
-    return starts.cumsum(dim=1)
+from polyglu.documents import segment_ids
 
 
 @dataclass
@@ -68,7 +64,8 @@ def document_block_mask(doc_ids: torch.Tensor | None, q_len: int, kv_len: int | 
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    kv_len = q_len if kv_len is None else kv_len
+    if kv_len is None:  # every slot doc_ids covers (the queries are the last q_len of them)
+        kv_len = doc_ids.shape[1] if doc_ids is not None else q_len
     offset = kv_len - q_len
     segments = None
     if doc_ids is None:
@@ -80,7 +77,7 @@ def document_block_mask(doc_ids: torch.Tensor | None, q_len: int, kv_len: int | 
         device = doc_ids.device
         if doc_ids.shape[1] != kv_len:
             raise ValueError(f"doc_ids cover {doc_ids.shape[1]} slots, expected kv_len={kv_len}")
-        segments = document_segments(doc_ids)  # (B, kv_len)
+        segments = segment_ids(doc_ids)  # (B, kv_len)
 
         def mask_mod(b, h, q, kv):
             return (kv <= q + offset) & (segments[b, q + offset] == segments[b, kv])

@@ -14,6 +14,7 @@ from polyglu.config import ModelConfig
 from polyglu.documents import document_causal_mask, document_positions
 from polyglu.model.attention import Attention
 from polyglu.model.cache import KVCache
+from polyglu.model.flex import document_block_mask
 from polyglu.model.layers import RMSNorm, rotary_tables
 from polyglu.model.polyglu import GLU, PolyGLU
 
@@ -126,11 +127,16 @@ class PolychromaticLM(nn.Module):
         restart per document. With `cache`, the tokens continue the cached ones.
         `compute_logits=False` skips the head (for a chunked loss on hidden states)."""
         B, T = input_ids.shape
+        flex = self.config.attention_backend == "flex"
         if cache is not None:
             doc_ids, positions = cache.prepare(T, doc_ids)
             mask = cache.attention_mask(T)
+            if flex and T > 1 and mask is not None:  # a chunk over documents; one token stays on SDPA
+                mask = document_block_mask(cache.segments[:, :cache.length + T], T)
         elif doc_ids is not None:
-            positions, mask = document_positions(doc_ids), document_causal_mask(doc_ids)
+            positions = document_positions(doc_ids)
+            # flex: one block mask for every layer instead of a dense (B, 1, T, T) one
+            mask = document_block_mask(doc_ids, T) if flex else document_causal_mask(doc_ids)
         else:
             positions, mask = None, None
         rope_cos, rope_sin = self.rope_tables(input_ids.device)
