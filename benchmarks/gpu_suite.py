@@ -345,6 +345,7 @@ def _largest_fitting_trainer(shapes: Shapes, ffn: str, attention: str, run_dir: 
                              tried: dict):
     """A trainer at the largest of `shapes.train_batches` whose first steps (compile included) fit."""
     for batch_size in shapes.train_batches:
+        trainer = None
         free_memory(shapes.device)
         try:
             trainer = _trainer(shapes, ffn, batch_size, attention, run_dir)
@@ -352,10 +353,20 @@ def _largest_fitting_trainer(shapes: Shapes, ffn: str, attention: str, run_dir: 
             tried[batch_size] = "fits"
             return trainer
         except Exception as e:  # noqa: BLE001 - out of memory means: try the next size
+            trainer = None  # drop the model and optimizer before the next, smaller try
             if not is_oom(e):
                 raise
             tried[batch_size] = "out of memory"
     raise RuntimeError(f"no batch size in {shapes.train_batches} fits in memory")
+
+
+def _dynamo_unique_graphs() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - a private counter: informative only
+        return None
 
 
 def part_train(shapes: Shapes, budget_s: float) -> dict:
@@ -397,6 +408,8 @@ def part_train(shapes: Shapes, budget_s: float) -> dict:
                        achieved_tflops=flops_per_s / 1e12, peak_tflops=peak / 1e12, peak_source=peak_source)
         if device.startswith("cuda"):
             details["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # more graphs than a few per block shape would mean recompiling every batch (e.g. the block mask)
+        details["dynamo_unique_graphs"] = _dynamo_unique_graphs()
         batch_size = trainer.tc.batch_size
         trainer = None
         free_memory(device)

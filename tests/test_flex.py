@@ -159,3 +159,24 @@ def test_flex_model_trains_on_cpu_with_sdpa_gradients(tiny_config):
         model(ids, doc_ids).logits.square().mean().backward()
     for (name, a), b in zip(sdpa.named_parameters(), flex_model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_run_flex_without_recompiling_per_batch(tiny_config):
+    # what train.compile=true does on a GPU: per-block torch.compile, bf16 autocast, a new document
+    # mask every batch. On CPU this runs inference (no flex backward here); ~30 s of CPU compiling.
+    from torch._dynamo.utils import counters
+
+    sdpa, flex_model = _pair(tiny_config.replace(max_seq_len=128))
+    for block in flex_model.layers:
+        block.compile()
+    ids = torch.randint(0, 97, (2, 128))
+    counters.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for step in range(3):
+            doc_ids = torch.zeros(2, 128, dtype=torch.long)
+            doc_ids[0, 40 + 7 * step:] = 1
+            doc_ids[1, 90 - 5 * step:] = 4
+            torch.testing.assert_close(flex_model(ids, doc_ids).logits.float(), sdpa(ids, doc_ids).logits.float(),
+                                       atol=2e-2, rtol=2e-2)
+    assert counters["stats"]["unique_graphs"] == 1  # the blocks share one graph, whatever the documents
