@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -552,9 +553,12 @@ def part_decode(shapes: Shapes, budget_s: float) -> dict:
     rates = {}
     for name, run in runners.items():
         start = time.perf_counter()
-        run()  # warm-up: compiles
+        with warnings.catch_warnings(record=True) as caught:  # e.g. "compiling failed: running eagerly"
+            warnings.simplefilter("always")
+            run()  # warm-up: compiles
         sync(device)
         details["warmup_s"][name] = time.perf_counter() - start
+        details.setdefault("warnings", {})[name] = sorted({str(w.message).splitlines()[0][:300] for w in caught})
         times = []
         for _ in range(3):
             sync(device)
