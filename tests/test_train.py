@@ -9,8 +9,9 @@ import torch
 
 from polyglu import PolychromaticLM
 from polyglu.config import ConfigError, RunConfig
+from polyglu.data.special_tokens import IGNORE_INDEX
 from polyglu.train import checkpointing as ckpt
-from polyglu.train.loss import IGNORE_INDEX, chunked_cross_entropy_sum
+from polyglu.train.loss import chunked_cross_entropy_sum
 from polyglu.train.optim import parameter_groups
 from polyglu.train.schedules import lr_at, tau_at
 from polyglu.train.trainer import Trainer, TrainingError

@@ -26,9 +26,8 @@ import numpy as np
 
 from polyglu.config import ConfigError
 from polyglu.data.sources import DataError, HFSource, Row, iter_rows, parse_sources, row_field
-from polyglu.data.special_tokens import IM_END, IM_START
+from polyglu.data.special_tokens import IGNORE_INDEX, IM_END, IM_START
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 TRUNCATION_POLICIES = ("truncate", "drop")
 ENCODE_CHUNK = 1024  # examples tokenised per batch call

@@ -41,7 +41,6 @@ from polyglu.data.shards import (  # noqa: F401  (TokenShards re-exported: the l
 from polyglu.data.sources import DataError
 from polyglu.documents import doc_ids_from_eos
 
-IGNORE_INDEX = -100
 SPLITS = ("train", "validation")
 _SPLIT_KEYS = {"train": 0, "validation": 1}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from polyglu.data.special_tokens import IGNORE_INDEX
 
 
 def _chunked_loss_and_grads(hidden, weight, targets, chunk_size: int, grad_hidden_wanted: bool,

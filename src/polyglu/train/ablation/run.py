@@ -13,6 +13,7 @@ from polyglu.config import ConfigError, RunConfig
 from polyglu.train.ablation.config import AblationConfig
 from polyglu.train.ablation.plan import RESULTS_NAME, variant_d_ff, variant_run_config
 from polyglu.train.ablation.report import read_metrics, report_ablation
+from polyglu.train.metrics import METRICS_NAME
 
 SPEC_NAME = "ablation_spec.json"
 # train keys that change neither the computation nor its results: free to differ on a resume
@@ -94,8 +95,8 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
     max_steps = run_config.train.max_steps
     train_seconds = None
     if _final_step(run_dir) != max_steps:
-        if ckpt.latest_checkpoint(run_dir) is None and (run_dir / "metrics.jsonl").is_file():
-            (run_dir / "metrics.jsonl").unlink()  # rows of an attempt that never reached a checkpoint
+        if ckpt.latest_checkpoint(run_dir) is None and (run_dir / METRICS_NAME).is_file():
+            (run_dir / METRICS_NAME).unlink()  # rows of an attempt that never reached a checkpoint
         trainer = build_run(run_config, device=device, log=log)
         trainer.resume()
         start = time.perf_counter()
