@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from polyglu import PolyGLU, SwiGLU
-from polyglu.config import ConfigError
+from polyglu.config import ConfigError, ModelConfig
 from polyglu.model.polyglu import GLU, routing_weights
 
 
@@ -137,3 +137,15 @@ def test_ablation_routing_modes():
     assert dynamic.gate_net[0].weight.grad is not None and torch.equal(dynamic.alpha, torch.zeros(12, 4))
     with pytest.raises(ConfigError, match="routing_mode"):
         PolyGLU(8, 8, routing_mode="none")
+
+
+def test_from_config_builds_the_configured_block():
+    config = ModelConfig.from_preset("debug", activations=("gelu", "silu"), gate_hidden=8, routing_pool="token",
+                                     eval_routing="hard", routing_noise=False, tau=0.5, routing_mode="static")
+    block = PolyGLU.from_config(config)
+    assert (block.d_model, block.d_ff, block.activations) == (64, 192, ("gelu", "silu"))
+    assert (block.routing_pool, block.eval_routing, block.routing_noise, block.routing_mode) == \
+        ("token", "hard", False, "static")
+    assert float(block.tau) == 0.5 and block.gate_net is None
+    baseline = GLU.from_config(config.replace(ffn="geglu"))
+    assert type(baseline) is GLU and baseline.activation == "gelu" and baseline.d_ff == 192

@@ -29,118 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from polyglu.model.polyglu import ACTIVATIONS
-
-aten = torch.ops.aten
-
-# ---------------------------------------------------------------------------------------------
-# activations and their derivatives
-
-
-@dataclass(frozen=True)
-class ActivationRule:
-    """An elementwise activation and its vector-Jacobian product, in two spellings of the same math.
-
-    forward(z) -> a and backward(grad, z, a) -> grad * act'(z) (given a = forward(z)) use torch's
-    fused eager kernels. expr_forward / expr_backward are plain expressions for torch.compile, with
-    exponentials written as exp2 (see `_exp`). forward may return z itself: callers never write
-    into it.
-    """
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    expr_forward: Callable[[torch.Tensor], torch.Tensor]
-    expr_backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-_LOG2E = 1.0 / math.log(2.0)
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_TANH_C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(z) = z * sigmoid(C * z * (1 + A z^2))
-_GELU_TANH_A = 0.044715
-
-
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    # exp2, not exp: inductor's CPU backend stores to memory every reused value computed with
-    # exp/sigmoid/tanh; exp2 lets the whole backward stay in one loop (3x faster)
-    return torch.exp2(x * _LOG2E)
-
-
-def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return 1 / (1 + _exp(-x))
-
-
-def _tanh(z: torch.Tensor) -> torch.Tensor:
-    # 2 sigmoid(2z) - 1: vectorised on CPU, where torch.tanh is several times slower (|error| < 2e-7);
-    # not in 16-bit floats, where the subtraction would cancel the few bits there are
-    if z.dtype not in (torch.float32, torch.float64):
-        return torch.tanh(z)
-    return torch.sigmoid(2 * z).mul_(2).sub_(1)
-
-
-def _gelu_tanh_slope(z: torch.Tensor, sigmoid: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = sigmoid(y), y = C z (1 + A z^2), and d(z s)/dz = s + z s (1 - s) C (1 + 3 A z^2)."""
-    s = sigmoid(_GELU_TANH_C * z * (1 + _GELU_TANH_A * z * z))
-    return s, s + z * s * (1 - s) * (_GELU_TANH_C * (1 + 3 * _GELU_TANH_A * z * z))
-
-
-def _gelu_expr(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * z * (1 + torch.erf(z * _INV_SQRT2))
-
-
-def _gelu_expr_backward(grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return grad * (0.5 * (1 + torch.erf(z * _INV_SQRT2)) + z * _INV_SQRT_2PI * _exp(-0.5 * z * z))
-
-
-def _silu_expr_backward(grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    s = _sigmoid(z)
-    return grad * s * (1 + z * (1 - s))
-
-
-def _softplus_expr(z: torch.Tensor) -> torch.Tensor:
-    # log(1 + e^z) = relu(z) + log(1 + e^-|z|), written with log2/exp2 (see `_exp`)
-    return torch.relu(z) + torch.log2(1 + _exp(-z.abs())) / _LOG2E
-
-
-RULES: dict[str, ActivationRule] = {
-    "relu": ActivationRule(torch.relu, lambda grad, z, a: aten.threshold_backward(grad, a, 0),
-                           torch.relu, lambda grad, z, a: grad * (z > 0)),
-    "tanh": ActivationRule(_tanh, lambda grad, z, a: aten.tanh_backward(grad, a),
-                           lambda z: 2 * _sigmoid(2 * z) - 1, lambda grad, z, a: grad * (1 - a * a)),
-    "silu": ActivationRule(F.silu, lambda grad, z, a: aten.silu_backward(grad, z),
-                           lambda z: z * _sigmoid(z), _silu_expr_backward),
-    "gelu": ActivationRule(F.gelu, lambda grad, z, a: aten.gelu_backward(grad, z),
-                           _gelu_expr, _gelu_expr_backward),
-    "gelu_tanh": ActivationRule(lambda z: z * _gelu_tanh_slope(z, torch.sigmoid)[0],
-                                lambda grad, z, a: grad * _gelu_tanh_slope(z, torch.sigmoid)[1],
-                                lambda z: z * _gelu_tanh_slope(z, _sigmoid)[0],
-                                lambda grad, z, a: grad * _gelu_tanh_slope(z, _sigmoid)[1]),
-    "identity": ActivationRule(lambda z: z, lambda grad, z, a: grad, lambda z: z, lambda grad, z, a: grad),
-    "sigmoid": ActivationRule(torch.sigmoid, lambda grad, z, a: aten.sigmoid_backward(grad, a),
-                              _sigmoid, lambda grad, z, a: grad * a * (1 - a)),
-    # torch's softplus is linear above 20, where sigmoid(z) rounds to 1 in float32
-    "softplus": ActivationRule(F.softplus, lambda grad, z, a: grad * torch.sigmoid(z),
-                               _softplus_expr, lambda grad, z, a: grad * _sigmoid(z)),
-}
-assert set(RULES) == set(ACTIVATIONS)
-
-
-def _rules(activations: tuple[str, ...]) -> list[ActivationRule]:
-    try:
-        return [RULES[name] for name in activations]
-    except KeyError as e:
-        raise ValueError(f"unknown activation {e.args[0]!r} (known: {', '.join(RULES)})") from None
-
+from polyglu.model.activations import exp, get_activations
 
 # ---------------------------------------------------------------------------------------------
 # "dense": whole tensors, unrolled over the K activations (what torch.compile should see)
@@ -177,7 +73,7 @@ def _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard: bool) -> list[torch.T
             taken = taken | first
             weights.append(first.to(top.dtype))
         return weights
-    exps = [_exp(x - top) for x in logits]
+    exps = [exp(x - top) for x in logits]
     total = functools.reduce(torch.add, exps)
     return [e / total for e in exps]
 
@@ -185,7 +81,7 @@ def _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard: bool) -> list[torch.T
 def _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard):
     z = gate.to(alpha_t.dtype)
     g = _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard)
-    acts = [rule.expr_forward(z) for rule in _rules(activations)]
+    acts = [rule.expr_forward(z) for rule in get_activations(activations)]
     m = functools.reduce(torch.add, [g[k] * a for k, a in enumerate(acts)])
     return z, g, acts, m
 
@@ -209,7 +105,7 @@ def dense_backward_inputs_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau,
     dh = grad.to(z.dtype)
     dm = dh * up.to(z.dtype)
     d_gate = functools.reduce(torch.add, [rule.expr_backward(dm * g[k], z, acts[k])
-                                          for k, rule in enumerate(_rules(activations))])
+                                          for k, rule in enumerate(get_activations(activations))])
     d_up = dh * m
     d_dynamic = None
     if dynamic_grad:
@@ -378,7 +274,7 @@ def _chunk_mix(acts: list[torch.Tensor], weights: torch.Tensor | None, total: to
 
 
 def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool):
-    rules = _rules(activations)
+    rules = get_activations(activations)
     dtype = _compute_dtype(gate)
     routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)
     out = torch.empty_like(gate)
@@ -402,7 +298,7 @@ def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str
 
 def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool,
                      routing_grads: bool):
-    rules = _rules(activations)
+    rules = get_activations(activations)
     K = len(rules)
     dtype = _compute_dtype(gate)
     routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)

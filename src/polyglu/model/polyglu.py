@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,32 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyglu.config import (
-    ACTIVATION_NAMES,
+    DEFAULT_ACTIVATIONS,
     MIXED_IMPLS,
     ROUTING_MODES,
     ROUTING_POOLS,
     ConfigError,
+    ModelConfig,
     routing_is_causal,
 )
-from polyglu.documents import segment_ids
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# The named activations a PolyGLU neuron can mix. Order in a layer is the order given by the user.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "tanh": torch.tanh,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": _gelu_tanh,
-    "identity": lambda x: x,
-    "sigmoid": torch.sigmoid,
-    "softplus": F.softplus,
-}
-assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
+from polyglu.documents import document_positions, segment_ids
+from polyglu.model.activations import ACTIVATIONS
 
 
 @dataclass
@@ -90,6 +74,8 @@ def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torc
 
 @functools.cache
 def _fused_available() -> bool:
+    # imported here, not at the top: the Hugging Face standalone export (interop/hf_export.py) bundles
+    # this module without the fused kernel, where the import raises and the reference path is taken
     try:
         from polyglu.model import fused  # noqa: F401
     except ImportError:
@@ -138,7 +124,7 @@ class PolyGLU(nn.Module):
     it returns (y, g) where g (B, T', d_ff, K) are the routing weights used (T' = 1 for "sequence").
     """
 
-    def __init__(self, d_model: int, d_ff: int, activations: Sequence[str] = ("relu", "tanh", "silu", "gelu"),
+    def __init__(self, d_model: int, d_ff: int, activations: Sequence[str] = DEFAULT_ACTIVATIONS,
                  gate_hidden: int = 32, routing_pool: str = "causal", eval_routing: str = "soft",
                  routing_noise: bool = True, tau: float = 1.0, mixed_impl: str = "auto",
                  routing_mode: str = "full") -> None:
@@ -178,6 +164,14 @@ class PolyGLU(nn.Module):
             self.beta = nn.Parameter(torch.ones(K))
             self.gate_net = nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, K))
         self.register_buffer("tau", torch.tensor(float(tau)), persistent=True)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> PolyGLU:
+        """The FFN block of a PolychromaticLM layer built from `config`."""
+        return cls(d_model=config.d_model, d_ff=config.d_ff, activations=config.activations,
+                   gate_hidden=config.gate_hidden, routing_pool=config.routing_pool,
+                   eval_routing=config.eval_routing, routing_noise=config.routing_noise, tau=config.tau,
+                   mixed_impl=config.mixed_impl, routing_mode=config.routing_mode)
 
     @property
     def n_activations(self) -> int:
@@ -223,8 +217,6 @@ class PolyGLU(nn.Module):
         """x: (B, T, d_model). `positions` (B, T): token positions inside their documents (derived
         from doc_ids when not given). `noise` (B, d_ff, K) overrides the sampled Gumbel noise."""
         if positions is None and doc_ids is not None:
-            from polyglu.model.layers import document_positions
-
             positions = document_positions(doc_ids)
         gate = self.gate_proj(x)  # (B, T, F)
         up = self.up_proj(x)  # (B, T, F)
@@ -299,6 +291,12 @@ class GLU(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> GLU:
+        """A fixed-activation baseline block (`config.ffn` "swiglu", "geglu", ...) built from `config`."""
+        (activation,) = config.ffn_activations
+        return GLU(d_model=config.d_model, d_ff=config.d_ff, activation=activation)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
