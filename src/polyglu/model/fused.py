@@ -42,27 +42,57 @@ from polyglu.model.activations import exp, get_activations
 # "dense": whole tensors, unrolled over the K activations (what torch.compile should see)
 
 
+_TINY = 1e-30  # a softmax denominator below this may have lost terms to float32 underflow
+
+
 def _compute_dtype(gate: torch.Tensor) -> torch.dtype:
     """Float32 (the routing math and the mix), or float64 for float64 inputs (gradcheck)."""
     return torch.float64 if gate.dtype == torch.float64 else torch.float32
 
 
-def _dense_layout(alpha, dynamic, noise, tau, dtype):
-    """Routing inputs in `dtype`, laid out for the unrolled kernels: alpha (K, F), dynamic (K, B, T', 1),
-    noise (K, B, 1, F) or None, tau; contiguous so that compiled loops read them as vectors."""
-    alpha_t = alpha.detach().to(dtype).t().contiguous()
+def _dense_layout(alpha, dynamic, noise, tau, hard: bool, dtype):
+    """The routing inputs laid out for the unrolled kernels, in one of three forms (form, r0, r1, r2, tau):
+
+    - "given": one weight serves all positions (T' = 1): g itself, (K, B, 1, F), computed here once;
+    - "factored": per-token soft weights as g_k = A_k D_k / sum_j A_j D_j with A = exp((alpha + noise)
+      / tau - max) (K, B|1, 1, F) and D = exp(dynamic / tau - max) (K, B, T, 1), so that no exponential
+      is taken per hidden unit. Not while torch.compile traces (the check below syncs), nor when some
+      sum could underflow (extreme logits over a small tau);
+    - "exact": alpha (K, 1, 1, F), dynamic (K, B, T, 1), noise (K, B, 1, F) or None: the reference's
+      logits per hidden unit (hard routing, and the fallbacks above).
+    All in `dtype` and contiguous, so that compiled loops read them as vectors.
+    """
+    alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
     dynamic_t = dynamic.detach().to(dtype).permute(2, 0, 1).contiguous()[..., None]
     noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
-    return alpha_t, dynamic_t, noise_t, tau.detach().to(dtype)
+    tau = tau.detach().to(dtype)
+    if dynamic.shape[1] == 1:
+        return "given", torch.stack(_dense_weights("exact", alpha_t, dynamic_t, noise_t, tau, hard)), None, None, tau
+    if not hard and not torch.compiler.is_compiling():
+        static = alpha_t if noise_t is None else alpha_t + noise_t
+        static = static / tau
+        a = (static - static.amax(0)).exp_()  # (K, B|1, 1, F)
+        dyn = dynamic_t / tau
+        d = (dyn - dyn.amax(0)).exp_()  # (K, B, T, 1)
+        # a lower bound of every sum_k A_k D_k (its smallest A_k over the units)
+        if not bool(((d * a.amin(-1, keepdim=True)).sum(0) < _TINY).any()):
+            return "factored", a.contiguous(), d.contiguous(), None, tau
+    return "exact", alpha_t, dynamic_t, noise_t, tau
 
 
-def _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard: bool) -> list[torch.Tensor]:
-    """g_k, k < K, each (B, T', F): softmax((alpha + dynamic + noise) / tau) over k, or the one-hot of
-    its first maximum (argmax's tie rule) when `hard`."""
-    K = alpha_t.shape[0]
-    logits = [alpha_t[k] + dynamic_t[k] for k in range(K)]  # same additions, same order as the reference
-    if noise_t is not None:
-        logits = [logits[k] + noise_t[k] for k in range(K)]
+def _dense_weights(form: str, r0, r1, r2, tau, hard: bool) -> list[torch.Tensor]:
+    """g_k, k < K, each (B, T', F), from a `_dense_layout` form: softmax((alpha + dynamic + noise) / tau)
+    over k, or the one-hot of its first maximum (argmax's tie rule) when `hard`."""
+    K = r0.shape[0]
+    if form == "given":
+        return [r0[k] for k in range(K)]
+    if form == "factored":
+        products = [r0[k] * r1[k] for k in range(K)]
+        inverse = 1 / functools.reduce(torch.add, products)
+        return [p * inverse for p in products]
+    logits = [r0[k] + r1[k] for k in range(K)]  # same additions, same order as the reference
+    if r2 is not None:
+        logits = [logits[k] + r2[k] for k in range(K)]
     if not hard:
         logits = [x / tau for x in logits]
     top = functools.reduce(torch.maximum, logits)
@@ -78,16 +108,16 @@ def _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard: bool) -> list[torch.T
     return [e / total for e in exps]
 
 
-def _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard):
-    z = gate.to(alpha_t.dtype)
-    g = _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard)
+def _dense_mix(gate, form, r0, r1, r2, tau, activations, hard):
+    z = gate.to(r0.dtype)
+    g = _dense_weights(form, r0, r1, r2, tau, hard)
     acts = [rule.expr_forward(z) for rule in get_activations(activations)]
     m = functools.reduce(torch.add, [g[k] * a for k, a in enumerate(acts)])
     return z, g, acts, m
 
 
-def dense_forward_core(gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...], hard: bool):
-    m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard)[3]
+def dense_forward_core(gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...], hard: bool):
+    m = _dense_mix(gate, form, r0, r1, r2, tau, activations, hard)[3]
     return (m * up.to(m.dtype)).to(gate.dtype)
 
 
@@ -97,11 +127,11 @@ def _dense_logit_grads(grad, up, g, acts, m, tau) -> list[torch.Tensor]:
     return [dm * g[k] * (a - m) / tau for k, a in enumerate(acts)]
 
 
-def dense_backward_inputs_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...],
+def dense_backward_inputs_core(grad, gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...],
                                hard: bool, dynamic_grad: bool):
     """-> (d gate, d up, d dynamic (B, T', K) or None). Reductions over d_ff only, so a compiler can
     fuse them into the loop that computes the elementwise gradients."""
-    z, g, acts, m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard)
+    z, g, acts, m = _dense_mix(gate, form, r0, r1, r2, tau, activations, hard)
     dh = grad.to(z.dtype)
     dm = dh * up.to(z.dtype)
     d_gate = functools.reduce(torch.add, [rule.expr_backward(dm * g[k], z, acts[k])
@@ -109,17 +139,17 @@ def dense_backward_inputs_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau,
     d_up = dh * m
     d_dynamic = None
     if dynamic_grad:
-        shared = dynamic_t.shape[2] == 1  # one routing weight per row: sum over positions too
+        shared = form == "given"  # one routing weight per row: sum over positions too
         dims = (1, 2) if shared else (2,)
         d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
         d_dynamic = d_dynamic[:, None] if shared else d_dynamic
     return d_gate.to(gate.dtype), d_up.to(up.dtype), d_dynamic
 
 
-def dense_backward_alpha_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...]):
+def dense_backward_alpha_core(grad, gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...]):
     """-> d alpha (F, K). A reduction over tokens: kept apart so that compiled, it recomputes the
     elementwise terms rather than writing K hidden-layer-sized buffers for a second pass."""
-    _, g, acts, m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, False)
+    _, g, acts, m = _dense_mix(gate, form, r0, r1, r2, tau, activations, False)
     return torch.stack([d.sum((0, 1)) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
 
 
@@ -128,18 +158,17 @@ _DENSE_CORES = {"forward": dense_forward_core, "inputs": dense_backward_inputs_c
 
 
 def _dense_forward(cores, gate, up, alpha, dynamic, noise, tau, activations, hard):
-    layout = _dense_layout(alpha, dynamic, noise, tau, _compute_dtype(gate))
-    return cores["forward"](gate, up, *layout, activations, hard)
+    """-> (h, state): state = `_dense_layout`'s (form, r0, r1, r2, tau), computed once and kept for backward."""
+    state = _dense_layout(alpha, dynamic, noise, tau, hard, _compute_dtype(gate))
+    return cores["forward"](gate, up, *state, activations, hard), state
 
 
-def _dense_backward(cores, grad, gate, up, alpha, dynamic, noise, tau, activations, hard, routing_grads):
-    layout = _dense_layout(alpha, dynamic, noise, tau, _compute_dtype(gate))
+def _dense_backward(cores, grad, gate, up, state, activations, hard, routing_grads):
     routing_grads = routing_grads and not hard
-    d_gate, d_up, d_dynamic = cores["inputs"](grad, gate, up, *layout, activations, hard, routing_grads)
+    d_gate, d_up, d_dynamic = cores["inputs"](grad, gate, up, *state, activations, hard, routing_grads)
     if not routing_grads:
         return d_gate, d_up, None, None
-    d_alpha = cores["alpha"](grad, gate, up, *layout, activations)
-    return d_gate, d_up, d_alpha.to(alpha.dtype), d_dynamic.to(dynamic.dtype)
+    return d_gate, d_up, cores["alpha"](grad, gate, up, *state, activations), d_dynamic
 
 
 # Inductor stores a value to memory rather than recompute it when it has many readers or a big
@@ -157,23 +186,28 @@ def _compiled_cores() -> dict[str, Callable]:
     return {name: torch.compile(fn, options=options) for name, fn in _DENSE_CORES.items()}
 
 
-_compile_failed: list[str] = []  # the first compile error, if any: later calls go straight to "chunked"
+_compile_failed: list[str] = []  # the first compile error, if any: later calls go straight to the eager kernels
 
 
-def _with_compiled_cores(dense_fn: Callable, chunked_fn: Callable) -> Callable:
-    def run(*args):
-        if not _compile_failed:
-            try:
-                return dense_fn(_compiled_cores(), *args)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # no C++ compiler / Triton: the eager kernel computes the same
-                _compile_failed.append(f"{type(e).__name__}: {e}")
-                warnings.warn(f"polyglu: compiling the fused mixed activation failed ({_compile_failed[0]}); "
-                              "using the eager 'chunked' kernel", RuntimeWarning, stacklevel=2)
-        return chunked_fn(*args)
+def _compiled_or(eager: Callable) -> Callable:
+    """Runs `dense_fn(cores, ...)` with the compiled cores; if compiling fails, warns once and runs
+    `eager(...)` from then on."""
+    def wrap(dense_fn: Callable) -> Callable:
+        def run(*args):
+            if not _compile_failed:
+                try:
+                    return dense_fn(_compiled_cores(), *args)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # no C++ compiler / Triton: the eager kernel computes the same
+                    _compile_failed.append(f"{type(e).__name__}: {e}")
+                    warnings.warn(f"polyglu: compiling the fused mixed activation failed ({_compile_failed[0]}); "
+                                  "using the eager kernels", RuntimeWarning, stacklevel=2)
+            return eager(*args)
 
-    return run
+        return run
+
+    return wrap
 
 
 @functools.cache
@@ -190,7 +224,6 @@ def _triton_available() -> bool:
 
 
 _BLOCK_ELEMENTS = 1 << 18  # hidden units per block: 1 MiB per float32 (block, d_ff) tensor
-_TINY = 1e-30  # a softmax denominator below this may have lost terms to float32 underflow
 
 
 def _blocks(B: int, T: int, F: int) -> Iterator[tuple[slice, slice]]:
@@ -293,7 +326,7 @@ def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str
         if total is not None:
             m.div_(total)
         torch.mul(m, up[rows, positions], out=out[rows, positions])
-    return out
+    return out, ("chunked", alpha, dynamic, noise, tau)
 
 
 def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool,
@@ -351,30 +384,52 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
 # autograd and kernel choice
 
 
-KERNELS: dict[str, tuple[Callable, Callable]] = {
-    "chunked": (chunked_forward, chunked_backward),
-    "dense": (functools.partial(_dense_forward, _DENSE_CORES), functools.partial(_dense_backward, _DENSE_CORES)),
-    "compiled": (_with_compiled_cores(_dense_forward, chunked_forward),
-                 _with_compiled_cores(_dense_backward, chunked_backward)),
+# each kernel's forward(gate, up, alpha, dynamic, noise, tau, activations, hard) -> (h, state); `state`
+# (form, t0, t1, t2, tau) is what backward needs besides gate and up, and says which backward runs
+KERNELS: dict[str, Callable] = {
+    "chunked": chunked_forward,
+    "dense": functools.partial(_dense_forward, _DENSE_CORES),
+    "compiled": _compiled_or(chunked_forward)(_dense_forward),
 }
+_compiled_dense_backward = _compiled_or(functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
+
+
+def _backward(kernel, grad, gate, up, state, activations, hard, routing_grads):
+    if state[0] == "chunked":
+        return chunked_backward(grad, gate, up, *state[1:], activations, hard, routing_grads)
+    backward = _compiled_dense_backward if kernel == "compiled" else functools.partial(_dense_backward, _DENSE_CORES)
+    return backward(grad, gate, up, state, activations, hard, routing_grads)
 
 
 class MixedActivation(torch.autograd.Function):
-    """h = sum_k g_k act_k(gate) * up; saves only gate, up and the routing inputs."""
+    """h = sum_k g_k act_k(gate) * up; saves only gate, up and the small routing state.
+
+    Autocast is off inside, both ways: the routing math and the mix run in float32 (float64 for
+    float64 inputs) whatever the autocast dtype, on gate/up in their own dtype (bf16 under bf16
+    autocast), and h comes back in gate's dtype.
+    """
 
     @staticmethod
     def forward(ctx, gate, up, alpha, dynamic, noise, tau, activations, hard, kernel):
-        ctx.save_for_backward(gate, up, alpha, dynamic, noise, tau)
-        ctx.activations, ctx.hard, ctx.kernel = activations, hard, kernel
-        return KERNELS[kernel][0](gate, up, alpha, dynamic, noise, tau, activations, hard)
+        with torch.autocast(gate.device.type, enabled=False):
+            h, (form, *tensors) = KERNELS[kernel](gate, up, alpha, dynamic, noise, tau, activations, hard)
+        ctx.save_for_backward(gate, up, *tensors)
+        ctx.form, ctx.activations, ctx.hard, ctx.kernel = form, activations, hard, kernel
+        ctx.routing_dtypes = alpha.dtype, dynamic.dtype
+        return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        gate, up, alpha, dynamic, noise, tau = ctx.saved_tensors
+        gate, up, *tensors = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d_gate, d_up, d_alpha, d_dynamic = KERNELS[ctx.kernel][1](
-            grad.contiguous(), gate, up, alpha, dynamic, noise, tau, ctx.activations, ctx.hard, need[2] or need[3])
+        with torch.autocast(gate.device.type, enabled=False):
+            d_gate, d_up, d_alpha, d_dynamic = _backward(
+                ctx.kernel, grad.contiguous(), gate, up, (ctx.form, *tensors), ctx.activations, ctx.hard,
+                need[2] or need[3])
+        alpha_dtype, dynamic_dtype = ctx.routing_dtypes
+        if d_alpha is not None:  # None with hard routing: nothing flows to the routing inputs
+            d_alpha, d_dynamic = d_alpha.to(alpha_dtype), d_dynamic.to(dynamic_dtype)
         return (d_gate if need[0] else None, d_up if need[1] else None, d_alpha if need[2] else None,
                 d_dynamic if need[3] else None, None, None, None, None, None)
 
