@@ -128,6 +128,37 @@ def test_bfloat16_inputs_keep_their_dtype():
     assert_matches_reference(inputs, "chunked", atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_bfloat16_autocast_keeps_routing_and_mix_in_float32(kernel):
+    """Under CPU bf16 autocast: bf16 gate/up in, bf16 out, and bit for bit what the kernel computes
+    without autocast, whose routing softmax and mix are float32 (autocast would otherwise run the
+    chunked kernel's softmax denominator, a matmul, in bf16)."""
+    activations = ACTIVATION_SETS[-1]
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 12, 16, activations, True, True)
+    h_fp32 = mixed_activation_reference(gate, up, alpha, dynamic, gumbel, tau, activations).detach()
+    gate, up = gate.detach().bfloat16().requires_grad_(), up.detach().bfloat16().requires_grad_()
+    inputs = (gate, up, alpha, dynamic, gumbel, tau, activations, False)
+    h_plain, grads_plain = run(mixed_activation_fused, inputs, kernel=kernel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, grads = run(mixed_activation_fused, inputs, kernel=kernel)
+    assert h.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] * 2 + [torch.float32] * 2
+    assert torch.equal(h, h_plain) and all(torch.equal(a, b) for a, b in zip(grads, grads_plain))
+    # bf16 inputs and a bf16 output: within a few bf16 ulps of the float32 computation
+    torch.testing.assert_close(h.float(), h_fp32, atol=0.05, rtol=0.02)
+
+
+def test_polyglu_under_bfloat16_autocast_routes_in_float32():
+    torch.manual_seed(0)
+    block = PolyGLU(24, 40, gate_hidden=8, mixed_impl="fused").eval()
+    x = torch.randn(2, 9, 24)
+    y_fp32, g_fp32 = block(x, return_routing=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, g = block(x, return_routing=True)
+    assert y.dtype == torch.bfloat16 and g.dtype == torch.float32
+    torch.testing.assert_close(g, g_fp32, atol=0.02, rtol=0)  # the routing MLP ran in bf16: logits move a little
+    torch.testing.assert_close(y.float(), y_fp32, atol=0.02, rtol=0.05)
+
+
 # --------------------------------------------------------------------------------------------
 # inside PolyGLU
 
