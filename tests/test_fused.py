@@ -103,7 +103,8 @@ def test_k1_routing_gradients_are_zero_like_the_reference():
     assert_matches_reference((*inputs, ("gelu",), False), "chunked")
 
 
-def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch):
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
     """With tau = 0.01 the factorised weights exp(alpha/tau) * exp(dynamic/tau) underflow to 0/0; the
     affected blocks must be computed exactly instead."""
     activations = ("relu", "silu")
@@ -113,11 +114,11 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch):
         dynamic[..., 0], dynamic[..., 1] = -10.0, 10.0  # logits tie: g = (0.5, 0.5)
         dynamic[:, ::2] += torch.tensor([0.05, -0.05])  # and lean one way on even positions
     inputs = (gate, up, alpha, dynamic, None, torch.tensor(0.01), activations, False)
-    h, grads = run(mixed_activation_fused, inputs, kernel="chunked")
+    h, grads = run(mixed_activation_fused, inputs, kernel=kernel)
     assert torch.isfinite(h).all() and all(torch.isfinite(g).all() for g in grads)
-    assert_matches_reference(inputs, "chunked", atol=1e-3, rtol=1e-3)  # routing grads carry 1/tau = 100
+    assert_matches_reference(inputs, kernel, atol=1e-3, rtol=1e-3)  # routing grads carry 1/tau = 100
     monkeypatch.setattr(fused, "_TINY", 0.0)  # without the fallback: 0/0
-    assert torch.isnan(mixed_activation_fused(*inputs, kernel="chunked")).any()
+    assert torch.isnan(mixed_activation_fused(*inputs, kernel=kernel)).any()
 
 
 def test_bfloat16_inputs_keep_their_dtype():

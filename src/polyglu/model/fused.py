@@ -50,34 +50,42 @@ def _compute_dtype(gate: torch.Tensor) -> torch.dtype:
     return torch.float64 if gate.dtype == torch.float64 else torch.float32
 
 
-def _dense_layout(alpha, dynamic, noise, tau, hard: bool, dtype):
+def factored_routing_core(alpha, dynamic, noise, tau, dtype: torch.dtype):
+    """Per-token soft routing weights as g_k = A_k D_k / sum_j A_j D_j: A = exp((alpha + noise) / tau - max)
+    (K, B|1, 1, F), D = exp(dynamic / tau - max) (K, B, T, 1), and a lower bound of every sum (B, T):
+    the sum with each A_k at its smallest over the units."""
+    static = alpha.detach().to(dtype).t()[:, None, None, :]
+    if noise is not None:
+        static = static + noise.detach().to(dtype).permute(2, 0, 1)[:, :, None, :]
+    static = static / tau.detach().to(dtype)
+    a = (static - static.amax(0)).exp()
+    dyn = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None] / tau.detach().to(dtype)
+    d = (dyn - dyn.amax(0)).exp()
+    return a.contiguous(), d.contiguous(), (d * a.amin(-1, keepdim=True)).sum(0).amin()
+
+
+def _dense_layout(cores, alpha, dynamic, noise, tau, hard: bool, dtype):
     """The routing inputs laid out for the unrolled kernels, in one of three forms (form, r0, r1, r2, tau):
 
     - "given": one weight serves all positions (T' = 1): g itself, (K, B, 1, F), computed here once;
-    - "factored": per-token soft weights as g_k = A_k D_k / sum_j A_j D_j with A = exp((alpha + noise)
-      / tau - max) (K, B|1, 1, F) and D = exp(dynamic / tau - max) (K, B, T, 1), so that no exponential
-      is taken per hidden unit. Not while torch.compile traces (the check below syncs), nor when some
-      sum could underflow (extreme logits over a small tau);
+    - "factored": per-token soft weights (`factored_routing_core`), so that no exponential is taken
+      per hidden unit. Not while torch.compile traces (the underflow check syncs), nor when some sum
+      could underflow (extreme logits over a small tau);
     - "exact": alpha (K, 1, 1, F), dynamic (K, B, T, 1), noise (K, B, 1, F) or None: the reference's
       logits per hidden unit (hard routing, and the fallbacks above).
     All in `dtype` and contiguous, so that compiled loops read them as vectors.
     """
+    tau_t = tau.detach().to(dtype)
+    if dynamic.shape[1] > 1 and not hard and not torch.compiler.is_compiling():
+        a, d, lowest = cores["routing"](alpha, dynamic, noise, tau, dtype)
+        if bool(lowest >= _TINY):
+            return "factored", a, d, None, tau_t
     alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
     dynamic_t = dynamic.detach().to(dtype).permute(2, 0, 1).contiguous()[..., None]
     noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
-    tau = tau.detach().to(dtype)
     if dynamic.shape[1] == 1:
-        return "given", torch.stack(_dense_weights("exact", alpha_t, dynamic_t, noise_t, tau, hard)), None, None, tau
-    if not hard and not torch.compiler.is_compiling():
-        static = alpha_t if noise_t is None else alpha_t + noise_t
-        static = static / tau
-        a = (static - static.amax(0)).exp_()  # (K, B|1, 1, F)
-        dyn = dynamic_t / tau
-        d = (dyn - dyn.amax(0)).exp_()  # (K, B, T, 1)
-        # a lower bound of every sum_k A_k D_k (its smallest A_k over the units)
-        if not bool(((d * a.amin(-1, keepdim=True)).sum(0) < _TINY).any()):
-            return "factored", a.contiguous(), d.contiguous(), None, tau
-    return "exact", alpha_t, dynamic_t, noise_t, tau
+        return "given", torch.stack(_dense_weights("exact", alpha_t, dynamic_t, noise_t, tau_t, hard)), None, None, tau_t
+    return "exact", alpha_t, dynamic_t, noise_t, tau_t
 
 
 def _dense_weights(form: str, r0, r1, r2, tau, hard: bool) -> list[torch.Tensor]:
@@ -154,12 +162,12 @@ def dense_backward_alpha_core(grad, gate, up, form: str, r0, r1, r2, tau, activa
 
 
 _DENSE_CORES = {"forward": dense_forward_core, "inputs": dense_backward_inputs_core,
-                "alpha": dense_backward_alpha_core}
+                "alpha": dense_backward_alpha_core, "routing": factored_routing_core}
 
 
 def _dense_forward(cores, gate, up, alpha, dynamic, noise, tau, activations, hard):
     """-> (h, state): state = `_dense_layout`'s (form, r0, r1, r2, tau), computed once and kept for backward."""
-    state = _dense_layout(alpha, dynamic, noise, tau, hard, _compute_dtype(gate))
+    state = _dense_layout(cores, alpha, dynamic, noise, tau, hard, _compute_dtype(gate))
     return cores["forward"](gate, up, *state, activations, hard), state
 
 
