@@ -25,8 +25,9 @@ import time
 import torch
 from torch import nn
 
+from polyglu.model.activations import ACTIVATIONS
 from polyglu.model.fused import KERNELS, default_kernel, use_kernel
-from polyglu.model.polyglu import ACTIVATIONS, PolyGLU, SwiGLU
+from polyglu.model.polyglu import PolyGLU, SwiGLU
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

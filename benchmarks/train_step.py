@@ -6,6 +6,7 @@ load hits both alike. Prints tokens/s (median and best over `--steps`) and the P
 ratio; `--json` prints one JSON object instead.
 
     python benchmarks/train_step.py                                   # small, B=4 T=256, CPU f32
+    python benchmarks/train_step.py --preset demo --threads 1 --clock cpu  # the demo's step: B=16 T=256, packed
     python benchmarks/train_step.py --layers 4 --steps 5 --fused-kernel compiled
     python benchmarks/train_step.py --threads 1 --clock cpu          # work done, robust on a loaded machine
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --batch 16 --seq-len 2048
@@ -32,8 +33,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS))
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None, help="default: 16 for the demo preset (its training batch), else 4")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--documents", type=int, default=None,
+                   help="documents packed per row, passed as doc_ids as the trainer does (default: 4 for the "
+                        "demo preset, else 1 = no doc_ids)")
     p.add_argument("--layers", type=int, default=None, help="override n_layers")
     p.add_argument("--pool", default=None, choices=("causal", "sequence", "token"), help="override routing_pool")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
@@ -46,7 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fused-kernel", default="auto", choices=("auto", *KERNELS),
                    help="kernel of the fused mixed activation (auto: the default choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    demo = args.preset == "demo"
+    args.batch = args.batch if args.batch is not None else (16 if demo else 4)
+    args.documents = args.documents if args.documents is not None else (4 if demo else 1)
+    if not 1 <= args.documents <= args.seq_len:
+        p.error(f"--documents must be between 1 and --seq-len ({args.seq_len}), got {args.documents}")
+    return args
 
 
 def build(args, ffn: str) -> tuple[PolychromaticLM, torch.optim.Optimizer]:
@@ -62,9 +72,9 @@ def build(args, ffn: str) -> tuple[PolychromaticLM, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def train_step(model, optimizer, tokens: torch.Tensor) -> float:
+def train_step(model, optimizer, tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> float:
     optimizer.zero_grad(set_to_none=True)
-    logits = model(tokens[:, :-1]).logits
+    logits = model(tokens[:, :-1], doc_ids).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
     optimizer.step()
@@ -79,6 +89,9 @@ def main(argv=None) -> None:
     vocab = models["swiglu"][0].config.vocab_size
     tokens = torch.randint(vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(args.device)
+    doc_ids = None
+    if args.documents > 1:  # equal documents side by side in every row
+        doc_ids = (torch.arange(args.seq_len) * args.documents // args.seq_len).expand(args.batch, -1).to(args.device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {ffn: [] for ffn in models}
     losses: dict[str, float] = {}
@@ -86,7 +99,7 @@ def main(argv=None) -> None:
         for step in range(args.warmup + args.steps):
             for ffn, (model, optimizer) in models.items():
                 start = clock()
-                losses[ffn] = train_step(model, optimizer, tokens)
+                losses[ffn] = train_step(model, optimizer, tokens, doc_ids)
                 if step >= args.warmup:
                     times[ffn].append(clock() - start)
     n_tokens = args.batch * args.seq_len
@@ -104,7 +117,7 @@ def main(argv=None) -> None:
         print(json.dumps({"setup": setup, "results": results, "polyglu_over_swiglu_time": ratio}, indent=2))
         return
     print(f"train step: preset={args.preset} layers={config.n_layers} d_model={config.d_model} d_ff={config.d_ff} "
-          f"B={args.batch} T={args.seq_len} {args.device} {args.dtype} pool={config.routing_pool} "
+          f"B={args.batch} T={args.seq_len} documents/row={args.documents} {args.device} {args.dtype} pool={config.routing_pool} "
           f"fused kernel={args.fused_kernel} threads={torch.get_num_threads()} steps={args.steps} clock={args.clock}")
     print(f"{'ffn':<8} {'params':>11} {'step med ms':>11} {'step min ms':>11} {'tok/s med':>10} {'tok/s best':>10}")
     for ffn, r in results.items():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from polyglu.model import fused
-from polyglu.model.fused import RULES, MixedActivation, default_kernel, mixed_activation_fused, use_kernel
-from polyglu.model.polyglu import ACTIVATIONS, PolyGLU, SwiGLU, mixed_activation_reference
+from polyglu.model.fused import MixedActivation, default_kernel, mixed_activation_fused, use_kernel
+from polyglu.model.polyglu import PolyGLU, SwiGLU, mixed_activation_reference
 
 # K = 1..4, every registry activation at least once
 ACTIVATION_SETS = [("silu",), ("gelu_tanh", "softplus"), ("identity", "sigmoid", "tanh"),
@@ -52,31 +52,6 @@ def assert_matches_reference(inputs, kernel, atol=2e-5, rtol=1e-4):
             assert g is None, name
         else:
             torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d {n}: {m}")
-
-
-# --------------------------------------------------------------------------------------------
-# the activation registry
-
-
-@pytest.mark.parametrize("name", sorted(RULES))
-def test_registry_values_and_derivatives_match_autograd(name):
-    z = torch.linspace(-25, 25, 2001, dtype=torch.float64)
-    z = torch.cat([z, torch.randn(500, dtype=torch.float64)]).requires_grad_()
-    a_ref = ACTIVATIONS[name](z)
-    grad = torch.randn_like(z)
-    (d_ref,) = torch.autograd.grad(a_ref, z, grad)
-    rule = RULES[name]
-    z = z.detach()
-    for forward, backward in ((rule.forward, rule.backward), (rule.expr_forward, rule.expr_backward)):
-        a = forward(z)
-        torch.testing.assert_close(a, a_ref.detach(), atol=1e-9, rtol=1e-9)
-        # torch's softplus switches to the identity above 20; ours follows the exact function
-        torch.testing.assert_close(backward(grad, z, a), d_ref, atol=1e-8, rtol=1e-8)
-
-
-def test_registry_float32_tanh_is_close_to_torch():
-    z = torch.linspace(-12, 12, 100_001)
-    assert (RULES["tanh"].forward(z) - torch.tanh(z)).abs().max() < 3e-7
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +103,8 @@ def test_k1_routing_gradients_are_zero_like_the_reference():
     assert_matches_reference((*inputs, ("gelu",), False), "chunked")
 
 
-def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch):
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
     """With tau = 0.01 the factorised weights exp(alpha/tau) * exp(dynamic/tau) underflow to 0/0; the
     affected blocks must be computed exactly instead."""
     activations = ("relu", "silu")
@@ -138,11 +114,11 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch):
         dynamic[..., 0], dynamic[..., 1] = -10.0, 10.0  # logits tie: g = (0.5, 0.5)
         dynamic[:, ::2] += torch.tensor([0.05, -0.05])  # and lean one way on even positions
     inputs = (gate, up, alpha, dynamic, None, torch.tensor(0.01), activations, False)
-    h, grads = run(mixed_activation_fused, inputs, kernel="chunked")
+    h, grads = run(mixed_activation_fused, inputs, kernel=kernel)
     assert torch.isfinite(h).all() and all(torch.isfinite(g).all() for g in grads)
-    assert_matches_reference(inputs, "chunked", atol=1e-3, rtol=1e-3)  # routing grads carry 1/tau = 100
+    assert_matches_reference(inputs, kernel, atol=1e-3, rtol=1e-3)  # routing grads carry 1/tau = 100
     monkeypatch.setattr(fused, "_TINY", 0.0)  # without the fallback: 0/0
-    assert torch.isnan(mixed_activation_fused(*inputs, kernel="chunked")).any()
+    assert torch.isnan(mixed_activation_fused(*inputs, kernel=kernel)).any()
 
 
 def test_bfloat16_inputs_keep_their_dtype():
@@ -151,6 +127,37 @@ def test_bfloat16_inputs_keep_their_dtype():
     h, grads = run(mixed_activation_fused, inputs, kernel="chunked")
     assert h.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] * 4
     assert_matches_reference(inputs, "chunked", atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_bfloat16_autocast_keeps_routing_and_mix_in_float32(kernel):
+    """Under CPU bf16 autocast: bf16 gate/up in, bf16 out, and bit for bit what the kernel computes
+    without autocast, whose routing softmax and mix are float32 (autocast would otherwise run the
+    chunked kernel's softmax denominator, a matmul, in bf16)."""
+    activations = ACTIVATION_SETS[-1]
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 12, 16, activations, True, True)
+    h_fp32 = mixed_activation_reference(gate, up, alpha, dynamic, gumbel, tau, activations).detach()
+    gate, up = gate.detach().bfloat16().requires_grad_(), up.detach().bfloat16().requires_grad_()
+    inputs = (gate, up, alpha, dynamic, gumbel, tau, activations, False)
+    h_plain, grads_plain = run(mixed_activation_fused, inputs, kernel=kernel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, grads = run(mixed_activation_fused, inputs, kernel=kernel)
+    assert h.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] * 2 + [torch.float32] * 2
+    assert torch.equal(h, h_plain) and all(torch.equal(a, b) for a, b in zip(grads, grads_plain))
+    # bf16 inputs and a bf16 output: within a few bf16 ulps of the float32 computation
+    torch.testing.assert_close(h.float(), h_fp32, atol=0.05, rtol=0.02)
+
+
+def test_polyglu_under_bfloat16_autocast_routes_in_float32():
+    torch.manual_seed(0)
+    block = PolyGLU(24, 40, gate_hidden=8, mixed_impl="fused").eval()
+    x = torch.randn(2, 9, 24)
+    y_fp32, g_fp32 = block(x, return_routing=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, g = block(x, return_routing=True)
+    assert y.dtype == torch.bfloat16 and g.dtype == torch.float32
+    torch.testing.assert_close(g, g_fp32, atol=0.02, rtol=0)  # the routing MLP ran in bf16: logits move a little
+    torch.testing.assert_close(y.float(), y_fp32, atol=0.02, rtol=0.05)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,16 +241,20 @@ def saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
 @pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
-def test_fused_saves_only_gate_up_and_routing_inputs(per_token):
+def test_fused_saves_only_gate_up_and_routing_inputs(per_token, kernel):
     activations = ACTIVATION_SETS[-1]
     gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 64, 256, activations, per_token, noise=True)
     args = (gate, up, alpha, dynamic, gumbel, tau, activations, False)
-    fused_bytes = saved_bytes(lambda: mixed_activation_fused(*args))
+    fused_bytes = saved_bytes(lambda: mixed_activation_fused(*args, kernel=kernel))
     reference_bytes = saved_bytes(lambda: mixed_activation_reference(*args))
     hidden_bytes = gate.numel() * gate.element_size()
     small = sum(t.numel() * t.element_size() for t in (alpha, dynamic, gumbel, tau))
-    assert fused_bytes == 2 * hidden_bytes + small  # gate, up, and the routing inputs: nothing K x d_ff
+    if kernel == "chunked":
+        assert fused_bytes == 2 * hidden_bytes + small  # gate, up, and the routing inputs: nothing K x d_ff
+    else:  # gate, up, and the routing inputs' precomputed layout: no larger than the inputs
+        assert 2 * hidden_bytes < fused_bytes <= 2 * hidden_bytes + small
     assert reference_bytes > 2.5 * fused_bytes
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from polyglu import PolyGLU, SwiGLU
-from polyglu.config import ConfigError
+from polyglu.config import ConfigError, ModelConfig
 from polyglu.model.polyglu import GLU, routing_weights
 
 
@@ -137,3 +137,61 @@ def test_ablation_routing_modes():
     assert dynamic.gate_net[0].weight.grad is not None and torch.equal(dynamic.alpha, torch.zeros(12, 4))
     with pytest.raises(ConfigError, match="routing_mode"):
         PolyGLU(8, 8, routing_mode="none")
+
+
+def test_from_config_builds_the_configured_block():
+    config = ModelConfig.from_preset("debug", activations=("gelu", "silu"), gate_hidden=8, routing_pool="token",
+                                     eval_routing="hard", routing_noise=False, tau=0.5, routing_mode="static")
+    block = PolyGLU.from_config(config)
+    assert (block.d_model, block.d_ff, block.activations) == (64, 192, ("gelu", "silu"))
+    assert (block.routing_pool, block.eval_routing, block.routing_noise, block.routing_mode) == \
+        ("token", "hard", False, "static")
+    assert float(block.tau) == 0.5 and block.gate_net is None
+    baseline = GLU.from_config(config.replace(ffn="geglu"))
+    assert type(baseline) is GLU and baseline.activation == "gelu" and baseline.d_ff == 192
+
+
+def _decode_tokens(block, x, positions):
+    """Feed x (B, T, d) one token at a time through `block` with a causal-pool state."""
+    from polyglu.model.polyglu import PoolState
+
+    state = PoolState(torch.zeros(x.shape[0], block.gate_net[0].out_features))
+    outs = [block(x[:, t:t + 1], positions=positions[:, t:t + 1], pool_state=state) for t in range(x.shape[1])]
+    return torch.cat(outs, 1), state
+
+
+def test_one_token_routing_continues_the_state_in_place_and_equals_the_full_forward():
+    from polyglu.model.layers import document_positions
+
+    block = _randomise_routing(PolyGLU(16, 24, gate_hidden=8)).eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        one_document = torch.zeros(2, 7, dtype=torch.long)
+        stepped, state = _decode_tokens(block, x, document_positions(one_document))
+        # (the kernel factorises per-token routing over a chunk and not for one token: equal to rounding)
+        torch.testing.assert_close(stepped, block(x, one_document), atol=1e-6, rtol=1e-5)
+        # a document starting mid-row restarts the running mean
+        packed = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
+        stepped, state = _decode_tokens(block, x, document_positions(packed))
+        torch.testing.assert_close(stepped, block(x, packed), atol=1e-6, rtol=1e-5)
+        total_before = state.total
+        block(x[:, :1], positions=torch.tensor([[4], [7]]), pool_state=state)
+    assert state.total is total_before  # updated in place: a compiled decode step keeps its address
+
+
+@pytest.mark.slow
+def test_one_token_routing_compiles_whole():
+    """torch.compile(fullgraph=True) of a one-token step: no graph break, no host sync (C++ compiler)."""
+    from polyglu.model.polyglu import PoolState
+
+    block = _randomise_routing(PolyGLU(16, 24, gate_hidden=8)).eval()
+    step = torch.compile(lambda x, positions, state: block(x, positions=positions, pool_state=state), fullgraph=True)
+    x, positions = torch.randn(2, 3, 16), torch.tensor([[0, 1, 2], [4, 0, 1]])
+    eager_state = PoolState(torch.randn(2, 8))
+    compiled_state = PoolState(eager_state.total.clone())
+    with torch.no_grad():
+        for t in range(3):
+            expected = block(x[:, t:t + 1], positions=positions[:, t:t + 1], pool_state=eager_state)
+            got = step(x[:, t:t + 1], positions[:, t:t + 1], compiled_state)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_state.total, eager_state.total, atol=1e-5, rtol=1e-5)

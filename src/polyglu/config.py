@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# every activation polyglu.model.activations defines, in its order (kept here, torch-free, for the CLI)
 ACTIVATION_NAMES = ("relu", "tanh", "silu", "gelu", "gelu_tanh", "identity", "sigmoid", "softplus")
+# what a PolyGLU layer mixes unless told otherwise: the paper's four
+DEFAULT_ACTIVATIONS = ("relu", "tanh", "silu", "gelu")
 FFN_KINDS = ("polyglu", "swiglu", "geglu", "reglu", "tanhglu")
 ROUTING_POOLS = ("causal", "sequence", "token")
 EVAL_ROUTING = ("soft", "hard")
@@ -266,7 +269,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     # feed-forward kind: "polyglu" (routed mix of `activations`) or a fixed-activation GLU baseline
     ffn: str = "polyglu"
-    activations: tuple[str, ...] = ("relu", "tanh", "silu", "gelu")
+    activations: tuple[str, ...] = DEFAULT_ACTIVATIONS
     gate_hidden: int = 32
     # how the routing network summarises the context: "causal" (default), "sequence" (original,
     # non-causal), "token" (no pooling); see docs/architecture.md

@@ -35,8 +35,9 @@ AUTO_MAP = {
 # (modules to inline, in dependency order; roots; polyglu modules imported from a sibling file)
 CONFIG_BUNDLE = (("polyglu.config", "polyglu.interop.hf_config"), ("PolychromaticConfig",), {})
 MODELING_BUNDLE = (
-    ("polyglu.config", "polyglu.documents", "polyglu.model.layers", "polyglu.model.polyglu", "polyglu.model.flex",
-     "polyglu.model.attention", "polyglu.model.cache", "polyglu.model.transformer", "polyglu.interop.transformers"),
+    ("polyglu.config", "polyglu.documents", "polyglu.model.layers", "polyglu.model.activations",
+     "polyglu.model.polyglu", "polyglu.model.flex", "polyglu.model.attention", "polyglu.model.cache",
+     "polyglu.model.transformer", "polyglu.interop.transformers"),
     ("PolychromaticForCausalLM", "PolychromaticCache"),
     {"polyglu.interop.hf_config": ".configuration_polychromatic"},
 )

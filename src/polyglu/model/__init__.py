@@ -1,6 +1,6 @@
+from polyglu.model.activations import ACTIVATIONS
 from polyglu.model.cache import KVCache
 from polyglu.model.polyglu import (
-           ACTIVATIONS,
            GLU,
            PolyGLU,
            SwiGLU,

@@ -29,121 +29,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from polyglu.model.polyglu import ACTIVATIONS
-
-aten = torch.ops.aten
-
-# ---------------------------------------------------------------------------------------------
-# activations and their derivatives
-
-
-@dataclass(frozen=True)
-class ActivationRule:
-    """An elementwise activation and its vector-Jacobian product, in two spellings of the same math.
-
-    forward(z) -> a and backward(grad, z, a) -> grad * act'(z) (given a = forward(z)) use torch's
-    fused eager kernels. expr_forward / expr_backward are plain expressions for torch.compile, with
-    exponentials written as exp2 (see `_exp`). forward may return z itself: callers never write
-    into it.
-    """
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    expr_forward: Callable[[torch.Tensor], torch.Tensor]
-    expr_backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-_LOG2E = 1.0 / math.log(2.0)
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_TANH_C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(z) = z * sigmoid(C * z * (1 + A z^2))
-_GELU_TANH_A = 0.044715
-
-
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    # exp2, not exp: inductor's CPU backend stores to memory every reused value computed with
-    # exp/sigmoid/tanh; exp2 lets the whole backward stay in one loop (3x faster)
-    return torch.exp2(x * _LOG2E)
-
-
-def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return 1 / (1 + _exp(-x))
-
-
-def _tanh(z: torch.Tensor) -> torch.Tensor:
-    # 2 sigmoid(2z) - 1: vectorised on CPU, where torch.tanh is several times slower (|error| < 2e-7);
-    # not in 16-bit floats, where the subtraction would cancel the few bits there are
-    if z.dtype not in (torch.float32, torch.float64):
-        return torch.tanh(z)
-    return torch.sigmoid(2 * z).mul_(2).sub_(1)
-
-
-def _gelu_tanh_slope(z: torch.Tensor, sigmoid: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = sigmoid(y), y = C z (1 + A z^2), and d(z s)/dz = s + z s (1 - s) C (1 + 3 A z^2)."""
-    s = sigmoid(_GELU_TANH_C * z * (1 + _GELU_TANH_A * z * z))
-    return s, s + z * s * (1 - s) * (_GELU_TANH_C * (1 + 3 * _GELU_TANH_A * z * z))
-
-
-def _gelu_expr(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * z * (1 + torch.erf(z * _INV_SQRT2))
-
-
-def _gelu_expr_backward(grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return grad * (0.5 * (1 + torch.erf(z * _INV_SQRT2)) + z * _INV_SQRT_2PI * _exp(-0.5 * z * z))
-
-
-def _silu_expr_backward(grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    s = _sigmoid(z)
-    return grad * s * (1 + z * (1 - s))
-
-
-def _softplus_expr(z: torch.Tensor) -> torch.Tensor:
-    # log(1 + e^z) = relu(z) + log(1 + e^-|z|), written with log2/exp2 (see `_exp`)
-    return torch.relu(z) + torch.log2(1 + _exp(-z.abs())) / _LOG2E
-
-
-RULES: dict[str, ActivationRule] = {
-    "relu": ActivationRule(torch.relu, lambda grad, z, a: aten.threshold_backward(grad, a, 0),
-                           torch.relu, lambda grad, z, a: grad * (z > 0)),
-    "tanh": ActivationRule(_tanh, lambda grad, z, a: aten.tanh_backward(grad, a),
-                           lambda z: 2 * _sigmoid(2 * z) - 1, lambda grad, z, a: grad * (1 - a * a)),
-    "silu": ActivationRule(F.silu, lambda grad, z, a: aten.silu_backward(grad, z),
-                           lambda z: z * _sigmoid(z), _silu_expr_backward),
-    "gelu": ActivationRule(F.gelu, lambda grad, z, a: aten.gelu_backward(grad, z),
-                           _gelu_expr, _gelu_expr_backward),
-    "gelu_tanh": ActivationRule(lambda z: z * _gelu_tanh_slope(z, torch.sigmoid)[0],
-                                lambda grad, z, a: grad * _gelu_tanh_slope(z, torch.sigmoid)[1],
-                                lambda z: z * _gelu_tanh_slope(z, _sigmoid)[0],
-                                lambda grad, z, a: grad * _gelu_tanh_slope(z, _sigmoid)[1]),
-    "identity": ActivationRule(lambda z: z, lambda grad, z, a: grad, lambda z: z, lambda grad, z, a: grad),
-    "sigmoid": ActivationRule(torch.sigmoid, lambda grad, z, a: aten.sigmoid_backward(grad, a),
-                              _sigmoid, lambda grad, z, a: grad * a * (1 - a)),
-    # torch's softplus is linear above 20, where sigmoid(z) rounds to 1 in float32
-    "softplus": ActivationRule(F.softplus, lambda grad, z, a: grad * torch.sigmoid(z),
-                               _softplus_expr, lambda grad, z, a: grad * _sigmoid(z)),
-}
-assert set(RULES) == set(ACTIVATIONS)
-
-
-def _rules(activations: tuple[str, ...]) -> list[ActivationRule]:
-    try:
-        return [RULES[name] for name in activations]
-    except KeyError as e:
-        raise ValueError(f"unknown activation {e.args[0]!r} (known: {', '.join(RULES)})") from None
-
+from polyglu.model.activations import exp, get_activations
 
 # ---------------------------------------------------------------------------------------------
 # "dense": whole tensors, unrolled over the K activations (what torch.compile should see)
+
+
+_TINY = 1e-30  # a softmax denominator below this may have lost terms to float32 underflow
 
 
 def _compute_dtype(gate: torch.Tensor) -> torch.dtype:
@@ -151,22 +50,57 @@ def _compute_dtype(gate: torch.Tensor) -> torch.dtype:
     return torch.float64 if gate.dtype == torch.float64 else torch.float32
 
 
-def _dense_layout(alpha, dynamic, noise, tau, dtype):
-    """Routing inputs in `dtype`, laid out for the unrolled kernels: alpha (K, F), dynamic (K, B, T', 1),
-    noise (K, B, 1, F) or None, tau; contiguous so that compiled loops read them as vectors."""
-    alpha_t = alpha.detach().to(dtype).t().contiguous()
+def factored_routing_core(alpha, dynamic, noise, tau, dtype: torch.dtype):
+    """Per-token soft routing weights as g_k = A_k D_k / sum_j A_j D_j: A = exp((alpha + noise) / tau - max)
+    (K, B|1, 1, F), D = exp(dynamic / tau - max) (K, B, T, 1), and a lower bound of every sum (B, T):
+    the sum with each A_k at its smallest over the units."""
+    static = alpha.detach().to(dtype).t()[:, None, None, :]
+    if noise is not None:
+        static = static + noise.detach().to(dtype).permute(2, 0, 1)[:, :, None, :]
+    static = static / tau.detach().to(dtype)
+    a = (static - static.amax(0)).exp()
+    dyn = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None] / tau.detach().to(dtype)
+    d = (dyn - dyn.amax(0)).exp()
+    return a.contiguous(), d.contiguous(), (d * a.amin(-1, keepdim=True)).sum(0).amin()
+
+
+def _dense_layout(cores, alpha, dynamic, noise, tau, hard: bool, dtype):
+    """The routing inputs laid out for the unrolled kernels, in one of three forms (form, r0, r1, r2, tau):
+
+    - "given": one weight serves all positions (T' = 1): g itself, (K, B, 1, F), computed here once;
+    - "factored": per-token soft weights (`factored_routing_core`), so that no exponential is taken
+      per hidden unit. Not while torch.compile traces (the underflow check syncs), nor when some sum
+      could underflow (extreme logits over a small tau);
+    - "exact": alpha (K, 1, 1, F), dynamic (K, B, T, 1), noise (K, B, 1, F) or None: the reference's
+      logits per hidden unit (hard routing, and the fallbacks above).
+    All in `dtype` and contiguous, so that compiled loops read them as vectors.
+    """
+    tau_t = tau.detach().to(dtype)
+    if dynamic.shape[1] > 1 and not hard and not torch.compiler.is_compiling():
+        a, d, lowest = cores["routing"](alpha, dynamic, noise, tau, dtype)
+        if bool(lowest >= _TINY):
+            return "factored", a, d, None, tau_t
+    alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
     dynamic_t = dynamic.detach().to(dtype).permute(2, 0, 1).contiguous()[..., None]
     noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
-    return alpha_t, dynamic_t, noise_t, tau.detach().to(dtype)
+    if dynamic.shape[1] == 1:
+        return "given", torch.stack(_dense_weights("exact", alpha_t, dynamic_t, noise_t, tau_t, hard)), None, None, tau_t
+    return "exact", alpha_t, dynamic_t, noise_t, tau_t
 
 
-def _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard: bool) -> list[torch.Tensor]:
-    """g_k, k < K, each (B, T', F): softmax((alpha + dynamic + noise) / tau) over k, or the one-hot of
-    its first maximum (argmax's tie rule) when `hard`."""
-    K = alpha_t.shape[0]
-    logits = [alpha_t[k] + dynamic_t[k] for k in range(K)]  # same additions, same order as the reference
-    if noise_t is not None:
-        logits = [logits[k] + noise_t[k] for k in range(K)]
+def _dense_weights(form: str, r0, r1, r2, tau, hard: bool) -> list[torch.Tensor]:
+    """g_k, k < K, each (B, T', F), from a `_dense_layout` form: softmax((alpha + dynamic + noise) / tau)
+    over k, or the one-hot of its first maximum (argmax's tie rule) when `hard`."""
+    K = r0.shape[0]
+    if form == "given":
+        return [r0[k] for k in range(K)]
+    if form == "factored":
+        products = [r0[k] * r1[k] for k in range(K)]
+        inverse = 1 / functools.reduce(torch.add, products)
+        return [p * inverse for p in products]
+    logits = [r0[k] + r1[k] for k in range(K)]  # same additions, same order as the reference
+    if r2 is not None:
+        logits = [logits[k] + r2[k] for k in range(K)]
     if not hard:
         logits = [x / tau for x in logits]
     top = functools.reduce(torch.maximum, logits)
@@ -177,21 +111,21 @@ def _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard: bool) -> list[torch.T
             taken = taken | first
             weights.append(first.to(top.dtype))
         return weights
-    exps = [_exp(x - top) for x in logits]
+    exps = [exp(x - top) for x in logits]
     total = functools.reduce(torch.add, exps)
     return [e / total for e in exps]
 
 
-def _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard):
-    z = gate.to(alpha_t.dtype)
-    g = _dense_weights(alpha_t, dynamic_t, noise_t, tau, hard)
-    acts = [rule.expr_forward(z) for rule in _rules(activations)]
+def _dense_mix(gate, form, r0, r1, r2, tau, activations, hard):
+    z = gate.to(r0.dtype)
+    g = _dense_weights(form, r0, r1, r2, tau, hard)
+    acts = [rule.expr_forward(z) for rule in get_activations(activations)]
     m = functools.reduce(torch.add, [g[k] * a for k, a in enumerate(acts)])
     return z, g, acts, m
 
 
-def dense_forward_core(gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...], hard: bool):
-    m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard)[3]
+def dense_forward_core(gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...], hard: bool):
+    m = _dense_mix(gate, form, r0, r1, r2, tau, activations, hard)[3]
     return (m * up.to(m.dtype)).to(gate.dtype)
 
 
@@ -201,49 +135,48 @@ def _dense_logit_grads(grad, up, g, acts, m, tau) -> list[torch.Tensor]:
     return [dm * g[k] * (a - m) / tau for k, a in enumerate(acts)]
 
 
-def dense_backward_inputs_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...],
+def dense_backward_inputs_core(grad, gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...],
                                hard: bool, dynamic_grad: bool):
     """-> (d gate, d up, d dynamic (B, T', K) or None). Reductions over d_ff only, so a compiler can
     fuse them into the loop that computes the elementwise gradients."""
-    z, g, acts, m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, hard)
+    z, g, acts, m = _dense_mix(gate, form, r0, r1, r2, tau, activations, hard)
     dh = grad.to(z.dtype)
     dm = dh * up.to(z.dtype)
     d_gate = functools.reduce(torch.add, [rule.expr_backward(dm * g[k], z, acts[k])
-                                          for k, rule in enumerate(_rules(activations))])
+                                          for k, rule in enumerate(get_activations(activations))])
     d_up = dh * m
     d_dynamic = None
     if dynamic_grad:
-        shared = dynamic_t.shape[2] == 1  # one routing weight per row: sum over positions too
+        shared = form == "given"  # one routing weight per row: sum over positions too
         dims = (1, 2) if shared else (2,)
         d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
         d_dynamic = d_dynamic[:, None] if shared else d_dynamic
     return d_gate.to(gate.dtype), d_up.to(up.dtype), d_dynamic
 
 
-def dense_backward_alpha_core(grad, gate, up, alpha_t, dynamic_t, noise_t, tau, activations: tuple[str, ...]):
+def dense_backward_alpha_core(grad, gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...]):
     """-> d alpha (F, K). A reduction over tokens: kept apart so that compiled, it recomputes the
     elementwise terms rather than writing K hidden-layer-sized buffers for a second pass."""
-    _, g, acts, m = _dense_mix(gate, alpha_t, dynamic_t, noise_t, tau, activations, False)
+    _, g, acts, m = _dense_mix(gate, form, r0, r1, r2, tau, activations, False)
     return torch.stack([d.sum((0, 1)) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
 
 
 _DENSE_CORES = {"forward": dense_forward_core, "inputs": dense_backward_inputs_core,
-                "alpha": dense_backward_alpha_core}
+                "alpha": dense_backward_alpha_core, "routing": factored_routing_core}
 
 
 def _dense_forward(cores, gate, up, alpha, dynamic, noise, tau, activations, hard):
-    layout = _dense_layout(alpha, dynamic, noise, tau, _compute_dtype(gate))
-    return cores["forward"](gate, up, *layout, activations, hard)
+    """-> (h, state): state = `_dense_layout`'s (form, r0, r1, r2, tau), computed once and kept for backward."""
+    state = _dense_layout(cores, alpha, dynamic, noise, tau, hard, _compute_dtype(gate))
+    return cores["forward"](gate, up, *state, activations, hard), state
 
 
-def _dense_backward(cores, grad, gate, up, alpha, dynamic, noise, tau, activations, hard, routing_grads):
-    layout = _dense_layout(alpha, dynamic, noise, tau, _compute_dtype(gate))
+def _dense_backward(cores, grad, gate, up, state, activations, hard, routing_grads):
     routing_grads = routing_grads and not hard
-    d_gate, d_up, d_dynamic = cores["inputs"](grad, gate, up, *layout, activations, hard, routing_grads)
+    d_gate, d_up, d_dynamic = cores["inputs"](grad, gate, up, *state, activations, hard, routing_grads)
     if not routing_grads:
         return d_gate, d_up, None, None
-    d_alpha = cores["alpha"](grad, gate, up, *layout, activations)
-    return d_gate, d_up, d_alpha.to(alpha.dtype), d_dynamic.to(dynamic.dtype)
+    return d_gate, d_up, cores["alpha"](grad, gate, up, *state, activations), d_dynamic
 
 
 # Inductor stores a value to memory rather than recompute it when it has many readers or a big
@@ -261,23 +194,28 @@ def _compiled_cores() -> dict[str, Callable]:
     return {name: torch.compile(fn, options=options) for name, fn in _DENSE_CORES.items()}
 
 
-_compile_failed: list[str] = []  # the first compile error, if any: later calls go straight to "chunked"
+_compile_failed: list[str] = []  # the first compile error, if any: later calls go straight to the eager kernels
 
 
-def _with_compiled_cores(dense_fn: Callable, chunked_fn: Callable) -> Callable:
-    def run(*args):
-        if not _compile_failed:
-            try:
-                return dense_fn(_compiled_cores(), *args)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # no C++ compiler / Triton: the eager kernel computes the same
-                _compile_failed.append(f"{type(e).__name__}: {e}")
-                warnings.warn(f"polyglu: compiling the fused mixed activation failed ({_compile_failed[0]}); "
-                              "using the eager 'chunked' kernel", RuntimeWarning, stacklevel=2)
-        return chunked_fn(*args)
+def _compiled_or(eager: Callable) -> Callable:
+    """Runs `dense_fn(cores, ...)` with the compiled cores; if compiling fails, warns once and runs
+    `eager(...)` from then on."""
+    def wrap(dense_fn: Callable) -> Callable:
+        def run(*args):
+            if not _compile_failed:
+                try:
+                    return dense_fn(_compiled_cores(), *args)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # no C++ compiler / Triton: the eager kernel computes the same
+                    _compile_failed.append(f"{type(e).__name__}: {e}")
+                    warnings.warn(f"polyglu: compiling the fused mixed activation failed ({_compile_failed[0]}); "
+                                  "using the eager kernels", RuntimeWarning, stacklevel=2)
+            return eager(*args)
 
-    return run
+        return run
+
+    return wrap
 
 
 @functools.cache
@@ -294,7 +232,6 @@ def _triton_available() -> bool:
 
 
 _BLOCK_ELEMENTS = 1 << 18  # hidden units per block: 1 MiB per float32 (block, d_ff) tensor
-_TINY = 1e-30  # a softmax denominator below this may have lost terms to float32 underflow
 
 
 def _blocks(B: int, T: int, F: int) -> Iterator[tuple[slice, slice]]:
@@ -378,7 +315,7 @@ def _chunk_mix(acts: list[torch.Tensor], weights: torch.Tensor | None, total: to
 
 
 def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool):
-    rules = _rules(activations)
+    rules = get_activations(activations)
     dtype = _compute_dtype(gate)
     routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)
     out = torch.empty_like(gate)
@@ -397,12 +334,12 @@ def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str
         if total is not None:
             m.div_(total)
         torch.mul(m, up[rows, positions], out=out[rows, positions])
-    return out
+    return out, ("chunked", alpha, dynamic, noise, tau)
 
 
 def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool,
                      routing_grads: bool):
-    rules = _rules(activations)
+    rules = get_activations(activations)
     K = len(rules)
     dtype = _compute_dtype(gate)
     routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)
@@ -455,30 +392,52 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
 # autograd and kernel choice
 
 
-KERNELS: dict[str, tuple[Callable, Callable]] = {
-    "chunked": (chunked_forward, chunked_backward),
-    "dense": (functools.partial(_dense_forward, _DENSE_CORES), functools.partial(_dense_backward, _DENSE_CORES)),
-    "compiled": (_with_compiled_cores(_dense_forward, chunked_forward),
-                 _with_compiled_cores(_dense_backward, chunked_backward)),
+# each kernel's forward(gate, up, alpha, dynamic, noise, tau, activations, hard) -> (h, state); `state`
+# (form, t0, t1, t2, tau) is what backward needs besides gate and up, and says which backward runs
+KERNELS: dict[str, Callable] = {
+    "chunked": chunked_forward,
+    "dense": functools.partial(_dense_forward, _DENSE_CORES),
+    "compiled": _compiled_or(chunked_forward)(_dense_forward),
 }
+_compiled_dense_backward = _compiled_or(functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
+
+
+def _backward(kernel, grad, gate, up, state, activations, hard, routing_grads):
+    if state[0] == "chunked":
+        return chunked_backward(grad, gate, up, *state[1:], activations, hard, routing_grads)
+    backward = _compiled_dense_backward if kernel == "compiled" else functools.partial(_dense_backward, _DENSE_CORES)
+    return backward(grad, gate, up, state, activations, hard, routing_grads)
 
 
 class MixedActivation(torch.autograd.Function):
-    """h = sum_k g_k act_k(gate) * up; saves only gate, up and the routing inputs."""
+    """h = sum_k g_k act_k(gate) * up; saves only gate, up and the small routing state.
+
+    Autocast is off inside, both ways: the routing math and the mix run in float32 (float64 for
+    float64 inputs) whatever the autocast dtype, on gate/up in their own dtype (bf16 under bf16
+    autocast), and h comes back in gate's dtype.
+    """
 
     @staticmethod
     def forward(ctx, gate, up, alpha, dynamic, noise, tau, activations, hard, kernel):
-        ctx.save_for_backward(gate, up, alpha, dynamic, noise, tau)
-        ctx.activations, ctx.hard, ctx.kernel = activations, hard, kernel
-        return KERNELS[kernel][0](gate, up, alpha, dynamic, noise, tau, activations, hard)
+        with torch.autocast(gate.device.type, enabled=False):
+            h, (form, *tensors) = KERNELS[kernel](gate, up, alpha, dynamic, noise, tau, activations, hard)
+        ctx.save_for_backward(gate, up, *tensors)
+        ctx.form, ctx.activations, ctx.hard, ctx.kernel = form, activations, hard, kernel
+        ctx.routing_dtypes = alpha.dtype, dynamic.dtype
+        return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        gate, up, alpha, dynamic, noise, tau = ctx.saved_tensors
+        gate, up, *tensors = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d_gate, d_up, d_alpha, d_dynamic = KERNELS[ctx.kernel][1](
-            grad.contiguous(), gate, up, alpha, dynamic, noise, tau, ctx.activations, ctx.hard, need[2] or need[3])
+        with torch.autocast(gate.device.type, enabled=False):
+            d_gate, d_up, d_alpha, d_dynamic = _backward(
+                ctx.kernel, grad.contiguous(), gate, up, (ctx.form, *tensors), ctx.activations, ctx.hard,
+                need[2] or need[3])
+        alpha_dtype, dynamic_dtype = ctx.routing_dtypes
+        if d_alpha is not None:  # None with hard routing: nothing flows to the routing inputs
+            d_alpha, d_dynamic = d_alpha.to(alpha_dtype), d_dynamic.to(dynamic_dtype)
         return (d_gate if need[0] else None, d_up if need[1] else None, d_alpha if need[2] else None,
                 d_dynamic if need[3] else None, None, None, None, None, None)
 

@@ -10,9 +10,8 @@ part, gate_net is a small d_model -> gate_hidden -> K MLP of the pooled context.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,32 +19,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyglu.config import (
-    ACTIVATION_NAMES,
+    DEFAULT_ACTIVATIONS,
     MIXED_IMPLS,
     ROUTING_MODES,
     ROUTING_POOLS,
     ConfigError,
+    ModelConfig,
     routing_is_causal,
 )
-from polyglu.documents import segment_ids
+from polyglu.documents import document_positions, segment_ids
+from polyglu.model.activations import ACTIVATIONS
 
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# The named activations a PolyGLU neuron can mix. Order in a layer is the order given by the user.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "tanh": torch.tanh,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": _gelu_tanh,
-    "identity": lambda x: x,
-    "sigmoid": torch.sigmoid,
-    "softplus": F.softplus,
-}
-assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
+try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernel
+    from polyglu.model.fused import mixed_activation_fused
+except ImportError:
+    mixed_activation_fused = None
 
 
 @dataclass
@@ -88,22 +76,11 @@ def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torc
     return (mixed * up.float()).to(gate.dtype)
 
 
-@functools.cache
-def _fused_available() -> bool:
-    try:
-        from polyglu.model import fused  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
                      noise: torch.Tensor | None, tau: torch.Tensor, activations: Sequence[str],
                      hard: bool = False, impl: str = "auto") -> torch.Tensor:
     """sum_k g_k * act_k(gate) * up, by the chosen implementation ("auto", "fused", "reference")."""
-    if impl != "reference" and _fused_available():
-        from polyglu.model.fused import mixed_activation_fused
-
+    if impl != "reference" and mixed_activation_fused is not None:
         return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
     if impl == "fused":
         raise RuntimeError("mixed_impl='fused' requested but polyglu.model.fused is not available")
@@ -112,9 +89,10 @@ def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, 
 
 def sample_gumbel(shape: Sequence[int], device: torch.device, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
-    """Standard Gumbel(0, 1) samples: -log(E), E ~ Exponential(1)."""
-    e = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
-    return -e.log()
+    """Standard Gumbel(0, 1) samples: -log(-log(U)), U ~ Uniform(0, 1) (several times faster to draw on
+    CPU than Exponential(1)); U = 0 is moved to the smallest normal float, so samples are finite."""
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    return u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
 
 
 class PolyGLU(nn.Module):
@@ -138,7 +116,7 @@ class PolyGLU(nn.Module):
     it returns (y, g) where g (B, T', d_ff, K) are the routing weights used (T' = 1 for "sequence").
     """
 
-    def __init__(self, d_model: int, d_ff: int, activations: Sequence[str] = ("relu", "tanh", "silu", "gelu"),
+    def __init__(self, d_model: int, d_ff: int, activations: Sequence[str] = DEFAULT_ACTIVATIONS,
                  gate_hidden: int = 32, routing_pool: str = "causal", eval_routing: str = "soft",
                  routing_noise: bool = True, tau: float = 1.0, mixed_impl: str = "auto",
                  routing_mode: str = "full") -> None:
@@ -179,6 +157,14 @@ class PolyGLU(nn.Module):
             self.gate_net = nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, K))
         self.register_buffer("tau", torch.tensor(float(tau)), persistent=True)
 
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> PolyGLU:
+        """The FFN block of a PolychromaticLM layer built from `config`."""
+        return cls(d_model=config.d_model, d_ff=config.d_ff, activations=config.activations,
+                   gate_hidden=config.gate_hidden, routing_pool=config.routing_pool,
+                   eval_routing=config.eval_routing, routing_noise=config.routing_noise, tau=config.tau,
+                   mixed_impl=config.mixed_impl, routing_mode=config.routing_mode)
+
     @property
     def n_activations(self) -> int:
         return len(self.activations)
@@ -213,7 +199,7 @@ class PolyGLU(nn.Module):
             else:
                 pooled = _document_mean(proj, doc_ids)
         else:
-            pooled = _causal_mean(proj, positions, pool_state)
+            pooled = _causal_mean(proj, positions, pool_state).to(proj.dtype)
         hidden = F.relu(pooled + first.bias)
         return self.beta * second(hidden)
 
@@ -223,8 +209,6 @@ class PolyGLU(nn.Module):
         """x: (B, T, d_model). `positions` (B, T): token positions inside their documents (derived
         from doc_ids when not given). `noise` (B, d_ff, K) overrides the sampled Gumbel noise."""
         if positions is None and doc_ids is not None:
-            from polyglu.model.layers import document_positions
-
             positions = document_positions(doc_ids)
         gate = self.gate_proj(x)  # (B, T, F)
         up = self.up_proj(x)  # (B, T, F)
@@ -253,27 +237,33 @@ class PolyGLU(nn.Module):
 
 
 def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state: PoolState | None) -> torch.Tensor:
-    """Mean over positions <= t of t's document; continues `pool_state` across cached chunks."""
+    """Mean over positions <= t of t's document, in float32: (B, T, H).
+
+    With `pool_state`, continues its running sums across cached chunks and updates them in place
+    (so a compiled decode step can keep the state at one address). One decoded token (T = 1) takes
+    a few elementwise ops, no host sync and no data-dependent branch.
+    """
     B, T, H = proj.shape
-    if pool_state is not None and T == 1 and positions is not None:
-        # one decoded token: continue the running sum unless it starts a new document
-        total = proj.float() + pool_state.total[:, None, :] * (positions > 0)[..., None]
-        pool_state.total = total[:, -1].detach().clone()
-        return (total / (positions + 1).to(total.dtype)[..., None]).to(proj.dtype)
+    if pool_state is not None and positions is None:
+        raise ValueError("causal pooling with a cache needs token positions")
+    if pool_state is not None and T == 1:
+        # continue the row's running sum unless the token starts a new document (the same additions
+        # as the cumsum below, so cached decoding equals the uncached forward bit for bit)
+        total = torch.where(positions[..., None] > 0, pool_state.total[:, None] + proj, proj.float())  # (B, 1, H)
+        pool_state.total.copy_(total[:, 0].detach())
+        return total / (positions[..., None] + 1)
     csum = proj.float().cumsum(dim=1)  # (B, T, H)
-    idx = torch.arange(T, device=proj.device)
-    if positions is None:
-        positions = idx.expand(B, T)
-        if pool_state is not None:
-            raise ValueError("causal pooling with a cache needs token positions")
-    start = idx[None, :] - positions  # (B, T): chunk index of the first token of t's document
-    before = torch.gather(csum, 1, (start - 1).clamp(min=0)[..., None].expand(B, T, H))
-    total = csum - before * (start > 0)[..., None]
+    if positions is None:  # one document per row
+        return csum / torch.arange(1, T + 1, device=proj.device)[:, None]
+    # subtract the running sum just before each token's document start (a zero row for a start at 0)
+    start = torch.arange(T, device=proj.device) - positions  # (B, T): chunk index of the document's first token
+    before = torch.gather(F.pad(csum, (0, 0, 1, 0)), 1, start.clamp(min=0)[..., None].expand(B, T, H))
+    total = csum - before
     if pool_state is not None:
         # documents that began before this chunk continue the cached running sum
-        total = total + pool_state.total[:, None, :] * (start < 0)[..., None]
-        pool_state.total = total[:, -1].detach().clone()
-    return (total / (positions + 1).to(total.dtype)[..., None]).to(proj.dtype)
+        total = torch.where((start < 0)[..., None], total + pool_state.total[:, None], total)
+        pool_state.total.copy_(total[:, -1].detach())
+    return total / (positions[..., None] + 1)
 
 
 def _document_mean(proj: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
@@ -299,6 +289,12 @@ class GLU(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> GLU:
+        """A fixed-activation baseline block (`config.ffn` "swiglu", "geglu", ...) built from `config`."""
+        (activation,) = config.ffn_activations
+        return GLU(d_model=config.d_model, d_ff=config.d_ff, activation=activation)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -20,11 +20,7 @@ from polyglu.model.polyglu import GLU, PolyGLU
 
 
 def build_ffn(config: ModelConfig) -> nn.Module:
-    if config.ffn == "polyglu":
-        return PolyGLU(config.d_model, config.d_ff, config.activations, config.gate_hidden, config.routing_pool,
-                       config.eval_routing, config.routing_noise, config.tau, config.mixed_impl,
-                       config.routing_mode)
-    return GLU(config.d_model, config.d_ff, config.ffn_activations[0])
+    return (PolyGLU if config.ffn == "polyglu" else GLU).from_config(config)
 
 
 class Block(nn.Module):
