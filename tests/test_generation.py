@@ -378,3 +378,19 @@ def test_cli_chat_reads_turns_from_stdin(model_dir, capsys, monkeypatch):
     assert main(["chat", str(model_dir), "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert "too long" in out and out.count("assistant> ") == 1
+
+
+def test_decode_step_keeps_cache_tensors_at_their_addresses(tiny_config):
+    """The static decode step changes the cache only in place (what CUDA graphs replay against):
+    the key/value buffers and every layer's running pool sum keep their storage across steps."""
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    cache = model.new_cache(2, 12)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        addresses = [s.total.data_ptr() for s in cache.pool] + [k.data_ptr() for k in cache.keys]
+        before = [s.total.clone() for s in cache.pool]
+        model.decode_step(ids[:, -1:], cache)
+    assert [s.total.data_ptr() for s in cache.pool] + [k.data_ptr() for k in cache.keys] == addresses
+    assert any(not torch.equal(a, s.total) for a, s in zip(before, cache.pool))  # the sums did advance

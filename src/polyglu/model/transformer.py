@@ -179,16 +179,12 @@ class PolychromaticLM(nn.Module):
         segments, positions, mask = cache.step_inputs()  # (B, 1), (B, 1), (B, 1, 1, max_len)
         rope_cos, rope_sin = self._rope
         cos, sin = rope_cos[positions][:, None], rope_sin[positions][:, None]  # (B, 1, 1, hd/2)
-        pool_totals = [state.total for state in cache.pool]
         view = cache.step_view()
         x = self.embed_tokens(token_ids)
+        # causal pooling updates the cache's running sums in place (their addresses never change,
+        # which CUDA graphs need)
         for block in self.layers:
             x, _ = block(x, cos, sin, mask, segments, positions, view)
-        # causal pooling hands back new running sums: keep them in the cache's own tensors, whose
-        # addresses never change (what CUDA graphs need)
-        for state, total in zip(cache.pool, pool_totals):
-            total.copy_(state.total)
-            state.total = total
         return self.lm_head(self.norm(x))[:, -1]
 
     # ---- convenience
