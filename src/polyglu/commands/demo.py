@@ -50,6 +50,8 @@ def most_frequent_answer_baseline(train: list[dict], test: list[dict]) -> dict:
 
 
 def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> Path:
+    import torch
+
     from polyglu.config import RunConfig
     from polyglu.train.setup import build_run
 
@@ -60,6 +62,8 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     config = RunConfig.load(config_path, overrides, task=task)
+    if config.train.threads:  # also for the evaluation after the stages, even when they are reused
+        torch.set_num_threads(config.train.threads)
     done = stage_dir / "final" / "config.json"
     if done.is_file() and not fresh:
         meta = json.loads(done.read_text())
@@ -112,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
             from polyglu.commands import CommandError
 
             raise CommandError(f"config {path} not found (pass --config/--sft-config)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
     sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
