@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         test = test[:args.eval_limit]
     tokenizer = load_tokenizer(sft_dir / "tokenizer")
 
+    eval_start = time.perf_counter()
     log(f"evaluating on {len(test)} held-out problems (greedy decoding, KV cache)")
     results = {}
     fine_tuned = load_model(sft_dir)
@@ -153,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
         for record in results["PolyGLU fine-tuned (chat)"]["records"]:
             f.write(json.dumps(record) + "\n")
 
-    if not args.no_report:
+    log(f"evaluation took {time.perf_counter() - eval_start:.0f}s")
+    if not args.no_report:  # 4096 tokens (~45 problems) are enough to show the routing; it costs seconds
         try:
             from polyglu.analysis.pipeline import analyze_to_directory
 
             analyze_to_directory(sft_dir, {"math": str(files["pretrain_validation"])}, run_dir / "report",
-                                 run_dir=run_dir / "pretrain", max_tokens=8192, evolution_tokens=2048, seq_len=256)
+                                 run_dir=run_dir / "pretrain", max_tokens=4096, evolution_tokens=1024, seq_len=256)
         # matplotlib missing, or bad inputs (the errors `polyglu analyze` reported while the demo went on)
         except (ImportError, ValueError, FileNotFoundError) as e:
             log(f"routing report skipped ({e})")
