@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from polyglu.cli import main as cli_main
-from polyglu.commands.demo import _accuracy_table, _configs_dir, most_frequent_answer_baseline
-from polyglu.config import RunConfig
+from polyglu.commands.demo import _accuracy_table, most_frequent_answer_baseline
+from polyglu.config import RunConfig, bundled_configs_dir
 
 TINY_MODEL = dict(preset="debug", d_model=32, d_ff=48, n_heads=4, n_kv_heads=2, head_dim=8, max_seq_len=512,
                   gate_hidden=8)
@@ -30,7 +30,7 @@ def _write(path: Path, task: str) -> Path:
 
 def test_shipped_demo_configs_load():
     for name, task in (("demo.yaml", "pretrain"), ("demo-sft.yaml", "sft")):
-        config = RunConfig.load(_configs_dir() / name, task=task)
+        config = RunConfig.load(bundled_configs_dir() / name, task=task)
         assert config.task == task and config.data.tokenizer == "train"
 
 
