@@ -50,6 +50,8 @@ def most_frequent_answer_baseline(train: list[dict], test: list[dict]) -> dict:
 
 
 def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> Path:
+    import torch
+
     from polyglu.config import RunConfig
     from polyglu.train.setup import build_run
 
@@ -60,6 +62,8 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     config = RunConfig.load(config_path, overrides, task=task)
+    if config.train.threads:  # also for the evaluation after the stages, even when they are reused
+        torch.set_num_threads(config.train.threads)
     done = stage_dir / "final" / "config.json"
     if done.is_file() and not fresh:
         meta = json.loads(done.read_text())
@@ -112,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
             from polyglu.commands import CommandError
 
             raise CommandError(f"config {path} not found (pass --config/--sft-config)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
     sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         test = test[:args.eval_limit]
     tokenizer = load_tokenizer(sft_dir / "tokenizer")
 
+    eval_start = time.perf_counter()
     log(f"evaluating on {len(test)} held-out problems (greedy decoding, KV cache)")
     results = {}
     fine_tuned = load_model(sft_dir)
@@ -150,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
         for record in results["PolyGLU fine-tuned (chat)"]["records"]:
             f.write(json.dumps(record) + "\n")
 
-    if not args.no_report:
+    log(f"evaluation took {time.perf_counter() - eval_start:.0f}s")
+    if not args.no_report:  # 4096 tokens (~45 problems) are enough to show the routing; it costs seconds
         try:
             from polyglu.analysis.pipeline import analyze_to_directory
 
             analyze_to_directory(sft_dir, {"math": str(files["pretrain_validation"])}, run_dir / "report",
-                                 run_dir=run_dir / "pretrain", max_tokens=8192, evolution_tokens=2048, seq_len=256)
+                                 run_dir=run_dir / "pretrain", max_tokens=4096, evolution_tokens=1024, seq_len=256)
         # matplotlib missing, or bad inputs (the errors `polyglu analyze` reported while the demo went on)
         except (ImportError, ValueError, FileNotFoundError) as e:
             log(f"routing report skipped ({e})")
