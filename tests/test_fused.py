@@ -121,6 +121,59 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
     assert torch.isnan(mixed_activation_fused(*inputs, kernel=kernel)).any()
 
 
+# --------------------------------------------------------------------------------------------
+# one token per row without autograd (a decode step)
+
+
+@pytest.mark.parametrize("activations", ACTIVATION_SETS)
+@pytest.mark.parametrize("mode", ["soft", "hard", "noise"])
+def test_one_token_inference_path_equals_the_reference(activations, mode, monkeypatch):
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, 1, 40, activations, False, mode == "noise")
+    inputs = (gate.detach(), up.detach(), alpha.detach(), dynamic.detach(), gumbel, tau, activations, mode == "hard")
+    expected = mixed_activation_reference(*inputs)
+    calls, original = [], fused.one_token_inference
+    monkeypatch.setattr(fused, "one_token_inference", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(fused.MixedActivation, "apply", None)  # the autograd.Function is not called at all
+    with torch.no_grad():
+        h = mixed_activation_fused(*inputs)
+    assert calls and h.dtype == gate.dtype
+    torch.testing.assert_close(h, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_one_token_hard_routing_takes_the_first_maximum_like_the_reference():
+    activations = ("relu", "tanh", "silu")
+    gate, up, alpha, dynamic, _, tau = make_inputs(2, 1, 16, activations, False, False)
+    alpha = torch.zeros_like(alpha.detach())  # every logit ties within a row: the first activation wins
+    dynamic = torch.zeros_like(dynamic.detach())
+    with torch.no_grad():
+        h = fused.one_token_inference(gate, up, alpha, dynamic, None, tau, activations, hard=True)
+        assert torch.equal(h, mixed_activation_reference(gate, up, alpha, dynamic, None, tau, activations, True))
+        assert torch.equal(h, torch.relu(gate) * up)
+
+
+def test_one_token_needing_gradients_or_a_chosen_kernel_keeps_the_autograd_path(monkeypatch):
+    inputs = (*make_inputs(2, 1, 24, ACTIVATION_SETS[-1], False, False), ACTIVATION_SETS[-1], False)
+    monkeypatch.setattr(fused, "one_token_inference", None)  # would fail if it were taken
+    assert_matches_reference(inputs, None)  # grads enabled and required: gradients flow
+    with torch.no_grad(), use_kernel("chunked"):
+        h = mixed_activation_fused(*inputs)
+    torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
+
+
+def test_one_token_routing_fixed_on_silu_is_swiglu_bit_for_bit():
+    block = PolyGLU(24, 40, gate_hidden=8).eval()
+    with torch.no_grad():
+        block.alpha.zero_()
+        block.alpha[:, block.activations.index("silu")] = 120.0
+        block.gate_net[2].weight.zero_()
+        block.gate_net[2].bias.zero_()
+    swiglu = SwiGLU(24, 40)
+    swiglu.load_state_dict({k: v for k, v in block.state_dict().items() if k.endswith("_proj.weight")})
+    x = torch.randn(5, 1, 24)
+    with torch.inference_mode():
+        assert torch.equal(block(x), swiglu(x))
+
+
 def test_bfloat16_inputs_keep_their_dtype():
     gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 12, 16, ACTIVATION_SETS[-1], True, True, torch.bfloat16)
     inputs = (gate, up, alpha, dynamic, gumbel, tau, ACTIVATION_SETS[-1], False)

@@ -480,6 +480,37 @@ def default_kernel(gate: torch.Tensor) -> str:
     return "chunked"
 
 
+def one_token_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
+                        noise: torch.Tensor | None, tau: torch.Tensor, activations: tuple[str, ...],
+                        hard: bool = False) -> torch.Tensor:
+    """The mixed activation for one token per row without autograd: a decode step's path.
+
+    gate, up: (B, 1, F); dynamic: (B, 1, K). The reference's formulation in a dozen plain ops, no
+    autograd.Function, no blocks and no host sync: at one token per row the per-call overhead of the
+    kernels above costs more than their arithmetic (eager batch-1 decoding spent ~250 us per layer
+    there). The activations are the eager kernel's (`Activation.forward`), as in a chunked forward.
+    """
+    dtype = _compute_dtype(gate)
+    # K leading: torch's CPU softmax and sums over a short last dimension are several times slower
+    logits = alpha.to(dtype).t()[:, None, None, :] + dynamic.to(dtype).permute(2, 0, 1)[..., None]  # (K, B, 1, F)
+    if noise is not None:
+        logits = logits + noise.to(dtype).permute(2, 0, 1)[:, :, None, :]
+    if hard:  # the first maximum, argmax's tie rule, as the reference
+        index = logits.argmax(0, keepdim=True)
+        g = (torch.arange(logits.shape[0], device=logits.device).view(-1, 1, 1, 1) == index).to(dtype)
+    else:
+        g = torch.softmax(logits / tau.to(dtype), dim=0)
+    acts = torch.stack([rule.forward(gate) for rule in get_activations(activations)])  # (K, B, 1, F)
+    return ((g * acts.to(dtype)).sum(0) * up.to(dtype)).to(gate.dtype)
+
+
+def _inference_fast_path(gate: torch.Tensor, tensors) -> bool:
+    """One token per row, nothing needing gradients, no kernel chosen explicitly, not being traced."""
+    return (gate.shape[1] == 1 and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            and _kernel_choice.get() is None and not os.environ.get("POLYGLU_MIXED_KERNEL"))
+
+
 def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
                            noise: torch.Tensor | None, tau: torch.Tensor, activations: tuple[str, ...],
                            hard: bool = False, kernel: str | None = None) -> torch.Tensor:
@@ -490,8 +521,7 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
     tau: 0-dim tensor. Returns (B, T, F) in gate's dtype; routing math in float32. `kernel`:
     "chunked", "dense" or "compiled" (default: `default_kernel(gate)`).
     """
-    kernel = kernel or default_kernel(gate)
-    if kernel not in KERNELS:
+    if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"mixed-activation kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     B, T, F_ = gate.shape
     K = len(activations)
@@ -501,5 +531,11 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
         raise ValueError(f"mixed activation: inconsistent shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                          f"alpha {tuple(alpha.shape)}, dynamic {tuple(dynamic.shape)}, noise "
                          f"{None if noise is None else tuple(noise.shape)} for {K} activations")
+    if kernel is None and _inference_fast_path(gate, (gate, up, alpha, dynamic, noise)):
+        if torch.is_autocast_enabled(gate.device.type):  # the routing math and the mix stay in float32
+            with torch.autocast(gate.device.type, enabled=False):
+                return one_token_inference(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
+        return one_token_inference(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
+    kernel = kernel or default_kernel(gate)
     gate, up = gate.contiguous(), up.contiguous()
     return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel)
