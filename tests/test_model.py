@@ -215,3 +215,29 @@ def test_set_tau_updates_every_layer(tiny_config):
     model = PolychromaticLM(tiny_config)
     model.set_tau(0.25)
     assert all(float(f.tau) == 0.25 for f in model.polyglu_layers()) and model.tau == 0.25
+
+
+def test_decode_layout_keeps_values_parameters_and_state_dict(tiny_config, tmp_path):
+    """use_decode_layout changes only the strides of the linear weights: same parameters, same
+    state dict, the same logits to float tolerance, and a model that still trains and saves."""
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 7))
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(ids).logits
+    assert model.use_decode_layout() and not model.use_decode_layout()  # idempotent
+    assert dict(model.named_parameters()) == params  # the same Parameter objects (optimizers keep them)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    heads = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in heads if min(w.shape) > 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+    model.train()
+    loss = model(ids).logits.logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path / "m")
+    loaded = PolychromaticLM.from_pretrained(tmp_path / "m")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

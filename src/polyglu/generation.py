@@ -231,6 +231,8 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
 
     was_training = model.training
     model.eval()
+    if hasattr(model, "use_decode_layout"):  # weights column-major: faster one-row products on CPU
+        model.use_decode_layout()
     try:
         if max_new_tokens > 0:
             ids, doc_ids = left_pad(prompts, pad_token_id, device)

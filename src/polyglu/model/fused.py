@@ -500,8 +500,11 @@ def one_token_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tenso
         g = (torch.arange(logits.shape[0], device=logits.device).view(-1, 1, 1, 1) == index).to(dtype)
     else:
         g = torch.softmax(logits / tau.to(dtype), dim=0)
-    acts = torch.stack([rule.forward(gate) for rule in get_activations(activations)])  # (K, B, 1, F)
-    return ((g * acts.to(dtype)).sum(0) * up.to(dtype)).to(gate.dtype)
+    mixed = None
+    for k, rule in enumerate(get_activations(activations)):  # no stacked (K, B, 1, F) copy of the activations
+        a = rule.forward(gate).to(dtype)  # in gate's dtype first, as the reference
+        mixed = a * g[k] if mixed is None else mixed.addcmul_(a, g[k])
+    return mixed.mul_(up.to(dtype)).to(gate.dtype)
 
 
 def _inference_fast_path(gate: torch.Tensor, tensors) -> bool:
