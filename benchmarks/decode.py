@@ -101,10 +101,12 @@ def measure_batch(model, batch: int, args, generator: torch.Generator) -> dict:
 
 def run(args) -> dict:
     model = build(args.preset, args.ffn)
+    if args.layout == "columns":  # what generate() does
+        model.use_decode_layout()
     generator = torch.Generator().manual_seed(0)
     rows = [measure_batch(model, batch, args, generator) for batch in args.batch_sizes]
-    return {"preset": args.preset, "ffn": args.ffn, "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
+    return {"preset": args.preset, "ffn": args.ffn, "layout": args.layout, "threads": torch.get_num_threads(),
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
 
 
 def main() -> None:
@@ -118,6 +120,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variant")
     p.add_argument("--no-recompute", dest="recompute", action="store_false", help="skip full recompute")
+    p.add_argument("--layout", default="columns", choices=["columns", "rows"],
+                   help="linear weights column-major (generate's layout, PolychromaticLM.use_decode_layout) or as built")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -128,8 +132,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.preset} preset ({args.ffn}), CPU float32, {result['threads']} threads, {args.prompt_len}-token "
-          f"prompt, {args.new_tokens} greedy tokens; median of {args.repeats} interleaved runs")
+    print(f"{args.preset} preset ({args.ffn}), CPU float32, {args.layout} weights, {result['threads']} threads, "
+          f"{args.prompt_len}-token prompt, {args.new_tokens} greedy tokens; median of {args.repeats} interleaved runs")
     print(f"{'batch':>5} {'variant':>14} {'tokens/s':>10} {'vs step-eager':>14}")
     for row in result["rows"]:
         for name, v in row["variants"].items():

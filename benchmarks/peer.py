@@ -13,9 +13,15 @@ run, interleaved repeat by repeat (so machine load hits all alike):
 
 Prints medians and ratios to Qwen3 (tokens/s: higher is better; step time: lower is better).
 
+polyglu's `generate` stores the linear weights column-major on CPU (`PolychromaticLM.use_decode_layout`:
+same values, the layout MKL's one-row product reads fastest); Qwen3 keeps transformers' layout.
+`--qwen3-columns` adds a Qwen3 with the same layout, to show how much of a batch-1 lead is that.
+The training step runs on freshly built models (row-major weights, as built) for all three.
+
     python benchmarks/peer.py                       # small preset, 3 repeats
     python benchmarks/peer.py --repeats 5 --threads 2
     python benchmarks/peer.py --compile             # also polyglu's compiled decode step, if present
+    python benchmarks/peer.py --qwen3-columns       # also Qwen3 with column-major weights
     python benchmarks/peer.py --preset debug --repeats 1 --new-tokens 4 --batch-new-tokens 2  # quick check
 """
 
@@ -52,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-seq-len", type=int, default=256)
     p.add_argument("--compile", action="store_true",
                    help="also time polyglu's compiled decode step (generate(compile=True)), when this polyglu has it")
+    p.add_argument("--qwen3-columns", action="store_true",
+                   help="also decode with a Qwen3 whose linear weights are column-major, as polyglu's generate stores them")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
@@ -92,8 +100,20 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     return models
 
 
+def column_major_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy whose nn.Linear weights are stored column-major (same values)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and min(module.weight.shape) > 1:
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
 def decode_runner(name: str, model, prompts: torch.Tensor, new_tokens: int, compiled: bool = False):
-    if name == "qwen3":
+    if name.startswith("qwen3"):
         mask = torch.ones_like(prompts)
 
         def run():
@@ -155,6 +175,9 @@ def main(argv=None) -> None:
                                      (f"decode_batch{args.batch}", args.batch, args.batch_new_tokens)):
         prompts = torch.randint(1, vocab, (batch, args.prompt_len), generator=gen)
         runners = {name: decode_runner(name, model, prompts, new_tokens) for name, model in models.items()}
+        if args.qwen3_columns:
+            qwen3_columns = column_major_copy(models["qwen3"])
+            runners["qwen3_columns"] = decode_runner("qwen3_columns", qwen3_columns, prompts, new_tokens)
         if compiled:
             runners["polyglu_compiled"] = decode_runner("polyglu", models["polyglu"], prompts, new_tokens, True)
         times = interleaved(runners, args.repeats)
@@ -164,6 +187,7 @@ def main(argv=None) -> None:
         results[label]["setup"] = {"batch": batch, "new_tokens": new_tokens, "prompt_len": args.prompt_len}
     if not args.skip_train:
         tokens = torch.randint(0, vocab, (args.train_batch, args.train_seq_len + 1), generator=gen)
+        models = build_models(args)  # generate() changed polyglu's weight layout: train all three as built
         runners = {name: train_runner(model, tokens) for name, model in models.items()}
         times = interleaved(runners, args.repeats)
         results["train_step"] = {name: {"median_s": statistics.median(t), "samples_s": t,

@@ -368,6 +368,18 @@ def test_cli_generate(model_dir, capsys):
     assert "max_seq_len=64" in capsys.readouterr().err
 
 
+def test_cli_generate_compile_flag_reaches_generate(model_dir, capsys, monkeypatch):
+    import polyglu.generation as generation
+
+    seen, real = [], generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
+    outputs = []
+    for extra in ([], ["--compile", "eager"]):  # "eager": a torch.compile backend that checks the capture quickly
+        assert main(["generate", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "5", *extra, "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert seen == [False, "eager"] and outputs[0] == outputs[1]
+
+
 def test_cli_chat_reads_turns_from_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n/reset\nsecond turn\nthird\n"))
     assert main(["chat", str(model_dir), "--max-new-tokens", "5"]) == 0

@@ -238,6 +238,8 @@ def test_decode_layout_keeps_values_parameters_and_state_dict(tiny_config, tmp_p
     loss = model(ids).logits.logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
+    assert model.use_decode_layout(columns=False) and all(w.is_contiguous() for w in heads)
+    model.use_decode_layout()
     model.save_pretrained(tmp_path / "m")
     loaded = PolychromaticLM.from_pretrained(tmp_path / "m")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -1,5 +1,5 @@
 """polyglu generate MODEL_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-[--seed S] [--chat] [--stop STR]...
+[--seed S] [--chat] [--stop STR]... [--compile [MODE]]
 
 Also the shared options of the model-reading verbs (generate, chat, eval, eval-math, perplexity):
 `add_model_arguments`, `add_sampling_arguments`; they load with `polyglu.loading.load_model_and_tokenizer`.
@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn and stop at <|im_end|>")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checks)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="run each decoding step through torch.compile (a mode or backend name may follow); "
+                        "compiling takes seconds, so it pays for long generations (see docs/generation.md)")
     p.add_argument("--json", action="store_true", help="print JSON (text, token ids, counts) instead of streaming")
 
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     streamer = None if args.json else TextStreamer(tokenizer, stop_strings=stop_strings, skip_token_ids=eos_ids)
     out = generate(model, [ids], args.max_new_tokens, use_cache=not args.no_cache, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=eos_ids,
-                   stop_strings=stop_strings, tokenizer=tokenizer, stream=streamer)
+                   stop_strings=stop_strings, tokenizer=tokenizer, stream=streamer, compile=args.compile)
     if args.json:
         print(json.dumps({"prompt": prompt, "text": out.texts[0], "tokens": out.token_lists()[0],
                           "prompt_tokens": len(ids), "generated_tokens": int(out.lengths[0]),
