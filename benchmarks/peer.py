@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-seq-len", type=int, default=256)
     p.add_argument("--compile", action="store_true",
-                   help="also time polyglu's compiled decode step (generate(compile=True)), when this polyglu has it")
+                   help="also time polyglu's compiled decode step (generate(compile=True)) for PolyGLU and SwiGLU")
     p.add_argument("--qwen3-columns", action="store_true",
                    help="also decode with a Qwen3 whose linear weights are column-major, as polyglu's generate stores them")
     p.add_argument("--skip-train", action="store_true")
@@ -179,7 +179,8 @@ def main(argv=None) -> None:
             qwen3_columns = column_major_copy(models["qwen3"])
             runners["qwen3_columns"] = decode_runner("qwen3_columns", qwen3_columns, prompts, new_tokens)
         if compiled:
-            runners["polyglu_compiled"] = decode_runner("polyglu", models["polyglu"], prompts, new_tokens, True)
+            for name in ("polyglu", "swiglu"):
+                runners[f"{name}_compiled"] = decode_runner(name, models[name], prompts, new_tokens, True)
         times = interleaved(runners, args.repeats)
         results[label] = {name: {"median_s": statistics.median(t), "samples_s": t,
                                  "tokens_per_s": batch * new_tokens / statistics.median(t)}
@@ -224,9 +225,11 @@ def print_table(setup: dict, results: dict) -> None:
             print(f"{what:<24} {name:<18} {r['median_s'] * 1e3:>8.0f}ms {r['tokens_per_s']:>10.1f} {ratio:>8.2f}x")
             what = ""
     for label, rows in results.items():
-        if "swiglu" in rows:
-            print(f"{label}: polyglu/swiglu speed {rows['polyglu']['tokens_per_s'] / rows['swiglu']['tokens_per_s']:.3f}, "
-                  f"polyglu/qwen3 speed {rows['polyglu']['tokens_per_s'] / rows['qwen3']['tokens_per_s']:.3f}")
+        for suffix in ("", "_compiled"):
+            if f"swiglu{suffix}" in rows:
+                polyglu = rows[f"polyglu{suffix}"]["tokens_per_s"]
+                print(f"{label}{suffix}: polyglu/swiglu speed {polyglu / rows[f'swiglu{suffix}']['tokens_per_s']:.3f}, "
+                      f"polyglu/qwen3 speed {polyglu / rows['qwen3']['tokens_per_s']:.3f}")
 
 
 if __name__ == "__main__":
