@@ -231,8 +231,9 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
 
     was_training = model.training
     model.eval()
-    if hasattr(model, "use_decode_layout"):  # weights column-major: faster one-row products on CPU
-        model.use_decode_layout()
+    # weights column-major while decoding (faster one-row products on CPU float32), restored after,
+    # so a model trained or saved after generating keeps the layout it had
+    relaid = hasattr(model, "use_decode_layout") and model.use_decode_layout()
     try:
         if max_new_tokens > 0:
             ids, doc_ids = left_pad(prompts, pad_token_id, device)
@@ -272,6 +273,8 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
                     rows, next_ids = rows[index], next_ids[index.to(device)]
                 logits = step.next(next_ids)
     finally:
+        if relaid:
+            model.use_decode_layout(columns=False)
         model.train(was_training)
 
     texts = None

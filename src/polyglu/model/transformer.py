@@ -193,8 +193,8 @@ class PolychromaticLM(nn.Module):
         of a contiguous (in, out) tensor). On CPU in float32 a one-row product x @ W^T reads that
         layout ~1.8x faster (MKL's gemv; the `small` preset's head: 4.1 -> 2.3 ms), so batch-1
         decoding, which streams every weight once per token, runs ~1.3x faster. Larger batches
-        run alike; a training step is ~2% slower. `generate` calls this and leaves the layout in
-        place; `columns=False` restores row-major (contiguous) weights. Idempotent; returns
+        run alike; a training step is ~2% slower. `generate` applies it while it decodes and
+        restores the row-major layout after; `columns=False` restores row-major (contiguous) weights. Idempotent; returns
         whether it changed anything; does nothing on other devices or dtypes.
         """
         changed = False
