@@ -151,3 +151,21 @@ def test_sft_determinism_ranks_epochs_and_state(sft_file):
         SFTDataset(sft_file, tok, seq_len=300, batch_size=2, seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="micro_step 2 outside"):
         data.get_batch(0, 2)
+
+
+def test_max_examples_tokenises_only_the_first_conversations(sft_file):
+    tok = ByteTokenizer()
+    capped = SFTDataset(sft_file, tok, seq_len=256, batch_size=2, packing=False, shuffle=False, max_examples=5)
+    whole = SFTDataset(sft_file, tok, seq_len=256, batch_size=2, packing=False, shuffle=False)
+    assert capped.stats["examples"] == capped.stats["kept"] == len(capped) == 5
+    assert whole.stats["examples"] == 24
+    assert (capped.input_ids == whole.input_ids[:5]).all()  # the file's first five, in order
+
+
+@pytest.mark.parametrize("value", [0, -3, "many"])
+def test_sft_max_examples_config_rejects_non_positive(value):
+    from polyglu.config import RunConfig
+
+    with pytest.raises(ConfigError, match="data.sft_max_examples"):
+        RunConfig.load(None, [f"data.sft_max_examples={value}"], task="sft")
+    assert RunConfig.load(None, ["data.sft_max_examples=7"], task="sft").data.sft_max_examples == 7

@@ -440,6 +440,16 @@ class DataConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     packing: bool = True
+    # tokenise only the first N training conversations (a short fine-tuning run reads a few thousand of
+    # a large file; tokenising all of them first costs more than the run); None: all
+    sft_max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sft_max_examples is not None and (isinstance(self.sft_max_examples, bool)
+                                                  or not isinstance(self.sft_max_examples, int)
+                                                  or self.sft_max_examples <= 0):
+            raise ConfigError(f"data.sft_max_examples must be a positive integer or null, "
+                              f"got {self.sft_max_examples!r}")
 
 
 @dataclass
