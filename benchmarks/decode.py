@@ -101,7 +101,7 @@ def measure_batch(model, batch: int, args, generator: torch.Generator) -> dict:
 
 def run(args) -> dict:
     model = build(args.preset, args.ffn)
-    if args.layout == "columns":  # what generate() does
+    if args.layout == "columns":  # what polyglu's inference loader does
         model.use_decode_layout()
     generator = torch.Generator().manual_seed(0)
     rows = [measure_batch(model, batch, args, generator) for batch in args.batch_sizes]
@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variant")
     p.add_argument("--no-recompute", dest="recompute", action="store_false", help="skip full recompute")
     p.add_argument("--layout", default="columns", choices=["columns", "rows"],
-                   help="linear weights column-major (generate's layout, PolychromaticLM.use_decode_layout) or as built")
+                   help="linear weights column-major (the inference loader's layout, PolychromaticLM.use_decode_layout) or as built")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:

@@ -13,8 +13,9 @@ run, interleaved repeat by repeat (so machine load hits all alike):
 
 Prints medians and ratios to Qwen3 (tokens/s: higher is better; step time: lower is better).
 
-polyglu's `generate` stores the linear weights column-major on CPU (`PolychromaticLM.use_decode_layout`:
-same values, the layout MKL's one-row product reads fastest); Qwen3 keeps transformers' layout.
+polyglu's models decode with their linear weights column-major on CPU, as polyglu's inference loader
+(`polyglu.loading.load_model_and_tokenizer`) stores them (`PolychromaticLM.use_decode_layout`: same
+values, the layout MKL's one-row product reads fastest); Qwen3 keeps transformers' layout.
 `--qwen3-columns` adds a Qwen3 with the same layout, to show how much of a batch-1 lead is that.
 The training step runs on freshly built models (row-major weights, as built) for all three.
 
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time polyglu's compiled decode step (generate(compile=True)) for PolyGLU and SwiGLU")
     p.add_argument("--qwen3-columns", action="store_true",
-                   help="also decode with a Qwen3 whose linear weights are column-major, as polyglu's generate stores them")
+                   help="also decode with a Qwen3 whose linear weights are column-major, as polyglu's inference loader stores them")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
@@ -167,6 +168,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models(args)
+    for name in ("polyglu", "swiglu"):  # the layout polyglu's inference loader gives (load_model_and_tokenizer)
+        models[name].use_decode_layout()
     vocab = models["polyglu"].config.vocab_size
     gen = torch.Generator().manual_seed(0)
     results: dict = {}
@@ -188,7 +191,7 @@ def main(argv=None) -> None:
         results[label]["setup"] = {"batch": batch, "new_tokens": new_tokens, "prompt_len": args.prompt_len}
     if not args.skip_train:
         tokens = torch.randint(0, vocab, (args.train_batch, args.train_seq_len + 1), generator=gen)
-        models = build_models(args)  # generate() changed polyglu's weight layout: train all three as built
+        models = build_models(args)  # train all three as built (row-major weights)
         runners = {name: train_runner(model, tokens) for name, model in models.items()}
         times = interleaved(runners, args.repeats)
         results["train_step"] = {name: {"median_s": statistics.median(t), "samples_s": t,

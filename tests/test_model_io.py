@@ -84,3 +84,19 @@ def test_load_with_overrides_and_dtype(tiny_config, tmp_path):
     assert model.embed_tokens.weight.dtype == torch.bfloat16 and model.config.eval_routing == "hard"
     assert model(torch.randint(0, 97, (1, 4))).logits.dtype == torch.bfloat16
     assert ModelConfig.from_dict(model.config.to_dict()) == model.config
+
+
+def test_inference_loader_lays_weights_out_for_decoding(tmp_path):
+    """load_model_and_tokenizer (what the inference verbs use) stores CPU float32 linear weights
+    column-major: same logits as the model as saved."""
+    from polyglu.loading import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    model = PolychromaticLM(ModelConfig.from_preset("debug")).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded, _ = load_model_and_tokenizer(tmp_path / "m", tokenizer="byte")
+    assert not loaded.layers[0].ffn.down_proj.weight.is_contiguous()
+    assert loaded.layers[0].ffn.down_proj.weight.t().is_contiguous()
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

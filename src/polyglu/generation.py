@@ -231,9 +231,6 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
 
     was_training = model.training
     model.eval()
-    # weights column-major while decoding (faster one-row products on CPU float32), restored after,
-    # so a model trained or saved after generating keeps the layout it had
-    relaid = hasattr(model, "use_decode_layout") and model.use_decode_layout()
     try:
         if max_new_tokens > 0:
             ids, doc_ids = left_pad(prompts, pad_token_id, device)
@@ -273,8 +270,6 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
                     rows, next_ids = rows[index], next_ids[index.to(device)]
                 logits = step.next(next_ids)
     finally:
-        if relaid:
-            model.use_decode_layout(columns=False)
         model.train(was_training)
 
     texts = None

@@ -50,8 +50,12 @@ def torch_dtype(name):
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer=None, *, device: str | None = None,
                              dtype=None):
     """(model in eval mode, tokenizer) from a model directory. The tokenizer is `tokenizer` (an object,
-    or a spec for `load_tokenizer`), else MODEL_DIR/tokenizer, else the one named in config.json."""
+    or a spec for `load_tokenizer`), else MODEL_DIR/tokenizer, else the one named in config.json.
+
+    The model is for inference: on CPU in float32 its linear weights are stored column-major
+    (`PolychromaticLM.use_decode_layout`), which batch-1 decoding reads ~1.3x faster."""
     model = load_model(model_dir, device=resolve_device(device), dtype=torch_dtype(dtype))
+    model.use_decode_layout()
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         spec = tokenizer
         if spec is None and (Path(model_dir) / TOKENIZER_SUBDIR).is_dir():

@@ -193,8 +193,9 @@ class PolychromaticLM(nn.Module):
         of a contiguous (in, out) tensor). On CPU in float32 a one-row product x @ W^T reads that
         layout ~1.8x faster (MKL's gemv; the `small` preset's head: 4.1 -> 2.3 ms), so batch-1
         decoding, which streams every weight once per token, runs ~1.3x faster. Larger batches
-        run alike; a training step is ~2% slower. `generate` applies it while it decodes and
-        restores the row-major layout after; `columns=False` restores row-major (contiguous) weights. Idempotent; returns
+        run alike; a training step is ~2% slower. `polyglu.loading.load_model_and_tokenizer` (the
+        inference verbs) applies it; `generate` never changes the layout; `columns=False` restores
+        row-major (contiguous) weights, e.g. to train after generating. Idempotent; returns
         whether it changed anything; does nothing on other devices or dtypes.
         """
         changed = False
