@@ -60,17 +60,23 @@ def write_model_dir(state: dict[str, torch.Tensor], config, directory: str | Pat
     return directory
 
 
+def read_json_file(path: Path, expected: str) -> Any:
+    """The JSON in `path`; a missing file or invalid JSON is a CheckpointError naming the file
+    (`expected` says what should have been there)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing ({expected})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
 def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """(ModelConfig, metadata) of a model directory, with errors naming the file."""
     path = Path(directory) / CONFIG_NAME
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory}: not a model directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (a model directory holds {CONFIG_NAME} + {WEIGHTS_NAME})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    meta = read_json_file(path, f"a model directory holds {CONFIG_NAME} + {WEIGHTS_NAME}")
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{path}: no 'model' section (is this a polyglu model directory?)")
     try:

@@ -23,7 +23,7 @@ import torch
 
 from polyglu.config import ModelConfig
 from polyglu.model.routing import static_routing
-from polyglu.model_io import CheckpointError
+from polyglu.model_io import CheckpointError, read_json_file
 
 # other activations weigh exp(-margin / tau): exactly 0 in float32 (below ~1e-45) while tau <= 1.15,
 # so a converted model computes SwiGLU bit for bit under softmax routing
@@ -51,12 +51,7 @@ _GLOBAL_MAP = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.w
 
 def read_qwen3_config(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (expected a Hugging Face Qwen3 directory)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    raw = read_json_file(path, "expected a Hugging Face Qwen3 directory")
     if raw.get("model_type") != "qwen3":
         raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'qwen3'")
     return raw
