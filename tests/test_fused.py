@@ -160,8 +160,9 @@ def test_one_token_needing_gradients_or_a_chosen_kernel_keeps_the_autograd_path(
     torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
 
 
-def test_one_token_routing_fixed_on_silu_is_swiglu_bit_for_bit():
-    block = PolyGLU(24, 40, gate_hidden=8).eval()
+def _silu_routed_block_and_swiglu(**kwargs) -> tuple[PolyGLU, SwiGLU]:
+    """A PolyGLU block whose routing is fixed on SiLU, and the SwiGLU with its projections."""
+    block = PolyGLU(24, 40, gate_hidden=8, **kwargs).eval()
     with torch.no_grad():
         block.alpha.zero_()
         block.alpha[:, block.activations.index("silu")] = 120.0
@@ -169,6 +170,11 @@ def test_one_token_routing_fixed_on_silu_is_swiglu_bit_for_bit():
         block.gate_net[2].bias.zero_()
     swiglu = SwiGLU(24, 40)
     swiglu.load_state_dict({k: v for k, v in block.state_dict().items() if k.endswith("_proj.weight")})
+    return block, swiglu
+
+
+def test_one_token_routing_fixed_on_silu_is_swiglu_bit_for_bit():
+    block, swiglu = _silu_routed_block_and_swiglu()
     x = torch.randn(5, 1, 24)
     with torch.inference_mode():
         assert torch.equal(block(x), swiglu(x))
@@ -265,14 +271,7 @@ def test_polyglu_fused_equals_reference(pool, mode, documents):
 @pytest.mark.parametrize("pool", ["causal", "sequence"])
 def test_routing_fixed_on_silu_is_swiglu_bit_for_bit(pool):
     """The property that lets a SwiGLU checkpoint be converted: exact, not approximately equal."""
-    block = PolyGLU(24, 40, gate_hidden=8, routing_pool=pool).eval()
-    with torch.no_grad():
-        block.alpha.zero_()
-        block.alpha[:, block.activations.index("silu")] = 120.0
-        block.gate_net[2].weight.zero_()
-        block.gate_net[2].bias.zero_()
-    swiglu = SwiGLU(24, 40)
-    swiglu.load_state_dict({k: v for k, v in block.state_dict().items() if k.endswith("_proj.weight")})
+    block, swiglu = _silu_routed_block_and_swiglu(routing_pool=pool)
     x = torch.randn(3, 9, 24)
     assert torch.equal(block(x), swiglu(x))
 
