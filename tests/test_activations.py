@@ -22,6 +22,8 @@ def test_every_spelling_matches_the_function_and_its_autograd_derivative(name):
         torch.testing.assert_close(a, a_ref.detach(), atol=1e-9, rtol=1e-9)
         # torch's softplus switches to the identity above 20; ours follows the exact function
         torch.testing.assert_close(backward(grad, z, a), d_ref, atol=1e-8, rtol=1e-8)
+    if record.small is not None:  # the spelling for a decode step's few values: the same function
+        torch.testing.assert_close(record.small(z), a_ref.detach(), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["tanh", "silu", "sigmoid"])
@@ -32,6 +34,16 @@ def test_float32_fast_spellings_are_close_to_torch(name):
         exact = record(z)
         assert ((spelling(z) - exact).abs() / exact.abs().clamp(min=1)).max() < 3e-7  # a few float32 ulps
     assert torch.isfinite(record.expr_forward(torch.tensor([-1e4, 1e4]))).all()
+
+
+@pytest.mark.parametrize("name", [name for name, record in ACTIVATIONS.items() if record.small is not None])
+def test_float32_small_spellings_are_as_exact_as_torch(name):
+    z = torch.linspace(-12, 12, 100_001)
+    exact = ACTIVATIONS[name](z.double())
+
+    def error(a: torch.Tensor) -> float:
+        return float(((a.double() - exact).abs() / exact.abs().clamp(min=1)).max())
+    assert error(ACTIVATIONS[name].small(z)) <= max(error(ACTIVATIONS[name](z)), 3e-7)
 
 
 def test_registry_is_the_config_list_and_the_default_is_the_paper_set():

@@ -5,7 +5,7 @@ import torch
 
 from polyglu import PolyGLU, SwiGLU
 from polyglu.config import ConfigError, ModelConfig
-from polyglu.model.polyglu import GLU, routing_weights
+from polyglu.model.polyglu import GLU, PoolState, routing_weights
 
 
 def _randomise_routing(m: PolyGLU) -> PolyGLU:
@@ -177,6 +177,28 @@ def test_one_token_routing_continues_the_state_in_place_and_equals_the_full_forw
         total_before = state.total
         block(x[:, :1], positions=torch.tensor([[4], [7]]), pool_state=state)
     assert state.total is total_before  # updated in place: a compiled decode step keeps its address
+
+
+def test_a_decode_steps_shared_restart_flags_and_counts_equal_the_positions_own():
+    """KVCache.step_view hands every layer the step's restart flags and counts (computed once); the
+    running sums are the cache's own tensors, and the cache's states never keep a step's values."""
+    from polyglu.model.cache import KVCache
+
+    block = _randomise_routing(PolyGLU(16, 24, gate_hidden=8)).eval()
+    config = ModelConfig.from_preset("debug", d_model=16, d_ff=24, gate_hidden=8, n_layers=1)
+    cache = KVCache(config, batch_size=3, max_len=8)
+    cache.pool[0].total.normal_()
+    positions = torch.tensor([[0], [1], [5]])  # a row starting its document, two continuing
+    view = cache.step_view(positions)
+    shared = view.pool[0]
+    assert shared.total is cache.pool[0].total and cache.pool[0].keep is None and cache.pool[0].count is None
+    assert shared.keep.tolist() == [[0.0], [1.0], [1.0]] and shared.count.tolist() == [[1.0], [2.0], [6.0]]
+    derived = PoolState(cache.pool[0].total.clone())
+    x = torch.randn(3, 1, 16)
+    with torch.no_grad():
+        expected = block(x, positions=positions, pool_state=derived)
+        got = block(x, positions=positions, pool_state=shared)
+    assert torch.equal(got, expected) and torch.equal(cache.pool[0].total, derived.total)
 
 
 @pytest.mark.slow

@@ -119,8 +119,10 @@ class KVCache:
         mask = segment_causal_mask(segments, self.segments, self.filled.view(1))
         return segments, positions, mask
 
-    def step_view(self) -> _StepView:
-        return _StepView(self)
+    def step_view(self, positions: torch.Tensor | None = None) -> _StepView:
+        """The cache as one decode step sees it; `positions` (B, 1) (from `step_inputs`) lets every
+        layer's causal pooling share the step's restart flags and token counts."""
+        return _StepView(self, positions)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search / dropping finished rows)."""
@@ -138,8 +140,11 @@ class _StepView:
     every one of the max_len slots (the step's mask hides the unwritten ones), so every step has the
     same shapes and no host-side length."""
 
-    def __init__(self, cache: KVCache) -> None:
+    def __init__(self, cache: KVCache, positions: torch.Tensor | None = None) -> None:
         self.cache, self.pool = cache, cache.pool
+        if positions is not None:  # the same running sums, with the step's shared flags and counts
+            keep, count = (positions > 0).float(), (positions + 1).float()
+            self.pool = [PoolState(state.total, keep, count) for state in cache.pool]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slot = self.cache.filled.view(1)

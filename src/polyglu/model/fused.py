@@ -485,26 +485,38 @@ def one_token_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tenso
                         hard: bool = False) -> torch.Tensor:
     """The mixed activation for one token per row without autograd: a decode step's path.
 
-    gate, up: (B, 1, F); dynamic: (B, 1, K). The reference's formulation in a dozen plain ops, no
-    autograd.Function, no blocks and no host sync: at one token per row the per-call overhead of the
-    kernels above costs more than their arithmetic (eager batch-1 decoding spent ~250 us per layer
-    there). The activations are the eager kernel's (`Activation.forward`), as in a chunked forward.
+    gate, up: (B, 1, F); dynamic: (B, 1, K). The reference's formulation in the fewest plain ops
+    (about a dozen), no autograd.Function, no blocks and no host sync: at one token per row the
+    per-call overhead of the kernels above costs more than their arithmetic (eager batch-1 decoding
+    spent ~250 us per layer there). The activations are the definitions in their spelling for small
+    tensors (`Activation.small`), as the reference up to float rounding.
     """
     dtype = _compute_dtype(gate)
-    # K leading: torch's CPU softmax and sums over a short last dimension are several times slower
-    logits = alpha.to(dtype).t()[:, None, None, :] + dynamic.to(dtype).permute(2, 0, 1)[..., None]  # (K, B, 1, F)
+    K, (B, _, F_) = len(activations), gate.shape
+    # K leading and contiguous (written through `out`, whatever alpha's layout): torch's CPU softmax
+    # over a short last dimension, or over a strided one, is several times slower
+    logits = torch.empty((K, B, 1, F_), dtype=dtype, device=gate.device)
+    torch.add(_as(alpha, dtype).t()[:, None, None, :], _as(dynamic, dtype).permute(2, 0, 1)[..., None], out=logits)
     if noise is not None:
-        logits = logits + noise.to(dtype).permute(2, 0, 1)[:, :, None, :]
+        logits.add_(_as(noise, dtype).permute(2, 0, 1)[:, :, None, :])
     if hard:  # the first maximum, argmax's tie rule, as the reference
         index = logits.argmax(0, keepdim=True)
-        g = (torch.arange(logits.shape[0], device=logits.device).view(-1, 1, 1, 1) == index).to(dtype)
+        g = (torch.arange(K, device=logits.device).view(-1, 1, 1, 1) == index).to(dtype)
     else:
-        g = torch.softmax(logits / tau.to(dtype), dim=0)
+        g = torch.softmax(logits.div_(_as(tau, dtype)), dim=0)
     mixed = None
     for k, rule in enumerate(get_activations(activations)):  # no stacked (K, B, 1, F) copy of the activations
-        a = rule.forward(gate).to(dtype)  # in gate's dtype first, as the reference
-        mixed = a * g[k] if mixed is None else mixed.addcmul_(a, g[k])
-    return mixed.mul_(up.to(dtype)).to(gate.dtype)
+        a = _as((rule.small or rule.function)(gate), dtype)  # in gate's dtype first, as the reference
+        if mixed is not None:
+            mixed.addcmul_(a, g[k])
+        else:  # the first activation's buffer becomes the sum, unless it is gate itself (identity)
+            mixed = a * g[k] if a is gate else a.mul_(g[k])
+    return _as(mixed.mul_(_as(up, dtype)), gate.dtype)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without a dispatch when it already is (a decode step makes dozens of these calls)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _inference_fast_path(gate: torch.Tensor, tensors) -> bool:

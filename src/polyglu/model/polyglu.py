@@ -45,6 +45,11 @@ class PoolState:
     """
 
     total: torch.Tensor  # (B, gate_hidden) float32
+    # for one decode step (one token per row), computed once from the positions and shared by every
+    # layer (`KVCache.step_view`): 0 where the token starts a document, else 1; and the document's
+    # token count so far, this token included. Both (B, 1) float32; None: derived from positions.
+    keep: torch.Tensor | None = None
+    count: torch.Tensor | None = None
 
 
 def routing_weights(alpha: torch.Tensor, dynamic: torch.Tensor, noise: torch.Tensor | None,
@@ -191,6 +196,11 @@ class PolyGLU(nn.Module):
         if pool_state is not None and not self.causal:
             raise ValueError(f"routing_pool={self.routing_pool!r} is non-causal and cannot be decoded with a cache")
         proj = F.linear(x, first.weight)  # (B, T, H)
+        if pool_state is not None and proj.shape[1] == 1 and proj.dtype == torch.float32 \
+                and self.routing_pool == "causal" and not (torch.is_grad_enabled() and proj.requires_grad):
+            # one decoded token per row without autograd: the same sums in five ops, in place
+            hidden = _causal_step(proj, positions, pool_state, first.bias)
+            return second(hidden).mul_(self.beta)
         if self.routing_pool == "token":
             pooled = proj
         elif self.routing_pool == "sequence":
@@ -264,6 +274,21 @@ def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state:
         total = torch.where((start < 0)[..., None], total + pool_state.total[:, None], total)
         pool_state.total.copy_(total[:, -1].detach())
     return total / (positions[..., None] + 1)
+
+
+def _causal_step(proj: torch.Tensor, positions: torch.Tensor | None, pool_state: PoolState,
+                 bias: torch.Tensor) -> torch.Tensor:
+    """relu(causal mean + bias) for one float32 token per row (B, 1, H), continuing `pool_state`'s
+    running sums in place: `_causal_mean`'s T = 1 case (the same sum, the same division) in the
+    fewest eager ops, without autograd. A decode step's shared `keep` / `count` are used when set."""
+    if positions is None:
+        raise ValueError("causal pooling with a cache needs token positions")
+    keep, count = pool_state.keep, pool_state.count
+    if keep is None or count is None:
+        keep, count = (positions > 0).float(), (positions + 1).float()
+    total = pool_state.total  # (B, H): zeroed where a document starts, then the token added
+    torch.addcmul(proj[:, 0], total, keep, out=total)
+    return torch.addcdiv(bias, total, count).relu_()[:, None]
 
 
 def _document_mean(proj: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:

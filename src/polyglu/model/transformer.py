@@ -179,7 +179,7 @@ class PolychromaticLM(nn.Module):
         segments, positions, mask = cache.step_inputs()  # (B, 1), (B, 1), (B, 1, 1, max_len)
         rope_cos, rope_sin = self._rope
         cos, sin = rope_cos[positions][:, None], rope_sin[positions][:, None]  # (B, 1, 1, hd/2)
-        view = cache.step_view()
+        view = cache.step_view(positions)
         x = self.embed_tokens(token_ids)
         # causal pooling updates the cache's running sums in place (their addresses never change,
         # which CUDA graphs need)
