@@ -9,6 +9,7 @@ from polyglu.cli import main
 from polyglu.config import ROUTING_POOLS, ModelConfig, routing_is_causal
 from polyglu.data.tokenizer import load_tokenizer
 from polyglu.generation import (
+    DecodeStep,
     IncrementalDecoder,
     StopStringMatcher,
     TextStreamer,
@@ -130,6 +131,46 @@ def test_compiled_decode_step_matches_eager_and_recompute(overrides, compile):
     assert_same_generation(compiled, full)
     again = generate(model, PROMPTS, 10, return_logits=True, eos_token_id=[], compile=compile)
     assert_same_generation(again, compiled, atol=0)
+
+
+def test_decode_step_compile_options_keep_tensor_guards_and_the_mode():
+    import polyglu.generation as generation
+
+    if not hasattr(torch.compiler, "keep_tensor_guards_unsafe"):
+        assert generation._compile_options("reduce-overhead") == {"mode": "reduce-overhead"}
+        pytest.skip("this torch keeps every guard")
+    options = generation._compile_options("reduce-overhead")["options"]
+    assert options["triton.cudagraphs"] is True  # the mode's own inductor options are kept
+    assert generation._compile_options("default")["options"].keys() == {"guard_filter_fn"}
+    assert generation._compile_options(None)["options"].keys() == {"guard_filter_fn"}
+    kept = options["guard_filter_fn"]
+    assert kept.func is torch.compiler.keep_tensor_guards_unsafe and kept.keywords == {"keep_parameters": True}
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_follows_a_weight_layout_change_and_the_training_flag():
+    """Only tensor guards are kept: a new weight layout still compiles again (parameters' strides are
+    guarded), and a model switched to training mode gets its own step (DecodeStep's key)."""
+    model = make_model(seed=4)
+    eager = generate(model, PROMPTS, 6, return_logits=True, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for columns in (True, False):
+            model.use_decode_layout(columns)
+            compiled = generate(model, PROMPTS, 6, return_logits=True, eos_token_id=[], compile=True)
+            assert_same_generation(compiled, eager)
+        step = DecodeStep(model, compile="aot_eager")
+        model.train()  # Gumbel noise: a different graph, not the eval one
+        torch.manual_seed(0)
+        cache = model.new_cache(1, 4)
+        with torch.no_grad():
+            noisy = [step(torch.tensor([[3]]), cache) for _ in range(2)]
+        model.eval()
+    import polyglu.generation as generation
+
+    keys = set(generation._COMPILED_STEPS[model])
+    assert ("aot_eager", True, False) in keys and ("default", False, False) in keys
+    assert all(torch.isfinite(logits).all() for logits in noisy)
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one(trained_model):

@@ -20,6 +20,7 @@ Two paths, same results:
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -351,6 +352,30 @@ _COMPILE_FAILED: set[str] = set()  # modes whose compilation failed once (warned
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _compile_options(mode: str | None) -> dict:
+    """torch.compile keyword arguments for a decode step in `mode` (None: a backend's own defaults).
+
+    Every call of a compiled function first checks its guards: for a decode step, several hundred
+    (each parameter and buffer, each module attribute and cache attribute the trace read), ~0.3 ms
+    of a ~7 ms batch-1 step of the `small` preset on CPU, and more for PolyGLU (its routing
+    parameters) than for SwiGLU. Where torch offers it (`torch.compiler.keep_tensor_guards_unsafe`,
+    torch >= 2.7), only the tensors' guards are kept: every tensor's shape, dtype, device and layout,
+    parameters included, is still checked (a new batch size, cache length, dtype or weight layout
+    compiles again); a change to a module's Python attributes (say `eval_routing`) between steps
+    is not seen. DecodeStep keys its compiled steps by mode, training flag and grad mode, the state
+    a decode step may see change.
+    """
+    keep = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
+    options = {"guard_filter_fn": functools.partial(keep, keep_parameters=True)} if keep is not None else {}
+    if mode is None:
+        return {"options": options} if options else {}
+    if not options:
+        return {} if mode == "default" else {"mode": mode}
+    from torch._inductor import list_mode_options  # a mode is a set of inductor options; mode= excludes options=
+
+    return {"options": {**list_mode_options(mode), **options}}
+
+
 class DecodeStep:
     """model.decode_step as a callable, eager or compiled: (token_ids (B, 1), cache) -> logits (B, vocab).
 
@@ -388,9 +413,9 @@ class DecodeStep:
         if compile is None:
             self.options = {}
         elif compile in _COMPILE_MODES:
-            self.options = {} if compile == "default" else {"mode": compile}
+            self.options = _compile_options(compile)
         else:
-            self.options = {"backend": compile}
+            self.options = {"backend": compile, **_compile_options(None)}
         self._cuda_graphs = on_cuda and compile in ("reduce-overhead", "max-autotune", "cudagraphs")
         self._marked_cache: weakref.ref | None = None
 
@@ -410,9 +435,13 @@ class DecodeStep:
 
     def _compiled_call(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
         per_model = _COMPILED_STEPS.setdefault(self.model, {})
-        if self.mode not in per_model:
-            per_model[self.mode] = torch.compile(self.model.decode_logits, fullgraph=True, dynamic=False,
-                                                 **self.options)
+        # the guards kept are the tensors' (see _compile_options): what else the trace read is keyed here
+        key = (self.mode, self.model.training, torch.is_grad_enabled())
+        if key not in per_model:
+            kwargs = dict(self.options)
+            if "options" in kwargs:  # torch.compile takes guard_filter_fn out of the dict it is given
+                kwargs["options"] = dict(kwargs["options"])
+            per_model[key] = torch.compile(self.model.decode_logits, fullgraph=True, dynamic=False, **kwargs)
         if self._cuda_graphs:
             self._mark_static(cache)
             torch.compiler.cudagraph_mark_step_begin()
@@ -420,7 +449,7 @@ class DecodeStep:
             with warnings.catch_warnings():
                 # polyglu's own cached helpers are pure: tracing through the cache wrapper is safe
                 warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
-                logits = per_model[self.mode](token_ids, cache)
+                logits = per_model[key](token_ids, cache)
         except Exception as error:  # any compiler failure: fall back, once
             _COMPILE_FAILED.add(self.mode)
             warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
