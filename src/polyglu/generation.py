@@ -371,8 +371,9 @@ def _compile_options(mode: str | None) -> dict:
         return {"options": options} if options else {}
     if not options:
         return {} if mode == "default" else {"mode": mode}
-    from torch._inductor import list_mode_options  # a mode is a set of inductor options; mode= excludes options=
+    from torch._inductor import list_mode_options
 
+    # a mode is a set of inductor options, and torch.compile takes mode= or options=, not both
     return {"options": {**list_mode_options(mode), **options}}
 
 
