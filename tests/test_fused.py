@@ -122,17 +122,18 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
 
 
 # --------------------------------------------------------------------------------------------
-# one token per row without autograd (a decode step)
+# small calls without autograd (a decode step, a short prefill)
 
 
 @pytest.mark.parametrize("activations", ACTIVATION_SETS)
 @pytest.mark.parametrize("mode", ["soft", "hard", "noise"])
-def test_one_token_inference_path_equals_the_reference(activations, mode, monkeypatch):
-    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, 1, 40, activations, False, mode == "noise")
+@pytest.mark.parametrize("T, per_token", [(1, False), (5, False), (5, True)])
+def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, monkeypatch):
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, T, 40, activations, per_token, mode == "noise")
     inputs = (gate.detach(), up.detach(), alpha.detach(), dynamic.detach(), gumbel, tau, activations, mode == "hard")
     expected = mixed_activation_reference(*inputs)
-    calls, original = [], fused.one_token_inference
-    monkeypatch.setattr(fused, "one_token_inference", lambda *a: calls.append(1) or original(*a))
+    calls, original = [], fused.small_inference
+    monkeypatch.setattr(fused, "small_inference", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setattr(fused.MixedActivation, "apply", None)  # the autograd.Function is not called at all
     with torch.no_grad():
         h = mixed_activation_fused(*inputs)
@@ -146,16 +147,20 @@ def test_one_token_hard_routing_takes_the_first_maximum_like_the_reference():
     alpha = torch.zeros_like(alpha.detach())  # every logit ties within a row: the first activation wins
     dynamic = torch.zeros_like(dynamic.detach())
     with torch.no_grad():
-        h = fused.one_token_inference(gate, up, alpha, dynamic, None, tau, activations, hard=True)
+        h = fused.small_inference(gate, up, alpha, dynamic, None, tau, activations, hard=True)
         assert torch.equal(h, mixed_activation_reference(gate, up, alpha, dynamic, None, tau, activations, True))
         assert torch.equal(h, torch.relu(gate) * up)
 
 
-def test_one_token_needing_gradients_or_a_chosen_kernel_keeps_the_autograd_path(monkeypatch):
+def test_a_small_call_needing_gradients_or_a_chosen_kernel_or_a_large_one_keeps_the_kernels(monkeypatch):
     inputs = (*make_inputs(2, 1, 24, ACTIVATION_SETS[-1], False, False), ACTIVATION_SETS[-1], False)
-    monkeypatch.setattr(fused, "one_token_inference", None)  # would fail if it were taken
+    monkeypatch.setattr(fused, "small_inference", None)  # would fail if it were taken
     assert_matches_reference(inputs, None)  # grads enabled and required: gradients flow
     with torch.no_grad(), use_kernel("chunked"):
+        h = mixed_activation_fused(*inputs)
+    torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
+    monkeypatch.setattr(fused, "SMALL_INFERENCE_ELEMENTS", 2 * 24 - 1)  # one hidden unit too many
+    with torch.no_grad():
         h = mixed_activation_fused(*inputs)
     torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
 

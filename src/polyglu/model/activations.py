@@ -37,8 +37,8 @@ class Activation:
     - `expr_forward` / `expr_backward`: plain expressions for torch.compile, exponentials written
       as exp2 of -z where possible (see `exp`), so that activations mixed in one compiled loop share
       one exponential.
-    - `small(z)`: the function as eager ops that are fastest on a few thousand values (one decoded
-      token: `polyglu.model.fused.one_token_inference`), equal to it up to float rounding; None when
+    - `small(z)`: the function as eager ops that are fastest on a few thousand values (a decoded
+      token: `polyglu.model.fused.small_inference`), equal to it up to float rounding; None when
       that is the function itself.
     """
 
