@@ -13,6 +13,9 @@ TORCH_SPEC ?= torch==2.13.0
 # through $(call installed,EXTRAS) ("base" = no extras), each against the same lock
 EXTRAS ?= dev
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): the suite's subprocess tests (DDP, FSDP, the stock lm_eval CLI)
+# overlap with the rest; 0 runs it in this process (e.g. to use a debugger)
+TEST_WORKERS ?= 2
 LATEST_VENV ?= .venv-latest
 # what `make test-latest` runs: the tests that exercise third-party releases
 LATEST_TESTS ?= tests/test_interop_hf.py tests/test_interop_qwen3.py tests/test_interop_upstream.py \
@@ -34,10 +37,10 @@ $(VENV)/.polyglu-%: pyproject.toml $(LOCK)
 	touch $@
 
 test: $(call installed,$(EXTRAS))
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: $(call installed,$(EXTRAS))
-	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "" $(PYTEST_ARGS)
 
 # A second, throw-away environment with the newest releases of every dependency (torch stays the
 # pinned CPU build): run before `make lock`, or to see whether a new transformers/peft/trl/lm-eval

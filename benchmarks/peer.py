@@ -23,6 +23,7 @@ The training step runs on freshly built models (row-major weights, as built) for
     python benchmarks/peer.py --repeats 5 --threads 2
     python benchmarks/peer.py --compile             # also polyglu's compiled decode step, if present
     python benchmarks/peer.py --qwen3-columns       # also Qwen3 with column-major weights
+    python benchmarks/peer.py --lockstep-steps 64   # also PolyGLU vs SwiGLU decode steps in lockstep
     python benchmarks/peer.py --preset debug --repeats 1 --new-tokens 4 --batch-new-tokens 2  # quick check
 """
 
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time polyglu's compiled decode step (generate(compile=True)) for PolyGLU and SwiGLU")
     p.add_argument("--qwen3-columns", action="store_true",
                    help="also decode with a Qwen3 whose linear weights are column-major, as polyglu's inference loader stores them")
+    p.add_argument("--lockstep-steps", type=int, default=0,
+                   help="also time single batch-1 decode steps of PolyGLU and SwiGLU (sharing their other "
+                        "weights) in lockstep, token by token, this many per round (e.g. 64)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
@@ -159,6 +163,41 @@ def interleaved(runners: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def lockstep_decode(models: dict, prompt: torch.Tensor, steps: int, rounds: int, compiled: bool) -> dict:
+    """Seconds per batch-1 decode step, PolyGLU and SwiGLU alternating token by token (the order
+    flips every token), so that the machine's load and its memory traffic hit both alike.
+
+    The SwiGLU model reads PolyGLU's tensors for every weight the two share (attention, gate, up,
+    down, norms, embeddings), so both stream the same memory: what differs is only the routing. Two
+    separately allocated models differ by a few per cent in how fast MKL streams their weights
+    (measured either way round, with the order they were built in), more than the effect measured.
+    """
+    from polyglu.generation import DecodeStep
+
+    polyglu = models["polyglu"]
+    swiglu = PolychromaticLM(polyglu.config.replace(ffn="swiglu")).eval()
+    missing, _ = swiglu.load_state_dict(polyglu.state_dict(), strict=False, assign=True)
+    assert not missing, missing
+    pair = {"polyglu": polyglu, "swiglu": swiglu}
+    step = {name: DecodeStep(model, compile=compiled) for name, model in pair.items()}
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):  # round 0 warms up (and compiles)
+            state = {}
+            for name, model in pair.items():
+                cache = model.new_cache(1, prompt.shape[1] + steps + 1)
+                state[name] = (cache, model(prompt, cache=cache).logits[:, -1])
+            for i in range(steps):
+                for name in (pair if i % 2 == 0 else reversed(list(pair))):
+                    cache, logits = state[name]
+                    start = time.perf_counter()
+                    logits = step[name](logits.argmax(-1, keepdim=True), cache)
+                    if round_:
+                        times[name].append(time.perf_counter() - start)
+                    state[name] = (cache, logits)
+    return times
+
+
 def has_compiled_decode() -> bool:
     return "compile" in inspect.signature(generate).parameters
 
@@ -189,6 +228,15 @@ def main(argv=None) -> None:
                                  "tokens_per_s": batch * new_tokens / statistics.median(t)}
                           for name, t in times.items()}
         results[label]["setup"] = {"batch": batch, "new_tokens": new_tokens, "prompt_len": args.prompt_len}
+    if args.lockstep_steps:
+        prompt = torch.randint(1, vocab, (1, args.prompt_len), generator=gen)
+        for label, compile_ in (("decode_step_batch1_lockstep", False), ("decode_step_batch1_lockstep_compiled", True)):
+            if compile_ and not compiled:
+                continue
+            times = lockstep_decode(models, prompt, args.lockstep_steps, args.repeats, compile_)
+            results[label] = {name: {"median_s": statistics.median(t), "tokens_per_s": 1 / statistics.median(t),
+                                     "steps": len(t)} for name, t in times.items()}
+            results[label]["setup"] = {"batch": 1, "new_tokens": args.lockstep_steps, "prompt_len": args.prompt_len}
     if not args.skip_train:
         tokens = torch.randint(0, vocab, (args.train_batch, args.train_seq_len + 1), generator=gen)
         models = build_models(args)  # train all three as built (row-major weights)
@@ -218,6 +266,12 @@ def print_table(setup: dict, results: dict) -> None:
           f"(interleaved), torch {setup['torch']}, transformers {setup['transformers']}")
     print(f"{'measure':<24} {'model':<18} {'median':>10} {'tokens/s':>10} {'vs qwen3':>9}")
     for label, rows in results.items():
+        if "qwen3" not in rows:  # the lockstep decode steps: PolyGLU against SwiGLU only
+            what = f"{label} (1x{rows['setup']['new_tokens']}, median of {rows['polyglu']['steps']} steps)"
+            print(what)
+            for name in ("polyglu", "swiglu"):
+                print(f"{'':<24} {name:<18} {rows[name]['median_s'] * 1e3:>7.2f}ms {rows[name]['tokens_per_s']:>10.1f}")
+            continue
         base = rows["qwen3"]
         what = (f"{label} ({rows['setup']['batch']}x{rows['setup'].get('new_tokens', rows['setup'].get('seq_len'))})")
         for name, r in rows.items():
@@ -231,8 +285,10 @@ def print_table(setup: dict, results: dict) -> None:
         for suffix in ("", "_compiled"):
             if f"swiglu{suffix}" in rows:
                 polyglu = rows[f"polyglu{suffix}"]["tokens_per_s"]
-                print(f"{label}{suffix}: polyglu/swiglu speed {polyglu / rows[f'swiglu{suffix}']['tokens_per_s']:.3f}, "
-                      f"polyglu/qwen3 speed {polyglu / rows['qwen3']['tokens_per_s']:.3f}")
+                ratio = f"{label}{suffix}: polyglu/swiglu speed {polyglu / rows[f'swiglu{suffix}']['tokens_per_s']:.3f}"
+                if "qwen3" in rows:
+                    ratio += f", polyglu/qwen3 speed {polyglu / rows['qwen3']['tokens_per_s']:.3f}"
+                print(ratio)
 
 
 if __name__ == "__main__":

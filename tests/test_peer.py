@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -31,3 +32,27 @@ def test_peer_models_have_equal_swiglu_parameter_counts():
     models = peer.build_models(args)
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     assert counts["qwen3"] == counts["swiglu"] < counts["polyglu"]
+
+
+def test_lockstep_decode_shares_every_common_weight_and_times_each_step():
+    args = peer.parse_args(["--preset", "debug", "--train-seq-len", "16"])
+    models = peer.build_models(args)
+    polyglu = models["polyglu"]
+    seen = {}
+    from polyglu import generation
+
+    class Recording(generation.DecodeStep):
+        def __init__(self, model, compile=False):
+            super().__init__(model, compile)
+            seen[model.config.ffn] = model
+
+    generation_step, generation.DecodeStep = generation.DecodeStep, Recording
+    try:
+        times = peer.lockstep_decode(models, torch.randint(1, 100, (1, 4)), steps=3, rounds=2, compiled=False)
+    finally:
+        generation.DecodeStep = generation_step
+    assert {name: len(t) for name, t in times.items()} == {"polyglu": 6, "swiglu": 6}  # 3 steps x 2 rounds
+    assert all(t > 0 for t in times["polyglu"] + times["swiglu"])
+    swiglu_state, polyglu_state = seen["swiglu"].state_dict(), polyglu.state_dict()
+    assert swiglu_state.keys() < polyglu_state.keys()  # PolyGLU adds only its routing tensors
+    assert all(tensor.data_ptr() == polyglu_state[key].data_ptr() for key, tensor in swiglu_state.items())
