@@ -92,6 +92,19 @@ def test_tasks_through_lm_eval_match_direct_computation(model, tasks_dir):
         assert sample["resps"][0][0] == expected
 
 
+def test_compile_reaches_generate_from_text_model_args(model, monkeypatch):
+    """lm_eval passes model_args as text: compile=true / false / a mode or backend name."""
+    import polyglu.generation as generation
+
+    assert [PolygluLM(model=model, tokenizer=TOKENIZER, compile=value).compile
+            for value in ("true", "False", "", "1", "eager", True)] == [True, False, False, True, "eager", True]
+    seen = []
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(k["compile"]) or generate(*a, **k))
+    lm = PolygluLM(model=model, tokenizer=TOKENIZER, batch_size=2, max_gen_toks=4, compile="eager")
+    request = Instance("generate_until", {}, ("Q: 2+2?\nA:", {"until": ["\n"], "max_gen_toks": 4}), 0)
+    assert len(lm.generate_until([request])) == 1 and seen == ["eager"]
+
+
 def test_loglikelihood_rolling_uses_windows_past_the_context(model):
     lm = PolygluLM(model=model, tokenizer=TOKENIZER, batch_size=2)
     short, long = "hello world", "".join(chr(97 + (7 * i) % 26) for i in range(110))  # 110 > 48 tokens

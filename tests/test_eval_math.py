@@ -152,6 +152,38 @@ def test_evaluate_math_with_a_real_model_and_long_prompts():
     assert all(r["generated_tokens"] <= 12 for r in result["records"])
 
 
+def test_evaluate_math_compiled_equals_eager_and_batches_share_a_cache_length(monkeypatch):
+    """compile= reaches generate; batches of different prompt lengths get one bucketed cache length, so
+    they share one compiled step ("eager": torch.compile's capture-only backend, seconds)."""
+    lengths = []
+    model = tiny_model()
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, n=None: lengths.append(n) or new_cache(b, n))
+    problems = [{**p, "question": p["question"] * (1 + 2 * i)} for i, p in enumerate(PROBLEMS)]
+    eager = evaluate_math(model, TOKENIZER, problems, max_new_tokens=6, batch_size=2)
+    eager_lengths, lengths[:] = list(lengths), []
+    compiled = evaluate_math(model, TOKENIZER, problems, max_new_tokens=6, batch_size=2, compile="eager")
+    assert len(set(eager_lengths)) == 2  # two batches, two prompt lengths
+    assert lengths == [128, 128]  # the context (128) caps the 256-slot bucket
+    assert [r["output"] for r in compiled["records"]] == [r["output"] for r in eager["records"]]
+
+
+def test_cli_eval_math_compile_flag_reaches_generate(tmp_path, capsys, monkeypatch):
+    import polyglu.generation as generation
+
+    directory = tmp_path / "model"
+    tiny_model().save_pretrained(directory)
+    TOKENIZER.save(directory / "tokenizer")
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    seen, real = [], generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
+    for extra in ([], ["--compile", "eager"]):
+        assert main(["eval-math", str(directory), "--data", str(data), "--max-new-tokens", "4", "--limit", "2",
+                     *extra]) == 0
+    assert seen == [False, "eager"]
+
+
 def test_cli_eval_math(tmp_path, capsys):
     directory = tmp_path / "model"
     tiny_model().save_pretrained(directory)

@@ -21,6 +21,7 @@ Two paths, same results:
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 import weakref
@@ -299,6 +300,12 @@ def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(hidden[:, -1])
 
 
+# A compiled decode step has the cache's length in its shapes: compiled generations round it up to a
+# multiple of this (within the context), so batches of different prompt lengths share one compiled
+# step (an evaluation compiles once per batch size, not once per batch). The extra slots are masked.
+COMPILED_CACHE_BUCKET = 256
+
+
 class _CachedStepper:
     """Prefill once, then one token per step against the KV cache (`DecodeStep`)."""
 
@@ -306,7 +313,11 @@ class _CachedStepper:
                  decode: DecodeStep) -> None:
         self.model, self.ids, self.doc_ids, self.decode = model, ids, doc_ids, decode
         # the last generated token is never fed back: P + max_new_tokens - 1 slots suffice
-        self.cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens - 1)
+        length = ids.shape[1] + max_new_tokens - 1
+        if decode.compiled:
+            bucket = COMPILED_CACHE_BUCKET
+            length = max(length, min(-(-length // bucket) * bucket, model.config.max_seq_len))
+        self.cache = model.new_cache(ids.shape[0], length)
 
     def first(self) -> torch.Tensor:
         out = self.model(self.ids, self.doc_ids, cache=self.cache, compute_logits=False)
@@ -352,29 +363,46 @@ _COMPILE_FAILED: set[str] = set()  # modes whose compilation failed once (warned
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def compile_setting(value) -> bool | str:
+    """A `compile` setting given as text (a command-line or lm-eval model argument): "true"/"1"/"yes"
+    -> True, "false"/"0"/"no"/"" -> False, anything else a torch.compile mode or backend name."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip()
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no", ""):
+        return False
+    return text
+
+
 def _compile_options(mode: str | None) -> dict:
     """torch.compile keyword arguments for a decode step in `mode` (None: a backend's own defaults).
 
     Every call of a compiled function first checks its guards: for a decode step, several hundred
     (each parameter and buffer, each module attribute and cache attribute the trace read), ~0.3 ms
     of a ~7 ms batch-1 step of the `small` preset on CPU, and more for PolyGLU (its routing
-    parameters) than for SwiGLU. Where torch offers it (`torch.compiler.keep_tensor_guards_unsafe`,
-    torch >= 2.7), only the tensors' guards are kept: every tensor's shape, dtype, device and layout,
-    parameters included, is still checked (a new batch size, cache length, dtype or weight layout
-    compiles again); a change to a module's Python attributes (say `eval_routing`) between steps
-    is not seen. DecodeStep keys its compiled steps by mode, training flag and grad mode, the state
-    a decode step may see change.
+    parameters) than for SwiGLU. Where torch offers both (torch >= 2.13), only the tensors' guards
+    are kept (`torch.compiler.keep_tensor_guards_unsafe`): every tensor's shape, dtype, device and
+    layout, parameters included, is still checked (a new batch size, cache length, dtype or weight
+    layout compiles again), and each compiled step is isolated (`isolate_recompiles`): torch.compile
+    caches graphs per function, `decode_logits` is one function for every model, and tensor guards
+    alone would let a SwiGLU model's graph serve a PolyGLU model of the same sizes. What is not seen:
+    a change to a module's Python attributes (say `eval_routing`) after its first compiled step.
+    DecodeStep keys its compiled steps by model, mode, training flag and grad mode.
     """
     keep = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
-    options = {"guard_filter_fn": functools.partial(keep, keep_parameters=True)} if keep is not None else {}
+    isolate = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    options = {"guard_filter_fn": functools.partial(keep, keep_parameters=True)} if keep and isolate else {}
+    kwargs = {"isolate_recompiles": True} if options else {}
     if mode is None:
-        return {"options": options} if options else {}
+        return {**kwargs, "options": options} if options else {}
     if not options:
         return {} if mode == "default" else {"mode": mode}
     from torch._inductor import list_mode_options
 
     # a mode is a set of inductor options, and torch.compile takes mode= or options=, not both
-    return {"options": {**list_mode_options(mode), **options}}
+    return {**kwargs, "options": {**list_mode_options(mode), **options}}
 
 
 class DecodeStep:

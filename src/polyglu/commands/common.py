@@ -39,6 +39,14 @@ def _check_parents(target: Path, flag: str) -> None:
             return
 
 
+def add_compile_argument(p) -> None:
+    """--compile [MODE]: decode through torch.compile (generate, eval-math, eval)."""
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="run each decoding step through torch.compile (a mode or backend name may follow); "
+                        "compiling takes seconds to minutes per batch size, so it pays for long or many "
+                        "generations (see docs/generation.md)")
+
+
 def check_positive(**flags: int | float | None) -> None:
     """Each given flag (name with '_' for '-') must be None or > 0."""
     from polyglu.commands import CommandError

@@ -1,5 +1,5 @@
 """polyglu eval MODEL_DIR --tasks T1,T2 [--num-fewshot N] [--limit N] [--include-path DIR] [--batch-size B]
-[--output FILE]
+[--output FILE] [--compile [MODE]]
 
 Runs lm-evaluation-harness tasks (the optional `lm-eval` package) through the `polyglu` model adapter,
 prints lm-eval's results table and writes the results as JSON.
@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from polyglu.commands.common import add_compile_argument
 from polyglu.commands.generate import add_model_arguments
 
 
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-iters", type=int, default=100_000,
                    help="bootstrap iterations for standard errors (0 skips them)")
     p.add_argument("--seed", type=int, default=1234)
+    add_compile_argument(p)
     p.add_argument("--output", default=None, help="write the results JSON here")
 
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--include-path {directory}: not a directory")
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
     lm = PolygluLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
-                   seed=args.seed)
+                   seed=args.seed, compile=args.compile)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
         results = evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, include_path=args.include_path,

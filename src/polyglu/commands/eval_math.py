@@ -1,5 +1,5 @@
 """polyglu eval-math MODEL_DIR --data FILE.jsonl [--chat|--plain] [--num-fewshot N] [--fewshot-data FILE]
-[--limit N] [--output-jsonl FILE] [--json FILE]
+[--limit N] [--output-jsonl FILE] [--json FILE] [--compile [MODE]]
 
 Exact-match accuracy on GSM8K-format JSONL ({"question", "answer": "... #### n", optional "difficulty"}),
 overall and per difficulty, with one JSONL record per problem (output, extracted answer, correctness).
@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from polyglu.commands.common import add_compile_argument
 from polyglu.commands.generate import add_model_arguments
 
 
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default 32)")
+    add_compile_argument(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--output-jsonl", default=None, help="write one record per problem here")
     p.add_argument("--json", dest="json_path", default=None, help="write the summary (no records) as JSON here")
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=total, desc="eval-math", disable=None) as bar:
         result = evaluate_math(model, tokenizer, problems, chat=args.chat, num_fewshot=args.num_fewshot,
                                fewshot_examples=fewshot, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, system_prompt=args.system, progress=bar.update)
+                               batch_size=args.batch_size, system_prompt=args.system, progress=bar.update,
+                               compile=args.compile)
     print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']})  "
           f"[{'chat' if args.chat else 'plain'}, {args.num_fewshot}-shot]")
     for difficulty, block in result["per_difficulty"].items():

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from polyglu.commands.common import add_compile_argument
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (config.json + model.safetensors)")
@@ -62,9 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn and stop at <|im_end|>")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checks)")
-    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                   help="run each decoding step through torch.compile (a mode or backend name may follow); "
-                        "compiling takes seconds, so it pays for long generations (see docs/generation.md)")
+    add_compile_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON (text, token ids, counts) instead of streaming")
 
 

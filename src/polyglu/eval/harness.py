@@ -36,7 +36,7 @@ class PolygluLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, batch_size: int | str = 16,
                  device: str | None = None, dtype: str | torch.dtype | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, context_len: int = 1,
-                 seed: int = 1234, **kwargs) -> None:
+                 seed: int = 1234, compile: bool | str = False, **kwargs) -> None:
         super().__init__()
         if model is None:
             if pretrained is None:
@@ -57,6 +57,9 @@ class PolygluLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.context_len = int(context_len)
         self.seed = int(seed)
+        from polyglu.generation import compile_setting
+
+        self.compile = compile_setting(compile)  # lm_eval passes model_args as text: compile=true
 
     # ---- tokenizer surface lm-eval expects
 
@@ -147,7 +150,7 @@ class PolygluLM(TemplateLM):
                 out = generate(self.model, [contexts[i] for i in batch], options["max_gen_toks"],
                                temperature=options["temperature"], top_k=options["top_k"],
                                top_p=options["top_p"], generator=generator, eos_token_id=[self.eot_token_id],
-                               stop_strings=until, tokenizer=self.polyglu_tokenizer)
+                               stop_strings=until, tokenizer=self.polyglu_tokenizer, compile=self.compile)
                 for i, text in zip(batch, out.texts):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)

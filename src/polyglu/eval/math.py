@@ -80,14 +80,15 @@ def evaluate_math(model, tokenizer, problems: Sequence[dict], *, chat: bool = Tr
                   fewshot_examples: Sequence[dict] | None = None, max_new_tokens: int = 256,
                   batch_size: int = 32, temperature: float = 0.0, seed: int | None = 0,
                   system_prompt: str | None = None,
-                  progress: Callable[[int], object] | None = None) -> dict:
+                  progress: Callable[[int], object] | None = None, compile: bool | str = False) -> dict:
     """Generate a solution for each problem and score its final answer by exact match.
 
     Few-shot demonstrations are the first `num_fewshot` of `fewshot_examples` (default: of
     `problems`, which are then not evaluated themselves). Prompts longer than the context keep their
     last tokens. Returns {accuracy, n, correct, per_difficulty: {d: {accuracy, n, correct}},
     records: [{index, question, reference, prediction, correct, output, difficulty,
-    prompt_tokens, generated_tokens, finished}]}.
+    prompt_tokens, generated_tokens, finished}]}. `compile`: decode through torch.compile
+    (`polyglu.generation.generate`); batches share compiled steps (one per batch size).
     """
     from polyglu.generation import generate
 
@@ -122,7 +123,7 @@ def evaluate_math(model, tokenizer, problems: Sequence[dict], *, chat: bool = Tr
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         out = generate(model, [encoded[i] for i in batch], max_new_tokens, temperature=temperature, seed=seed,
-                       eos_token_id=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer)
+                       eos_token_id=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer, compile=compile)
         for row, i in enumerate(batch):
             outputs[i] = (out.texts[row], int(out.lengths[row]), bool(out.finished[row]))
         if progress is not None:
