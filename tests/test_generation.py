@@ -136,9 +136,9 @@ def test_compiled_decode_step_matches_eager_and_recompute(overrides, compile):
 
 
 def test_decode_step_compile_options_keep_tensor_guards_and_the_mode():
-    import polyglu.generation as generation
-
     import inspect
+
+    import polyglu.generation as generation
 
     if not hasattr(torch.compiler, "keep_tensor_guards_unsafe") \
             or "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
