@@ -200,6 +200,9 @@ class PolyGLU(nn.Module):
                 and self.routing_pool == "causal" and not (torch.is_grad_enabled() and proj.requires_grad):
             # one decoded token per row without autograd: the same sums in five ops, in place
             hidden = _causal_step(proj, positions, pool_state, first.bias)
+            if torch.compiler.is_compiling():
+                # a traced step: the K-wide product as a reduction joins the pooling's loop (no mm call)
+                return self.beta * ((hidden[..., None, :] * second.weight).sum(-1) + second.bias)
             return second(hidden).mul_(self.beta)
         if self.routing_pool == "token":
             pooled = proj
