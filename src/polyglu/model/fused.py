@@ -465,6 +465,11 @@ COMPILE_MIN_ELEMENTS: int | None = 1 << 20
 # ops, no kernel overhead (a decode step; a prefill of up to 42 tokens at d_ff 1536, where it is
 # 3-7% faster; from ~64 tokens the blocked kernel is)
 SMALL_INFERENCE_ELEMENTS = 1 << 16
+# ... and up to this many take each activation's spelling for small tensors (`Activation.small`, else
+# its definition): torch's tanh and GELU cost ~20 us on one decode row inside a step. Above it, the
+# eager kernel's spellings (`Activation.forward`) are faster: at 8 x 1536 values torch.tanh took
+# 24 us and its sigmoid spelling 10 us, erf-GELU 19 us and torch's GELU 7.5 us (one thread, warm).
+SMALL_SPELLING_ELEMENTS = 1 << 12
 
 
 def default_kernel(gate: torch.Tensor) -> str:
@@ -494,8 +499,9 @@ def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, d
     (about a dozen), no autograd.Function, no blocks and no host sync: below `SMALL_INFERENCE_ELEMENTS`
     hidden units the per-call overhead of the kernels above costs more than their arithmetic (eager
     batch-1 decoding spent ~250 us per layer there, a 32-token prefill ~0.6 ms). The activations are
-    the definitions in their spelling for small tensors (`Activation.small`), as the reference up to
-    float rounding.
+    the definitions in their spelling for small tensors (`Activation.small`) up to
+    `SMALL_SPELLING_ELEMENTS` values, the eager kernel's (`Activation.forward`) above: the
+    reference's up to float rounding.
     """
     dtype = _compute_dtype(gate)
     K, (B, _, F_), T_ = len(activations), gate.shape, dynamic.shape[1]
@@ -511,8 +517,10 @@ def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, d
     else:
         g = torch.softmax(logits.div_(_as(tau, dtype)), dim=0)
     mixed = None
+    # the activations' spelling for a few thousand values (one token), else the eager kernel's
+    one_row = gate.numel() <= SMALL_SPELLING_ELEMENTS
     for k, rule in enumerate(get_activations(activations)):  # no stacked (K, B, T, F) copy of the activations
-        a = _as((rule.small or rule.function)(gate), dtype)  # in gate's dtype first, as the reference
+        a = _as(((rule.small or rule.function) if one_row else rule.forward)(gate), dtype)  # gate's dtype first
         if mixed is not None:
             mixed.addcmul_(a, g[k])
         else:  # the first activation's buffer becomes the sum, unless it is gate itself (identity)
