@@ -128,7 +128,9 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
 @pytest.mark.parametrize("activations", ACTIVATION_SETS)
 @pytest.mark.parametrize("mode", ["soft", "hard", "noise"])
 @pytest.mark.parametrize("T, per_token", [(1, False), (5, False), (5, True)])
-def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, monkeypatch):
+@pytest.mark.parametrize("spelling_elements", [1 << 12, 0])  # small-tensor spellings / the eager kernel's
+def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, spelling_elements, monkeypatch):
+    monkeypatch.setattr(fused, "SMALL_SPELLING_ELEMENTS", spelling_elements)
     gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, T, 40, activations, per_token, mode == "noise")
     inputs = (gate.detach(), up.detach(), alpha.detach(), dynamic.detach(), gumbel, tau, activations, mode == "hard")
     expected = mixed_activation_reference(*inputs)
