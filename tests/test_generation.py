@@ -199,13 +199,16 @@ def test_compiled_generation_rounds_the_cache_up_to_a_bucket_within_the_context(
     monkeypatch.setattr(generation, "COMPILED_CACHE_BUCKET", 16)
     outputs = [generate(model, [prompt], 5, eos_token_id=[], compile=compile, return_logits=True)
                for prompt in (PROMPTS[0], PROMPTS[2]) for compile in (False, "eager")]
-    # 7 + 5 - 1 = 11 -> 16 slots, 13 + 5 - 1 = 17 -> 32; eager generation allocates what it needs
+    # 7 + 5 - 1 = 11 -> 16 slots (a power of two up to the bucket), 13 + 5 - 1 = 17 -> 32 (a multiple
+    # beyond); eager generation allocates what it needs
     assert lengths == [11, 16, 17, 32]
+    assert [generation.compiled_cache_length(n, 64) for n in (1, 3, 9, 16, 33, 48, 49, 70)] == \
+        [1, 4, 16, 16, 48, 48, 64, 70]
     assert_same_generation(outputs[1], outputs[0])
     assert_same_generation(outputs[3], outputs[2])
-    monkeypatch.setattr(generation, "COMPILED_CACHE_BUCKET", 1000)  # never past the context (64)
-    generate(model, [PROMPTS[0]], 5, eos_token_id=[], compile="eager")
+    generate(model, [PROMPTS[2]], 45, eos_token_id=[], compile="eager")  # 57 slots -> 64, the context
     assert lengths[-1] == 64
+    assert generation.compiled_cache_length(40, 44) == 44  # never past the context
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one(trained_model):

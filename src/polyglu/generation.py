@@ -300,10 +300,18 @@ def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(hidden[:, -1])
 
 
-# A compiled decode step has the cache's length in its shapes: compiled generations round it up to a
-# multiple of this (within the context), so batches of different prompt lengths share one compiled
-# step (an evaluation compiles once per batch size, not once per batch). The extra slots are masked.
+# A compiled decode step has the cache's length in its shapes: compiled generations round it up (within
+# the context) to a power of two up to this, to a multiple of it beyond, so batches of different prompt
+# lengths share a compiled step (an evaluation compiles a few times per batch size, not once per
+# batch) while the extra slots, masked, stay under half the cache.
 COMPILED_CACHE_BUCKET = 256
+
+
+def compiled_cache_length(length: int, context: int) -> int:
+    """The cache length a compiled generation allocates for `length` slots (see COMPILED_CACHE_BUCKET)."""
+    bucket = COMPILED_CACHE_BUCKET
+    rounded = 1 << max(length - 1, 0).bit_length() if length <= bucket else -(-length // bucket) * bucket
+    return max(length, min(rounded, context))
 
 
 class _CachedStepper:
@@ -315,8 +323,7 @@ class _CachedStepper:
         # the last generated token is never fed back: P + max_new_tokens - 1 slots suffice
         length = ids.shape[1] + max_new_tokens - 1
         if decode.compiled:
-            bucket = COMPILED_CACHE_BUCKET
-            length = max(length, min(-(-length // bucket) * bucket, model.config.max_seq_len))
+            length = compiled_cache_length(length, model.config.max_seq_len)
         self.cache = model.new_cache(ids.shape[0], length)
 
     def first(self) -> torch.Tensor:
