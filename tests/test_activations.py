@@ -46,6 +46,12 @@ def test_float32_small_spellings_are_as_exact_as_torch(name):
     assert error(ACTIVATIONS[name].small(z)) <= max(error(ACTIVATIONS[name](z)), 3e-7)
 
 
+@pytest.mark.parametrize("name", [name for name, record in ACTIVATIONS.items() if record.small is not None])
+def test_small_spellings_of_16_bit_values_round_once_like_torch(name):
+    z = torch.linspace(-6, 6, 4001).to(torch.bfloat16)
+    assert torch.equal(ACTIVATIONS[name].small(z), ACTIVATIONS[name](z))
+
+
 def test_registry_is_the_config_list_and_the_default_is_the_paper_set():
     assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
     assert DEFAULT_ACTIVATIONS == ("relu", "tanh", "silu", "gelu")
