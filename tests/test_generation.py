@@ -117,6 +117,8 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert_same_generation(again, eager, atol=0)  # compiling known to fail: the eager step throughout
     with pytest.raises(ValueError, match="compile"):
         generate(model, PROMPTS, 2, compile=3)
+    with pytest.raises(ValueError, match=r"compile='fast' is neither a torch.compile mode .* nor a backend \(.*inductor"):
+        generate(model, PROMPTS, 2, compile="fast")
 
 
 @pytest.mark.slow
@@ -457,6 +459,10 @@ def test_cli_generate_compile_flag_reaches_generate(model_dir, capsys, monkeypat
         assert main(["generate", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "5", *extra, "--json"]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["tokens"])
     assert seen == [False, "eager"] and outputs[0] == outputs[1]
+    assert main(["generate", str(model_dir), "--prompt", "Hi", "--compile", "fast"]) == 2
+    assert "--compile: compile='fast' is neither a torch.compile mode" in capsys.readouterr().err
+    assert main(["eval-math", str(model_dir), "--data", "absent.jsonl", "--compile", "fast"]) == 2  # before the data
+    assert "--compile: compile='fast'" in capsys.readouterr().err
 
 
 def test_cli_chat_reads_turns_from_stdin(model_dir, capsys, monkeypatch):

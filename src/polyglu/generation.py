@@ -370,6 +370,21 @@ _COMPILE_FAILED: set[str] = set()  # modes whose compilation failed once (warned
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_compile(compile) -> None:
+    """A ValueError naming the choices unless `compile` is a bool, None, a torch.compile mode or a
+    registered torch.compile backend (what `generate(compile=...)` and `--compile` accept)."""
+    if compile is None or isinstance(compile, bool):
+        return
+    if not isinstance(compile, str):
+        raise ValueError(f"compile must be True, False, a torch.compile mode ({', '.join(_COMPILE_MODES)}) "
+                         f"or a torch.compile backend name, got {compile!r}")
+    if compile not in _COMPILE_MODES:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if compile not in backends:
+            raise ValueError(f"compile={compile!r} is neither a torch.compile mode ({', '.join(_COMPILE_MODES)}) "
+                             f"nor a backend ({', '.join(b for b in backends if 'TESTING' not in b)})")
+
+
 def compile_setting(value) -> bool | str:
     """A `compile` setting given as text (a command-line or lm-eval model argument): "true"/"1"/"yes"
     -> True, "false"/"0"/"no"/"" -> False, anything else a torch.compile mode or backend name."""
@@ -442,9 +457,8 @@ class DecodeStep:
             compile = "reduce-overhead" if on_cuda else "default"
         elif compile is False or compile is None:
             compile = None
-        elif not isinstance(compile, str):
-            raise ValueError(f"compile must be True, False, a torch.compile mode ({', '.join(_COMPILE_MODES)}) "
-                             f"or a torch.compile backend name, got {compile!r}")
+        else:
+            check_compile(compile)
         self.mode = compile  # a mode, or a backend name ("eager", "aot_eager": checks without a compiler)
         if compile is None:
             self.options = {}

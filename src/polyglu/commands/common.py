@@ -39,6 +39,17 @@ def _check_parents(target: Path, flag: str) -> None:
             return
 
 
+def check_compile_argument(value) -> None:
+    """--compile's value, checked before any model loads (a one-line error naming the choices)."""
+    from polyglu.commands import CommandError
+    from polyglu.generation import check_compile
+
+    try:
+        check_compile(value)
+    except ValueError as e:
+        raise CommandError(f"--compile: {e}") from None
+
+
 def add_compile_argument(p) -> None:
     """--compile [MODE]: decode through torch.compile (generate, eval-math, eval)."""
     p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from polyglu.commands.common import add_compile_argument
+from polyglu.commands.common import add_compile_argument, check_compile_argument
 from polyglu.commands.generate import add_model_arguments
 
 
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.loading import load_model_and_tokenizer
 
     check_positive(batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, limit=args.limit)
+    check_compile_argument(args.compile)
     check_output_file(args.output, "--output")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:

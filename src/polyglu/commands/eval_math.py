@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from polyglu.commands.common import add_compile_argument
+from polyglu.commands.common import add_compile_argument, check_compile_argument
 from polyglu.commands.generate import add_model_arguments
 
 
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.loading import load_model_and_tokenizer
 
     check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    check_compile_argument(args.compile)
     if args.num_fewshot < 0:
         raise CommandError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     check_output_file(args.output_jsonl, "--output-jsonl")

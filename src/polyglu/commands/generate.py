@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from polyglu.commands.common import add_compile_argument
+from polyglu.commands.common import add_compile_argument, check_compile_argument
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
     check_sampling_arguments(args)
+    check_compile_argument(args.compile)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
     check_fits_context(args.max_new_tokens, model)
