@@ -12,6 +12,8 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e 
 pytest.importorskip("accelerate", reason="accelerate is not installed; `lm_eval --model hf` needs it "
                                          "(pip install -e '.[eval]')")
 
+from lm_eval_tasks import write_tasks  # noqa: E402
+
 from polyglu.cli import main  # noqa: E402
 from polyglu.data.tokenizer import ByteTokenizer  # noqa: E402
 from polyglu.eval.harness import PolygluLM, evaluate  # noqa: E402
@@ -24,37 +26,7 @@ MC_DOCS = [{"question": "2 + 2", "choices": ["4", "5", "22"], "label": 0},
 
 
 def _tasks(root):
-    (root / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in GEN_DOCS))
-    (root / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
-    (root / "client_gen.yaml").write_text(f"""task: client_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / 'gen.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n\\n", "."]
-  max_gen_toks: 12
-  do_sample: false
-metric_list:
-  - metric: exact_match
-""")
-    (root / "client_mc.yaml").write_text(f"""task: client_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: choices
-metric_list:
-  - metric: acc
-""")
+    write_tasks(root, "client", MC_DOCS, GEN_DOCS, until=["\n\n", "."], max_gen_toks=12)
 
 
 def _samples(output_dir, task: str) -> dict[int, dict]:

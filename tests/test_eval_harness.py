@@ -9,6 +9,7 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval_tasks import write_tasks  # noqa: E402
 
 from polyglu.cli import main  # noqa: E402
 from polyglu.data.tokenizer import load_tokenizer  # noqa: E402
@@ -28,37 +29,7 @@ GEN_DOCS = [{"question": "1 + 1", "answer": "2"}, {"question": "a longer questio
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
-    (root / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
-    (root / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in GEN_DOCS))
-    (root / "polyglu_mc.yaml").write_text(f"""task: polyglu_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: choices
-metric_list:
-  - metric: acc
-""")
-    (root / "polyglu_gen.yaml").write_text(f"""task: polyglu_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / 'gen.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n", "."]
-  max_gen_toks: 10
-  do_sample: false
-metric_list:
-  - metric: exact_match
-""")
+    write_tasks(root, "polyglu", MC_DOCS, GEN_DOCS, until=["\n", "."], max_gen_toks=10)
     return root
 
 
