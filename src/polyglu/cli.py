@@ -13,6 +13,7 @@ from polyglu.commands import CommandError
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("polyglu.commands.demo", "the built-in end-to-end demo: data, tokenizer, pre-training, SFT, evaluation"),
     "info": ("polyglu.commands.info", "parameter counts and config of a model directory or preset"),
+    "build-kernels": ("polyglu.commands.build_kernels", "compile the native CPU decode kernels now (else built on first use)"),
     "train": ("polyglu.commands.train", "pre-train a model from a run config (torchrun-compatible)"),
     "sft": ("polyglu.commands.sft", "supervised fine-tuning on chat data, loss on assistant tokens only"),
     "convert": ("polyglu.commands.convert", "import a checkpoint (original PolyGLU .pt/.safetensors, Qwen3)"),

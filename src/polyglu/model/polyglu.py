@@ -10,6 +10,7 @@ part, gate_net is a small d_model -> gate_hidden -> K MLP of the pooled context.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ from polyglu.config import (
 from polyglu.documents import document_positions, segment_ids
 from polyglu.model.activations import ACTIVATIONS
 
-try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernel
+try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernels
+    from polyglu.model import native as _native
     from polyglu.model.fused import mixed_activation_fused
 except ImportError:
-    mixed_activation_fused = None
+    mixed_activation_fused, _native = None, None
 
 
 @dataclass
@@ -216,11 +218,41 @@ class PolyGLU(nn.Module):
         hidden = F.relu(pooled + first.bias)
         return self.beta * second(hidden)
 
+    def _native_decode(self, x: torch.Tensor, positions: torch.Tensor | None,
+                       pool_state: PoolState) -> torch.Tensor | None:
+        """The hidden activations of one float32 CPU token per row through the native kernel
+        (`polyglu.model.native`: routing step and mixed activation in one call), or None when it does
+        not apply (kernels off or unavailable, hard or noisy routing, gradients needed, tracing)."""
+        codes = _native_decode_codes(self.activations, self.routing_pool, self.routing_mode)
+        if codes is None or (self.routing_noise if self.training else self.eval_routing == "hard") \
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+            return None
+        first, _, second = self.gate_net
+        w1, b1, w2, b2, beta, alpha = first.weight, first.bias, second.weight, second.bias, self.beta, self.alpha
+        if not (w1.dtype == b1.dtype == w2.dtype == b2.dtype == beta.dtype == alpha.dtype == torch.float32) \
+                or (torch.is_grad_enabled() and _needs_grad(x, w1, b1, w2, b2, beta, alpha)):
+            return None
+        kernels = _native.kernels()
+        if kernels is None:
+            return None
+        keep, count = pool_state.keep, pool_state.count
+        if keep is None or count is None:  # not a decode step's shared flags: derived from the positions
+            if positions is None:
+                return None  # the eager path says what is missing
+            keep, count = (positions > 0).float(), (positions + 1).float()
+        return kernels.decode_hidden.default(x, self.gate_proj(x), self.up_proj(x), w1, b1, pool_state.total,
+                                             keep, count, w2, b2, beta, alpha, float(self.tau), codes)
+
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, pool_state: PoolState | None = None,
                 return_routing: bool = False, noise: torch.Tensor | None = None):
         """x: (B, T, d_model). `positions` (B, T): token positions inside their documents (derived
         from doc_ids when not given). `noise` (B, d_ff, K) overrides the sampled Gumbel noise."""
+        if pool_state is not None and x.shape[1] == 1 and noise is None and not return_routing \
+                and x.device.type == "cpu" and x.dtype == torch.float32:
+            hidden = self._native_decode(x, positions, pool_state)
+            if hidden is not None:
+                return self.down_proj(hidden)
         if positions is None and doc_ids is not None:
             positions = document_positions(doc_ids)
         gate = self.gate_proj(x)  # (B, T, F)
@@ -247,6 +279,18 @@ class PolyGLU(nn.Module):
                 routing = routing_weights(self.alpha, dynamic, noise, self.tau, hard)
             return out, routing
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _native_decode_codes(activations: tuple[str, ...], routing_pool: str, routing_mode: str) -> tuple[int, ...] | None:
+    """The native kernels' activation codes when a layer so configured can decode through them."""
+    if _native is None or len(activations) < 2 or routing_pool != "causal" or routing_mode == "static":
+        return None
+    return _native.activation_codes(activations)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return any(t.requires_grad for t in tensors)
 
 
 def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state: PoolState | None) -> torch.Tensor:
@@ -326,6 +370,31 @@ class GLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+    def _native_decode(self, x: torch.Tensor, positions: torch.Tensor | None,
+                       pool_state: PoolState) -> torch.Tensor | None:
+        """The hidden activations of one float32 CPU token per row through the native kernel
+        (`polyglu.model.native`: routing step and mixed activation in one call), or None when it does
+        not apply (kernels off or unavailable, hard or noisy routing, gradients needed, tracing)."""
+        codes = _native_decode_codes(self.activations, self.routing_pool, self.routing_mode)
+        if codes is None or (self.routing_noise if self.training else self.eval_routing == "hard") \
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+            return None
+        first, _, second = self.gate_net
+        w1, b1, w2, b2, beta, alpha = first.weight, first.bias, second.weight, second.bias, self.beta, self.alpha
+        if not (w1.dtype == b1.dtype == w2.dtype == b2.dtype == beta.dtype == alpha.dtype == torch.float32) \
+                or (torch.is_grad_enabled() and _needs_grad(x, w1, b1, w2, b2, beta, alpha)):
+            return None
+        kernels = _native.kernels()
+        if kernels is None:
+            return None
+        keep, count = pool_state.keep, pool_state.count
+        if keep is None or count is None:  # not a decode step's shared flags: derived from the positions
+            if positions is None:
+                return None  # the eager path says what is missing
+            keep, count = (positions > 0).float(), (positions + 1).float()
+        return kernels.decode_hidden.default(x, self.gate_proj(x), self.up_proj(x), w1, b1, pool_state.total,
+                                             keep, count, w2, b2, beta, alpha, float(self.tau), codes)
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *, positions=None, pool_state=None,
                 return_routing: bool = False, noise=None):

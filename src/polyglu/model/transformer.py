@@ -188,9 +188,10 @@ class PolychromaticLM(nn.Module):
         return self.lm_head(self.norm(x))[:, -1]
 
     def use_decode_layout(self, columns: bool = True) -> bool:
-        """Store every linear weight column-major, in place: the same values, shapes, parameter
-        objects and state dict, only the strides change (a weight (out, in) becomes the transpose
-        of a contiguous (in, out) tensor). On CPU in float32 a one-row product x @ W^T reads that
+        """Store every linear weight, and each PolyGLU's alpha, column-major, in place: the same
+        values, shapes, parameter objects and state dict, only the strides change (a weight (out, in)
+        becomes the transpose of a contiguous (in, out) tensor; alpha (d_ff, K) is read one activation
+        at a time by the native decode kernel, `polyglu.model.native`). On CPU in float32 a one-row product x @ W^T reads that
         layout ~1.8x faster (MKL's gemv; the `small` preset's head: 4.1 -> 2.3 ms), so batch-1
         decoding, which streams every weight once per token, runs ~1.3x faster. Larger batches
         run alike; a training step is ~2% slower. `polyglu.loading.load_model_and_tokenizer` (the
@@ -201,9 +202,10 @@ class PolychromaticLM(nn.Module):
         changed = False
         with torch.no_grad():
             for module in self.modules():
-                weight = getattr(module, "weight", None)
-                if not (isinstance(module, nn.Linear) and weight.device.type == "cpu"
-                        and weight.dtype == torch.float32 and min(weight.shape) > 1):
+                # a PolyGLU's alpha (d_ff, K) too: the native decode kernel reads it one activation at a time
+                weight = getattr(module, "weight" if isinstance(module, nn.Linear) else "alpha", None)
+                if not (isinstance(module, (nn.Linear, PolyGLU)) and isinstance(weight, torch.Tensor)
+                        and weight.device.type == "cpu" and weight.dtype == torch.float32 and min(weight.shape) > 1):
                     continue
                 if columns and weight.is_contiguous():
                     weight.data = weight.data.t().contiguous().t()

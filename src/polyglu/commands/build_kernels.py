@@ -1,0 +1,26 @@
+"""polyglu build-kernels [--path]: compile the native CPU kernels now (else built on first use)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", action="store_true",
+                   help="print where the library for this torch and CPU is (or would be) cached; build nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from polyglu.commands import CommandError
+    from polyglu.model import native
+
+    if args.path:
+        print(native.library_path())
+        return 0
+    try:
+        path = native.build()
+        native.load(path)
+    except (native.NativeBuildError, OSError) as e:
+        raise CommandError(str(e)) from None
+    print(path)
+    return 0

@@ -1,0 +1,172 @@
+"""Native CPU kernels for small inference calls, compiled once per torch version and CPU on first use.
+
+A batch-1 decode step on CPU spends its time in per-op overhead, not arithmetic: PolyGLU's routing
+and mixed activation take ~20 eager ops a layer where SwiGLU takes two. `csrc/cpu_kernels.cpp`
+does each in one call:
+
+- `mixed_activation(gate, up, alpha, dynamic, tau, activations)`: sum_k g_k act_k(gate) * up with
+  soft, noise-free routing, float32 (`polyglu.model.fused.small_inference` takes it);
+- `causal_routing_step(x, ...)`: one decoded token per row through the routing network with causal
+  pooling, continuing the cache's running sums in place (`PolyGLU.dynamic_logits` takes it).
+
+The library is built with the system's C++ compiler (`$CXX`, else `c++`) against the installed
+torch, for the CPU capability torch runs with, into `$POLYGLU_CACHE_DIR` (default
+`$XDG_CACHE_HOME/polyglu`, else `~/.cache/polyglu`) under `kernels/`, named by a hash of the source,
+torch version, capability and flags; a build takes ~5 s and happens once. `POLYGLU_NATIVE` chooses:
+
+- `auto` (default): build when first needed (one line on stderr says so); without a compiler, or
+  if the build fails, warn once and compute with eager ops (the same math, ~10% slower decoding);
+- `0` / `off`: never (eager ops only);
+- `1` / `on`: require the kernels: an error if they cannot be built.
+
+`polyglu build-kernels` builds (or finds) the library now and prints its path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+# the activations the kernels compute, in the order of their codes in the source (enum Activation)
+NATIVE_ACTIVATIONS = ("relu", "tanh", "silu", "gelu", "identity", "sigmoid")
+MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
+
+# compiler flags for the vector instructions torch's own CPU kernels use (as torch.compile's C++ backend)
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be built or loaded (the message names the cause)."""
+
+
+def mode() -> str:
+    """POLYGLU_NATIVE as one of "auto", "on", "off" (a ValueError naming the variable otherwise)."""
+    value = os.environ.get("POLYGLU_NATIVE", "auto").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"POLYGLU_NATIVE must be auto, 1/on or 0/off, got {value!r}")
+    return MODES[value]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("POLYGLU_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "polyglu"
+
+
+def compiler() -> str:
+    return os.environ.get("CXX") or "c++"
+
+
+def _torch_lib() -> Path:
+    return Path(torch.__file__).resolve().parent / "lib"
+
+
+def _command(output: Path) -> list[str]:
+    include = Path(torch.__file__).resolve().parent / "include"
+    lib = _torch_lib()
+    capability = torch.backends.cpu.get_cpu_capability()
+    return [*shlex.split(compiler()), "-O3", "-std=c++17", "-fPIC", "-shared",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *_CAPABILITY_FLAGS.get(capability, []), "-isystem", str(include),
+            "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
+            str(SOURCE), "-o", str(output), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+
+
+def library_path() -> Path:
+    """Where the library for this source, torch and CPU capability is (or will be) cached."""
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(" ".join([torch.__version__, torch.backends.cpu.get_cpu_capability(), sys.platform,
+                            *_command(Path("out"))]).encode())
+    return cache_dir() / "kernels" / f"polyglu_cpu-{digest.hexdigest()[:16]}.so"
+
+
+def build(path: Path | None = None, quiet: bool = False) -> Path:
+    """Compile the library to `path` (default `library_path()`) unless it is there; returns the path.
+
+    Concurrent builders wait for each other (a lock file beside it); the library is written under a
+    temporary name and renamed into place, so a reader never sees a partial file."""
+    path = path or library_path()
+    if path.exists():
+        return path
+    if shutil.which(shlex.split(compiler())[0]) is None:
+        raise NativeBuildError(f"no C++ compiler: {compiler()!r} is not on PATH (set CXX)")
+    import fcntl  # POSIX only: imported here so that the module (and the eager path) loads anywhere
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():  # another process built it while this one waited
+            return path
+        if not quiet:
+            print(f"polyglu: compiling the CPU kernels for torch {torch.__version__} (once, ~5 s) -> {path}",
+                  file=sys.stderr, flush=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        log = path.with_suffix(".log")
+        try:
+            result = subprocess.run(_command(tmp), capture_output=True, text=True)
+            if result.returncode != 0:
+                log.write_text(" ".join(map(shlex.quote, _command(tmp))) + "\n" + result.stdout + result.stderr)
+                errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+                first = errors[0].strip() if errors else f"exit status {result.returncode}"
+                raise NativeBuildError(f"compiling {SOURCE.name} failed: {first} (full log: {log})")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def load(path: Path) -> None:
+    """Load the library at `path` into this process (once: a second load of the same kernels is a no-op)."""
+    if not hasattr(torch.ops.polyglu_cpu, "mixed_activation"):
+        torch.ops.load_library(str(path))
+
+
+_UNTRIED = object()
+_kernels = _UNTRIED  # torch.ops.polyglu_cpu once loaded; None when unavailable (or switched off)
+
+
+def kernels():
+    """The loaded kernels (`torch.ops.polyglu_cpu`), building them on first use as POLYGLU_NATIVE
+    says; None when they are off or unavailable (then warned once in "auto", an error in "on")."""
+    global _kernels
+    if _kernels is _UNTRIED:
+        _kernels = _load()
+    return _kernels
+
+
+def _load():
+    setting = mode()
+    if setting == "off":
+        return None
+    try:
+        load(build())
+        return torch.ops.polyglu_cpu
+    except (NativeBuildError, OSError, RuntimeError) as e:
+        if setting == "on":
+            raise NativeBuildError(f"POLYGLU_NATIVE=on but the CPU kernels are unavailable: {e}") from e
+        warnings.warn(f"polyglu: CPU kernels unavailable ({e}); small CPU inference calls use eager ops "
+                      "(set POLYGLU_NATIVE=0 to silence this)", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def activation_codes(activations: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The kernels' codes of `activations`, or None if one of them has no native code."""
+    try:
+        return tuple(NATIVE_ACTIVATIONS.index(name) for name in activations)
+    except ValueError:
+        return None

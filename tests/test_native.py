@@ -1,0 +1,311 @@
+"""The native CPU kernels (polyglu.model.native, csrc/cpu_kernels.cpp): the same math as the eager
+paths they replace, used where they apply and only there, and their build: cached, refused with
+one line when it cannot happen, and switched by POLYGLU_NATIVE."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from polyglu import PolychromaticLM, generate
+from polyglu.model import fused, native
+from polyglu.model.polyglu import PolyGLU, PoolState, mixed_activation_reference
+
+ALL_NATIVE = native.NATIVE_ACTIVATIONS
+DEFAULT = ("relu", "tanh", "silu", "gelu")
+
+
+@pytest.fixture
+def kernels():
+    ops = native.kernels()
+    if ops is None:
+        pytest.skip("the native CPU kernels are unavailable here (no C++ compiler?)")
+    return ops
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A native module that has not tried to load yet, caching under tmp_path."""
+    monkeypatch.setattr(native, "_kernels", native._UNTRIED)
+    monkeypatch.setenv("POLYGLU_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("POLYGLU_NATIVE", raising=False)
+    return tmp_path / "cache"
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+# --------------------------------------------------------------------------------------------
+# mixed_activation: sum_k g_k act_k(gate) * up
+
+
+@pytest.mark.parametrize("activations", [DEFAULT, ALL_NATIVE, ("silu",), ("gelu", "relu")])
+@pytest.mark.parametrize("B, T, per_token, F", [(1, 1, False, 1536), (3, 5, True, 40), (2, 7, False, 33), (4, 1, False, 1)])
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_mixed_activation_equals_the_reference(kernels, activations, B, T, per_token, F, tau):
+    K = len(activations)
+    gate, up = torch.randn(B, T, F) * 3, torch.randn(B, T, F)
+    alpha, dynamic = torch.randn(F, K), torch.randn(B, T if per_token else 1, K)
+    expected = mixed_activation_reference(gate, up, alpha, dynamic, None, torch.tensor(tau), activations)
+    codes = native.activation_codes(activations)
+    for layout in (alpha, column_major(alpha)):
+        got = kernels.mixed_activation(gate, up, layout, dynamic, tau, codes)
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_extreme_logits_stay_exact(kernels):
+    """tau = 0.01 over logits +-10 apart: an exact softmax per unit, no 0/0 (cf. the factorised eager kernel)."""
+    activations = ("relu", "silu")
+    gate, up = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    alpha = torch.tensor([10.0, -10.0]).expand(16, 2).contiguous()
+    dynamic = torch.tensor([-10.0, 10.05]).expand(2, 3, 2).contiguous()
+    got = kernels.mixed_activation(gate, up, alpha, dynamic, 0.01, native.activation_codes(activations))
+    expected = mixed_activation_reference(gate, up, alpha, dynamic, None, torch.tensor(0.01), activations)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_activation_in_parallel_equals_one_thread(kernels):
+    gate, up = torch.randn(8, 128, 64), torch.randn(8, 128, 64)  # 1024 rows: split across threads
+    alpha, dynamic = torch.randn(64, 4), torch.randn(8, 128, 4)
+    codes = native.activation_codes(DEFAULT)
+    one = kernels.mixed_activation(gate, up, alpha, dynamic, 0.5, codes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = kernels.mixed_activation(gate, up, alpha, dynamic, 0.5, codes)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # rows are independent: the split changes nothing
+
+
+def test_bad_inputs_are_refused_by_the_kernel(kernels):
+    gate = torch.randn(1, 1, 8)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        kernels.mixed_activation(gate.double(), gate.double(), torch.randn(8, 2), torch.randn(1, 1, 2), 1.0, [0, 1])
+    with pytest.raises(RuntimeError, match="alpha must be"):
+        kernels.mixed_activation(gate, gate, torch.randn(8, 3), torch.randn(1, 1, 2), 1.0, [0, 1])
+    with pytest.raises(RuntimeError, match="unknown activation code"):
+        kernels.mixed_activation(gate, gate, torch.randn(8, 2), torch.randn(1, 1, 2), 1.0, [0, 99])
+
+
+class Spy:
+    """Stands in for torch.ops.polyglu_cpu: counts the calls of each kernel, then runs it."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+
+        class Overload:
+            def __call__(_, *args):
+                self.calls.append(name)
+                return op(*args)
+
+            default = property(lambda _: _)
+        return Overload()
+
+
+def test_small_inference_takes_the_kernel_only_where_it_computes_the_same(kernels, monkeypatch):
+    spy = Spy(kernels)
+    monkeypatch.setattr(native, "_kernels", spy)
+    gate, up = torch.randn(2, 3, 24), torch.randn(2, 3, 24)
+    alpha, dynamic, tau = torch.randn(24, 4), torch.randn(2, 3, 4), torch.tensor(0.7)
+    with torch.no_grad():
+        for activations, hard, noise, dtype, taken in [
+            (DEFAULT, False, None, torch.float32, True),
+            (("relu", "softplus"), False, None, torch.float32, False),  # softplus has no native code
+            (DEFAULT, True, None, torch.float32, False),  # hard routing
+            (DEFAULT, False, torch.randn(2, 24, 4), torch.float32, False),  # noise
+            (DEFAULT, False, None, torch.float64, False),
+        ]:
+            spy.calls.clear()
+            K = len(activations)
+            inputs = (gate.to(dtype), up.to(dtype), alpha[:, :K].to(dtype), dynamic[..., :K].to(dtype),
+                      None if noise is None else noise[..., :K], tau, activations, hard)
+            got = fused.mixed_activation_fused(*inputs)
+            assert (spy.calls == ["mixed_activation"]) == taken, (activations, hard, noise is not None, dtype)
+            torch.testing.assert_close(got, mixed_activation_reference(*inputs), atol=2e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# decode_hidden: one decoded token per row, routing network included
+
+
+def _block(**kwargs) -> PolyGLU:
+    block = PolyGLU(32, 48, gate_hidden=8, **kwargs).eval()
+    with torch.no_grad():
+        block.alpha.normal_(0, 1.0)
+        if block.beta is not None:
+            block.beta.uniform_(0.5, 2.0)
+        block.tau.fill_(0.5)
+    return block
+
+
+def _decode(block: PolyGLU, x: torch.Tensor, positions: torch.Tensor, shared_flags: bool):
+    state = PoolState(torch.zeros(x.shape[0], block.gate_net[0].out_features))
+    outs = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            pos = positions[:, t:t + 1]
+            if shared_flags:  # as KVCache.step_view hands them to every layer
+                state.keep, state.count = (pos > 0).float(), (pos + 1).float()
+            outs.append(block(x[:, t:t + 1], positions=pos, pool_state=state))
+    return torch.cat(outs, 1), state.total
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("shared_flags", [True, False])
+def test_decode_hidden_equals_the_eager_decode_and_the_full_forward(kernels, monkeypatch, layout, shared_flags):
+    block = _block()
+    if layout == "columns":  # polyglu's decode layout (PolychromaticLM.use_decode_layout)
+        with torch.no_grad():
+            for p in (block.gate_net[0].weight, block.gate_net[2].weight, block.alpha, block.gate_proj.weight):
+                p.data = column_major(p.data)
+    x = torch.randn(3, 9, 32)
+    positions = torch.tensor([list(range(9)), [0, 1, 2, 0, 1, 2, 3, 0, 1], [5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    spy = Spy(kernels)
+    monkeypatch.setattr(native, "_kernels", spy)
+    got, total = _decode(block, x, positions, shared_flags)
+    assert spy.calls == ["decode_hidden"] * 9
+    monkeypatch.setattr(native, "_kernels", None)
+    expected, expected_total = _decode(block, x, positions, shared_flags)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(total, expected_total, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # the first two rows start at position 0: the full forward over their documents
+        doc_ids = torch.cumsum((positions[:2] == 0).long(), 1)
+        torch.testing.assert_close(got[:2], block(x[:2], doc_ids), atol=1e-6, rtol=1e-5)
+
+
+def test_decode_takes_the_eager_path_where_the_kernel_does_not_apply(kernels, monkeypatch):
+    spy = Spy(kernels)
+    monkeypatch.setattr(native, "_kernels", spy)
+    x, positions = torch.randn(2, 1, 32), torch.tensor([[3], [0]])
+
+    def decoded(block, grad=False, **kwargs):
+        spy.calls.clear()
+        state = PoolState(torch.zeros(2, 8))
+        with torch.set_grad_enabled(grad):
+            out = block(x, positions=positions, pool_state=state, **kwargs)
+        return out, spy.calls == ["decode_hidden"]
+
+    assert decoded(_block())[1]
+    out, taken = decoded(_block(), grad=True)  # gradients wanted: autograd needs the eager ops
+    assert not taken and out.requires_grad
+    assert not decoded(_block(eval_routing="hard"))[1]
+    assert not decoded(_block(activations=("relu", "softplus")))[1]
+    assert not decoded(_block(routing_mode="static"))[1]
+    assert not decoded(_block().train())[1]  # Gumbel noise in training
+    assert not decoded(_block(), return_routing=True)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not decoded(_block())[1]
+    assert decoded(_block(routing_noise=False).train())[1]  # training without noise: the same soft routing
+
+
+def test_generation_with_the_kernels_equals_generation_without(kernels, monkeypatch, tiny_config):
+    model = PolychromaticLM(tiny_config).eval()
+    with torch.no_grad():
+        for layer in model.polyglu_layers():
+            layer.alpha.normal_(0, 2.0)
+    model.use_decode_layout()
+    prompts = torch.randint(1, tiny_config.vocab_size, (2, 6))
+    spy = Spy(kernels)
+    monkeypatch.setattr(native, "_kernels", spy)
+    native_out = generate(model, prompts, 12, eos_token_id=[])
+    assert "decode_hidden" in spy.calls and "mixed_activation" in spy.calls  # decode steps and prefill
+    monkeypatch.setattr(native, "_kernels", None)
+    eager_out = generate(model, prompts, 12, eos_token_id=[])
+    assert torch.equal(native_out.tokens, eager_out.tokens)
+    sequence = torch.cat([prompts, native_out.tokens], 1)
+    with torch.no_grad():  # cached (native) logits == an uncached (eager) forward over the whole sequence
+        monkeypatch.setattr(native, "_kernels", kernels)
+        cache = model.new_cache(2, 20)
+        prefix = model(sequence[:, :6], cache=cache).logits
+        steps = [model(sequence[:, t:t + 1], cache=cache).logits for t in range(6, 14)]
+        cached = torch.cat([prefix, *steps], 1)
+        monkeypatch.setattr(native, "_kernels", None)
+        torch.testing.assert_close(cached, model(sequence[:, :14]).logits, atol=2e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# building and switching
+
+
+def test_the_library_is_cached_by_source_torch_and_cpu(fresh_native):
+    path = native.library_path()
+    assert path.parent == fresh_native / "kernels" and path.name.startswith("polyglu_cpu-")
+    assert native.library_path() == path  # stable
+
+
+@pytest.mark.parametrize("value, expected", [("", "auto"), ("auto", "auto"), ("1", "on"), ("ON", "on"),
+                                             ("0", "off"), ("false", "off")])
+def test_polyglu_native_values(monkeypatch, value, expected):
+    monkeypatch.setenv("POLYGLU_NATIVE", value)
+    assert native.mode() == expected
+
+
+def test_an_unknown_polyglu_native_value_is_one_line(monkeypatch, fresh_native):
+    monkeypatch.setenv("POLYGLU_NATIVE", "maybe")
+    with pytest.raises(ValueError, match="POLYGLU_NATIVE must be auto, 1/on or 0/off, got 'maybe'"):
+        native.kernels()
+
+
+def test_off_builds_nothing(monkeypatch, fresh_native):
+    monkeypatch.setenv("POLYGLU_NATIVE", "0")
+    assert native.kernels() is None and not fresh_native.exists()
+
+
+def test_without_a_compiler_auto_warns_once_and_decodes_eagerly(monkeypatch, fresh_native):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(RuntimeWarning, match=r"CPU kernels unavailable \(no C\+\+ compiler: '/nonexistent/c\+\+'"):
+        assert native.kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.kernels() is None  # decided once: no second warning
+        block = _block()
+        with torch.no_grad():
+            block(torch.randn(1, 1, 32), positions=torch.tensor([[0]]), pool_state=PoolState(torch.zeros(1, 8)))
+
+
+def test_on_without_a_compiler_is_an_error(monkeypatch, fresh_native):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("POLYGLU_NATIVE", "on")
+    with pytest.raises(native.NativeBuildError, match="POLYGLU_NATIVE=on but the CPU kernels are unavailable: no C"):
+        native.kernels()
+
+
+def test_a_failed_build_names_the_cause_keeps_a_log_and_leaves_no_library(monkeypatch, fresh_native):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.raises(native.NativeBuildError, match=r"compiling cpu_kernels.cpp failed: exit status 1 \(full log: "):
+        native.build()
+    assert not native.library_path().exists() and native.library_path().with_suffix(".log").exists()
+    assert [p.name for p in native.library_path().parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_build_kernels_command(fresh_native):
+    env = {"POLYGLU_CACHE_DIR": str(fresh_native)}
+
+    def run(*args, **extra):
+        return subprocess.run([sys.executable, "-m", "polyglu", "build-kernels", *args], capture_output=True,
+                              text=True, env={**os.environ, **env, **extra})
+
+    where = run("--path")
+    assert where.returncode == 0 and where.stdout.strip() == str(native.library_path())
+    failed = run(CXX="/nonexistent/c++")
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+        "polyglu build-kernels: error: no C++ compiler: '/nonexistent/c++' is not on PATH (set CXX)"]
+    assert not native.library_path().exists()
+
+
+@pytest.mark.slow
+def test_build_kernels_command_builds_into_an_empty_cache(fresh_native):
+    done = subprocess.run([sys.executable, "-m", "polyglu", "build-kernels"], capture_output=True, text=True,
+                          env={**os.environ, "POLYGLU_CACHE_DIR": str(fresh_native)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(native.library_path()) and native.library_path().exists()
+    assert "compiling the CPU kernels" in done.stderr
