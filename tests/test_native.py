@@ -279,6 +279,20 @@ def test_on_without_a_compiler_is_an_error(monkeypatch, fresh_native):
         native.kernels()
 
 
+def test_a_verb_that_requires_missing_kernels_exits_with_one_line(monkeypatch, fresh_native, model, tmp_path, capsys):
+    from polyglu.cli import main
+    from polyglu.data.tokenizer import load_tokenizer
+
+    model.save_pretrained(tmp_path / "model")
+    load_tokenizer("byte").save(tmp_path / "model" / "tokenizer")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("POLYGLU_NATIVE", "on")
+    assert main(["generate", str(tmp_path / "model"), "--prompt", "1 + 1 =", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "polyglu generate: error: POLYGLU_NATIVE=on but the CPU kernels are unavailable: no C++ compiler: "
+        "'/nonexistent/c++' is not on PATH (set CXX)"]
+
+
 def test_a_failed_build_names_the_cause_keeps_a_log_and_leaves_no_library(monkeypatch, fresh_native):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
     with pytest.raises(native.NativeBuildError, match=r"compiling cpu_kernels.cpp failed: exit status 1 \(full log: "):
@@ -287,17 +301,14 @@ def test_a_failed_build_names_the_cause_keeps_a_log_and_leaves_no_library(monkey
     assert [p.name for p in native.library_path().parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_build_kernels_command(fresh_native):
-    env = {"POLYGLU_CACHE_DIR": str(fresh_native)}
+def test_build_kernels_command(fresh_native, monkeypatch, capsys):
+    from polyglu.cli import main
 
-    def run(*args, **extra):
-        return subprocess.run([sys.executable, "-m", "polyglu", "build-kernels", *args], capture_output=True,
-                              text=True, env={**os.environ, **env, **extra})
-
-    where = run("--path")
-    assert where.returncode == 0 and where.stdout.strip() == str(native.library_path())
-    failed = run(CXX="/nonexistent/c++")
-    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+    assert main(["build-kernels", "--path"]) == 0
+    assert capsys.readouterr().out.strip() == str(native.library_path())
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert main(["build-kernels"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "polyglu build-kernels: error: no C++ compiler: '/nonexistent/c++' is not on PATH (set CXX)"]
     assert not native.library_path().exists()
 

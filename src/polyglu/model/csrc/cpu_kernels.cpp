@@ -26,8 +26,9 @@ using Vec = at::vec::Vectorized<float>;
 enum Activation : int64_t { kRelu = 0, kTanh = 1, kSilu = 2, kGelu = 3, kIdentity = 4, kSigmoid = 5, kCount = 6 };
 
 // The activations of one vector of units. `e` = exp(-z), shared by silu, sigmoid and tanh. silu and
-// sigmoid are torch's own CPU formulas, so a routing fixed on one of them reproduces it bit for bit;
-// tanh is 2 sigmoid(2z) - 1 (|error| < 2e-7, as the eager kernel's spelling), GELU the erf form.
+// sigmoid are the formulas of torch's vectorised CPU kernels (equal to them bit for bit on full
+// vectors; torch takes a scalar exp for the elements after its last full vector); tanh is
+// 2 sigmoid(2z) - 1 (|error| < 2e-7, the eager kernel's spelling); GELU the exact (erf) form.
 inline Vec activate(int64_t code, const Vec& z, const Vec& e) {
   switch (code) {
     case kRelu: return at::vec::clamp_min(z, Vec(0.f));
