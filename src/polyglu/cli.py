@@ -65,12 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module = importlib.import_module(VERBS[args.verb][0])
     from polyglu.config import ConfigError
-    from polyglu.model.native import NativeBuildError
     from polyglu.model_io import CheckpointError
 
     try:
         result = module.run(args)
-    except (CommandError, ConfigError, CheckpointError, NativeBuildError, FileNotFoundError, ValueError) as e:
+    except (CommandError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"polyglu {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a symlink loop or a permission error on a path no check foresaw

@@ -47,8 +47,9 @@ _CAPABILITY_FLAGS = {
 }
 
 
-class NativeBuildError(RuntimeError):
-    """The native kernels could not be built or loaded (the message names the cause)."""
+class NativeBuildError(OSError):
+    """The native kernels could not be built or loaded (the message names the cause). An OSError:
+    what is missing is in the environment (a compiler, a writable cache), so verbs print it as one line."""
 
 
 def mode() -> str:
