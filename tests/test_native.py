@@ -272,6 +272,16 @@ def test_without_a_compiler_auto_warns_once_and_decodes_eagerly(monkeypatch, fre
             block(torch.randn(1, 1, 32), positions=torch.tensor([[0]]), pool_state=PoolState(torch.zeros(1, 8)))
 
 
+def test_any_load_failure_in_auto_falls_back(monkeypatch, fresh_native):
+    """Whatever fails (here: a platform without fcntl), "auto" warns and computes eagerly."""
+    def no_fcntl(*args, **kwargs):
+        raise ImportError("No module named 'fcntl'")
+
+    monkeypatch.setattr(native, "build", no_fcntl)
+    with pytest.warns(RuntimeWarning, match="No module named 'fcntl'"):
+        assert native.kernels() is None
+
+
 def test_on_without_a_compiler_is_an_error(monkeypatch, fresh_native):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setenv("POLYGLU_NATIVE", "on")
