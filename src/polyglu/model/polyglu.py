@@ -371,31 +371,6 @@ class GLU(nn.Module):
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
 
-    def _native_decode(self, x: torch.Tensor, positions: torch.Tensor | None,
-                       pool_state: PoolState) -> torch.Tensor | None:
-        """The hidden activations of one float32 CPU token per row through the native kernel
-        (`polyglu.model.native`: routing step and mixed activation in one call), or None when it does
-        not apply (kernels off or unavailable, hard or noisy routing, gradients needed, tracing)."""
-        codes = _native_decode_codes(self.activations, self.routing_pool, self.routing_mode)
-        if codes is None or (self.routing_noise if self.training else self.eval_routing == "hard") \
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-            return None
-        first, _, second = self.gate_net
-        w1, b1, w2, b2, beta, alpha = first.weight, first.bias, second.weight, second.bias, self.beta, self.alpha
-        if not (w1.dtype == b1.dtype == w2.dtype == b2.dtype == beta.dtype == alpha.dtype == torch.float32) \
-                or (torch.is_grad_enabled() and _needs_grad(x, w1, b1, w2, b2, beta, alpha)):
-            return None
-        kernels = _native.kernels()
-        if kernels is None:
-            return None
-        keep, count = pool_state.keep, pool_state.count
-        if keep is None or count is None:  # not a decode step's shared flags: derived from the positions
-            if positions is None:
-                return None  # the eager path says what is missing
-            keep, count = (positions > 0).float(), (positions + 1).float()
-        return kernels.decode_hidden.default(x, self.gate_proj(x), self.up_proj(x), w1, b1, pool_state.total,
-                                             keep, count, w2, b2, beta, alpha, float(self.tau), codes)
-
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *, positions=None, pool_state=None,
                 return_routing: bool = False, noise=None):
         out = self.down_proj(ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
