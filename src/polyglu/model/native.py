@@ -6,8 +6,9 @@ does each in one call:
 
 - `mixed_activation(gate, up, alpha, dynamic, tau, activations)`: sum_k g_k act_k(gate) * up with
   soft, noise-free routing, float32 (`polyglu.model.fused.small_inference` takes it);
-- `causal_routing_step(x, ...)`: one decoded token per row through the routing network with causal
-  pooling, continuing the cache's running sums in place (`PolyGLU.dynamic_logits` takes it).
+- `decode_hidden(x, gate, up, ...)`: a PolyGLU layer's hidden activations for one decoded float32
+  token per row: the causal pooling (continuing the cache's running sums in place), the routing
+  network and the mixed activation (`PolyGLU._native_decode` takes it).
 
 The library is built with the system's C++ compiler (`$CXX`, else `c++`) against the installed
 torch, for the CPU capability torch runs with, into `$POLYGLU_CACHE_DIR` (default
