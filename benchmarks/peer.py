@@ -198,6 +198,15 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, steps: int, rounds: int,
     return times
 
 
+def native_kernels_in_use() -> bool:
+    """Whether polyglu's eager CPU decoding took the native kernels (polyglu.model.native) in this run."""
+    try:
+        from polyglu.model import native
+    except ImportError:  # a polyglu from before the native kernels
+        return False
+    return native.kernels() is not None
+
+
 def has_compiled_decode() -> bool:
     return "compile" in inspect.signature(generate).parameters
 
@@ -252,7 +261,7 @@ def main(argv=None) -> None:
     setup = {"preset": args.preset, "d_model": config.d_model, "d_ff": config.d_ff, "n_layers": config.n_layers,
              "vocab_size": config.vocab_size, "repeats": args.repeats, "threads": torch.get_num_threads(),
              "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
-             "compiled_decode": compiled,
+             "compiled_decode": compiled, "native_kernels": native_kernels_in_use(),
              "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}}
     if args.json:
         print(json.dumps({"setup": setup, "results": results}, indent=2))
@@ -263,7 +272,8 @@ def main(argv=None) -> None:
 def print_table(setup: dict, results: dict) -> None:
     print(f"peer: preset={setup['preset']} (d_model {setup['d_model']}, d_ff {setup['d_ff']}, {setup['n_layers']} "
           f"layers, vocab {setup['vocab_size']}), CPU threads={setup['threads']}, repeats={setup['repeats']} "
-          f"(interleaved), torch {setup['torch']}, transformers {setup['transformers']}")
+          f"(interleaved), torch {setup['torch']}, transformers {setup['transformers']}, native CPU kernels "
+          f"{'on' if setup.get('native_kernels') else 'off (POLYGLU_NATIVE=0 or unavailable)'}")
     print(f"{'measure':<24} {'model':<18} {'median':>10} {'tokens/s':>10} {'vs qwen3':>9}")
     for label, rows in results.items():
         if "qwen3" not in rows:  # the lockstep decode steps: PolyGLU against SwiGLU only
