@@ -255,6 +255,24 @@ def test_an_unknown_polyglu_native_value_is_one_line(monkeypatch, fresh_native):
         native.kernels()
 
 
+def test_threads_decoding_at_once_load_the_kernels_once(monkeypatch, fresh_native):
+    import threading
+
+    calls, barrier = [], threading.Barrier(4)
+    monkeypatch.setattr(native, "_load", lambda: calls.append(1) or "kernels")
+
+    def first_use():
+        barrier.wait()
+        assert native.kernels() == "kernels"
+
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1]
+
+
 def test_off_builds_nothing(monkeypatch, fresh_native):
     monkeypatch.setenv("POLYGLU_NATIVE", "0")
     assert native.kernels() is None and not fresh_native.exists()

@@ -31,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def load(path: Path) -> None:
 
 _UNTRIED = object()
 _kernels = _UNTRIED  # torch.ops.polyglu_cpu once loaded; None when unavailable (or switched off)
+_loading = threading.Lock()  # threads decoding at once decide (and load) once
 
 
 def kernels():
@@ -147,7 +149,9 @@ def kernels():
     says; None when they are off or unavailable (then warned once in "auto", an error in "on")."""
     global _kernels
     if _kernels is _UNTRIED:
-        _kernels = _load()
+        with _loading:
+            if _kernels is _UNTRIED:
+                _kernels = _load()
     return _kernels
 
 
