@@ -5,6 +5,7 @@ one line when it cannot happen, and switched by POLYGLU_NATIVE."""
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -259,7 +260,13 @@ def test_threads_decoding_at_once_load_the_kernels_once(monkeypatch, fresh_nativ
     import threading
 
     calls, barrier = [], threading.Barrier(4)
-    monkeypatch.setattr(native, "_load", lambda: calls.append(1) or "kernels")
+
+    def slow_load():  # a build takes seconds: every thread would start one without the lock
+        calls.append(1)
+        time.sleep(0.05)
+        return "kernels"
+
+    monkeypatch.setattr(native, "_load", slow_load)
 
     def first_use():
         barrier.wait()
