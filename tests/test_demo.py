@@ -72,3 +72,26 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)
+
+
+def test_the_demo_compiles_missing_kernels_while_it_trains(monkeypatch, tmp_path):
+    """The evaluation decodes with the native kernels: a missing library is compiled in a background
+    thread (a compiler process on the core one-thread training leaves idle), not at the evaluation."""
+    import threading
+
+    from polyglu.commands.demo import _build_kernels_in_background
+    from polyglu.model import native
+
+    built = []
+    monkeypatch.setenv("POLYGLU_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("POLYGLU_NATIVE", raising=False)
+    monkeypatch.setattr(native, "build", lambda: built.append(threading.current_thread().name))
+    thread = _build_kernels_in_background()
+    thread.join()
+    assert built == ["polyglu-kernels"]
+    native.library_path().parent.mkdir(parents=True)
+    native.library_path().touch()  # already built: nothing to do
+    assert _build_kernels_in_background() is None
+    native.library_path().unlink()
+    monkeypatch.setenv("POLYGLU_NATIVE", "0")
+    assert _build_kernels_in_background() is None and built == ["polyglu-kernels"]

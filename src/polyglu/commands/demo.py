@@ -81,6 +81,28 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
     return Path(summary["model_dir"])
 
 
+def _build_kernels_in_background():
+    """The evaluation decodes with the native CPU kernels (polyglu.model.native): when they are not
+    built yet, compile them now, in a compiler process on the core training leaves idle (it trains
+    on one thread), rather than at the evaluation (~5 s). Returns the thread to join, or None."""
+    import threading
+
+    from polyglu.model import native
+
+    if native.mode() == "off" or native.library_path().exists():
+        return None
+
+    def build():
+        try:
+            native.build()
+        except Exception:  # the evaluation's first use reports it (one warning) and decodes eagerly
+            pass
+
+    thread = threading.Thread(target=build, name="polyglu-kernels", daemon=True)
+    thread.start()
+    return thread
+
+
 def _accuracy_table(rows: dict[str, dict]) -> str:
     difficulties = sorted({d for r in rows.values() for d in r["per_difficulty"]}, key=str)
     head = f"{'model':<28}" + "".join(f"{'d=' + str(d):>9}" for d in difficulties) + f"{'1-2 step':>10}{'all':>8}"
@@ -117,8 +139,11 @@ def run(args: argparse.Namespace) -> int:
 
             raise CommandError(f"config {path} not found (pass --config/--sft-config)")
 
+    kernels_build = _build_kernels_in_background()
     _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
     sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
+    if kernels_build is not None:
+        kernels_build.join()
 
     shards = run_dir / "data" / "shards"
     files = {k: shards / v for k, v in json.loads((shards / "manifest.json").read_text())["builtin"]["files"].items()}
