@@ -348,6 +348,26 @@ def test_build_kernels_command(fresh_native, monkeypatch, capsys):
     assert not native.library_path().exists()
 
 
+def test_an_unloadable_library_names_itself_and_the_fix(monkeypatch, fresh_native):
+    path = native.library_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a shared library")
+    monkeypatch.setattr(native, "_loaded", lambda: False)  # as in a process that has not loaded it yet
+    with pytest.raises(native.NativeBuildError, match=rf"cannot load {path} .*polyglu build-kernels --force"):
+        native.load(path)
+
+
+def test_force_rebuilds_over_a_cached_library(monkeypatch, fresh_native):
+    path = native.library_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"stale")
+    assert native.build() == path and path.read_bytes() == b"stale"  # cached: nothing compiled
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(native.NativeBuildError, match="compiling cpu_kernels.cpp failed"):
+        native.build(force=True)  # compiled again (and this compiler fails)
+    assert path.read_bytes() == b"stale"  # a failed build leaves the old file as it was
+
+
 @pytest.mark.slow
 def test_build_kernels_command_builds_into_an_empty_cache(fresh_native):
     done = subprocess.run([sys.executable, "-m", "polyglu", "build-kernels"], capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""polyglu build-kernels [--path]: compile the native CPU kernels now (else built on first use)."""
+"""polyglu build-kernels [--path] [--force]: compile the native CPU kernels now (else built on first use)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", action="store_true",
                    help="print where the library for this torch and CPU is (or would be) cached; build nothing")
+    p.add_argument("--force", action="store_true", help="compile again even if the library is cached")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
         print(native.library_path())
         return 0
     try:
-        path = native.build()
+        path = native.build(force=args.force)
         native.load(path)
     except (native.NativeBuildError, OSError) as e:
         raise CommandError(str(e)) from None

@@ -98,13 +98,14 @@ def library_path() -> Path:
     return cache_dir() / "kernels" / f"polyglu_cpu-{digest.hexdigest()[:16]}.so"
 
 
-def build(path: Path | None = None, quiet: bool = False) -> Path:
-    """Compile the library to `path` (default `library_path()`) unless it is there; returns the path.
+def build(path: Path | None = None, quiet: bool = False, force: bool = False) -> Path:
+    """Compile the library to `path` (default `library_path()`) unless it is there (or `force`);
+    returns the path.
 
     Concurrent builders wait for each other (a lock file beside it); the library is written under a
     temporary name and renamed into place, so a reader never sees a partial file."""
     path = path or library_path()
-    if path.exists():
+    if path.exists() and not force:
         return path
     if shutil.which(shlex.split(compiler())[0]) is None:
         raise NativeBuildError(f"no C++ compiler: {compiler()!r} is not on PATH (set CXX)")
@@ -113,7 +114,7 @@ def build(path: Path | None = None, quiet: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():  # another process built it while this one waited
+        if path.exists() and not force:  # another process built it while this one waited
             return path
         if not quiet:
             print(f"polyglu: compiling the CPU kernels for torch {torch.__version__} (once, ~5 s) -> {path}",
@@ -133,10 +134,17 @@ def build(path: Path | None = None, quiet: bool = False) -> Path:
     return path
 
 
+def _loaded() -> bool:
+    return hasattr(torch.ops.polyglu_cpu, "mixed_activation")
+
+
 def load(path: Path) -> None:
     """Load the library at `path` into this process (once: a second load of the same kernels is a no-op)."""
-    if not hasattr(torch.ops.polyglu_cpu, "mixed_activation"):
-        torch.ops.load_library(str(path))
+    if not _loaded():
+        try:
+            torch.ops.load_library(str(path))
+        except OSError as e:  # e.g. a system library it links against changed since it was built
+            raise NativeBuildError(f"cannot load {path} ({e}); rebuild it with: polyglu build-kernels --force") from e
 
 
 _UNTRIED = object()
