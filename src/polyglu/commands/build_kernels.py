@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = native.build(force=args.force)
         native.load(path)
-    except (native.NativeBuildError, OSError) as e:
+    except OSError as e:  # NativeBuildError included
         raise CommandError(str(e)) from None
     print(path)
     return 0

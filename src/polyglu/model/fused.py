@@ -507,7 +507,7 @@ def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, d
     if not hard and noise is None and gate.dtype == torch.float32 and gate.device.type == "cpu" \
             and up.dtype == alpha.dtype == dynamic.dtype == torch.float32:
         kernels = native.kernels()
-        codes = _native_codes(activations)
+        codes = native.activation_codes(activations)
         if kernels is not None and codes is not None:  # the same math in one call (polyglu.model.native)
             return kernels.mixed_activation.default(gate, up, alpha, dynamic, float(tau), codes)
     dtype = _compute_dtype(gate)
@@ -533,11 +533,6 @@ def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, d
         else:  # the first activation's buffer becomes the sum, unless it is gate itself (identity)
             mixed = a * g[k] if a is gate else a.mul_(g[k])
     return _as(mixed.mul_(_as(up, dtype)), gate.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _native_codes(activations: tuple[str, ...]) -> tuple[int, ...] | None:
-    return native.activation_codes(activations)
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ torch version, capability and flags; a build takes ~5 s and happens once. `POLYG
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shlex
@@ -74,13 +75,9 @@ def compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
-def _torch_lib() -> Path:
-    return Path(torch.__file__).resolve().parent / "lib"
-
-
 def _command(output: Path) -> list[str]:
-    include = Path(torch.__file__).resolve().parent / "include"
-    lib = _torch_lib()
+    torch_dir = Path(torch.__file__).resolve().parent
+    include, lib = torch_dir / "include", torch_dir / "lib"
     capability = torch.backends.cpu.get_cpu_capability()
     return [*shlex.split(compiler()), "-O3", "-std=c++17", "-fPIC", "-shared",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
@@ -98,13 +95,12 @@ def library_path() -> Path:
     return cache_dir() / "kernels" / f"polyglu_cpu-{digest.hexdigest()[:16]}.so"
 
 
-def build(path: Path | None = None, quiet: bool = False, force: bool = False) -> Path:
-    """Compile the library to `path` (default `library_path()`) unless it is there (or `force`);
-    returns the path.
+def build(force: bool = False) -> Path:
+    """Compile the library to `library_path()` unless it is there (or `force`); returns the path.
 
     Concurrent builders wait for each other (a lock file beside it); the library is written under a
     temporary name and renamed into place, so a reader never sees a partial file."""
-    path = path or library_path()
+    path = library_path()
     if path.exists() and not force:
         return path
     if shutil.which(shlex.split(compiler())[0]) is None:
@@ -116,9 +112,8 @@ def build(path: Path | None = None, quiet: bool = False, force: bool = False) ->
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists() and not force:  # another process built it while this one waited
             return path
-        if not quiet:
-            print(f"polyglu: compiling the CPU kernels for torch {torch.__version__} (once, ~5 s) -> {path}",
-                  file=sys.stderr, flush=True)
+        print(f"polyglu: compiling the CPU kernels for torch {torch.__version__} (once, ~5 s) -> {path}",
+              file=sys.stderr, flush=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         log = path.with_suffix(".log")
         try:
@@ -178,6 +173,7 @@ def _load():
         return None
 
 
+@functools.lru_cache(maxsize=64)  # a decode step asks once per layer
 def activation_codes(activations: tuple[str, ...]) -> tuple[int, ...] | None:
     """The kernels' codes of `activations`, or None if one of them has no native code."""
     try:
