@@ -237,10 +237,14 @@ def test_generation_with_the_kernels_equals_generation_without(kernels, monkeypa
 # building and switching
 
 
-def test_the_library_is_cached_by_source_torch_and_cpu(fresh_native):
+def test_the_library_is_cached_by_source_torch_and_cpu(fresh_native, monkeypatch):
     path = native.library_path()
     assert path.parent == fresh_native / "kernels" and path.name.startswith("polyglu_cpu-")
     assert native.library_path() == path  # stable
+    edited = fresh_native.parent / "cpu_kernels.cpp"
+    edited.write_bytes(native.SOURCE.read_bytes() + b"\n// edited\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native.library_path() != path  # another source: another library, never a stale one
 
 
 @pytest.mark.parametrize("value, expected", [("", "auto"), ("auto", "auto"), ("1", "on"), ("ON", "on"),
