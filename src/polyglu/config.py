@@ -476,6 +476,9 @@ class TrainSection:
     eval_batches: int = 8
     routing_stats_every: int = 100
     checkpoint_every: int = 500
+    # also save when this many minutes passed since the last save (None: by steps only), so that a crash
+    # or a kill loses minutes, not the run, whatever the speed of a step
+    checkpoint_minutes: float | None = 10.0
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
@@ -498,6 +501,8 @@ class TrainSection:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ConfigError(f"train.checkpoint_minutes must be positive (or null), got {self.checkpoint_minutes}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ConfigError("train.tau_start and train.tau_end must be positive")
 

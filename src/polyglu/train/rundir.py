@@ -47,7 +47,7 @@ _OLD = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]+\.old$")
 # never what a step computes (max_steps stretches the schedules from the resumed step on)
 SAFE_RESUME_KEYS = frozenset({
     "run_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.routing_stats_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
+    "train.routing_stats_every", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints", "train.max_bad_steps",
     "train.threads", "train.progress", "train.tensorboard", "train.wandb_project",
     "train.activation_checkpointing",
 })
