@@ -190,6 +190,8 @@ def existing_results(run_dir: str | Path) -> list[str]:
 def refuse_existing_results(run_dir: str | Path, overwrite: bool) -> list[str]:
     """Raise unless `run_dir` holds no run or `overwrite` is set; returns what it holds."""
     found = existing_results(run_dir)
+    if found and set(found) <= {RUN_CONFIG_NAME, HISTORY_NAME}:
+        return found  # a start that stopped before training a step: nothing to keep, a retry clears it
     if found and not overwrite:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
                           f"or --overwrite to delete it and start again, or use another run_dir")
