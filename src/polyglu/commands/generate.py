@@ -63,8 +63,8 @@ def check_fits_context(max_new_tokens: int, model, prompt_tokens: int = 1) -> No
 
     context = model.config.max_seq_len
     if prompt_tokens >= context:
-        raise CommandError(f"the prompt has {prompt_tokens} tokens, the whole model context of {context} tokens; "
-                           f"shorten it to at most {context - 1}")
+        raise CommandError(f"the prompt has {prompt_tokens} tokens; the model context max_seq_len={context} leaves "
+                           f"no room to generate: shorten it to at most {context - 1} tokens")
     if max_new_tokens + prompt_tokens > context:
         prompt = f"the prompt's {prompt_tokens} tokens" if prompt_tokens > 1 else "the prompt"
         raise CommandError(f"--max-new-tokens {max_new_tokens} does not fit the model context of {context} tokens "

@@ -40,10 +40,10 @@ def run(args: argparse.Namespace, task: str = TASK) -> int:
     verb = "train" if task == TASK else "sft"
     # the verb decides the task: `polyglu sft --config any.yaml` fine-tunes
     config = RunConfig.load(args.config, [*args.overrides, f"task={task}"])
-    if args.config is None:
-        print(f"polyglu {verb}: no --config: the defaults (preset {config.model.get('preset', '-')}, the built-in "
-              f"math corpus, {config.data.tokenizer} tokenizer, {config.train.max_steps} steps) in "
-              f"{config.run_dir}; configs/debug.yaml is a 40-step run", file=sys.stderr)
+    if args.config is None and not args.overrides:
+        print(f"no --config: the defaults, preset {config.model.get('preset', '-')} on the built-in math corpus "
+              f"({config.data.tokenizer} tokenizer, {config.train.max_steps} steps, batch {config.train.batch_size} "
+              f"x {config.data.seq_len}) in {config.run_dir}; configs/debug.yaml is a 40-step run")
     trainer = build_run(config, device=args.device, resume=args.resume, overwrite=args.overwrite)
     try:
         if args.resume:
