@@ -569,11 +569,11 @@ def _command_line_culprit(message: str, overrides: list[str]) -> str:
     """'command-line override KEY=VALUE' for the override whose key the error names, else all of them."""
     import re
 
-    def names(item: str) -> bool:
-        key = item.split("=", 1)[0].strip()
-        return key in message or re.search(rf"\b{re.escape(key.split('.')[-1])}\b", message) is not None
-
-    named = [item for item in overrides if names(item)]
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    named = [item for item, key in zip(overrides, keys) if f"'{key}'" in message]  # as the key errors quote it
+    if not named:  # a value error names the field: 'ModelConfig.n_heads (3) must be ...'
+        named = [item for item, key in zip(overrides, keys)
+                 if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", message.split(" (known keys:")[0])]
     chosen = named or overrides
     return f"command-line override{'s' if len(chosen) > 1 else ''} {' '.join(chosen)}"
 
