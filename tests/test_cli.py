@@ -153,3 +153,28 @@ def test_train_without_config_trains_past_its_warm_up(capsys, tmp_path, monkeypa
                                    "data.builtin_validation=4", "data.builtin_test=4", "data.seq_len=32"])
     build_run(config, log=logs.append).run_lock.release()
     assert any("never leaves warm-up" in line for line in logs)
+
+
+def test_progress_shows_on_a_terminal_unless_quiet(monkeypatch):
+    import argparse
+    import io
+
+    from polyglu.commands.common import progress_disabled, progress_visible
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    assert progress_visible(argparse.Namespace(quiet=False)) and progress_disabled(argparse.Namespace()) is None
+    assert not progress_visible(argparse.Namespace(quiet=True)) and progress_disabled(argparse.Namespace(quiet=True))
+    assert not progress_visible(argparse.Namespace(no_progress=True))
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a pipe or a file
+    assert not progress_visible(argparse.Namespace(quiet=False))
+
+
+def test_verbs_doing_long_work_take_quiet(capsys):
+    for verb in ("train", "sft", "prepare", "eval-math", "perplexity", "analyze", "generate"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "--quiet" in capsys.readouterr().out, verb

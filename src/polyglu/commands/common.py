@@ -115,4 +115,4 @@ def progress_visible(args) -> bool:
     """Whether progress lines are shown: on a terminal and without --quiet (as the progress bars)."""
     import sys
 
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+    return not (getattr(args, "quiet", False) or getattr(args, "no_progress", False)) and sys.stderr.isatty()
