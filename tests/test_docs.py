@@ -169,8 +169,9 @@ def _run_python(block: Block) -> None:
         exec(code, {"__name__": "__docs__"})
 
 
-def run_page(page: str, directory: Path) -> list[str]:
-    """Run the page's code in `directory`; returns the lines skipped, with what they need."""
+def run_page(page: str, directory: Path, shared_root: Path) -> list[str]:
+    """Run the page's code in `directory` (results of leading commands kept under `shared_root`);
+    returns the lines skipped, with what they need."""
     (directory / "configs").symlink_to(ROOT / "configs")
     skipped, prefix, fresh = [], (), True
     cwd = Path.cwd()
@@ -197,7 +198,7 @@ def run_page(page: str, directory: Path) -> list[str]:
                         _restore(_SHARED[prefix], directory)
                     else:
                         _run_command(command, directory)
-                        _SHARED[prefix] = _snapshot(directory)
+                        _SHARED[prefix] = _snapshot(directory, shared_root / f"prefix-{len(_SHARED)}")
                 else:
                     _run_command(command, directory)
             fresh = False
@@ -206,12 +207,9 @@ def run_page(page: str, directory: Path) -> list[str]:
     return skipped
 
 
-def _snapshot(directory: Path) -> Path:
-    import tempfile
-
-    copy = Path(tempfile.mkdtemp(prefix="polyglu-docs-shared-"))
-    shutil.copytree(directory, copy / "tree", symlinks=True)
-    return copy / "tree"
+def _snapshot(directory: Path, copy: Path) -> Path:
+    shutil.copytree(directory, copy, symlinks=True)
+    return copy
 
 
 def _restore(snapshot: Path, directory: Path) -> None:
@@ -235,13 +233,22 @@ def _page_params():
     return out
 
 
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("docs-shared")
+
+
 @pytest.mark.parametrize("page", _page_params())
-def test_page_runs_as_written(page, tmp_path, monkeypatch):
+def test_page_runs_as_written(page, tmp_path, shared_root, monkeypatch):
     import torch
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     try:
-        run_page(page, tmp_path)
+        skipped = run_page(page, tmp_path, shared_root)
     finally:
         torch.set_num_threads(threads)  # a run config's train.threads must not leak into later tests
+    # what was not run is what the page says needs more than this machine: an original checkpoint, a
+    # GPU, a download or a long run
+    assert all(re.search(r"checkpoint|GPU|download|minutes|hours|PyPI|suite|model|conversion", line.split(": ", 1)[1])
+               for line in skipped), skipped
