@@ -193,7 +193,7 @@ def run_page(page: str, directory: Path, shared_root: Path) -> list[str]:
                 if needs:
                     skipped.append(f"{page}:{command.line}: {needs}")
                 elif fresh:  # the page's first block, started in an empty directory: share its results
-                    prefix = (*prefix, command.text)
+                    prefix = (*prefix, shlex.join(shlex.split(command.text, comments=True)))  # comments aside
                     if prefix in _SHARED:
                         _restore(_SHARED[prefix], directory)
                     else:
