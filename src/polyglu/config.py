@@ -6,6 +6,7 @@ checked key by key: an unknown or mistyped key is an error that names it, never 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -461,7 +462,7 @@ class TrainSection:
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 2000
+    warmup_steps: int = 100  # a tenth of the default max_steps (paper-600m.yaml: 2000 of its steps)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -548,7 +549,13 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     data = load_mapping(path) if path is not None else {}
     for key, value in defaults.items():
         data.setdefault(key, value)
-    for item in overrides or []:
+    overrides = list(overrides or [])
+    if overrides:  # the file alone first: an error the command line introduced is blamed on it
+        try:
+            dataclass_from_dict(cls, copy.deepcopy(data))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    for item in overrides:
         # an override inside a mapping-valued section the file does not have (`model.d_model=128`
         # with no `model:`) refines that section's default ({"preset": "debug"}), not an empty one
         top = item.split("=", 1)[0].strip().split(".")[0]
@@ -560,7 +567,20 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     try:
         return dataclass_from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(f"{_command_line_culprit(str(e), overrides)}: {e}") from None
+
+
+def _command_line_culprit(message: str, overrides: list[str]) -> str:
+    """'command-line override KEY=VALUE' for the override whose key the error names, else all of them."""
+    import re
+
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    named = [item for item, key in zip(overrides, keys) if f"'{key}'" in message]  # as the key errors quote it
+    if not named:  # a value error names the field: 'ModelConfig.n_heads (3) must be ...'
+        named = [item for item, key in zip(overrides, keys)
+                 if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", message.split(" (known keys:")[0])]
+    chosen = named or overrides
+    return f"command-line override{'s' if len(chosen) > 1 else ''} {' '.join(chosen)}"
 
 
 def _mapping_default(cls: type, name: str) -> dict[str, Any] | None:
