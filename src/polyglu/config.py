@@ -23,7 +23,7 @@ ROUTING_POOLS = ("causal", "sequence", "token")
 EVAL_ROUTING = ("soft", "hard")
 MIXED_IMPLS = ("auto", "fused", "reference")
 ROUTING_MODES = ("full", "static", "dynamic")
-ATTENTION_BACKENDS = ("sdpa", "flex")
+ATTENTION_BACKENDS = ("sdpa", "flex", "auto")
 # Pools whose value at position t reads only positions <= t. Any other pool (the original "sequence",
 # or one added to ROUTING_POOLS and not here) counts as non-causal: generation recomputes it every
 # step instead of decoding it wrongly with a cache.
@@ -284,10 +284,11 @@ class ModelConfig:
     mixed_impl: str = "auto"
     # "full" routing (alpha + beta * gate_net); ablations: "static" (alpha only), "dynamic" (alpha = 0)
     routing_mode: str = "full"
-    # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, or "flex"
-    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5); without doc_ids both use
-    # SDPA's is_causal (flash on GPU)
-    attention_backend: str = "sdpa"
+    # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, "flex"
+    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5), or "auto": flex for an
+    # uncached forward on CUDA (packed training), sdpa elsewhere; without doc_ids all use SDPA's
+    # is_causal (flash on GPU)
+    attention_backend: str = "auto"
     init_std: float = 0.02
     pad_token_id: int | None = None
     eos_token_id: int | None = None

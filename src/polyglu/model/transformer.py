@@ -14,7 +14,7 @@ from polyglu.config import ModelConfig
 from polyglu.documents import document_causal_mask, document_positions
 from polyglu.model.attention import Attention
 from polyglu.model.cache import KVCache
-from polyglu.model.flex import document_block_mask
+from polyglu.model.flex import document_block_mask, uses_flex
 from polyglu.model.layers import RMSNorm, rotary_tables
 from polyglu.model.polyglu import GLU, PolyGLU
 
@@ -123,7 +123,7 @@ class PolychromaticLM(nn.Module):
         restart per document. With `cache`, the tokens continue the cached ones.
         `compute_logits=False` skips the head (for a chunked loss on hidden states)."""
         B, T = input_ids.shape
-        flex = self.config.attention_backend == "flex"
+        flex = uses_flex(self.config.attention_backend, input_ids.device, cached=cache is not None)
         if cache is not None:
             doc_ids, positions = cache.prepare(T, doc_ids)
             mask = cache.attention_mask(T)
@@ -141,7 +141,8 @@ class PolychromaticLM(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
             cos, sin = rope_cos[:T][None, None], rope_sin[:T][None, None]
         else:
-            if int(positions.max()) >= self.config.max_seq_len:
+            # positions inside a chunk are < T: only a long chunk or a cache needs the (host-syncing) check
+            if (cache is not None or T > self.config.max_seq_len) and int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"a document position reaches {int(positions.max())}, beyond "
                                  f"max_seq_len={self.config.max_seq_len}")
             cos, sin = rope_cos[positions][:, None], rope_sin[positions][:, None]  # (B, 1, T, hd/2)

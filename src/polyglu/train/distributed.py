@@ -35,8 +35,10 @@ class DistributedContext:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda": this process's GPU (torchrun's LOCAL_RANK)
+            dev = torch.device("cuda", local)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not tdist.is_initialized():
