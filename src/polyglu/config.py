@@ -483,6 +483,12 @@ class TrainSection:
     compile: bool = False
     activation_checkpointing: bool = False
     loss_chunk_size: int = 2048
+    # the loss kernel: "auto" (liger-kernel's fused linear cross-entropy for training on CUDA when the
+    # [gpu] extra is installed, else chunked), "chunked", "fused"; see polyglu.train.loss
+    loss_kernel: Literal["auto", "chunked", "fused"] = "auto"
+    # pad the head to a multiple of this many rows inside the fused loss (128 on GPUs: aligned tiles
+    # for an odd vocabulary); pad logits masked; the model and its checkpoints keep their vocabulary
+    vocab_pad_multiple: int | None = None
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     threads: int | None = None  # CPU threads (default: torch's)
     progress: bool = True
@@ -497,6 +503,8 @@ class TrainSection:
                 raise ConfigError(f"train.{name} must be positive, got {value}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.vocab_pad_multiple is not None and self.vocab_pad_multiple <= 0:
+            raise ConfigError(f"train.vocab_pad_multiple must be positive or null, got {self.vocab_pad_multiple}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.tau_start <= 0 or self.tau_end <= 0:

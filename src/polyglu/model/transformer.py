@@ -117,11 +117,14 @@ class PolychromaticLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, return_routing: bool = False, compute_logits: bool = True,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, reduce_routing=None) -> ModelOutput:
         """input_ids: (B, T). doc_ids (B, T): packed documents, each a run of equal ids (see
         polyglu.documents): block-diagonal causal attention, rotary positions and routing pools
         restart per document. With `cache`, the tokens continue the cached ones.
-        `compute_logits=False` skips the head (for a chunked loss on hidden states)."""
+        `compute_logits=False` skips the head (for a chunked loss on hidden states).
+        `reduce_routing`: with `return_routing`, a function applied to each layer's routing weights
+        as soon as the layer has run, its result kept instead (statistics without holding every
+        layer's (B, T', d_ff, K) weights at once)."""
         B, T = input_ids.shape
         flex = uses_flex(self.config.attention_backend, input_ids.device, cached=cache is not None)
         if cache is not None:
@@ -152,7 +155,8 @@ class PolychromaticLM(nn.Module):
         for block in self.layers:
             x, layer_routing = block(x, cos, sin, mask, doc_ids, positions, cache, return_routing)
             if return_routing:
-                routing.append(layer_routing)
+                reduced = reduce_routing is not None and layer_routing is not None
+                routing.append(reduce_routing(layer_routing) if reduced else layer_routing)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
