@@ -120,3 +120,24 @@ def test_cuda_training_defaults_to_the_triton_kernel(monkeypatch):
     assert fused.default_kernel(on_cuda) == "chunked"
     with fused.use_kernel("triton"):  # a choice like any other
         assert fused.default_kernel(torch.zeros(1, 1, 1)) == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_swiglu_baseline_runs_the_same_kernel(dtype):
+    """With the "triton" kernel chosen (CUDA's default), a GLU baseline computes act(gate) * up through
+    PolyGLU's kernel with one activation; values and gradients as the plain ops."""
+    from polyglu.model.polyglu import SwiGLU
+
+    torch.manual_seed(0)
+    block = SwiGLU(16, 40).to(dtype)
+    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    with fused.use_kernel("triton"):
+        assert fused.glu_kernel_applies(block.gate_proj(x), "silu")
+        y = block(x)
+    grads = torch.autograd.grad(y.float().square().sum(), (x, *block.parameters()))
+    want = block.down_proj(torch.nn.functional.silu(block.gate_proj(x)) * block.up_proj(x))
+    want_grads = torch.autograd.grad(want.float().square().sum(), (x, *block.parameters()))
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, expected in zip((y, *grads), (want, *want_grads)):
+        assert float((got.float() - expected.float()).abs().max()) <= tolerance * float(expected.float().abs().max())
+    assert not fused.glu_kernel_applies(block.gate_proj(x), "silu")  # CPU default: the plain ops

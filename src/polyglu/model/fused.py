@@ -596,3 +596,23 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
     kernel = kernel or default_kernel(gate)
     gate, up = gate.contiguous(), up.contiguous()
     return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel)
+
+
+def glu_kernel_applies(gate: torch.Tensor, activation: str) -> bool:
+    """Whether a fixed-activation GLU (the SwiGLU baseline) runs `glu_fused`: when PolyGLU's default
+    kernel here is "triton" and it covers the activation, outside small inference calls and traces."""
+    return (not torch.compiler.is_compiling() and not _inference_fast_path(gate, (gate,))
+            and default_kernel(gate) == "triton" and triton_mixed.supports(gate, (activation,), False))
+
+
+def glu_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up through the "triton" kernel with one activation (its routing weight is 1, no
+    routing gradient): on CUDA the GLU baselines run the same fused kernel as PolyGLU (one pass each
+    way, activation recomputed in backward), so a PolyGLU / SwiGLU comparison measures the routing,
+    not two kernel styles."""
+    B, _, F_ = gate.shape
+    alpha = torch.zeros((F_, 1), device=gate.device)
+    dynamic = torch.zeros((B, 1, 1), device=gate.device)
+    tau = torch.ones((), device=gate.device)
+    return MixedActivation.apply(gate.contiguous(), up.contiguous(), alpha, dynamic, None, tau, (activation,), False,
+                                 "triton")
