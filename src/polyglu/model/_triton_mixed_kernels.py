@@ -6,12 +6,17 @@ one weight serves the whole row."""
 from __future__ import annotations
 
 import math
+import os
 
 import triton
 import triton.language as tl
-from triton import knobs
 
-INTERPRETED = bool(knobs.runtime.interpret)
+try:  # triton >= 3.4 reads its settings through knobs
+    from triton import knobs
+
+    INTERPRETED = bool(knobs.runtime.interpret)
+except ImportError:
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # (in expressions a constexpr comes after a tensor operand: constexpr * tensor stays a constexpr in the
 # interpreter)
