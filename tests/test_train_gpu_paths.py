@@ -168,3 +168,14 @@ def test_routing_statistics_on_a_sample_without_autograd(tmp_path):
     want = [round(float(routing_entropy(g, normalized=True).mean()), 6) for g in routing]
     assert stats["dynamic"] == pytest.approx(want, abs=2e-6)
     assert len(stats["static"]) == len(want) and all(0 <= x <= 1 for x in stats["static"])
+
+
+def test_loss_settings_are_validated():
+    from polyglu.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="train.vocab_pad_multiple must be positive or null, got 0"):
+        RunConfig.load(None, ["train.vocab_pad_multiple=0"])
+    with pytest.raises(ConfigError, match="loss_kernel"):
+        RunConfig.load(None, ["train.loss_kernel=liger"])
+    config = RunConfig.load(None, ["train.vocab_pad_multiple=128", "train.loss_kernel=fused"])
+    assert (config.train.vocab_pad_multiple, config.train.loss_kernel) == (128, "fused")

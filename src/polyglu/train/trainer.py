@@ -245,7 +245,11 @@ class Trainer:
         self.model.train()
         batches = [self.train_data.get_batch(step, micro) for micro in range(self.grad_accum)]
         n_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-        n_targets = max(1, int(self.dist.all_reduce_sum(float(n_targets))))
+        if self.dist.enabled:  # summed over ranks on the device: no host read in the step
+            n_targets = self.dist.all_reduce_sum(torch.tensor(float(n_targets), dtype=torch.float64,
+                                                              device=self.device)).clamp(min=1)
+        else:
+            n_targets = max(1, n_targets)
         loss_sum = None  # on the device: reading the loss (a host sync) waits for log_every
         for micro, batch in enumerate(batches):
             torch.manual_seed(micro_seed(self.tc.seed, step, micro, self.dist.rank))
@@ -254,7 +258,8 @@ class Trainer:
             with self.dist.no_sync(self.loss_module, enabled=not last), self._autocast():
                 loss = self.loss_module(batch["input_ids"], batch["doc_ids"], batch["targets"])
                 # normalised by the global token count: ranks' gradients average to the global mean
-                (loss * (self.dist.world_size / n_targets)).backward()
+                scale = self.dist.world_size / n_targets
+                (loss * (scale.float() if isinstance(scale, torch.Tensor) else scale)).backward()
             loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()
         loss_mean = self.dist.all_reduce_sum(loss_sum) / n_targets
         grad_norm = self.dist.clip_grad_norm(self.model.parameters(), self.tc.grad_clip)  # global, also sharded
