@@ -285,8 +285,8 @@ class ModelConfig:
     # "full" routing (alpha + beta * gate_net); ablations: "static" (alpha only), "dynamic" (alpha = 0)
     routing_mode: str = "full"
     # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, "flex"
-    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5), or "auto": flex for an
-    # uncached forward on CUDA (packed training), sdpa elsewhere; without doc_ids all use SDPA's
+    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5), or "auto": flex for packed
+    # training on CUDA (uncached, autograd on), sdpa elsewhere; without doc_ids all use SDPA's
     # is_causal (flash on GPU)
     attention_backend: str = "auto"
     init_std: float = 0.02
