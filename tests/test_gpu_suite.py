@@ -133,7 +133,7 @@ def test_attended_pairs_count_inside_documents():
 @pytest.mark.slow
 def test_full_smoke_run_has_every_key(tmp_path):
     out = tmp_path / "smoke.json"
-    subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(out)], check=True, timeout=600,
+    subprocess.run([sys.executable, str(SUITE), "--smoke", "--with-eval", "--out", str(out)], check=True, timeout=600,
                    capture_output=True)
     report = json.loads(out.read_text())
     suite = _load_suite()
