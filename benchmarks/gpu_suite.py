@@ -17,8 +17,9 @@ it measured; a part that would start after --max-total-s is skipped and recorded
 - attention: `attention_fwd_bwd_ms` {flex, sdpa_masked, sdpa_is_causal}: one layer's attention at the
   paper's heads, T = 4096, packed documents; flex and masked SDPA compute the same thing (their max
   difference in details), is_causal ignores the documents (the lower bound).
-- compiled_block: `compiled_block_max_rel_error`: one paper-size block compiled as the trainer
-  compiles it against the same block eager, bf16 autocast: output and every parameter gradient.
+- compiled_block: `compiled_block_max_rel_error`: a two-layer model of the paper's width with its
+  blocks compiled as the trainer compiles them against the same model eager, bf16 autocast, through
+  the training loss: the loss and every parameter gradient.
 - train: paper-600m through the trainer (`Trainer.train_step`: bf16 autocast, per-block
   torch.compile, fused loss, fused AdamW, no host sync per step), packed documents, T = 4096, the
   batch from a memory estimate (`estimate_batch`), a few dozen timed steps after warm-up:
@@ -131,6 +132,7 @@ class Shapes:
     decode_new_tokens: int
     attention: dict = field(default_factory=dict)  # B, T, H, Hkv, hd, doc_len, repeats
     block_seq_len: int = 4096  # compiled_block: tokens of its one row
+    block_dtype: torch.dtype | None = None  # compiled_block's autocast dtype (None: `dtype`; float32: off)
     kernel_impl: str = "triton"  # the mixed-activation kernel checked against the reference
     compile_backend: str = "inductor"  # torch.compile backend where the suite compiles itself
     profile_steps: int = 1
@@ -179,6 +181,9 @@ def smoke_shapes() -> Shapes:
         gen_preset="debug", gen_overrides=TINY, gen_prompts=13, gen_prompt_len=(4, 12), gen_new_tokens=6,
         gen_batch_size=8, decode_prompt_len=8, decode_new_tokens=6,
         attention=dict(B=2, T=64, H=4, Hkv=2, hd=16, doc_len=(8, 40), repeats=2), block_seq_len=32,
+        # float32: the traced block must equal the eager one to float rounding (bf16 rounding, amplified
+        # at tiny shapes, would hide a real difference)
+        block_dtype=torch.float32,
         # compiling with inductor on CPU costs minutes: the smoke run captures with dynamo's eager
         # backend (graph breaks and recompiles still counted); the Triton kernel runs under
         # TRITON_INTERPRET=1 when set, else "dense" (the kernel's graph before compilation)
@@ -608,55 +613,44 @@ def part_attention(shapes: Shapes, budget_s: float) -> dict:
 
 
 def part_compiled_block(shapes: Shapes, budget_s: float) -> dict:
-    """One block compiled as the trainer compiles it (`Block.compile()`, inductor on CUDA) against the
-    same block eager, in training mode with the same noise seed under bf16 autocast: the output and
-    every parameter's gradient, relative to each reference's largest magnitude."""
+    """A two-layer model of the training shape with its blocks compiled as the trainer compiles them
+    (`Block.compile()`, inductor on CUDA) against the same model eager, in training mode with the
+    same noise seed under bf16 autocast, through the training loss (`LossModule`): the loss, and
+    every parameter's gradient relative to its largest magnitude."""
     import copy
 
-    from polyglu.config import ModelConfig
-    from polyglu.documents import document_causal_mask, document_positions
-    from polyglu.model.transformer import Block
+    from polyglu.train.trainer import LossModule
 
     device = shapes.device
-    config = ModelConfig.from_preset(shapes.train_preset, **shapes.train_overrides)
-    torch.manual_seed(0)
-    with torch.device(device):
-        eager = Block(config, 0)
-    eager.train()
+    eager = build_model(shapes.train_preset, {**shapes.train_overrides, "n_layers": 2}, device, None,
+                        attention_backend="auto").train()
     compiled = copy.deepcopy(eager)
-    compiled.compile(backend=shapes.compile_backend)
+    for block in compiled.layers:
+        block.compile(backend=shapes.compile_backend)
     T = shapes.block_seq_len
-    data = PackedDocuments(100, 1, T, (T // 8, T // 2)).get_batch(0)
-    doc_ids = data["doc_ids"].to(device)
-    positions = document_positions(doc_ids)
-    from polyglu.model.layers import rotary_tables
-
-    cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta, device=torch.device(device))
-    cos, sin = cos[positions][:, None], sin[positions][:, None]
-    mask = document_causal_mask(doc_ids)
-    x = torch.randn(1, T, config.d_model, device=device)
-    autocast = torch.autocast(device.split(":")[0], dtype=shapes.dtype)
-    results = {}
-    compile_start = time.perf_counter()
-    for name, block in (("compiled", compiled), ("eager", eager)):
-        xi = x.clone().requires_grad_()
+    batch = {k: v.to(device) for k, v in
+             PackedDocuments(eager.config.vocab_size, 1, T, (T // 8, T // 2)).get_batch(0).items()}
+    dtype = shapes.block_dtype or shapes.dtype
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    results, losses, first_call_s = {}, {}, {}
+    for name, model in (("compiled", compiled), ("eager", eager)):
+        loss_module = LossModule(model, 2048)
         torch.manual_seed(1)  # the same Gumbel noise
+        start = time.perf_counter()
         with autocast:
-            out, _ = block(xi, cos, sin, mask, doc_ids, positions)
-        grads = torch.autograd.grad(out.float().square().mean(), [xi, *block.parameters()], allow_unused=True)
+            loss = loss_module(batch["input_ids"], batch["doc_ids"], batch["targets"])
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
         sync(device)
-        if name == "compiled":
-            compile_s = time.perf_counter() - compile_start
-        results[name] = [out.detach().float()] + [g.float() if g is not None else None for g in grads]
-    errors = {}
-    names = ["output", "input"] + [n for n, _ in eager.named_parameters()]
-    for name, got, want in zip(names, results["compiled"], results["eager"]):
-        if got is None or want is None:
-            continue
-        errors[name] = float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        first_call_s[name] = time.perf_counter() - start
+        losses[name] = float(loss.detach())
+        results[name] = [g.float() if g is not None else None for g in grads]
+    errors = {"loss": abs(losses["compiled"] - losses["eager"]) / abs(losses["eager"])}
+    for (name, _), got, want in zip(eager.named_parameters(), results["compiled"], results["eager"]):
+        if got is not None and want is not None:
+            errors[name] = float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
     return {"compiled_block_max_rel_error": max(errors.values()),
-            "details": {"seq_len": T, "backend": shapes.compile_backend, "first_call_s": compile_s,
-                        "dtype": str(shapes.dtype).removeprefix("torch."), "rel_errors": errors,
+            "details": {"seq_len": T, "layers": 2, "backend": shapes.compile_backend, "first_call_s": first_call_s,
+                        "dtype": str(dtype).removeprefix("torch."), "loss": losses, "rel_errors": errors,
                         "dynamo": _dynamo_counts()}}
 
 

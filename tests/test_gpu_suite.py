@@ -50,8 +50,8 @@ def test_smoke_subset_writes_numeric_keys(tmp_path):
 
 
 def test_smoke_training_parts_compare_and_count(tmp_path):
-    """attention, compiled_block and train at tiny shapes: every key numeric, the compiled block equal
-    to the eager one within bf16 rounding, nothing fell back, no graph break, no recompile after
+    """attention, compiled_block and train at tiny shapes: every key numeric, the compiled blocks equal
+    to the eager ones (float32: loss and every gradient), nothing fell back, no graph break, no recompile after
     warm-up, and the compile caches in the directory a next run can be given."""
     out = tmp_path / "smoke.json"
     suite = _load_suite()
@@ -62,7 +62,7 @@ def test_smoke_training_parts_compare_and_count(tmp_path):
     assert set(report["attention_fwd_bwd_ms"]) == {"flex", "sdpa_masked", "sdpa_is_causal"}
     # flex and the masked SDPA compute the same attention
     assert max(report["details"]["attention"]["max_error_vs_float32"].values()) < 1e-4
-    assert report["compiled_block_max_rel_error"] < 5e-2
+    assert report["compiled_block_max_rel_error"] < 1e-4  # float32 in the smoke run: loss and every gradient
     assert report["details"]["compiled_block"]["dynamo"]["graph_breaks"] == 0
     fallbacks = report["fallbacks"]
     assert not fallbacks["flex_replaced_by_sdpa"] and not fallbacks["batch_halved_after_oom"]
