@@ -146,6 +146,19 @@ def test_non_finite_steps_are_skipped_on_the_device_then_stop(tmp_path):
     assert trainer.skipped_steps == 2
 
 
+def test_a_run_of_skipped_steps_goes_on_across_counter_reads(tmp_path):
+    trainer = _device_skipping_trainer(tmp_path, max_bad_steps=3)
+    real = trainer.loss_module.forward
+    trainer.loss_module.forward = lambda *args: real(*args) * float("nan")
+    trainer.train_step()
+    trainer.train_step()
+    trainer.read_step_counters()  # a log row between the skipped steps: 2 < 3, the run goes on
+    assert (trainer.bad_steps, trainer.skipped_steps) == (2, 2)
+    trainer.train_step()
+    with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+        trainer.read_step_counters()
+
+
 def test_routing_statistics_on_a_sample_without_autograd(tmp_path):
     trainer = _trainer(_config(tmp_path / "run"))
     batch = trainer.train_data.get_batch(0)

@@ -300,9 +300,9 @@ class Trainer:
         self.optimizer.found_inf = (~finite).float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self._device_counters is None:
-            zero = torch.zeros((), dtype=torch.long, device=finite.device)
-            self._device_counters = {"run": zero, "worst_run": zero, "skipped": zero}
+        if self._device_counters is None:  # a run of skipped steps goes on across reads
+            run = torch.tensor(self.bad_steps, dtype=torch.long, device=finite.device)
+            self._device_counters = {"run": run, "worst_run": run, "skipped": torch.zeros_like(run)}
         counters = self._device_counters
         counters["run"] = torch.where(finite, 0, counters["run"] + 1)
         counters["worst_run"] = torch.maximum(counters["worst_run"], counters["run"])
