@@ -141,3 +141,19 @@ def test_the_swiglu_baseline_runs_the_same_kernel(dtype):
     for got, expected in zip((y.detach(), *grads), (want.detach(), *want_grads)):
         assert float((got.float() - expected.float()).abs().max()) <= tolerance * float(expected.float().abs().max())
     assert not fused.glu_kernel_applies(block.gate_proj(x), "silu")  # CPU default: the plain ops
+
+
+def test_a_compiled_swiglu_decode_step_traces_whole():
+    """The GLU's kernel check reads nothing dynamo cannot trace (fullgraph): a SwiGLU model's compiled
+    decode step compiles instead of falling back to eager (which would disable the mode process-wide)."""
+    import warnings
+
+    from polyglu import PolychromaticLM, generate
+    from polyglu.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = PolychromaticLM(ModelConfig.from_preset("debug", ffn="swiglu")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "torch.compile of the decode step failed"
+        compiled = generate(model, [[1, 2, 3]], 3, eos_token_id=[], compile="eager")
+    assert compiled.tokens.tolist() == generate(model, [[1, 2, 3]], 3, eos_token_id=[]).tokens.tolist()

@@ -601,10 +601,14 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
 def glu_kernel_applies(gate: torch.Tensor, activation: str) -> bool:
     """Whether a fixed-activation GLU (the SwiGLU baseline) runs `glu_fused`: when PolyGLU's default
     kernel here is "triton" and it covers the activation, outside small inference calls and traces."""
+    # traced (a compiled decode step, compiled blocks): the plain ops join the graph; the context
+    # variable below is never read under a trace (fullgraph would break on it)
+    if torch.compiler.is_compiling():
+        return False
     if not gate.is_cuda and _kernel_choice.get() != "triton":  # CPU: the plain ops, decided in ~0.1 us
         return False
-    return (not torch.compiler.is_compiling() and not _inference_fast_path(gate, (gate,))
-            and default_kernel(gate) == "triton" and triton_mixed.supports(gate, (activation,), False))
+    return (not _inference_fast_path(gate, (gate,)) and default_kernel(gate) == "triton"
+            and triton_mixed.supports(gate, (activation,), False))
 
 
 def glu_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
