@@ -77,10 +77,15 @@ def routing_weights(alpha: torch.Tensor, dynamic: torch.Tensor, noise: torch.Ten
     Shapes as `routing_logits`. Returns (B, T', F, K). `hard` returns the one-hot argmax instead
     (deterministic evaluation).
     """
-    logits = routing_logits(alpha, dynamic, noise)  # (B, T', F, K)
+    return weights_from_logits(routing_logits(alpha, dynamic, noise), tau, hard)  # (B, T', F, K)
+
+
+def weights_from_logits(logits: torch.Tensor, tau: torch.Tensor | float, hard: bool = False) -> torch.Tensor:
+    """softmax(logits / tau) over the last dimension in float32, or its one-hot argmax when `hard`."""
+    logits = logits.float()
     if hard:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    return torch.softmax(logits / tau.float(), dim=-1)
+    return torch.softmax(logits / (tau.float() if isinstance(tau, torch.Tensor) else float(tau)), dim=-1)
 
 
 def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor,
