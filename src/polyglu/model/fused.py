@@ -85,7 +85,9 @@ def _dense_layout(cores, alpha, dynamic, noise, tau, hard: bool, dtype):
     tau_t = tau.detach().to(dtype)
     if dynamic.dim() == 4:  # per neuron: no factorisation
         alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
-        dynamic_t = dynamic.detach().to(dtype).permute(3, 0, 1, 2).contiguous()
+        dynamic_t = dynamic.detach().to(dtype).permute(3, 0, 1, 2)  # (K, B, T', F)
+        if dynamic_t.stride(-1) != 1:  # PolyGLU lays its per-neuron logits out so that no copy is needed
+            dynamic_t = dynamic_t.contiguous()
         noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
         if dynamic.shape[1] == 1:
             weights = _dense_weights("exact", alpha_t, dynamic_t, noise_t, tau_t, hard)
@@ -165,7 +167,8 @@ def dense_backward_inputs_core(grad, gate, up, form: str, r0, r1, r2, tau, activ
         shared = form in ("given", "given_units")  # one routing weight per row: sum over positions too
         if form.endswith("_units"):  # per-neuron logits: d l itself, (B, T', F, K)
             grads = _dense_logit_grads(grad, up, g, acts, m, tau)
-            d_dynamic = torch.stack([d.sum(1, keepdim=True) if shared else d for d in grads], -1)
+            # stored (B, T', K, F), the layout PolyGLU's per-neuron logits come in (a view, no copy back)
+            d_dynamic = torch.stack([d.sum(1, keepdim=True) if shared else d for d in grads], -2).transpose(-1, -2)
         else:
             dims = (1, 2) if shared else (2,)
             d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
