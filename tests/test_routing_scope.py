@@ -1,5 +1,7 @@
 """routing_scope="neuron": per-neuron dynamic logits through a rank-r map, beside the paper's layer scope."""
 
+import json
+
 import pytest
 import torch
 
@@ -281,3 +283,68 @@ def test_mixed_reference_accepts_per_neuron_logits():
     acts = torch.stack([torch.relu(gate), torch.tanh(gate), torch.nn.functional.silu(gate),
                         torch.nn.functional.gelu(gate)], -1)[:, :, 0]
     torch.testing.assert_close(out[:, :, 0], (g0 * acts).sum(-1) * up[:, :, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI's parameter counts, the Hugging Face export, Qwen3 upcycling
+
+
+def test_info_counts_the_map(capsys):
+    from polyglu.cli import main
+
+    assert main(["info", "paper-600m", "routing_scope=neuron", "--json"]) == 0
+    neuron = json.loads(capsys.readouterr().out)
+    assert main(["info", "paper-600m", "--json"]) == 0
+    layer = json.loads(capsys.readouterr().out)
+    assert layer["parameters"]["total"] == 597_153_888
+    # d_ff * K * r per layer: 4096 * 4 * 4 * 28
+    assert neuron["parameters"]["routing"] - layer["parameters"]["routing"] == 4096 * 4 * 4 * 28
+    assert neuron["parameters"]["total"] - layer["parameters"]["total"] == 4096 * 4 * 4 * 28
+    assert main(["info", "paper-600m", "routing_rank=0"]) == 2
+    assert "routing_rank must be a positive integer" in capsys.readouterr().err
+
+
+def test_export_hf_and_transformers_give_the_same_logits(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from polyglu.cli import main
+    from polyglu.data.tokenizer import ByteTokenizer
+    from polyglu.interop.transformers import PolychromaticForCausalLM
+
+    model = _neuron_model(vocab_size=ByteTokenizer().vocab_size, routing_rank=3).eval()
+    model.save_pretrained(tmp_path / "model")
+    ByteTokenizer().save(tmp_path / "model" / "tokenizer")
+    assert main(["export-hf", str(tmp_path / "model"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["routing_scope"] == "neuron"
+    assert PolychromaticForCausalLM is not None  # registers the classes with the Auto API
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model(ids).logits)
+        greedy = hf.generate(ids, max_new_tokens=6, do_sample=False)
+    ours = generate(model, ids.tolist(), 6, eos_token_id=[]).tokens
+    assert torch.equal(greedy[:, 9:], ours)
+
+
+def test_qwen3_upcycles_into_neuron_scope(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from polyglu.interop.qwen3 import load_qwen3, route_to_silu
+
+    torch.manual_seed(1)
+    config = transformers.Qwen3Config(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.2)
+    qwen = transformers.Qwen3ForCausalLM(config).eval()
+    qwen.save_pretrained(tmp_path)
+    model, info = load_qwen3(tmp_path, ffn="polyglu", routing_scope="neuron")
+    assert model.config.routing_scope == "neuron" and info["silu_weight_min"] == 1.0
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - qwen(ids).logits).abs().max() <= 1e-4
+    route_to_silu(model, 3.0)  # opened for training: the per-neuron maps receive gradients
+    model.train()
+    model(ids).logits.logsumexp(-1).mean().backward()
+    layer = model.polyglu_layers()[0]
+    assert layer.gate_net[2].weight.grad.abs().max() > 0
+    assert layer.routing_map.grad is not None
