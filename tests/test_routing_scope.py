@@ -348,3 +348,16 @@ def test_qwen3_upcycles_into_neuron_scope(tmp_path):
     layer = model.polyglu_layers()[0]
     assert layer.gate_net[2].weight.grad.abs().max() > 0
     assert layer.routing_map.grad is not None
+
+
+def test_training_continues_a_layer_checkpoint_per_neuron(layer_checkpoint):
+    """`polyglu train init_from=<layer model> model.routing_scope=neuron`: the same function to start from."""
+    from polyglu.config import RunConfig
+    from polyglu.train.setup import build_model
+
+    config = RunConfig.load(None, [f"init_from={layer_checkpoint}", "model.routing_scope=neuron"])
+    model = build_model(config, None).eval()
+    assert model.config.routing_scope == "neuron"
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, load_model(layer_checkpoint)(ids).logits, atol=1e-5, rtol=1e-5)
