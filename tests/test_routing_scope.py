@@ -361,3 +361,18 @@ def test_training_continues_a_layer_checkpoint_per_neuron(layer_checkpoint):
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, load_model(layer_checkpoint)(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", ["eager", True])
+def test_compiled_decode_step_matches_recompute(compile):
+    """The whole decode step traced with fullgraph (the per-neuron map inside): same tokens and logits."""
+    import warnings
+
+    model = _neuron_model(vocab_size=260).eval()
+    full = generate(model, PROMPTS, 8, use_cache=False, return_logits=True, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure would fall back silently
+        compiled = generate(model, PROMPTS, 8, return_logits=True, eos_token_id=[], compile=compile)
+    assert torch.equal(compiled.tokens, full.tokens)
+    torch.testing.assert_close(compiled.logits, full.logits, atol=1e-4, rtol=1e-4)
