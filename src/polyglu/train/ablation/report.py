@@ -219,9 +219,11 @@ def plot_routing(routing_rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
             errors = [100 * (layer[key]["std"] or 0.0) for layer in row["layers"]]
             ax.bar(xs, means, width, yerr=errors, color=colors(i % 10), capsize=2,
                    label=f"{row['variant']} (n={len(row['seeds'])})")
+    layers = sorted({layer["layer"] for row in routing_rows for layer in row["layers"]})
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
+        ax.set_xticks(layers)
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
