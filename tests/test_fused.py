@@ -15,8 +15,9 @@ ACTIVATION_SETS = [("silu",), ("gelu_tanh", "softplus"), ("identity", "sigmoid",
 EAGER_KERNELS = ["chunked", "dense"]  # "compiled" is "dense" through torch.compile (see the slow test)
 
 
-def make_inputs(B, T, F, activations, per_token, noise, dtype=torch.float32, tau=0.7, seed=0):
-    """gate, up (B, T, F), alpha (F, K), dynamic (B, T', K) with grads; noise (B, F, K) or None; tau."""
+def make_inputs(B, T, F, activations, per_token, noise, dtype=torch.float32, tau=0.7, seed=0, per_neuron=False):
+    """gate, up (B, T, F), alpha (F, K), dynamic (B, T', K) (per_neuron: (B, T', F, K)) with grads;
+    noise (B, F, K) or None; tau."""
     K = len(activations)
     gen = torch.Generator().manual_seed(seed)
 
@@ -25,7 +26,7 @@ def make_inputs(B, T, F, activations, per_token, noise, dtype=torch.float32, tau
 
     gate, up = randn(B, T, F, scale=2.0).requires_grad_(), randn(B, T, F).requires_grad_()
     alpha = randn(F, K).requires_grad_()
-    dynamic = randn(B, T if per_token else 1, K).requires_grad_()
+    dynamic = randn(B, T if per_token else 1, *((F,) if per_neuron else ()), K).requires_grad_()
     buffers = torch.float64 if dtype == torch.float64 else torch.float32  # noise and tau, as in PolyGLU
     gumbel = randn(B, F, K).to(buffers) if noise else None
     return gate, up, alpha, dynamic, gumbel, torch.tensor(tau, dtype=buffers)
@@ -72,6 +73,31 @@ def small_blocks(monkeypatch):
 def test_matches_reference_float32(kernel, hard, noise, per_token, activations, small_blocks):
     gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, 21, 40, activations, per_token, noise)
     assert_matches_reference((gate, up, alpha, dynamic, gumbel, tau, activations, hard), kernel)
+
+
+@pytest.mark.parametrize("activations", [ACTIVATION_SETS[1], ACTIVATION_SETS[-1]], ids=lambda a: "-".join(a))
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("noise", [False, True], ids=["clean", "noisy"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_per_neuron_dynamic_logits_match_reference(kernel, hard, noise, per_token, activations, small_blocks):
+    """routing_scope="neuron": dynamic (B, T', F, K), its gradient per hidden unit."""
+    inputs = make_inputs(3, 21, 40, activations, per_token, noise, per_neuron=True)
+    assert_matches_reference((*inputs, activations, hard), kernel)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_per_neuron_gradcheck_float64(kernel, per_token, monkeypatch):
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * 5)
+    activations = ACTIVATION_SETS[-1]
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 3, 5, activations, per_token, True, torch.float64,
+                                                        per_neuron=True)
+
+    def fn(gate, up, alpha, dynamic):
+        return mixed_activation_fused(gate, up, alpha, dynamic, gumbel, tau, activations, kernel=kernel)
+
+    assert torch.autograd.gradcheck(fn, (gate, up, alpha, dynamic), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
@@ -129,9 +155,12 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
 @pytest.mark.parametrize("mode", ["soft", "hard", "noise"])
 @pytest.mark.parametrize("T, per_token", [(1, False), (5, False), (5, True)])
 @pytest.mark.parametrize("spelling_elements", [1 << 12, 0])  # small-tensor spellings / the eager kernel's
-def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, spelling_elements, monkeypatch):
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["layer", "neuron"])
+def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, spelling_elements, per_neuron,
+                                                   monkeypatch):
     monkeypatch.setattr(fused, "SMALL_SPELLING_ELEMENTS", spelling_elements)
-    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, T, 40, activations, per_token, mode == "noise")
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, T, 40, activations, per_token, mode == "noise",
+                                                        per_neuron=per_neuron)
     inputs = (gate.detach(), up.detach(), alpha.detach(), dynamic.detach(), gumbel, tau, activations, mode == "hard")
     expected = mixed_activation_reference(*inputs)
     calls, original = [], fused.small_inference
@@ -408,11 +437,12 @@ def test_polyglu_reaches_the_fused_function(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["layer", "neuron"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
-def test_compiled_kernel_matches_reference(per_token):
+def test_compiled_kernel_matches_reference(per_token, per_neuron):
     """torch.compile of the dense kernel on CPU (needs a C++ compiler; tens of seconds)."""
     activations = ACTIVATION_SETS[-1]
-    inputs = (*make_inputs(2, 33, 48, activations, per_token, noise=True), activations, False)
+    inputs = (*make_inputs(2, 33, 48, activations, per_token, noise=True, per_neuron=per_neuron), activations, False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
         assert_matches_reference(inputs, "compiled")

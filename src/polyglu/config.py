@@ -24,6 +24,8 @@ ROUTING_POOLS = ("causal", "sequence", "token")
 EVAL_ROUTING = ("soft", "hard")
 MIXED_IMPLS = ("auto", "fused", "reference")
 ROUTING_MODES = ("full", "static", "dynamic")
+# whose dynamic routing logits: one K-vector per layer (the paper) or one per neuron (rank-r map)
+ROUTING_SCOPES = ("layer", "neuron")
 ATTENTION_BACKENDS = ("sdpa", "flex", "auto")
 # Pools whose value at position t reads only positions <= t. Any other pool (the original "sequence",
 # or one added to ROUTING_POOLS and not here) counts as non-causal: generation recomputes it every
@@ -285,6 +287,10 @@ class ModelConfig:
     mixed_impl: str = "auto"
     # "full" routing (alpha + beta * gate_net); ablations: "static" (alpha only), "dynamic" (alpha = 0)
     routing_mode: str = "full"
+    # dynamic logits shared by the layer's neurons ("layer", the paper) or per neuron ("neuron":
+    # gate_net outputs routing_rank values, a (d_ff, K, routing_rank) map turns them into (d_ff, K))
+    routing_scope: str = "layer"
+    routing_rank: int = 4
     # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, "flex"
     # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5), or "auto": flex for packed
     # training on CUDA (uncached, autograd on), sdpa elsewhere; without doc_ids all use SDPA's
@@ -298,7 +304,7 @@ class ModelConfig:
         if isinstance(self.activations, list):
             self.activations = tuple(self.activations)
         for name in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "max_seq_len", "gate_hidden"):
+                     "max_seq_len", "gate_hidden", "routing_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -317,6 +323,10 @@ class ModelConfig:
         _check_choice("eval_routing", self.eval_routing, EVAL_ROUTING)
         _check_choice("mixed_impl", self.mixed_impl, MIXED_IMPLS)
         _check_choice("routing_mode", self.routing_mode, ROUTING_MODES)
+        _check_choice("routing_scope", self.routing_scope, ROUTING_SCOPES)
+        if self.routing_scope == "neuron" and self.routing_mode == "static":
+            raise ConfigError("ModelConfig.routing_scope='neuron' needs dynamic routing; routing_mode='static' has "
+                              "none (use routing_scope='layer')")
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.attention_backend == "flex":
             _require_flex_attention()

@@ -82,7 +82,7 @@ def main(full: bool) -> int:
     ]
     if full:
         sweeps += [(True, False, False, [(1.0, 1.0), (40.0, 0.15)]),  # evaluation, soft
-                   (False, True, False, [(1.0, 1.0), (40.0, 0.1)])]  # shared weights (T' = 1)
+                   (False, True, False, [(1.0, 1.0), (5.0, 0.2)])]  # shared weights (T' = 1)
     failures = 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the eager kernels is a failure here

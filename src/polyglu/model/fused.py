@@ -13,6 +13,10 @@ With l_k = alpha_k + dynamic_k + noise_k, g = softmax(l / tau) over k and m = su
     d l_k      = (dh * up * g_k) * (a_k - m) / tau          (softmax backward)
     d alpha    = d l summed over tokens;  d dynamic = d l summed over d_ff (and positions if T' = 1)
 
+Per-neuron dynamic logits (routing_scope="neuron": dynamic (B, T', F, K)) take the "exact" forms
+("given_units" / "exact_units"): no factorisation, one exponential per hidden unit and activation,
+and d dynamic is d l itself (summed over positions if T' = 1), not summed over d_ff.
+
 Kernels (same math, chosen by `default_kernel`):
 - "chunked": eager torch ops over blocks of tokens small enough to stay in cache. Per-token routing
   weights factorise, exp(l/tau) = exp((alpha + noise)/tau) * exp(dynamic/tau), so no exponential
@@ -82,9 +86,21 @@ def _dense_layout(cores, alpha, dynamic, noise, tau, hard: bool, dtype):
       could underflow (extreme logits over a small tau);
     - "exact": alpha (K, 1, 1, F), dynamic (K, B, T, 1), noise (K, B, 1, F) or None: the reference's
       logits per hidden unit (hard routing, and the fallbacks above).
+    Per-neuron dynamic logits (B, T', F, K) take "given_units" (T' = 1) or "exact_units", with
+    dynamic laid out (K, B, T', F).
     All in `dtype` and contiguous, so that compiled loops read them as vectors.
     """
     tau_t = tau.detach().to(dtype)
+    if dynamic.dim() == 4:  # per neuron: no factorisation
+        alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
+        dynamic_t = dynamic.detach().to(dtype).permute(3, 0, 1, 2)  # (K, B, T', F)
+        if dynamic_t.stride(-1) != 1:  # PolyGLU lays its per-neuron logits out so that no copy is needed
+            dynamic_t = dynamic_t.contiguous()
+        noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
+        if dynamic.shape[1] == 1:
+            weights = _dense_weights("exact", alpha_t, dynamic_t, noise_t, tau_t, hard)
+            return "given_units", torch.stack(weights), None, None, tau_t
+        return "exact_units", alpha_t, dynamic_t, noise_t, tau_t
     if dynamic.shape[1] > 1 and not hard and not torch.compiler.is_compiling():
         a, d, lowest = cores["routing"](alpha, dynamic, noise, tau, dtype)
         if bool(lowest >= _TINY):
@@ -101,7 +117,7 @@ def _dense_weights(form: str, r0, r1, r2, tau, hard: bool) -> list[torch.Tensor]
     """g_k, k < K, each (B, T', F), from a `_dense_layout` form: softmax((alpha + dynamic + noise) / tau)
     over k, or the one-hot of its first maximum (argmax's tie rule) when `hard`."""
     K = r0.shape[0]
-    if form == "given":
+    if form in ("given", "given_units"):
         return [r0[k] for k in range(K)]
     if form == "factored":
         products = [r0[k] * r1[k] for k in range(K)]
@@ -156,10 +172,15 @@ def dense_backward_inputs_core(grad, gate, up, form: str, r0, r1, r2, tau, activ
     d_up = dh * m
     d_dynamic = None
     if dynamic_grad:
-        shared = form == "given"  # one routing weight per row: sum over positions too
-        dims = (1, 2) if shared else (2,)
-        d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
-        d_dynamic = d_dynamic[:, None] if shared else d_dynamic
+        shared = form in ("given", "given_units")  # one routing weight per row: sum over positions too
+        if form.endswith("_units"):  # per-neuron logits: d l itself, (B, T', F, K)
+            grads = _dense_logit_grads(grad, up, g, acts, m, tau)
+            # stored (B, T', K, F), the layout PolyGLU's per-neuron logits come in (a view, no copy back)
+            d_dynamic = torch.stack([d.sum(1, keepdim=True) if shared else d for d in grads], -2).transpose(-1, -2)
+        else:
+            dims = (1, 2) if shared else (2,)
+            d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
+            d_dynamic = d_dynamic[:, None] if shared else d_dynamic
     return d_gate.to(gate.dtype), d_up.to(up.dtype), d_dynamic
 
 
@@ -336,20 +357,26 @@ class _Routing:
     Shared weights (T' = 1) are computed once per row. Per-token soft weights use the factorisation
     W_k = A_k D_k, A = exp((alpha + noise)/tau - max) per (row, unit), D = exp(dynamic/tau - max)
     per token, S = sum_k W_k (a matmul); a block whose S could have underflowed (extreme logits over
-    a small tau) falls back to an exact softmax.
+    a small tau) falls back to an exact softmax. Per-neuron dynamic logits (B, T', F, K) are not
+    factorised: every block takes the exact softmax.
     """
 
     def __init__(self, alpha, dynamic, noise, tau, hard: bool, dtype: torch.dtype) -> None:
         self.K = alpha.shape[1]
         self.hard = hard
         self.tau = float(tau)
+        self.per_unit = dynamic.dim() == 4
         self.alpha = alpha.detach().to(dtype).t()[:, None, None, :]  # (K, 1, 1, F)
-        self.dynamic = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None]  # (K, B, T', 1)
+        if self.per_unit:
+            self.dynamic = dynamic.detach().to(dtype).permute(3, 0, 1, 2)  # (K, B, T', F)
+        else:
+            self.dynamic = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None]  # (K, B, T', 1)
         self.noise = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1)[:, :, None, :]  # (K, B, 1, F)
         self.shared = dynamic.shape[1] == 1
+        self.exact = hard or self.per_unit
         if self.shared:
             self.weights_all = self._exact(slice(None), slice(None))  # (K, B, 1, F)
-        elif not hard:
+        elif not self.exact:
             static = self.alpha[:, :, 0] if self.noise is None else self.alpha[:, :, 0] + self.noise[:, :, 0]
             static = static / self.tau  # (K, B|1, F)
             self.a = (static - static.amax(0)).exp_()
@@ -376,7 +403,7 @@ class _Routing:
             return None, None  # the only activation has weight 1
         if self.shared:
             return self.weights_all[:, rows], None
-        if self.hard:
+        if self.exact:
             return self._exact(rows, positions), None
         a_rows = self.a_rows[rows] if self.a_rows.shape[0] > 1 else self.a_rows
         total = torch.matmul(self.d_rows[rows, positions], a_rows)  # (b, t, F)
@@ -429,7 +456,9 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
     B, T, F = gate.shape
     d_alpha = torch.zeros(K, F, device=gate.device, dtype=dtype) if routing_grads else None
-    d_dynamic = torch.zeros(K, B, dynamic.shape[1], device=gate.device, dtype=dtype) if routing_grads else None
+    d_dynamic = None
+    if routing_grads:  # (K, B, T') or, per neuron, (K, B, T', F)
+        d_dynamic = torch.zeros(K, *dynamic.shape[:-1], device=gate.device, dtype=dtype)
     for rows, positions in _blocks(B, T, F):
         z = gate[rows, positions]
         acts = [rule.forward(z).to(dtype) for rule in rules]
@@ -460,13 +489,13 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
             if routing.shared:
                 per_unit = r.sum(2)  # (K, b, F)
                 d_alpha += per_unit.sum(1)
-                d_dynamic[:, rows, 0] += per_unit.sum(-1)
+                d_dynamic[:, rows, 0] += per_unit if routing.per_unit else per_unit.sum(-1)
             else:
                 d_alpha += r.sum((1, 2))
-                d_dynamic[:, rows, positions] = r.sum(-1)
+                d_dynamic[:, rows, positions] = r if routing.per_unit else r.sum(-1)
     if routing_grads:
         d_alpha = d_alpha.div_(routing.tau).t().to(alpha.dtype)
-        d_dynamic = d_dynamic.div_(routing.tau).permute(1, 2, 0).to(dynamic.dtype)
+        d_dynamic = d_dynamic.div_(routing.tau).movedim(0, -1).to(dynamic.dtype)
     return d_gate, d_up, d_alpha, d_dynamic
 
 
@@ -602,7 +631,7 @@ def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, d
     reference's up to float rounding.
     """
     if not hard and noise is None and gate.dtype == torch.float32 and gate.device.type == "cpu" \
-            and up.dtype == alpha.dtype == dynamic.dtype == torch.float32:
+            and up.dtype == alpha.dtype == dynamic.dtype == torch.float32 and dynamic.dim() == 3:
         kernels = native.kernels()
         codes = native.activation_codes(activations)
         if kernels is not None and codes is not None:  # the same math in one call (polyglu.model.native)
@@ -612,7 +641,8 @@ def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, d
     # K leading and contiguous (written through `out`, whatever alpha's layout): torch's CPU softmax
     # over a short last dimension, or over a strided one, is several times slower
     logits = torch.empty((K, B, T_, F_), dtype=dtype, device=gate.device)
-    torch.add(_as(alpha, dtype).t()[:, None, None, :], _as(dynamic, dtype).permute(2, 0, 1)[..., None], out=logits)
+    dynamic_t = _as(dynamic, dtype).permute(3, 0, 1, 2) if dynamic.dim() == 4 else _as(dynamic, dtype).permute(2, 0, 1)[..., None]
+    torch.add(_as(alpha, dtype).t()[:, None, None, :], dynamic_t, out=logits)
     if noise is not None:
         logits.add_(_as(noise, dtype).permute(2, 0, 1)[:, :, None, :])
     if hard:  # the first maximum, argmax's tie rule, as the reference
@@ -651,7 +681,8 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
     """sum_k g_k act_k(gate) * up with g = softmax((alpha + dynamic + noise) / tau) over k (its one-hot
     argmax when `hard`), computed without keeping K x d_ff per token for backward.
 
-    gate, up: (B, T, F); alpha: (F, K); dynamic: (B, T', K), T' in {1, T}; noise: (B, F, K) or None;
+    gate, up: (B, T, F); alpha: (F, K); dynamic: (B, T', K), T' in {1, T}, or per neuron (B, T', F, K);
+    noise: (B, F, K) or None;
     tau: 0-dim tensor. Returns (B, T, F) in gate's dtype; routing math in float32. `kernel`:
     "chunked", "dense", "compiled" or "triton" (default: `default_kernel(gate)`).
     """
@@ -659,8 +690,9 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
         raise ValueError(f"mixed-activation kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     B, T, F_ = gate.shape
     K = len(activations)
-    if up.shape != gate.shape or tuple(alpha.shape) != (F_, K) or dynamic.dim() != 3 \
-            or dynamic.shape[0] != B or dynamic.shape[1] not in (1, T) or dynamic.shape[2] != K \
+    if up.shape != gate.shape or tuple(alpha.shape) != (F_, K) or dynamic.dim() not in (3, 4) \
+            or dynamic.shape[0] != B or dynamic.shape[1] not in (1, T) or dynamic.shape[-1] != K \
+            or (dynamic.dim() == 4 and dynamic.shape[2] != F_) \
             or (noise is not None and tuple(noise.shape) != (B, F_, K)):
         raise ValueError(f"mixed activation: inconsistent shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                          f"alpha {tuple(alpha.shape)}, dynamic {tuple(dynamic.shape)}, noise "

@@ -16,7 +16,7 @@ from polyglu.model.attention import Attention
 from polyglu.model.cache import KVCache
 from polyglu.model.flex import document_block_mask, uses_flex
 from polyglu.model.layers import RMSNorm, rotary_tables
-from polyglu.model.polyglu import GLU, PolyGLU
+from polyglu.model.polyglu import GLU, PolyGLU, identity_routing_map, layer_to_neuron_state
 
 
 def build_ffn(config: ModelConfig) -> nn.Module:
@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.ffn = build_ffn(config)
 
     def forward(self, x, cos, sin, mask, doc_ids, positions, cache: KVCache | None = None,
-                return_routing: bool = False):
+                return_routing: bool | str = False):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, self.layer)
         pool_state = cache.pool[self.layer] if cache is not None else None
         out = self.ffn(self.ffn_norm(x), doc_ids, positions=positions, pool_state=pool_state,
@@ -48,7 +48,7 @@ class Block(nn.Module):
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, vocab)
     hidden_states: torch.Tensor | None = None  # (B, T, d_model), after the final norm
-    routing: list[torch.Tensor | None] | None = None  # per layer (B, T', d_ff, K)
+    routing: list[torch.Tensor | None] | None = None  # per layer (B, T', d_ff, K): weights, or logits
 
 
 class PolychromaticLM(nn.Module):
@@ -77,7 +77,8 @@ class PolychromaticLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for linear and embedding weights; residual outputs (o_proj, down_proj)
-        scaled by 1/sqrt(2 n_layers); routing: alpha 0, beta 1, gate_net biases 0."""
+        scaled by 1/sqrt(2 n_layers); routing: alpha 0, beta 1, gate_net biases 0, a neuron-scope
+        routing_map the identity (each neuron starts with the layer's dynamic logits)."""
         for module in self.modules():
             self.init_module(module)
 
@@ -98,6 +99,9 @@ class PolychromaticLM(nn.Module):
             nn.init.zeros_(module.alpha)
             if module.beta is not None:
                 nn.init.ones_(module.beta)
+            if module.routing_map is not None:
+                with torch.no_grad():
+                    module.routing_map.copy_(identity_routing_map(*module.routing_map.shape))
 
     # ---- routing temperature
 
@@ -116,12 +120,13 @@ class PolychromaticLM(nn.Module):
     # ---- forward
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, return_routing: bool = False, compute_logits: bool = True,
+                cache: KVCache | None = None, return_routing: bool | str = False, compute_logits: bool = True,
                 return_hidden: bool = False, reduce_routing=None) -> ModelOutput:
         """input_ids: (B, T). doc_ids (B, T): packed documents, each a run of equal ids (see
         polyglu.documents): block-diagonal causal attention, rotary positions and routing pools
         restart per document. With `cache`, the tokens continue the cached ones.
         `compute_logits=False` skips the head (for a chunked loss on hidden states).
+        `return_routing`: True for each PolyGLU's routing weights, "logits" for its logits before tau.
         `reduce_routing`: with `return_routing`, a function applied to each layer's routing weights
         as soon as the layer has run, its result kept instead (statistics without holding every
         layer's (B, T', d_ff, K) weights at once)."""
@@ -244,13 +249,17 @@ class PolychromaticLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None, **overrides: Any) -> PolychromaticLM:
         """Load from a model directory. `overrides` change config fields that do not affect tensor
-        shapes (e.g. eval_routing, mixed_impl, routing_pool)."""
+        shapes (e.g. eval_routing, mixed_impl, routing_pool), or routing_scope="neuron" (with
+        routing_rank) over a layer-scope model: the same logits, each neuron's routing then trainable."""
         from polyglu.model_io import WEIGHTS_NAME, check_state_dict, load_state_file, read_model_config
 
-        config, _ = read_model_config(directory)
-        if overrides:
-            config = config.replace(**overrides)
+        stored, _ = read_model_config(directory)
+        config = stored.replace(**overrides) if overrides else stored
         state = load_state_file(Path(directory) / WEIGHTS_NAME)
+        if stored.ffn == "polyglu" and stored.routing_scope == "layer" and config.routing_scope == "neuron":
+            for i in range(config.n_layers):
+                if f"layers.{i}.ffn.gate_net.2.weight" in state:  # a missing tensor is named by the check below
+                    layer_to_neuron_state(state, f"layers.{i}.ffn.", config.d_ff, config.routing_rank)
         with torch.device("cpu"):
             model = cls(config)
         check_state_dict(model, state, str(Path(directory) / WEIGHTS_NAME))
