@@ -8,9 +8,10 @@ import torch
 from polyglu.cli import main
 from polyglu.config import ROUTING_POOLS, ModelConfig, routing_is_causal
 from polyglu.data.tokenizer import load_tokenizer
-from polyglu.generation import (
+from polyglu.inference import (
     DecodeStep,
     IncrementalDecoder,
+    KVCache,
     StopStringMatcher,
     TextStreamer,
     filter_logits,
@@ -95,7 +96,7 @@ def test_static_routing_decodes_with_the_cache_whatever_its_pool():
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
 
     def broken_compile(fn, **kwargs):
         def run(*args):
@@ -140,7 +141,7 @@ def test_compiled_decode_step_matches_eager_and_recompute(overrides, compile):
 def test_decode_step_compile_options_keep_tensor_guards_and_the_mode():
     import inspect
 
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
 
     if not hasattr(torch.compiler, "keep_tensor_guards_unsafe") \
             or "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
@@ -181,11 +182,11 @@ def test_compiled_decode_step_follows_a_weight_layout_change_and_the_training_fl
         step = DecodeStep(model, compile="aot_eager")
         model.train()  # Gumbel noise: a different graph, not the eval one
         torch.manual_seed(0)
-        cache = model.new_cache(1, 4)
+        cache = KVCache.for_model(model, 1, 4)
         with torch.no_grad():
             noisy = [step(torch.tensor([[3]]), cache) for _ in range(2)]
         model.eval()
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
 
     keys = set(generation._COMPILED_STEPS[model])
     assert ("aot_eager", True, False) in keys and ("default", False, False) in keys
@@ -193,11 +194,13 @@ def test_compiled_decode_step_follows_a_weight_layout_change_and_the_training_fl
 
 
 def test_compiled_generation_rounds_the_cache_up_to_a_bucket_within_the_context(monkeypatch):
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
+    import polyglu.inference.engine as engine
 
     model = make_model(seed=5)
-    lengths, new_cache = [], model.new_cache
-    monkeypatch.setattr(model, "new_cache", lambda b, n=None: lengths.append(n) or new_cache(b, n))
+    lengths, new_cache = [], engine.new_cache
+    monkeypatch.setattr(engine, "new_cache", lambda m, b, n: lengths.append(n) or new_cache(m, b, n))
+    monkeypatch.setattr(engine, "_CACHES", engine.weakref.WeakKeyDictionary())  # no cache kept from before
     monkeypatch.setattr(generation, "COMPILED_CACHE_BUCKET", 16)
     outputs = [generate(model, [prompt], 5, eos_token_id=[], compile=compile, return_logits=True)
                for prompt in (PROMPTS[0], PROMPTS[2]) for compile in (False, "eager")]
@@ -450,7 +453,7 @@ def test_cli_generate(model_dir, capsys):
 
 
 def test_cli_generate_compile_flag_reaches_generate(model_dir, capsys, monkeypatch):
-    import polyglu.generation as generation
+    import polyglu.inference as generation
 
     seen, real = [], generation.generate
     monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
@@ -483,14 +486,15 @@ def test_decode_step_keeps_cache_tensors_at_their_addresses(tiny_config):
     torch.manual_seed(0)
     model = PolychromaticLM(tiny_config).eval()
     ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
-    cache = model.new_cache(2, 12)
+    cache = KVCache.for_model(model, 2, 12)
     with torch.no_grad():
         model(ids, cache=cache)
-        addresses = [s.total.data_ptr() for s in cache.pool] + [k.data_ptr() for k in cache.keys]
-        before = [s.total.clone() for s in cache.pool]
+        addresses = [t.data_ptr() for t in cache.static_tensors()]
+        before = [cache.pool_state(i).total.clone() for i in range(tiny_config.n_layers)]
         model.decode_step(ids[:, -1:], cache)
-    assert [s.total.data_ptr() for s in cache.pool] + [k.data_ptr() for k in cache.keys] == addresses
-    assert any(not torch.equal(a, s.total) for a, s in zip(before, cache.pool))  # the sums did advance
+    assert [t.data_ptr() for t in cache.static_tensors()] == addresses
+    after = [cache.pool_state(i).total for i in range(tiny_config.n_layers)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the running pool sums did advance
 
 
 def test_generate_leaves_the_weight_layout_alone(tiny_config):

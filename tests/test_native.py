@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from polyglu import PolychromaticLM, generate
+from polyglu.inference.cache import KVCache
 from polyglu.model import fused, native
 from polyglu.model.polyglu import PolyGLU, PoolState, mixed_activation_reference
 
@@ -225,7 +226,7 @@ def test_generation_with_the_kernels_equals_generation_without(kernels, monkeypa
     sequence = torch.cat([prompts, native_out.tokens], 1)
     with torch.no_grad():  # cached (native) logits == an uncached (eager) forward over the whole sequence
         monkeypatch.setattr(native, "_kernels", kernels)
-        cache = model.new_cache(2, 20)
+        cache = KVCache.for_model(model, 2, 20)
         prefix = model(sequence[:, :6], cache=cache).logits
         steps = [model(sequence[:, t:t + 1], cache=cache).logits for t in range(6, 14)]
         cached = torch.cat([prefix, *steps], 1)

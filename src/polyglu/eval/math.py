@@ -88,9 +88,9 @@ def evaluate_math(model, tokenizer, problems: Sequence[dict], *, chat: bool = Tr
     last tokens. Returns {accuracy, n, correct, per_difficulty: {d: {accuracy, n, correct}},
     records: [{index, question, reference, prediction, correct, output, difficulty,
     prompt_tokens, generated_tokens, finished}]}. `compile`: decode through torch.compile
-    (`polyglu.generation.generate`); batches share compiled steps (one per batch size).
+    (`polyglu.inference.generate`); batches share compiled steps (one per batch size).
     """
-    from polyglu.generation import generate
+    from polyglu.inference import generate
 
     problems = list(problems)
     if fewshot_examples is None and num_fewshot:

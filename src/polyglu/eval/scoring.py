@@ -45,7 +45,7 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
 
     was_training = model.training
     model.eval()
-    device = model.embed_tokens.weight.device
+    device = model.device
     # a non-causal pool (e.g. `sequence`) would average right padding into the tokens' routing
     non_causal = not model.config.causal_routing
     results: list[Score | None] = [None] * len(sequences)

@@ -36,7 +36,7 @@ AUTO_MAP = {
 CONFIG_BUNDLE = (("polyglu.config", "polyglu.interop.hf_config"), ("PolychromaticConfig",), {})
 MODELING_BUNDLE = (
     ("polyglu.config", "polyglu.documents", "polyglu.model.layers", "polyglu.model.activations",
-     "polyglu.model.polyglu", "polyglu.model.flex", "polyglu.model.attention", "polyglu.model.cache",
+     "polyglu.model.polyglu", "polyglu.model.flex", "polyglu.model.attention", "polyglu.inference.cache",
      "polyglu.model.transformer", "polyglu.interop.transformers"),
     ("PolychromaticForCausalLM", "PolychromaticCache"),
     {"polyglu.interop.hf_config": ".configuration_polychromatic"},
