@@ -503,3 +503,86 @@ def test_generate_leaves_the_weight_layout_alone(tiny_config):
     before = {name: p.stride() for name, p in model.named_parameters()}
     generate(model, torch.randint(0, tiny_config.vocab_size, (1, 4)), max_new_tokens=3)
     assert {name: p.stride() for name, p in model.named_parameters()} == before
+
+
+def test_reading_the_device_every_few_steps_gives_the_same_results():
+    """Sampled ids stay on the device and the host reads them every `sync_every` steps: EOS, stop
+    strings (found mid-stretch, what a row decodes after them discarded), compaction and the stream
+    give what reading every step gives."""
+    tokenizer = load_tokenizer("byte")
+    model = make_model(seed=3)
+    free = generate(model, PROMPTS, 12, eos_token_id=[], tokenizer=tokenizer)
+    eos = int(free.tokens[1, 2])
+    stop = tokenizer.decode(free.tokens[0, 5:7].tolist())
+    outputs, streams = [], []
+    for sync_every in (1, 4, 5, 100):
+        seen = []
+        out = generate(model, PROMPTS, 12, eos_token_id=eos, tokenizer=tokenizer, stop_strings=[stop],
+                       return_logits=True, sync_every=sync_every,
+                       stream=lambda tokens, emitted, seen=seen: seen.append((tokens.clone(), emitted.clone())))
+        outputs.append(out)
+        streams.append(seen)
+    assert outputs[0].finished[0] and outputs[0].finished[1]  # both stops happen
+    for out, seen in zip(outputs[1:], streams[1:]):
+        assert_same_generation(out, outputs[0])
+        assert out.texts == outputs[0].texts and torch.equal(out.finished, outputs[0].finished)
+        assert len(seen) == len(streams[0])
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen, streams[0]))
+
+
+def test_engine_yields_one_step_per_token_and_generate_collects_them():
+    from polyglu.inference import Engine, Sampling
+
+    model = make_model(seed=4)
+    out = generate(model, PROMPTS, 6, eos_token_id=[])
+    steps = list(Engine(model).steps(PROMPTS, 6, sampling=Sampling(), pad_token_id=0))
+    assert [s.index for s in steps] == list(range(6))
+    assert torch.equal(torch.stack([s.tokens for s in steps], 1), out.tokens)
+    assert all(s.emitted.all() and not s.stopped.any() for s in steps)
+    # a consumer that stops early leaves the engine cleanly (the cache goes back to the pool)
+    first = next(iter(Engine(model).steps(PROMPTS, 6)))
+    assert torch.equal(first.tokens, out.tokens[:, 0])
+
+
+def test_compiled_generations_of_one_shape_reuse_one_cache(monkeypatch):
+    """One cache per (batch, length) kept per model and reset in place: a second compiled generation
+    of that shape decodes into the same tensors (what CUDA graphs replay) and gives the same tokens."""
+    import polyglu.inference.engine as engine
+
+    monkeypatch.setattr(engine, "_CACHES", engine.weakref.WeakKeyDictionary())
+    made, new_cache = [], engine.new_cache
+    monkeypatch.setattr(engine, "new_cache", lambda m, b, n: made.append(new_cache(m, b, n)) or made[-1])
+    model = make_model(seed=5)
+    first = generate(model, PROMPTS, 5, eos_token_id=[], return_logits=True, compile="eager")
+    addresses = [t.data_ptr() for t in made[0].static_tensors()]
+    second = generate(model, PROMPTS, 5, eos_token_id=[], return_logits=True, compile="eager")
+    assert len(made) == 1 and [t.data_ptr() for t in made[0].static_tensors()] == addresses
+    assert_same_generation(second, first, atol=0)
+    generate(model, PROMPTS[:2], 5, eos_token_id=[], compile="eager")  # another batch size: another cache
+    assert len(made) == 2
+    eager = generate(model, PROMPTS, 5, eos_token_id=[], return_logits=True)
+    assert_same_generation(first, eager)
+
+
+def test_padding_ids_of_a_padded_vocabulary_are_never_sampled():
+    """A model whose vocabulary is padded past the tokenizer's (260 byte ids -> 320) never emits a
+    padding id: greedy or sampled, with the tokenizer's size taken by default."""
+    from polyglu.inference import mask_padding
+
+    tokenizer = load_tokenizer("byte")
+    assert tokenizer.vocab_size < 320
+    model = make_model(seed=6, vocab_size=320)
+    with torch.no_grad():  # the padding rows of the head win every argmax unless masked
+        model.embed_tokens.weight[tokenizer.vocab_size:] *= 50
+    prompt = tokenizer.encode("abc")
+    unmasked = generate(model, [prompt], 8, eos_token_id=[], vocab_limit=320)
+    assert (unmasked.tokens >= tokenizer.vocab_size).any()
+    for temperature in (0.0, 50.0):
+        out = generate(model, [prompt] * 4, 40, eos_token_id=[], tokenizer=tokenizer, temperature=temperature, seed=0)
+        assert int(out.tokens.max()) < tokenizer.vocab_size
+    logits = torch.randn(2, 8)
+    masked = mask_padding(logits, 5)
+    assert torch.equal(masked[:, :5], logits[:, :5]) and torch.isinf(masked[:, 5:]).all()
+    assert mask_padding(logits, None) is logits
+    with pytest.raises(ValueError, match="vocab_limit must be >= 1"):
+        generate(model, [prompt], 2, vocab_limit=0)

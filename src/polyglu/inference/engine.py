@@ -187,7 +187,8 @@ class _Loop:
         # rows a stop check ended mid-stretch are fed padding from now on
         self.done = self.progress.finished[self.rows].to(self.device)
         self.feed = self.feed.masked_fill(self.done, self.pad)
-        yield from steps
+        # steps decoded after every row had stopped produced nothing: not steps of the generation
+        yield from (step for step in steps if step.emitted.any())
 
     def host_step(self, p: _Pending) -> Step:
         tokens, emitted, eos = p.tokens.cpu(), p.emitted.cpu(), p.eos.cpu()

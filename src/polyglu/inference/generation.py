@@ -9,6 +9,7 @@ point for generation (the generate and chat verbs, eval-math and the lm-eval ada
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -70,41 +71,51 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
         generations (compiling takes seconds to minutes, once per process and batch shape); a failure
         falls back to eager with a warning. Ignored on the recompute path.
     sync_every: steps between host reads of the sampled ids (default 1 on CPU, 8 on an accelerator);
-        the results are the same, `stream` is called in bursts.
+        the same results, `stream` called in bursts.
 
-    The prompt plus `max_new_tokens` must fit in the model context (`max_seq_len`): a longer one is
-    an error; truncate prompts yourself (keep their last tokens). Runs in eval mode (deterministic
-    routing, no Gumbel noise); the model's mode is restored afterwards.
+    The prompt plus `max_new_tokens` must fit in the model context (`max_seq_len`); truncate prompts
+    yourself (keep their last tokens). Runs in eval mode; the model's mode is restored afterwards.
     """
     prompts = prompt_list(input_ids, attention_mask)
     check_request(model, prompts, max_new_tokens, stop_strings, tokenizer)
     check_sampling(temperature, top_k, top_p)
     eos_ids = _token_set(eos_token_id, model, tokenizer)
     pad_token_id = _pad_id(pad_token_id, model, tokenizer, eos_ids)
-    if vocab_limit is None and tokenizer is not None:
-        vocab_limit = tokenizer.vocab_size
-    sampling = Sampling(temperature, top_k, top_p, seed, generator, _check_vocab_limit(vocab_limit, model))
+    sampling = Sampling(temperature, top_k, top_p, seed, generator, _vocab_limit(vocab_limit, model, tokenizer))
     stop_strings = [s for s in (stop_strings or []) if s]
-    matchers = [StopStringMatcher(tokenizer, stop_strings) for _ in prompts] if stop_strings else None
-    engine = Engine(model, compile)
+    steps = Engine(model, compile).steps(
+        prompts, max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_token_id=pad_token_id,
+        stop=_stop_check(tokenizer, stop_strings, len(prompts)), use_cache=use_cache, compact=compact,
+        sync_every=sync_every, return_logits=return_logits)
     out = _Collector(len(prompts), max_new_tokens, pad_token_id, model.config.vocab_size, return_logits)
-    was_training = model.training
-    model.eval()
-    try:
-        for step in engine.steps(prompts, max_new_tokens, sampling=sampling, eos_ids=eos_ids,
-                                 pad_token_id=pad_token_id, stop=(lambda row, token: matchers[row].push(token))
-                                 if matchers else None, use_cache=use_cache, compact=compact,
-                                 sync_every=sync_every, return_logits=return_logits):
+    with _eval_mode(model):
+        for step in steps:
             out.add(step)
             if stream is not None:
                 stream(step.tokens.clone(), step.emitted)
-    finally:
-        model.train(was_training)
-    texts = None
-    if tokenizer is not None:
-        texts = [continuation_text(tokenizer, ids, eos_ids, stop_strings) for ids in out.generated]
+    texts = None if tokenizer is None else \
+        [continuation_text(tokenizer, ids, eos_ids, stop_strings) for ids in out.generated]
     return GenerationOutput(tokens=out.tokens, lengths=out.lengths, finished=out.finished, logits=out.logits,
                             texts=texts, used_cache=use_cache and model.config.causal_routing)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Evaluation mode (deterministic routing, no Gumbel noise) within the block; the mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _stop_check(tokenizer, stop_strings: list[str], batch: int) -> Callable[[int, int], bool] | None:
+    """The engine's per-row stop question for stop strings: one incremental matcher per row."""
+    if not stop_strings:
+        return None
+    matchers = [StopStringMatcher(tokenizer, stop_strings) for _ in range(batch)]
+    return lambda row, token: matchers[row].push(token)
 
 
 class _Collector:
@@ -152,7 +163,10 @@ def check_request(model, prompts: list[list[int]], max_new_tokens: int, stop_str
             raise ValueError(f"prompt {b} has token id {bad[0]} outside the vocabulary [0, {vocab})")
 
 
-def _check_vocab_limit(vocab_limit: int | None, model) -> int | None:
+def _vocab_limit(vocab_limit: int | None, model, tokenizer) -> int | None:
+    """The ids sampling may choose: below `vocab_limit`, else the tokenizer's size; None for all."""
+    if vocab_limit is None and tokenizer is not None:
+        vocab_limit = tokenizer.vocab_size
     if vocab_limit is None or vocab_limit >= model.config.vocab_size:
         return None
     if vocab_limit < 1:
