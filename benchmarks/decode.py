@@ -5,7 +5,7 @@ The `small` preset with random weights, CPU float32, a 32-token prompt, batch 1 
 size, the variants run interleaved (one run of each, `--repeats` times) so that load on a shared
 machine hits them alike; tokens/s are medians and ratios are against the eager decode step.
 
-- step-eager:    polyglu.generation.DecodeStep(model) — attention over the whole preallocated cache
+- step-eager:    polyglu.inference.DecodeStep(model) — attention over the whole preallocated cache
                  under a mask: every step has the same shapes (what generate() uses).
 - step-compiled: DecodeStep(model, compile=True) — the same step captured whole by torch.compile
                  (compile time reported separately, not in tokens/s).
