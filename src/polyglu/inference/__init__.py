@@ -13,11 +13,11 @@ The model serves it through `PolychromaticLM.forward(ids, doc_ids, cache=..., lo
 
 from polyglu.inference.cache import KVCache
 from polyglu.inference.compiled import DecodeStep, check_compile, compile_setting
-from polyglu.inference.engine import Engine, Sampling, Step
+from polyglu.inference.engine import Engine, Sampling, Step, release_caches
 from polyglu.inference.generation import GenerationOutput, StreamCallback, generate
 from polyglu.inference.sampling import check_sampling, filter_logits, mask_padding, sample_next
 from polyglu.inference.text import IncrementalDecoder, StopStringMatcher, TextStreamer
 
 __all__ = ["DecodeStep", "Engine", "GenerationOutput", "IncrementalDecoder", "KVCache", "Sampling", "Step",
            "StopStringMatcher", "StreamCallback", "TextStreamer", "check_compile", "check_sampling",
-           "compile_setting", "filter_logits", "generate", "mask_padding", "sample_next"]
+           "compile_setting", "filter_logits", "generate", "mask_padding", "release_caches", "sample_next"]

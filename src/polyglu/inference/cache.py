@@ -7,7 +7,8 @@
 The model reads and writes the cache only through its methods (`prepare`, `attention_mask`,
 `update`, `pool_state`, `advance`; for a decode step at fixed shapes `step_inputs` and `step_view`),
 and so do the engine and the compiled step (`check_room`, `static_tensors`, `reorder`, `reset`):
-nothing outside this module reads its fields.
+nothing outside this module reads its tensors. `batch_size`, `max_len`, `length` (slots filled),
+`device` and `dtype` are its read-only public state.
 
 Rows of a batch may hold several documents (left padding is a document of its own): the cache keeps
 each slot's document (segment id) so attention and routing never cross documents, and positions

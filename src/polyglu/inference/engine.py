@@ -42,8 +42,9 @@ from polyglu.inference.sampling import sample_next
 
 # steps between host reads of the sampled ids on an accelerator (each read waits for the device)
 DEVICE_SYNC_EVERY = 8
-# caches kept per model for reuse by later compiled generations (one per batch size and length)
-CACHES_PER_MODEL = 4
+# caches kept per model for reuse by later compiled generations (one per batch size and length; an
+# evaluation's full batches and its last one). They hold memory between generations: `release_caches`
+CACHES_PER_MODEL = 2
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -305,6 +306,11 @@ def give_back_cache(model, cache: KVCache) -> None:
     pool[key] = cache  # the newest last: the oldest goes first when the pool is full
     while len(pool) > CACHES_PER_MODEL:
         pool.pop(next(iter(pool)))
+
+
+def release_caches(model) -> None:
+    """Drop the caches kept for `model`'s compiled generations (their memory goes back)."""
+    _CACHES.pop(model, None)
 
 
 # --------------------------------------------------------------------------------------------
