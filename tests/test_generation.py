@@ -528,6 +528,8 @@ def test_reading_the_device_every_few_steps_gives_the_same_results():
         assert out.texts == outputs[0].texts and torch.equal(out.finished, outputs[0].finished)
         assert len(seen) == len(streams[0])
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen, streams[0]))
+    with pytest.raises(ValueError, match="sync_every must be >= 1"):
+        generate(model, PROMPTS, 2, sync_every=0)
 
 
 def test_engine_yields_one_step_per_token_and_generate_collects_them():

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -90,17 +90,6 @@ class _Pending:
     logits: torch.Tensor | None = None
 
 
-@dataclass
-class _Progress:
-    """What the host knows of every original row between reads."""
-
-    batch: int
-    finished: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.finished = torch.zeros(self.batch, dtype=torch.bool)
-
-
 class Engine:
     """Runs `model` token by token; `steps` yields one `Step` per decoding step.
 
@@ -152,7 +141,7 @@ class _Loop:
         self.generator = sampling.generator_on(device)
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         self.pad, self.stop, self.return_logits = pad_token_id, stop, return_logits
-        self.progress = _Progress(batch)
+        self.finished = torch.zeros(batch, dtype=torch.bool)  # what the host knows of every original row
         self.rows = torch.arange(batch)  # original row of each row of the working batch
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)  # working rows known finished
 
@@ -165,7 +154,7 @@ class _Loop:
             if last or len(pending) >= sync_every:
                 yield from self.read(pending)
                 pending = []
-                if last or bool(self.progress.finished.all()):
+                if last or bool(self.finished.all()):
                     return
                 if compact:
                     self.compact(stepper)
@@ -186,20 +175,20 @@ class _Loop:
         """The host's read of a stretch of steps: stop checks in order, then one `Step` each."""
         steps = [self.host_step(p) for p in pending]
         # rows a stop check ended mid-stretch are fed padding from now on
-        self.done = self.progress.finished[self.rows].to(self.device)
+        self.done = self.finished[self.rows].to(self.device)
         self.feed = self.feed.masked_fill(self.done, self.pad)
         # steps decoded after every row had stopped produced nothing: not steps of the generation
         yield from (step for step in steps if step.emitted.any())
 
     def host_step(self, p: _Pending) -> Step:
         tokens, emitted, eos = p.tokens.cpu(), p.emitted.cpu(), p.eos.cpu()
-        live = emitted & ~self.progress.finished[p.rows]  # a stop check may have ended a row since
+        live = emitted & ~self.finished[p.rows]  # a stop check may have ended a row since
         live_rows = p.rows[live]
         stops = eos[live]
         if self.stop is not None:
             for i, (row, token) in enumerate(zip(live_rows.tolist(), tokens[live].tolist())):
                 stops[i] |= bool(self.stop(row, token))
-        self.progress.finished[live_rows] |= stops
+        self.finished[live_rows] |= stops
         out_tokens = torch.full((self.batch,), self.pad, dtype=torch.long)
         out_tokens[live_rows] = tokens[live]
         out_emitted = torch.zeros(self.batch, dtype=torch.bool)
@@ -213,7 +202,7 @@ class _Loop:
         return Step(p.index, out_tokens, out_emitted, out_stopped, logits)
 
     def compact(self, stepper) -> None:
-        keep = ~self.progress.finished[self.rows]
+        keep = ~self.finished[self.rows]
         if int(keep.sum()) * 2 > len(self.rows):
             return
         index = keep.nonzero().flatten()

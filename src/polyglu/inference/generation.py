@@ -79,6 +79,8 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
     prompts = prompt_list(input_ids, attention_mask)
     check_request(model, prompts, max_new_tokens, stop_strings, tokenizer)
     check_sampling(temperature, top_k, top_p)
+    if sync_every is not None and sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1 (steps between host reads), got {sync_every}")
     eos_ids = _token_set(eos_token_id, model, tokenizer)
     pad_token_id = _pad_id(pad_token_id, model, tokenizer, eos_ids)
     sampling = Sampling(temperature, top_k, top_p, seed, generator, _vocab_limit(vocab_limit, model, tokenizer))
