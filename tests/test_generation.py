@@ -588,3 +588,18 @@ def test_padding_ids_of_a_padded_vocabulary_are_never_sampled():
     assert mask_padding(logits, None) is logits
     with pytest.raises(ValueError, match="vocab_limit must be >= 1"):
         generate(model, [prompt], 2, vocab_limit=0)
+
+
+def test_text_streamer_reads_one_incremental_decoder_and_never_writes_half_a_character():
+    """The streamer decodes with the same IncrementalDecoder as the stop strings: what it writes, piece
+    by piece, is the whole text cut before the stop string, and no piece holds half a character."""
+    tokenizer = load_tokenizer("byte")
+    text = "数学 12 + 30 = 42 ✓ done"
+    ids = tokenizer.encode(text)
+    written = []
+    streamer = TextStreamer(tokenizer, write=written.append, stop_strings=["✓ d"])
+    for token in ids:
+        streamer(torch.tensor([token]), torch.tensor([True]))
+    assert streamer.finish() == "".join(written) == text[:text.index("✓ d")]
+    assert all("\ufffd" not in piece for piece in written) and len(written) > 3
+    assert isinstance(streamer.decoder, IncrementalDecoder)
