@@ -144,6 +144,7 @@ class _Loop:
         self.finished = torch.zeros(batch, dtype=torch.bool)  # what the host knows of every original row
         self.rows = torch.arange(batch)  # original row of each row of the working batch
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)  # working rows known finished
+        self.stopped_since_compact = False
 
     def run(self, stepper, max_new_tokens: int, sync_every: int, compact: bool) -> Iterator[Step]:
         logits = stepper.first()
@@ -174,34 +175,36 @@ class _Loop:
     def read(self, pending: list[_Pending]) -> Iterator[Step]:
         """The host's read of a stretch of steps: stop checks in order, then one `Step` each."""
         steps = [self.host_step(p) for p in pending]
-        # rows a stop check ended mid-stretch are fed padding from now on
-        self.done = self.finished[self.rows].to(self.device)
-        self.feed = self.feed.masked_fill(self.done, self.pad)
+        if self.stop is not None:  # rows a stop check ended mid-stretch are fed padding from now on
+            self.done = self.finished[self.rows].to(self.device)
+            self.feed = self.feed.masked_fill(self.done, self.pad)
         # steps decoded after every row had stopped produced nothing: not steps of the generation
         yield from (step for step in steps if step.emitted.any())
 
     def host_step(self, p: _Pending) -> Step:
         tokens, emitted, eos = p.tokens.cpu(), p.emitted.cpu(), p.eos.cpu()
         live = emitted & ~self.finished[p.rows]  # a stop check may have ended a row since
-        live_rows = p.rows[live]
-        stops = eos[live]
+        stops = eos & live
         if self.stop is not None:
-            for i, (row, token) in enumerate(zip(live_rows.tolist(), tokens[live].tolist())):
+            for i, row, token in zip(live.nonzero().flatten().tolist(), p.rows[live].tolist(), tokens[live].tolist()):
                 stops[i] |= bool(self.stop(row, token))
-        self.finished[live_rows] |= stops
-        out_tokens = torch.full((self.batch,), self.pad, dtype=torch.long)
-        out_tokens[live_rows] = tokens[live]
-        out_emitted = torch.zeros(self.batch, dtype=torch.bool)
-        out_emitted[live_rows] = True
-        out_stopped = torch.zeros(self.batch, dtype=torch.bool)
-        out_stopped[live_rows] = stops
-        logits = None
-        if p.logits is not None:
-            logits = torch.zeros(self.batch, p.logits.shape[-1])
-            logits[live_rows] = p.logits.cpu()[live]
-        return Step(p.index, out_tokens, out_emitted, out_stopped, logits)
+        self.finished[p.rows] |= stops
+        self.stopped_since_compact |= bool(stops.any())
+        logits = None if p.logits is None else p.logits.cpu().masked_fill(~live[:, None], 0.0)
+        if len(p.rows) == self.batch:  # no row dropped yet: the working rows are the original ones
+            return Step(p.index, tokens.masked_fill(~live, self.pad), live, stops, logits)
+        out = Step(p.index, torch.full((self.batch,), self.pad, dtype=torch.long),
+                   torch.zeros(self.batch, dtype=torch.bool), torch.zeros(self.batch, dtype=torch.bool),
+                   None if logits is None else torch.zeros(self.batch, logits.shape[-1]))
+        out.tokens[p.rows], out.emitted[p.rows], out.stopped[p.rows] = tokens.masked_fill(~live, self.pad), live, stops
+        if logits is not None:
+            out.logits[p.rows] = logits
+        return out
 
     def compact(self, stepper) -> None:
+        if not self.stopped_since_compact:
+            return
+        self.stopped_since_compact = False
         keep = ~self.finished[self.rows]
         if int(keep.sum()) * 2 > len(self.rows):
             return
