@@ -157,7 +157,7 @@ class _Loop:
                 pending = []
                 if last or bool(self.finished.all()):
                     return
-                if compact:
+                if compact and self.stopped_since_compact:
                     self.compact(stepper)
             logits = stepper.next(self.feed)
 
@@ -172,14 +172,16 @@ class _Loop:
         self.feed = tokens.masked_fill(self.done, self.pad)
         return _Pending(t, self.rows, tokens, emitted, eos, logits.float() if self.return_logits else None)
 
-    def read(self, pending: list[_Pending]) -> Iterator[Step]:
+    def read(self, pending: list[_Pending]) -> list[Step]:
         """The host's read of a stretch of steps: stop checks in order, then one `Step` each."""
         steps = [self.host_step(p) for p in pending]
         if self.stop is not None:  # rows a stop check ended mid-stretch are fed padding from now on
             self.done = self.finished[self.rows].to(self.device)
             self.feed = self.feed.masked_fill(self.done, self.pad)
+        if len(steps) == 1:  # a step read at once always has a row that produced a token
+            return steps
         # steps decoded after every row had stopped produced nothing: not steps of the generation
-        yield from (step for step in steps if step.emitted.any())
+        return [step for step in steps if step.emitted.any()]
 
     def host_step(self, p: _Pending) -> Step:
         tokens, emitted, eos = p.tokens.cpu(), p.emitted.cpu(), p.eos.cpu()
@@ -189,9 +191,11 @@ class _Loop:
             for i, row, token in zip(live.nonzero().flatten().tolist(), p.rows[live].tolist(), tokens[live].tolist()):
                 stops[i] |= bool(self.stop(row, token))
         self.finished[p.rows] |= stops
-        self.stopped_since_compact |= bool(stops.any())
+        working = p.rows.shape[0]
+        if working > 1:  # one row left: nothing to compact
+            self.stopped_since_compact |= bool(stops.any())
         logits = None if p.logits is None else p.logits.cpu().masked_fill(~live[:, None], 0.0)
-        if len(p.rows) == self.batch:  # no row dropped yet: the working rows are the original ones
+        if working == self.batch:  # no row dropped yet: the working rows are the original ones
             return Step(p.index, tokens.masked_fill(~live, self.pad), live, stops, logits)
         out = Step(p.index, torch.full((self.batch,), self.pad, dtype=torch.long),
                    torch.zeros(self.batch, dtype=torch.bool), torch.zeros(self.batch, dtype=torch.bool),
@@ -202,8 +206,6 @@ class _Loop:
         return out
 
     def compact(self, stepper) -> None:
-        if not self.stopped_since_compact:
-            return
         self.stopped_since_compact = False
         keep = ~self.finished[self.rows]
         if int(keep.sum()) * 2 > len(self.rows):

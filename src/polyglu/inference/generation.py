@@ -89,7 +89,7 @@ def generate(model, input_ids, max_new_tokens: int, *, use_cache: bool = True,
         prompts, max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_token_id=pad_token_id,
         stop=_stop_check(tokenizer, stop_strings, len(prompts)), use_cache=use_cache, compact=compact,
         sync_every=sync_every, return_logits=return_logits)
-    out = _Collector(len(prompts), max_new_tokens, pad_token_id, model.config.vocab_size, return_logits)
+    out = _Collector(len(prompts), max_new_tokens, pad_token_id, model.config.vocab_size, return_logits, tokenizer)
     with _eval_mode(model):
         for step in steps:
             out.add(step)
@@ -121,24 +121,26 @@ def _stop_check(tokenizer, stop_strings: list[str], batch: int) -> Callable[[int
 
 
 class _Collector:
-    """The engine's steps gathered into the tensors of a GenerationOutput."""
+    """The engine's steps gathered into the tensors of a GenerationOutput (and, for texts, id lists)."""
 
-    def __init__(self, batch: int, max_new_tokens: int, pad_token_id: int, vocab: int, return_logits: bool) -> None:
+    def __init__(self, batch: int, max_new_tokens: int, pad_token_id: int, vocab: int, return_logits: bool,
+                 tokenizer) -> None:
         self.tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long)
         self.lengths = torch.zeros(batch, dtype=torch.long)
         self.finished = torch.zeros(batch, dtype=torch.bool)
         self.logits = torch.zeros(batch, max_new_tokens, vocab) if return_logits else None
-        self.generated: list[list[int]] = [[] for _ in range(batch)]
+        # the ids of each row, for its text (with a tokenizer only)
+        self.generated: list[list[int]] | None = [[] for _ in range(batch)] if tokenizer is not None else None
 
     def add(self, step: Step) -> None:
-        t, emitted = step.index, step.emitted
-        self.tokens[emitted, t] = step.tokens[emitted]
-        self.lengths += emitted.long()
+        self.tokens[:, step.index] = step.tokens  # padding where a row produced nothing, as initialised
+        self.lengths += step.emitted
         self.finished |= step.stopped
         if self.logits is not None:
-            self.logits[:, t] = step.logits
-        for row, token in zip(emitted.nonzero().flatten().tolist(), step.tokens[emitted].tolist()):
-            self.generated[row].append(token)
+            self.logits[:, step.index] = step.logits
+        if self.generated is not None:
+            for row, token in zip(step.emitted.nonzero().flatten().tolist(), step.tokens[step.emitted].tolist()):
+                self.generated[row].append(token)
 
 
 def check_request(model, prompts: list[list[int]], max_new_tokens: int, stop_strings, tokenizer) -> None:

@@ -44,15 +44,18 @@ _logged: set[str] = set()
 
 
 def _needs_grad(tensors: Sequence[torch.Tensor | None]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _native_ok(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...], hard: bool, noisy: bool) -> bool:
     """Whether the native kernels compute this call: float32 CPU tensors, soft noise-free routing,
     activations with native codes, no autocast, and kernels that load (built on first use)."""
-    return (not hard and not noisy and native.activation_codes(activations) is not None
-            and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and native.kernels() is not None)
+    if hard or noisy or tensors[0].device.type != "cpu" or native.activation_codes(activations) is None:
+        return False
+    for t in tensors:  # a plain loop: a decode step asks this once per layer
+        if t is not None and t.dtype != torch.float32:
+            return False
+    return not torch.is_autocast_enabled("cpu") and native.kernels() is not None
 
 
 def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...], *, hard: bool, noisy: bool,
@@ -60,9 +63,9 @@ def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...],
     """The path of one small inference call (see the module's docstring); the first tensor is the call's
     input (gate, or for `decode` the layer's input x). `decode`: a PolyGLU layer's whole decoded
     token ("native-decode" or None: the layer then computes it step by step)."""
-    first = tensors[0]
-    if torch.compiler.is_compiling() or _needs_grad(tensors):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _needs_grad(tensors)):
         return None
+    first = tensors[0]
     if decode:
         path = "native-decode" if len(activations) > 1 and _native_ok(tensors, activations, hard, noisy) else None
     elif first.numel() > SMALL_INFERENCE_ELEMENTS or fused.chosen_kernel() is not None:
