@@ -6,7 +6,7 @@ load hits both alike. Prints tokens/s (median and best over `--steps`) and the P
 ratio; `--json` prints one JSON object instead.
 
     python benchmarks/train_step.py                                   # small, B=4 T=256, CPU f32
-    python benchmarks/train_step.py --preset demo --threads 1 --clock cpu  # the demo's step: B=16 T=256, packed
+    python benchmarks/train_step.py --preset demo --threads 1 --clock cpu  # the demo's step: B=8 T=256, packed
     python benchmarks/train_step.py --layers 4 --steps 5 --fused-kernel compiled
     python benchmarks/train_step.py --threads 1 --clock cpu          # work done, robust on a loaded machine
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --batch 16 --seq-len 2048
@@ -33,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS))
-    p.add_argument("--batch", type=int, default=None, help="default: 16 for the demo preset (its training batch), else 4")
+    p.add_argument("--batch", type=int, default=None, help="default: 8 for the demo preset (its training batch, configs/demo.yaml), else 4")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--documents", type=int, default=None,
                    help="documents packed per row, passed as doc_ids as the trainer does (default: 4 for the "
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     demo = args.preset == "demo"
-    args.batch = args.batch if args.batch is not None else (16 if demo else 4)
+    args.batch = args.batch if args.batch is not None else (8 if demo else 4)
     args.documents = args.documents if args.documents is not None else (4 if demo else 1)
     if not 1 <= args.documents <= args.seq_len:
         p.error(f"--documents must be between 1 and --seq-len ({args.seq_len}), got {args.documents}")

@@ -22,6 +22,8 @@ import weakref
 
 import torch
 
+from polyglu.model.compiler import compile_fn
+
 # A compiled decode step has the cache's length in its shapes: compiled generations round it up (within
 # the context) to a power of two up to this, to a multiple of it beyond, so batches of different prompt
 # lengths share a compiled step (an evaluation compiles a few times per batch size, not once per
@@ -156,7 +158,7 @@ class DecodeStep:
             kwargs = dict(self.options)
             if "options" in kwargs:  # torch.compile takes guard_filter_fn out of the dict it is given
                 kwargs["options"] = dict(kwargs["options"])
-            per_model[key] = torch.compile(self.model.decode_logits, fullgraph=True, dynamic=False, **kwargs)
+            per_model[key] = compile_fn(self.model.decode_logits, fullgraph=True, dynamic=False, **kwargs)
         if self._cuda_graphs:
             self._mark_static(cache)
             torch.compiler.cudagraph_mark_step_begin()
