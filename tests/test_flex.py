@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from polyglu.config import ConfigError, ModelConfig
 from polyglu.documents import segment_ids
+from polyglu.inference.cache import KVCache
 from polyglu.model import flex
 
 
@@ -134,7 +135,7 @@ def test_flex_cached_chunks_match_uncached(tiny_config):
     ids, doc_ids = _packed()
     with torch.no_grad():
         full = flex_model(ids, doc_ids).logits
-        cache = flex_model.new_cache(ids.shape[0], ids.shape[1])
+        cache = KVCache.for_model(flex_model, ids.shape[0], ids.shape[1])
         pieces = [flex_model(ids[:, a:b], doc_ids[:, a:b], cache=cache).logits
                   for a, b in ((0, 12), (12, 13), (13, 30), (30, 40))]  # chunks across document edges
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)

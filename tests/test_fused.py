@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from polyglu.model import fused, native
+from polyglu.model import fused, native, small_inference
 from polyglu.model.fused import MixedActivation, default_kernel, mixed_activation_fused, use_kernel
-from polyglu.model.polyglu import PolyGLU, SwiGLU, mixed_activation_reference
+from polyglu.model.polyglu import PolyGLU, SwiGLU, mixed_activation, mixed_activation_reference
 
 # K = 1..4, every registry activation at least once
 ACTIVATION_SETS = [("silu",), ("gelu_tanh", "softplus"), ("identity", "sigmoid", "tanh"),
@@ -158,16 +158,19 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
 @pytest.mark.parametrize("per_neuron", [False, True], ids=["layer", "neuron"])
 def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, spelling_elements, per_neuron,
                                                    monkeypatch):
-    monkeypatch.setattr(fused, "SMALL_SPELLING_ELEMENTS", spelling_elements)
+    monkeypatch.setattr(small_inference, "SMALL_SPELLING_ELEMENTS", spelling_elements)
     gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, T, 40, activations, per_token, mode == "noise",
                                                         per_neuron=per_neuron)
     inputs = (gate.detach(), up.detach(), alpha.detach(), dynamic.detach(), gumbel, tau, activations, mode == "hard")
     expected = mixed_activation_reference(*inputs)
-    calls, original = [], fused.small_inference
-    monkeypatch.setattr(fused, "small_inference", lambda *a: calls.append(1) or original(*a))
+    calls, original = [], small_inference.mixed_activation
+    monkeypatch.setattr(small_inference, "mixed_activation", lambda *a: calls.append(a[-1]) or original(*a))
     monkeypatch.setattr(fused.MixedActivation, "apply", None)  # the autograd.Function is not called at all
     with torch.no_grad():
-        h = mixed_activation_fused(*inputs)
+        h = mixed_activation(*inputs)
+    native_possible = mode == "soft" and not per_neuron and native.activation_codes(activations) is not None \
+        and native.kernels()
+    assert calls == ["native" if native_possible else "eager"]
     assert calls and h.dtype == gate.dtype
     torch.testing.assert_close(h, expected, atol=1e-6, rtol=1e-5)
 
@@ -178,21 +181,21 @@ def test_one_token_hard_routing_takes_the_first_maximum_like_the_reference():
     alpha = torch.zeros_like(alpha.detach())  # every logit ties within a row: the first activation wins
     dynamic = torch.zeros_like(dynamic.detach())
     with torch.no_grad():
-        h = fused.small_inference(gate, up, alpha, dynamic, None, tau, activations, hard=True)
+        h = small_inference.mixed_activation(gate, up, alpha, dynamic, None, tau, activations, hard=True)
         assert torch.equal(h, mixed_activation_reference(gate, up, alpha, dynamic, None, tau, activations, True))
         assert torch.equal(h, torch.relu(gate) * up)
 
 
 def test_a_small_call_needing_gradients_or_a_chosen_kernel_or_a_large_one_keeps_the_kernels(monkeypatch):
     inputs = (*make_inputs(2, 1, 24, ACTIVATION_SETS[-1], False, False), ACTIVATION_SETS[-1], False)
-    monkeypatch.setattr(fused, "small_inference", None)  # would fail if it were taken
+    monkeypatch.setattr(small_inference, "mixed_activation", None)  # would fail if it were taken
     assert_matches_reference(inputs, None)  # grads enabled and required: gradients flow
     with torch.no_grad(), use_kernel("chunked"):
-        h = mixed_activation_fused(*inputs)
+        h = mixed_activation(*inputs)
     torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
-    monkeypatch.setattr(fused, "SMALL_INFERENCE_ELEMENTS", 2 * 24 - 1)  # one hidden unit too many
+    monkeypatch.setattr(small_inference, "SMALL_INFERENCE_ELEMENTS", 2 * 24 - 1)  # one hidden unit too many
     with torch.no_grad():
-        h = mixed_activation_fused(*inputs)
+        h = mixed_activation(*inputs)
     torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from polyglu import ModelConfig, PolychromaticLM
+from polyglu.inference.cache import KVCache
 from polyglu.model.parameters import parameter_counts
 
 
@@ -89,7 +90,7 @@ def test_cached_chunks_treat_a_returning_id_as_a_new_document(tiny_config, chunk
     model = _model(tiny_config).eval()
     ids = torch.randint(0, 97, (2, 9))
     full = _forward(model, ids, RETURNING_ID.expand(2, 9))
-    cache = model.new_cache(2, 16)
+    cache = KVCache.for_model(model, 2, 16)
     outs, start = [], 0
     for n in chunks:
         outs.append(model(ids[:, start:start + n], RETURNING_ID.expand(2, 9)[:, start:start + n], cache=cache).logits)
@@ -113,7 +114,7 @@ def test_cached_forward_matches_full_forward(tiny_config, chunks):
     model = _model(tiny_config).eval()
     ids = torch.randint(0, 97, (2, sum(chunks)))
     full = _forward(model, ids)
-    cache = model.new_cache(2, 32)
+    cache = KVCache.for_model(model, 2, 32)
     outs, start = [], 0
     for n in chunks:
         outs.append(model(ids[:, start:start + n], cache=cache).logits)
@@ -126,7 +127,7 @@ def test_cache_with_left_padding_document(tiny_config):
     model = _model(tiny_config).eval()
     prompt = torch.randint(0, 97, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
-    cache = model.new_cache(1, 16)
+    cache = KVCache.for_model(model, 1, 16)
     out = model(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]]), cache=cache).logits[:, 3:]
     torch.testing.assert_close(out, _forward(model, prompt), atol=1e-5, rtol=1e-5)
     nxt = torch.randint(0, 97, (1, 1))
@@ -142,7 +143,7 @@ def test_decode_step_matches_full_forward_after_padded_and_packed_prefill(tiny_c
     P, steps = 9, 6
     doc_ids = torch.cat([torch.tensor([[-1, -1, -1, 0, 0, 0, 0, 0, 0]]), RETURNING_ID, torch.zeros(1, 9).long()])
     ids = torch.randint(0, 97, (3, P + steps))
-    cache = model.new_cache(3, P + steps)
+    cache = KVCache.for_model(model, 3, P + steps)
     model(ids[:, :P], doc_ids, cache=cache)
     logits = torch.stack([model.decode_step(ids[:, t:t + 1], cache) for t in range(P, P + steps)], 1)
     first_of_last_document = [3, 6, 0]
@@ -157,7 +158,7 @@ def test_decode_step_matches_full_forward_after_padded_and_packed_prefill(tiny_c
 def test_decode_step_on_an_empty_cache_starts_at_position_zero(tiny_config):
     model = _model(tiny_config).eval()
     ids = torch.randint(0, 97, (2, 4))
-    cache = model.new_cache(2, 8)
+    cache = KVCache.for_model(model, 2, 8)
     logits = torch.stack([model.decode_step(ids[:, t:t + 1], cache) for t in range(4)], 1)
     torch.testing.assert_close(logits, _forward(model, ids), atol=1e-5, rtol=1e-5)
 
@@ -165,7 +166,7 @@ def test_decode_step_on_an_empty_cache_starts_at_position_zero(tiny_config):
 def test_sequence_pool_refuses_cache(tiny_config):
     model = _model(tiny_config, routing_pool="sequence").eval()
     with pytest.raises(ValueError, match="non-causal"):
-        model(torch.randint(0, 97, (1, 4)), cache=model.new_cache(1, 8))
+        model(torch.randint(0, 97, (1, 4)), cache=KVCache.for_model(model, 1, 8))
 
 
 def test_too_long_input_is_an_error(tiny_config):

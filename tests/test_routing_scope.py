@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyglu.config import ConfigError, ModelConfig
-from polyglu.generation import generate
+from polyglu.inference import generate
 from polyglu.loading import load_model
 from polyglu.model.parameters import parameter_counts
 from polyglu.model.polyglu import PolyGLU, mixed_activation_reference

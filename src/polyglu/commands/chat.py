@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.commands.generate import check_fits_context, check_sampling_arguments
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
-    from polyglu.generation import TextStreamer, generate
+    from polyglu.inference import TextStreamer, generate
     from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
     check_sampling_arguments(args)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     # one sampling stream for the whole conversation: --seed makes the session reproducible
     generator = None
     if args.seed is not None:
-        generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(args.seed)
+        generator = torch.Generator(device=model.device).manual_seed(args.seed)
     interactive = sys.stdin.isatty()
     budget = model.config.max_seq_len - args.max_new_tokens
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -42,7 +42,7 @@ def _check_parents(target: Path, flag: str) -> None:
 def check_compile_argument(value) -> None:
     """--compile's value, checked before any model loads (a one-line error naming the choices)."""
     from polyglu.commands import CommandError
-    from polyglu.generation import check_compile
+    from polyglu.inference import check_compile
 
     try:
         check_compile(value)

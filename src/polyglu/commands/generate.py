@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.commands import CommandError
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
-    from polyglu.generation import TextStreamer, generate
+    from polyglu.inference import TextStreamer, generate
     from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
     check_sampling_arguments(args)

@@ -20,7 +20,7 @@ and d dynamic is d l itself (summed over positions if T' = 1), not summed over d
 Kernels (same math, chosen by `default_kernel`):
 - "chunked": eager torch ops over blocks of tokens small enough to stay in cache. Per-token routing
   weights factorise, exp(l/tau) = exp((alpha + noise)/tau) * exp(dynamic/tau), so no exponential
-  is taken per hidden unit. No compiler, no warm-up: small calls (tests, decoding) and the fallback.
+  is taken per hidden unit. No compiler, no warm-up: small calls with autograd (tests) and the fallback.
 - "dense": pure functions of whole tensors, unrolled over k so that torch.compile turns each
   direction into one or two loops over the hidden units. Traced as-is inside a compiled model.
 - "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default for large CPU
@@ -34,6 +34,8 @@ Kernels (same math, chosen by `default_kernel`):
   CUDA when triton is installed; calls it does not cover (hard routing, no CUDA tensor and no
   TRITON_INTERPRET) take "compiled" on CUDA, "chunked" elsewhere.
 Choose explicitly with `use_kernel(...)` or the environment variable POLYGLU_MIXED_KERNEL.
+Small calls without autograd (a decode step) never come here: `polyglu.model.small_inference`
+takes them (`PolyGLU` asks it first).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from contextvars import ContextVar
 
 import torch
 
-from polyglu.model import native, triton_mixed
+from polyglu.model import triton_mixed
 from polyglu.model.activations import exp, get_activations
 from polyglu.model.compiler import compile_fn
 
@@ -588,17 +590,6 @@ def use_kernel(kernel: str | None):
 # repay a one-off compile, and eager ops cost the most there (None: never compile by default on CPU)
 COMPILE_MIN_ELEMENTS: int | None = 1 << 20
 
-# Inference calls (no autograd) with at most this many hidden units take `small_inference`: plain
-# ops, no kernel overhead (a decode step; a prefill of up to 42 tokens at d_ff 1536, where it is
-# 3-7% faster; from ~64 tokens the blocked kernel is)
-SMALL_INFERENCE_ELEMENTS = 1 << 16
-# ... and up to this many take each activation's spelling for small tensors (`Activation.small`, else
-# its definition): torch's tanh and GELU cost ~20 us on one decode row inside a step. Above it, the
-# eager kernel's spellings (`Activation.forward`) are faster: at 8 x 1536 values torch.tanh took
-# 24 us and its sigmoid spelling 10 us, erf-GELU 19 us and torch's GELU 7.5 us (one thread, warm).
-SMALL_SPELLING_ELEMENTS = 1 << 12
-
-
 def default_kernel(gate: torch.Tensor) -> str:
     """"dense" while torch.compile traces (the math joins the caller's graph); else a `use_kernel`
     choice; else the environment variable POLYGLU_MIXED_KERNEL; else "triton" on CUDA with Triton
@@ -617,62 +608,9 @@ def default_kernel(gate: torch.Tensor) -> str:
     return "chunked"
 
 
-def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
-                    noise: torch.Tensor | None, tau: torch.Tensor, activations: tuple[str, ...],
-                    hard: bool = False) -> torch.Tensor:
-    """The mixed activation of a small call without autograd: a decode step, a short prompt's prefill.
-
-    gate, up: (B, T, F); dynamic: (B, T', K). The reference's formulation in the fewest plain ops
-    (about a dozen), no autograd.Function, no blocks and no host sync: below `SMALL_INFERENCE_ELEMENTS`
-    hidden units the per-call overhead of the kernels above costs more than their arithmetic (eager
-    batch-1 decoding spent ~250 us per layer there, a 32-token prefill ~0.6 ms). The activations are
-    the definitions in their spelling for small tensors (`Activation.small`) up to
-    `SMALL_SPELLING_ELEMENTS` values, the eager kernel's (`Activation.forward`) above: the
-    reference's up to float rounding.
-    """
-    if not hard and noise is None and gate.dtype == torch.float32 and gate.device.type == "cpu" \
-            and up.dtype == alpha.dtype == dynamic.dtype == torch.float32 and dynamic.dim() == 3:
-        kernels = native.kernels()
-        codes = native.activation_codes(activations)
-        if kernels is not None and codes is not None:  # the same math in one call (polyglu.model.native)
-            return kernels.mixed_activation.default(gate, up, alpha, dynamic, float(tau), codes)
-    dtype = _compute_dtype(gate)
-    K, (B, _, F_), T_ = len(activations), gate.shape, dynamic.shape[1]
-    # K leading and contiguous (written through `out`, whatever alpha's layout): torch's CPU softmax
-    # over a short last dimension, or over a strided one, is several times slower
-    logits = torch.empty((K, B, T_, F_), dtype=dtype, device=gate.device)
-    dynamic_t = _as(dynamic, dtype).permute(3, 0, 1, 2) if dynamic.dim() == 4 else _as(dynamic, dtype).permute(2, 0, 1)[..., None]
-    torch.add(_as(alpha, dtype).t()[:, None, None, :], dynamic_t, out=logits)
-    if noise is not None:
-        logits.add_(_as(noise, dtype).permute(2, 0, 1)[:, :, None, :])
-    if hard:  # the first maximum, argmax's tie rule, as the reference
-        index = logits.argmax(0, keepdim=True)
-        g = (torch.arange(K, device=logits.device).view(-1, 1, 1, 1) == index).to(dtype)
-    else:
-        g = torch.softmax(logits.div_(_as(tau, dtype)), dim=0)
-    mixed = None
-    # the activations' spelling for a few thousand values (one token), else the eager kernel's
-    one_row = gate.numel() <= SMALL_SPELLING_ELEMENTS
-    for k, rule in enumerate(get_activations(activations)):  # no stacked (K, B, T, F) copy of the activations
-        a = _as(((rule.small or rule.function) if one_row else rule.forward)(gate), dtype)  # gate's dtype first
-        if mixed is not None:
-            mixed.addcmul_(a, g[k])
-        else:  # the first activation's buffer becomes the sum, unless it is gate itself (identity)
-            mixed = a * g[k] if a is gate else a.mul_(g[k])
-    return _as(mixed.mul_(_as(up, dtype)), gate.dtype)
-
-
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor.to(dtype)` without a dispatch when it already is (a decode step makes dozens of these calls)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _inference_fast_path(gate: torch.Tensor, tensors) -> bool:
-    """A small call (`SMALL_INFERENCE_ELEMENTS`), nothing needing gradients, no kernel chosen
-    explicitly, not being traced."""
-    return (gate.numel() <= SMALL_INFERENCE_ELEMENTS and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-            and _kernel_choice.get() is None and not os.environ.get("POLYGLU_MIXED_KERNEL"))
+def chosen_kernel() -> str | None:
+    """The kernel chosen explicitly (`use_kernel`, else POLYGLU_MIXED_KERNEL), or None."""
+    return _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None
 
 
 def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
@@ -697,11 +635,6 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
         raise ValueError(f"mixed activation: inconsistent shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                          f"alpha {tuple(alpha.shape)}, dynamic {tuple(dynamic.shape)}, noise "
                          f"{None if noise is None else tuple(noise.shape)} for {K} activations")
-    if kernel is None and _inference_fast_path(gate, (gate, up, alpha, dynamic, noise)):
-        if torch.is_autocast_enabled(gate.device.type):  # the routing math and the mix stay in float32
-            with torch.autocast(gate.device.type, enabled=False):
-                return small_inference(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
-        return small_inference(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
     kernel = kernel or default_kernel(gate)
     gate, up = gate.contiguous(), up.contiguous()
     return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel)
@@ -716,8 +649,14 @@ def glu_kernel_applies(gate: torch.Tensor, activation: str) -> bool:
         return False
     if not gate.is_cuda and _kernel_choice.get() != "triton":  # CPU: the plain ops, decided in ~0.1 us
         return False
-    return (not _inference_fast_path(gate, (gate,)) and default_kernel(gate) == "triton"
-            and triton_mixed.supports(gate, (activation,), False))
+    # a small call without autograd (a decode step): the plain ops, as PolyGLU's small-inference path
+    small = gate.numel() <= SMALL_GLU_ELEMENTS and not (torch.is_grad_enabled() and gate.requires_grad)
+    return not small and default_kernel(gate) == "triton" and triton_mixed.supports(gate, (activation,), False)
+
+
+# GLU calls up to this many hidden units without autograd take plain ops (the size below which
+# `small_inference` serves PolyGLU: polyglu.model.small_inference.SMALL_INFERENCE_ELEMENTS)
+SMALL_GLU_ELEMENTS = 1 << 16
 
 
 def glu_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -12,7 +12,6 @@ routing_scope="neuron" gate_net ends in routing_rank values instead, and a per-l
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,10 +35,10 @@ from polyglu.model.activations import ACTIVATIONS
 
 try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernels
     from polyglu.model import fused as _fused
-    from polyglu.model import native as _native
+    from polyglu.model import small_inference
     from polyglu.model.fused import mixed_activation_fused
 except ImportError:
-    mixed_activation_fused, _native, _fused = None, None, None
+    mixed_activation_fused, small_inference, _fused = None, None, None
 
 
 @dataclass
@@ -106,9 +105,15 @@ def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torc
 def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
                      noise: torch.Tensor | None, tau: torch.Tensor, activations: Sequence[str],
                      hard: bool = False, impl: str = "auto") -> torch.Tensor:
-    """sum_k g_k * act_k(gate) * up, by the chosen implementation ("auto", "fused", "reference")."""
+    """sum_k g_k * act_k(gate) * up, by the chosen implementation ("auto", "fused", "reference"): the
+    fused kernels, or for a small call without autograd the small-inference override
+    (`polyglu.model.small_inference.choose` decides, here and nowhere else)."""
     if impl != "reference" and mixed_activation_fused is not None:
-        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
+        activations = tuple(activations)
+        path = small_inference.choose((gate, up, alpha, dynamic, noise), activations, hard=hard, noisy=noise is not None)
+        if path is not None:
+            return small_inference.mixed_activation(gate, up, alpha, dynamic, noise, tau, activations, hard, path)
+        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, activations, hard)
     if impl == "fused":
         raise RuntimeError("mixed_impl='fused' requested but polyglu.model.fused is not available")
     return mixed_activation_reference(gate, up, alpha, dynamic, noise, tau, activations, hard)
@@ -219,8 +224,9 @@ class PolyGLU(nn.Module):
 
     def extra_repr(self) -> str:
         scope = "" if self.routing_map is None else f", routing_scope='neuron', routing_rank={self.routing_map.shape[-1]}"
+        small = f", small_inference={small_inference.describe(self.activations)!r}" if small_inference else ""
         return (f"activations={self.activations}, routing_pool={self.routing_pool!r}, routing_mode={self.routing_mode!r}"
-                f"{scope}, eval_routing={self.eval_routing!r}, routing_noise={self.routing_noise}")
+                f"{scope}, eval_routing={self.eval_routing!r}, routing_noise={self.routing_noise}{small}")
 
     def dynamic_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                        doc_ids: torch.Tensor | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
@@ -271,31 +277,6 @@ class PolyGLU(nn.Module):
         scaled = (self.routing_map * self.beta[:, None]).permute(2, 1, 0).reshape(r, K * F_)  # (r, K * F)
         return torch.matmul(out, scaled).unflatten(-1, (K, F_)).transpose(-1, -2)  # (B, T', F, K) view
 
-    def _native_decode(self, x: torch.Tensor, positions: torch.Tensor | None,
-                       pool_state: PoolState) -> torch.Tensor | None:
-        """The hidden activations of one float32 CPU token per row through the native kernel
-        (`polyglu.model.native`: routing step and mixed activation in one call), or None when it does
-        not apply (kernels off or unavailable, hard or noisy routing, gradients needed, tracing)."""
-        codes = _native_decode_codes(self.activations, self.routing_pool, self.routing_mode)
-        if codes is None or self.routing_map is not None or (self.routing_noise if self.training else self.eval_routing == "hard") \
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-            return None
-        first, _, second = self.gate_net
-        w1, b1, w2, b2, beta, alpha = first.weight, first.bias, second.weight, second.bias, self.beta, self.alpha
-        if not (w1.dtype == b1.dtype == w2.dtype == b2.dtype == beta.dtype == alpha.dtype == torch.float32) \
-                or (torch.is_grad_enabled() and _needs_grad(x, w1, b1, w2, b2, beta, alpha)):
-            return None
-        kernels = _native.kernels()
-        if kernels is None:
-            return None
-        keep, count = pool_state.keep, pool_state.count
-        if keep is None or count is None:  # not a decode step's shared flags: derived from the positions
-            if positions is None:
-                return None  # the eager path says what is missing
-            keep, count = (positions > 0).float(), (positions + 1).float()
-        return kernels.decode_hidden.default(x, self.gate_proj(x), self.up_proj(x), w1, b1, pool_state.total,
-                                             keep, count, w2, b2, beta, alpha, float(self.tau), codes)
-
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, pool_state: PoolState | None = None,
                 return_routing: bool = False, noise: torch.Tensor | None = None):
@@ -305,7 +286,7 @@ class PolyGLU(nn.Module):
         before the division by tau instead of the weights (the analysis reads them at two taus)."""
         if pool_state is not None and x.shape[1] == 1 and noise is None and not return_routing \
                 and x.device.type == "cpu" and x.dtype == torch.float32:
-            hidden = self._native_decode(x, positions, pool_state)
+            hidden = small_inference.decode_hidden(self, x, positions, pool_state) if small_inference else None
             if hidden is not None:
                 return self.down_proj(hidden)
         if positions is None and doc_ids is not None:
@@ -338,14 +319,6 @@ class PolyGLU(nn.Module):
         return out
 
 
-@functools.lru_cache(maxsize=64)
-def _native_decode_codes(activations: tuple[str, ...], routing_pool: str, routing_mode: str) -> tuple[int, ...] | None:
-    """The native kernels' activation codes when a layer so configured can decode through them."""
-    if _native is None or len(activations) < 2 or routing_pool != "causal" or routing_mode == "static":
-        return None
-    return _native.activation_codes(activations)
-
-
 def identity_routing_map(d_ff: int, n_activations: int, rank: int) -> torch.Tensor:
     """(d_ff, K, r): every neuron reads gate_net's k-th output as its k-th logit (k < min(K, r)), so a
     neuron-scope layer starts as the layer scope's routing (exactly, for r >= K)."""
@@ -365,10 +338,6 @@ def layer_to_neuron_state(state: dict[str, torch.Tensor], prefix: str, d_ff: int
     state[prefix + "gate_net.2.weight"] = torch.cat([weight, weight.new_zeros(rank - K, weight.shape[1])])
     state[prefix + "gate_net.2.bias"] = torch.cat([bias, bias.new_zeros(rank - K)])
     state[prefix + "routing_map"] = identity_routing_map(d_ff, K, rank).to(weight.dtype)
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return any(t.requires_grad for t in tensors)
 
 
 def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state: PoolState | None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,10 +13,12 @@ from torch import nn
 from polyglu.config import ModelConfig
 from polyglu.documents import document_causal_mask, document_positions
 from polyglu.model.attention import Attention
-from polyglu.model.cache import KVCache
 from polyglu.model.flex import document_block_mask, uses_flex
 from polyglu.model.layers import RMSNorm, rotary_tables
 from polyglu.model.polyglu import GLU, PolyGLU, identity_routing_map, layer_to_neuron_state
+
+if TYPE_CHECKING:  # the cache lives in the inference wing, above the model: used here only by its methods
+    from polyglu.inference.cache import KVCache
 
 
 def build_ffn(config: ModelConfig) -> nn.Module:
@@ -35,7 +37,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, doc_ids, positions, cache: KVCache | None = None,
                 return_routing: bool | str = False):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, self.layer)
-        pool_state = cache.pool[self.layer] if cache is not None else None
+        pool_state = cache.pool_state(self.layer) if cache is not None else None
         out = self.ffn(self.ffn_norm(x), doc_ids, positions=positions, pool_state=pool_state,
                        return_routing=return_routing)
         if return_routing:
@@ -52,7 +54,18 @@ class ModelOutput:
 
 
 class PolychromaticLM(nn.Module):
-    """Decoder-only LM: embed -> N x [RMSNorm -> GQA(QK-norm, RoPE) -> +, RMSNorm -> FFN -> +] -> RMSNorm -> head."""
+    """Decoder-only LM: embed -> N x [RMSNorm -> GQA(QK-norm, RoPE) -> +, RMSNorm -> FFN -> +] -> RMSNorm -> head.
+
+    Inference uses it through two methods and a cache (`polyglu.inference.cache.KVCache`), never
+    through its members:
+
+        out = model(ids, doc_ids, cache=cache, logits_to_keep=1)    # a chunk (prefill): (B, 1, vocab)
+        logits = model.decode_step(token_ids, cache)                # one token per row: (B, vocab)
+
+    `decode_step(..., body=f)` runs the step's body through `f`, a compiled `decode_logits`
+    (`polyglu.inference.compiled.DecodeStep`); `use_decode_layout()` stores the weights in the
+    layout batch-1 CPU decoding reads fastest; `device` is where the weights are.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -66,6 +79,10 @@ class PolychromaticLM(nn.Module):
         # rotary tables stay float32 whatever dtype the model is cast to: built lazily per device
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
 
     def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device:
@@ -121,11 +138,12 @@ class PolychromaticLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, return_routing: bool | str = False, compute_logits: bool = True,
-                return_hidden: bool = False, reduce_routing=None) -> ModelOutput:
+                return_hidden: bool = False, reduce_routing=None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids: (B, T). doc_ids (B, T): packed documents, each a run of equal ids (see
         polyglu.documents): block-diagonal causal attention, rotary positions and routing pools
         restart per document. With `cache`, the tokens continue the cached ones.
-        `compute_logits=False` skips the head (for a chunked loss on hidden states).
+        `compute_logits=False` skips the head (for a chunked loss on hidden states);
+        `logits_to_keep=n` applies it to the last n positions only (a prefill needs one).
         `return_routing`: True for each PolyGLU's routing weights, "logits" for its logits before tau.
         `reduce_routing`: with `return_routing`, a function applied to each layer's routing weights
         as soon as the layer has run, its result kept instead (statistics without holding every
@@ -136,7 +154,7 @@ class PolychromaticLM(nn.Module):
             doc_ids, positions = cache.prepare(T, doc_ids)
             mask = cache.attention_mask(T)
             if flex and T > 1 and mask is not None:  # a chunk over documents; one token stays on SDPA
-                mask = document_block_mask(cache.segments[:, :cache.length + T], T)
+                mask = document_block_mask(cache.filled_segments(T), T)
         elif doc_ids is not None:
             positions = document_positions(doc_ids)
             # flex: one block mask for every layer instead of a dense (B, 1, T, T) one
@@ -165,19 +183,22 @@ class PolychromaticLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
-        logits = self.lm_head(x) if compute_logits else None
+        logits = None
+        if compute_logits:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         return ModelOutput(logits=logits, hidden_states=x if (return_hidden or not compute_logits) else None,
                            routing=routing)
 
     # ---- decoding one token at a time
 
-    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache, body=None) -> torch.Tensor:
         """One new token per row, (B, 1), continuing each row's last cached document: returns the
         next-token logits (B, vocab). Equals `self(token_ids, cache=cache).logits[:, -1]`, at fixed
-        shapes. `polyglu.generation.DecodeStep` runs the same step compiled."""
+        shapes. `body` (default `decode_logits`) computes the step between the host-side checks:
+        `polyglu.inference.compiled.DecodeStep` passes the compiled `decode_logits`."""
         cache.check_room(1)
         self.rope_tables(token_ids.device)  # built outside any trace
-        logits = self.decode_logits(token_ids, cache)
+        logits = (body or self.decode_logits)(token_ids, cache)
         cache.advance(1)
         return logits
 
@@ -185,7 +206,7 @@ class PolychromaticLM(nn.Module):
         """The body of `decode_step`, the function torch.compile captures whole: every tensor keeps
         its shape from step to step (attention reads all cache slots under a mask), nothing is read
         on the host and the cache changes only in place. It neither checks the cache's room nor
-        advances it: call `decode_step` (or DecodeStep) rather than this."""
+        advances it: call `decode_step` rather than this."""
         segments, positions, mask = cache.step_inputs()  # (B, 1), (B, 1), (B, 1, 1, max_len)
         rope_cos, rope_sin = self._rope
         cos, sin = rope_cos[positions][:, None], rope_sin[positions][:, None]  # (B, 1, 1, hd/2)
@@ -227,10 +248,6 @@ class PolychromaticLM(nn.Module):
         return changed
 
     # ---- convenience
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def num_parameters(self) -> dict[str, int]:
         from polyglu.model.parameters import parameter_counts
