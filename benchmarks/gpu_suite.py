@@ -59,6 +59,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # the working tree's polyglu, installed or not
 sys.path.insert(0, str(HERE))  # benchmarks/ffn.py
 
+from polyglu import hardware  # noqa: E402
+
 PARTS = ("ffn", "kernel", "train", "generate", "generate_sequence_pool", "decode")
 KEYS = {
     "ffn": ("ffn_fwd_bwd_ratio", "ffn_peak_memory_ratio"),
@@ -638,8 +640,10 @@ def main(argv=None) -> int:
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "compiled_decode": compiled_decode_support() or "none (torch.compile of the model)",
                   "cuda": torch.version.cuda, "threads": torch.get_num_threads()},
+        "environment": hardware.environment(shapes.device, str(shapes.dtype).removeprefix("torch.")),
         "errors": {}, "seconds": {}, "details": {},
     }
+    print(f"[gpu_suite] {hardware.describe_environment(report['environment'])}", file=sys.stderr, flush=True)
     for part in args.parts:
         for key in KEYS[part]:
             report[key] = None

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from polyglu import PolychromaticLM, generate  # noqa: E402
+from polyglu import PolychromaticLM, generate, hardware  # noqa: E402
 from polyglu.config import MODEL_PRESETS, ModelConfig  # noqa: E402
 
 
@@ -263,9 +263,11 @@ def main(argv=None) -> None:
              "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
              "compiled_decode": compiled, "native_kernels": native_kernels_in_use(),
              "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}}
+    environment = hardware.environment("cpu", "float32")
     if args.json:
-        print(json.dumps({"setup": setup, "results": results}, indent=2))
+        print(json.dumps({"setup": setup, "environment": environment, "results": results}, indent=2))
         return
+    print(f"environment: {hardware.describe_environment(environment)}")
     print_table(setup, results)
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,32 @@ def test_training_logs_and_records_precision_and_threads(tiny_config, run_dir, f
     assert entry["environment"]["precision"] == {"name": "float32", "requested": "float32", "reason": "asked"}
     assert entry["environment"]["threads"]["count"] == 1
     assert entry["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train_step.py", ["--preset", "debug", "--layers", "1", "--batch", "1", "--seq-len", "16", "--steps", "1",
+                       "--warmup", "0", "--threads", "1", "--json"]),
+    ("ffn.py", ["--batch", "1", "--seq-len", "8", "--d-model", "16", "--d-ff", "32", "--repeats", "1", "--warmup", "0",
+                "--fused-kernels", "chunked", "--skip-reference", "--threads", "1", "--json"]),
+])
+def test_benchmarks_record_the_environment_and_resolve_dtype_auto(script, args):
+    """A benchmark's JSON carries the CPU capability, bf16-native, dtype (auto resolved), threads and torch."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    environment = result["environment"]
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert environment["threads"] == 1 and environment["torch"] == torch.__version__
+    assert environment["bf16_native"] == hardware.cpu_bf16_native()[0]
+    assert environment["dtype"] == hardware.choose_precision("auto", "cpu").name == result["setup"]["dtype"]
+
+
+def test_every_benchmark_records_the_environment():
+    """Each script under benchmarks/ prints and records `hardware.environment` (the two above run for real)."""
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        source = script.read_text()
+        assert "hardware.environment(" in source and "hardware.describe_environment(" in source, script.name

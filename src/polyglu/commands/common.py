@@ -1,8 +1,22 @@
-"""Checks the verbs share on their flags, run before any work so that a bad flag costs nothing."""
+"""Checks the verbs share on their flags, run before any work so that a bad flag costs nothing; the
+set-up the model-reading verbs share."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+
+def load_inference_model(args):
+    """(model, tokenizer) for a verb with `add_model_arguments` (generate, chat, eval, eval-math): CPU
+    threads and dtype by what this machine computes fast (`polyglu.hardware`; POLYGLU_THREADS,
+    --dtype), said in one line on stderr."""
+    from polyglu import hardware
+    from polyglu.loading import load_model_and_tokenizer
+
+    threads = hardware.apply_threads(None)
+    return load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype,
+                                    log=lambda line: print(f"polyglu: {line}; {threads.describe()}", file=sys.stderr))
 
 
 def check_output_file(path: str | Path | None, flag: str) -> None:

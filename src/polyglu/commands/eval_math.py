@@ -71,9 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from polyglu.commands import CommandError
-    from polyglu.commands.common import check_output_file, check_positive
+    from polyglu.commands.common import check_output_file, check_positive, load_inference_model
     from polyglu.eval.math import evaluate_math
-    from polyglu.loading import load_model_and_tokenizer
 
     check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     check_compile_argument(args.compile)
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         skip = args.num_fewshot if fewshot is None else 0  # demonstrations taken from --data come first
         problems = problems[:skip + args.limit]
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_inference_model(args)
     total = len(problems) - (args.num_fewshot if fewshot is None else 0)
     with tqdm(total=total, desc="eval-math", disable=None) as bar:
         result = evaluate_math(model, tokenizer, problems, chat=args.chat, num_fewshot=args.num_fewshot,
