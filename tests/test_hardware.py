@@ -213,3 +213,28 @@ def test_every_benchmark_records_the_environment():
     for script in sorted(BENCHMARKS.glob("*.py")):
         source = script.read_text()
         assert "hardware.environment(" in source and "hardware.describe_environment(" in source, script.name
+
+
+def test_inference_loading_chooses_float32_on_cpu_and_says_why(model, tmp_path):
+    from polyglu.data.tokenizer import load_tokenizer
+    from polyglu.loading import load_model_and_tokenizer
+
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "model")  # stored in bf16
+    model.float()
+    load_tokenizer("byte").save(tmp_path / "model" / "tokenizer")
+    lines = []
+    loaded, _ = load_model_and_tokenizer(tmp_path / "model", device="cpu", log=lines.append)
+    assert loaded.embed_tokens.weight.dtype == torch.float32
+    assert lines == ["dtype float32 (auto: CPU inference runs its float32 kernels)"]
+    loaded, _ = load_model_and_tokenizer(tmp_path / "model", device="cpu", dtype="float16", log=lines.append)
+    assert loaded.embed_tokens.weight.dtype == torch.float16 and lines[-1] == "dtype float16 (float16: asked)"
+
+
+def test_the_inference_notice_is_for_a_terminal_only(monkeypatch, capsys):
+    from polyglu.commands.common import inference_notice
+
+    inference_notice("dtype float32 (auto: ...)")
+    assert capsys.readouterr().err == ""  # captured stderr: error output stays one line
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    inference_notice("dtype float32 (auto: ...)")
+    assert capsys.readouterr().err == "polyglu: dtype float32 (auto: ...)\n"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from polyglu.commands.generate import add_model_arguments
@@ -46,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from polyglu import hardware
     from polyglu.commands import CommandError
+    from polyglu.commands.common import inference_notice
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.perplexity import open_sources, perplexity, shard_sources
     from polyglu.loading import TOKENIZER_SUBDIR, load_model, resolve_device
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     threads = hardware.apply_threads(None)
     precision = hardware.choose_precision(args.dtype, device, purpose="inference")
-    print(f"polyglu: {precision.describe()}; {threads.describe()}", file=sys.stderr)
+    inference_notice(f"{precision.describe()}; {threads.describe()}")
     model = load_model(args.model, device=device, dtype=precision.dtype)
     # the model's tokenizer, when it has one, must be the data's: byte shards scored by a BPE model are junk
     spec = args.tokenizer or (Path(args.model) / TOKENIZER_SUBDIR if (Path(args.model) / TOKENIZER_SUBDIR).is_dir()
