@@ -238,3 +238,15 @@ def test_the_inference_notice_is_for_a_terminal_only(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     inference_notice("dtype float32 (auto: ...)")
     assert capsys.readouterr().err == "polyglu: dtype float32 (auto: ...)\n"
+
+
+def test_a_bad_polyglu_threads_stops_a_run_before_it_writes(monkeypatch, tmp_path, fresh):
+    from polyglu.config import RunConfig
+    from polyglu.train.setup import build_run
+
+    monkeypatch.setenv("POLYGLU_THREADS", "0")
+    config = RunConfig.load(None, [f"run_dir={tmp_path / 'run'}", "data.builtin=math",
+                                   f"data.builtin_dir={tmp_path / 'data'}"])
+    with pytest.raises(ValueError, match="POLYGLU_THREADS must be a positive integer, got '0'"):
+        build_run(config, log=lambda *a: None)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
