@@ -34,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS))
-    p.add_argument("--batch", type=int, default=None, help="default: 8 for the demo preset (its training batch), else 4")
+    p.add_argument("--batch", type=int, default=None, help="default: 8 for the demo preset (its training batch, configs/demo.yaml), else 4")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--documents", type=int, default=None,
                    help="documents packed per row, passed as doc_ids as the trainer does (default: 4 for the "

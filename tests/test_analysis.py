@@ -375,3 +375,26 @@ def test_cli_analyze_errors(tmp_path, capsys):
     assert "needs a tokenizer" in capsys.readouterr().err
     assert main(["analyze", str(model_dir), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such shard directory or text file" in capsys.readouterr().err
+
+
+def test_rows_longer_than_the_context_are_refused_naming_seq_len(tiny_config):
+    from polyglu.analysis import analyze_model
+
+    model = PolychromaticLM(tiny_config)  # max_seq_len 64
+    rows = [(torch.zeros(1, 80, dtype=torch.long), torch.zeros(1, 80, dtype=torch.long))]
+    with pytest.raises(ValueError, match="80 tokens per row exceed the model context max_seq_len=64; make them "
+                                         "with seq_len=64 or less"):
+        analyze_model(model, {"math": rows})
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_analysis_progress_bars_follow_the_flag(tiny_config, tmp_path, capsys, progress):
+    from polyglu.analysis.pipeline import analyze_to_directory
+
+    model_dir = tmp_path / "model"
+    PolychromaticLM(tiny_config.replace(vocab_size=260)).save_pretrained(model_dir)  # byte ids
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(10)))
+    analyze_to_directory(model_dir, {"math": str(rows)}, tmp_path / "out", max_tokens=64, seq_len=32,
+                         tokenizer="byte", progress=progress, log=lambda *a: None)
+    assert ("analyze math" in capsys.readouterr().err) is progress

@@ -416,3 +416,98 @@ def test_compiled_kernel_matches_reference(per_token):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
         assert_matches_reference(inputs, "compiled")
+
+
+def _run_sweep(*flags):
+    """tests/scripts/compiled_kernel_sweep.py in its own process under glibc's debug allocator."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "compiled_kernel_sweep.py"
+    env = {**os.environ, "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
+    env.pop("POLYGLU_MIXED_KERNEL", None)
+    proc = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "0 failed; routing forms compiled: exact, factored" in proc.stdout, proc.stdout
+
+
+def test_compiled_kernel_sweep_under_debug_allocator():
+    """The inductor-compiled kernel (what CPU training uses from 2^20 hidden units) against the plain
+    autograd reference through the factored <-> exact routing switch, odd sizes, strided inputs, hard
+    routing; heap corruption aborts the child process. Tens of seconds of compiling on a cold cache."""
+    _run_sweep()
+
+
+@pytest.mark.slow
+def test_compiled_kernel_full_sweep_under_debug_allocator():
+    """The same with bf16 inputs, shared weights, soft evaluation and a second set of sizes."""
+    _run_sweep("--full")
+
+
+def _fake_cores(shift: float):
+    cores = dict(fused._DENSE_CORES)
+    forward = cores["forward"]
+    cores["forward"] = lambda *args: forward(*args) + shift
+    return lambda: cores
+
+
+def test_a_disagreeing_compiled_kernel_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(fused, "_compiled_cores", _fake_cores(1.0))  # a compiled kernel gone wrong
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.setattr(fused, "_checked", set())
+    inputs = (*make_inputs(2, 5, 8, ("relu", "silu"), True, noise=True), ("relu", "silu"), False)
+    with pytest.warns(RuntimeWarning, match=r"disagrees with the eager kernel \(forward, output 0: max error 1"):
+        h, grads = run(mixed_activation_fused, inputs, kernel="compiled")
+    h_ref, grads_ref = run(mixed_activation_fused, inputs, kernel="chunked")
+    assert torch.equal(h, h_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    assert fused._compile_failed  # later calls go straight to the eager kernels
+
+
+def test_an_agreeing_compiled_kernel_is_checked_once_per_signature(monkeypatch):
+    monkeypatch.setattr(fused, "_compiled_cores", _fake_cores(0.0))
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.setattr(fused, "_checked", set())
+    calls = []
+    chunked = fused.KERNELS["chunked"]
+    monkeypatch.setattr(fused, "chunked_forward", lambda *a: calls.append(1) or chunked(*a))
+    compiled = fused._compiled_or("forward", lambda *a: fused.chunked_forward(*a))(fused._dense_forward)
+    monkeypatch.setitem(fused.KERNELS, "compiled", compiled)
+    activations = ("relu", "silu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for seed in range(3):  # same shapes: checked on the first call only
+            run(mixed_activation_fused, (*make_inputs(2, 5, 8, activations, True, noise=True, seed=seed),
+                                         activations, False), kernel="compiled")
+        assert len(calls) == 1
+        run(mixed_activation_fused, (*make_inputs(2, 6, 8, activations, True, noise=True), activations, False),
+            kernel="compiled")  # a new length: a new compiled graph, checked again
+        assert len(calls) == 2
+    assert {key[0] for key in fused._checked} == {"forward", "backward"}
+
+
+def test_on_cuda_a_failing_kernel_is_an_error_unless_fallback_is_allowed(monkeypatch):
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.delenv("POLYGLU_KERNEL_FALLBACK", raising=False)
+    with pytest.raises(RuntimeError, match="POLYGLU_KERNEL_FALLBACK=1"):
+        fused._give_up("failed to compile (ImportError: no triton)", on_cuda=True)
+    assert not fused._compile_failed
+    monkeypatch.setenv("POLYGLU_KERNEL_FALLBACK", "1")
+    with pytest.warns(RuntimeWarning, match="using the eager kernels"):
+        fused._give_up("failed to compile (ImportError: no triton)", on_cuda=True)
+    assert fused._compile_failed
+
+
+def test_device_errors_are_never_swallowed(monkeypatch):
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(fused, "_compiled_cores", broken)
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.setenv("POLYGLU_KERNEL_FALLBACK", "1")
+    inputs = (*make_inputs(2, 5, 8, ("relu", "silu"), True, noise=False), ("relu", "silu"), False)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run(mixed_activation_fused, inputs, kernel="compiled")
+    assert not fused._compile_failed

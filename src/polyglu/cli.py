@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from polyglu.model_io import CheckpointError
 
     try:
+        from polyglu.commands.common import check_device_argument
+
+        check_device_argument(getattr(args, "device", None))  # every verb with --device, before any work
         result = module.run(args)
     except (CommandError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"polyglu {args.verb}: error: {e}", file=sys.stderr)

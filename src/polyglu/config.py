@@ -6,6 +6,7 @@ checked key by key: an unknown or mistyped key is an error that names it, never 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -461,7 +462,7 @@ class TrainSection:
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 2000
+    warmup_steps: int = 100  # a tenth of the default max_steps (paper-600m.yaml: 2000 of its steps)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -476,6 +477,9 @@ class TrainSection:
     eval_batches: int = 8
     routing_stats_every: int = 100
     checkpoint_every: int = 500
+    # also save when this many minutes passed since the last save (None: by steps only), so that a crash
+    # or a kill loses minutes, not the run, whatever the speed of a step
+    checkpoint_minutes: float | None = 10.0
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with AVX-512 BF16
@@ -502,6 +506,8 @@ class TrainSection:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ConfigError(f"train.checkpoint_minutes must be positive (or null), got {self.checkpoint_minutes}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ConfigError("train.tau_start and train.tau_end must be positive")
         if self.threads is not None and self.threads <= 0:
@@ -549,7 +555,13 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     data = load_mapping(path) if path is not None else {}
     for key, value in defaults.items():
         data.setdefault(key, value)
-    for item in overrides or []:
+    overrides = list(overrides or [])
+    if overrides:  # the file alone first: an error the command line introduced is blamed on it
+        try:
+            dataclass_from_dict(cls, copy.deepcopy(data))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    for item in overrides:
         # an override inside a mapping-valued section the file does not have (`model.d_model=128`
         # with no `model:`) refines that section's default ({"preset": "debug"}), not an empty one
         top = item.split("=", 1)[0].strip().split(".")[0]
@@ -561,7 +573,20 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     try:
         return dataclass_from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(f"{_command_line_culprit(str(e), overrides)}: {e}") from None
+
+
+def _command_line_culprit(message: str, overrides: list[str]) -> str:
+    """'command-line override KEY=VALUE' for the override whose key the error names, else all of them."""
+    import re
+
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    named = [item for item, key in zip(overrides, keys) if f"'{key}'" in message]  # as the key errors quote it
+    if not named:  # a value error names the field: 'ModelConfig.n_heads (3) must be ...'
+        named = [item for item, key in zip(overrides, keys)
+                 if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", message.split(" (known keys:")[0])]
+    chosen = named or overrides
+    return f"command-line override{'s' if len(chosen) > 1 else ''} {' '.join(chosen)}"
 
 
 def _mapping_default(cls: type, name: str) -> dict[str, Any] | None:

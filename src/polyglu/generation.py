@@ -491,7 +491,9 @@ class DecodeStep:
             kwargs = dict(self.options)
             if "options" in kwargs:  # torch.compile takes guard_filter_fn out of the dict it is given
                 kwargs["options"] = dict(kwargs["options"])
-            per_model[key] = torch.compile(self.model.decode_logits, fullgraph=True, dynamic=False, **kwargs)
+            from polyglu.model.compiler import compile_fn
+
+            per_model[key] = compile_fn(self.model.decode_logits, fullgraph=True, dynamic=False, **kwargs)
         if self._cuda_graphs:
             self._mark_static(cache)
             torch.compiler.cudagraph_mark_step_begin()

@@ -216,6 +216,11 @@ def dynamic_routing_stats(model: torch.nn.Module, batches: Iterable[Batch], max_
             if max_tokens is not None and tokens >= max_tokens:
                 break
             input_ids, doc_ids = _unpack(batch)
+            context = getattr(getattr(model, "config", None), "max_seq_len", None)
+            if context is not None and input_ids.shape[-1] > context:
+                raise ValueError(f"batches of {input_ids.shape[-1]} tokens per row exceed the model context "
+                                 f"max_seq_len={context}; make them with seq_len={context} or less "
+                                 f"(load_token_batches(..., seq_len=...), polyglu analyze --seq-len)")
             input_ids = input_ids.to(device)
             doc_ids = doc_ids.to(device) if doc_ids is not None else None
             out = model(input_ids, doc_ids, return_routing=True, compute_logits=False)

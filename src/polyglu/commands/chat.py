@@ -13,10 +13,12 @@ import sys
 
 from polyglu.commands.generate import add_model_arguments, add_sampling_arguments
 
+DEFAULT_MAX_NEW_TOKENS = 256
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    add_sampling_arguments(p, max_new_tokens=256)
+    add_sampling_arguments(p, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, after="half of it (the rest holds the turns)")
     p.add_argument("--system", default=None, help="system prompt")
 
 
@@ -37,7 +39,7 @@ def fit_history(messages: list[dict], encode, budget: int) -> list[dict] | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from polyglu.commands.common import load_inference_model
+    from polyglu.commands.common import default_max_new_tokens, load_inference_model
     from polyglu.commands.generate import check_fits_context, check_sampling_arguments
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_sampling_arguments(args)
     model, tokenizer = load_inference_model(args)
+    if args.max_new_tokens is None:  # a reply of up to half the context; the other half holds the turns
+        args.max_new_tokens = default_max_new_tokens(model.config.max_seq_len, cap=DEFAULT_MAX_NEW_TOKENS)
     check_fits_context(args.max_new_tokens, model)
     # one sampling stream for the whole conversation: --seed makes the session reproducible
     generator = None

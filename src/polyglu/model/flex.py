@@ -94,7 +94,9 @@ def document_block_mask(doc_ids: torch.Tensor | None, q_len: int, kv_len: int | 
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    from polyglu.model.compiler import compile_fn
+
+    return compile_fn(flex_attention, dynamic=False)
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:

@@ -20,8 +20,11 @@ Kernels (same math, chosen by `default_kernel`):
 - "dense": pure functions of whole tensors, unrolled over k so that torch.compile turns each
   direction into one or two loops over the hidden units. Traced as-is inside a compiled model.
 - "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default on CUDA and for
-  large CPU calls. Compiling takes seconds once per process (inductor caches on disk); if it fails
-  (no compiler), a warning is issued and "chunked" is used from then on.
+  large CPU calls. Compiling takes seconds once per process (inductor caches on disk, keyed by the CPU
+  instruction set through `polyglu.model.compiler`). The first call of each signature (shapes,
+  dtypes, routing form) is checked against the eager kernel on the same inputs, forward and
+  backward; if compiling fails or the results disagree, one warning and "chunked" from then on (on
+  CUDA an error unless POLYGLU_KERNEL_FALLBACK=1; CUDA errors are never swallowed).
 Choose explicitly with `use_kernel(...)` or the environment variable POLYGLU_MIXED_KERNEL.
 """
 
@@ -38,6 +41,7 @@ import torch
 
 from polyglu.model import native
 from polyglu.model.activations import exp, get_activations
+from polyglu.model.compiler import compile_fn
 
 # ---------------------------------------------------------------------------------------------
 # "dense": whole tensors, unrolled over the K activations (what torch.compile should see)
@@ -192,32 +196,105 @@ def _compiled_cores() -> dict[str, Callable]:
     import torch._inductor.config as inductor_config
 
     options = {k: v for k, v in _COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
-    return {name: torch.compile(fn, options=options) for name, fn in _DENSE_CORES.items()}
+    return {name: compile_fn(fn, options=options) for name, fn in _DENSE_CORES.items()}
 
 
-_compile_failed: list[str] = []  # the first compile error, if any: later calls go straight to the eager kernels
+_compile_failed: list[str] = []  # why the compiled kernel was given up, if it was: later calls go to the eager kernels
+_checked: set[tuple] = set()  # signatures (direction, form, shapes, dtypes, flags) whose compiled result was checked
+
+# the compiled kernel's largest error against the eager kernel, relative to the largest value, that
+# passes the once-per-signature check (float32 agrees to ~1e-6; bf16 outputs round to 2^-8)
+_CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+_CHECK_TOLERANCE_16BIT = 3e-2
 
 
-def _compiled_or(eager: Callable) -> Callable:
-    """Runs `dense_fn(cores, ...)` with the compiled cores; if compiling fails, warns once and runs
-    `eager(...)` from then on."""
+def fallback_allowed() -> bool:
+    """On CUDA a compiled kernel that fails or disagrees is an error unless POLYGLU_KERNEL_FALLBACK=1
+    (the eager kernels are many times slower there); on CPU it always falls back, with one warning."""
+    return os.environ.get("POLYGLU_KERNEL_FALLBACK", "") in ("1", "true", "yes")
+
+
+def _signature(value) -> object:
+    """What inductor specialises a compiled graph on: tensors by shape, dtype and device, the rest by value."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.device.type
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return value if isinstance(value, (str, bool, int, float, type(None))) else type(value).__name__
+
+
+def _disagreement(got, expected) -> str | None:
+    """None when every tensor of `got` matches `expected` (same NaN/inf pattern, small relative error);
+    else what differs, for the one-line warning."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return f"output {i} missing"
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        if not torch.equal(a.isfinite(), b.isfinite()):
+            return f"output {i}: {int((~a.isfinite()).sum())} non-finite values where the reference has " \
+                   f"{int((~b.isfinite()).sum())}"
+        finite = b.isfinite()
+        scale = float(b[finite].abs().max()) if bool(finite.any()) else 0.0
+        error = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
+        tolerance = _CHECK_TOLERANCE.get(got[i].dtype, _CHECK_TOLERANCE_16BIT)
+        if error > tolerance * max(scale, 1e-6):
+            return f"output {i}: max error {error:.3g} (values up to {scale:.3g})"
+    return None
+
+
+def _give_up(reason: str, on_cuda: bool, error: BaseException | None = None) -> None:
+    message = f"polyglu: the compiled mixed-activation kernel {reason}"
+    if on_cuda and not fallback_allowed():
+        raise RuntimeError(f"{message}; set POLYGLU_KERNEL_FALLBACK=1 to continue on the eager kernels "
+                           "(many times slower), or POLYGLU_MIXED_KERNEL=chunked") from error
+    _compile_failed.append(reason)
+    warnings.warn(f"{message}; using the eager kernels from now on", RuntimeWarning, stacklevel=3)
+
+
+def _is_device_error(e: BaseException) -> bool:
+    """A CUDA error leaves the device unusable: never swallowed by a fallback."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(e, accelerator_error)) or "CUDA error" in str(e)
+
+
+def _compiled_or(direction: str, eager: Callable) -> Callable:
+    """Runs `dense_fn(cores, ...)` with the compiled cores. The first call of each signature (shapes,
+    dtypes, routing form and flags: what makes inductor compile a new graph) is checked against
+    `eager(...)` on the same inputs; if compiling fails or the results disagree, one warning and
+    `eager` from then on (on CUDA an error, unless `fallback_allowed()`)."""
     def wrap(dense_fn: Callable) -> Callable:
         def run(*args):
             if not _compile_failed:
+                on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
                 try:
-                    return dense_fn(_compiled_cores(), *args)
+                    result = dense_fn(_compiled_cores(), *args)
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as e:  # no C++ compiler / Triton: the eager kernel computes the same
-                    _compile_failed.append(f"{type(e).__name__}: {e}")
-                    warnings.warn(f"polyglu: compiling the fused mixed activation failed ({_compile_failed[0]}); "
-                                  "using the eager kernels", RuntimeWarning, stacklevel=2)
+                    if _is_device_error(e):
+                        raise
+                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                    _give_up(f"failed to compile ({type(e).__name__}: {first_line})", on_cuda, e)
+                else:
+                    key = (direction, _signature(args), result[1][0] if direction == "forward" else None)
+                    if key in _checked:
+                        return result
+                    expected = eager(*args)
+                    got_tensors = result[:1] if direction == "forward" else result
+                    expected_tensors = expected[:1] if direction == "forward" else expected
+                    differs = _disagreement(got_tensors, expected_tensors)
+                    if differs is None:
+                        _checked.add(key)
+                        return result
+                    _give_up(f"disagrees with the eager kernel ({direction}, {differs})", on_cuda)
+                    return expected
             return eager(*args)
 
         return run
 
     return wrap
-
 
 @functools.cache
 def _triton_available() -> bool:
@@ -398,9 +475,9 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
 KERNELS: dict[str, Callable] = {
     "chunked": chunked_forward,
     "dense": functools.partial(_dense_forward, _DENSE_CORES),
-    "compiled": _compiled_or(chunked_forward)(_dense_forward),
+    "compiled": _compiled_or("forward", chunked_forward)(_dense_forward),
 }
-_compiled_dense_backward = _compiled_or(functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
+_compiled_dense_backward = _compiled_or("backward", functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
 
 
 def _backward(kernel, grad, gate, up, state, activations, hard, routing_grads):

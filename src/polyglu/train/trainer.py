@@ -24,6 +24,7 @@ from polyglu import hardware
 from polyglu.atomic import atomic_directory
 from polyglu.config import RunConfig
 from polyglu.data.special_tokens import IGNORE_INDEX
+from polyglu.model.compiler import compile_module
 from polyglu.model_io import CheckpointError, load_state_file, save_model, write_model_dir
 from polyglu.train import checkpointing as ckpt
 from polyglu.train import rundir
@@ -128,7 +129,7 @@ class Trainer:
                 self.model.layers[i] = checkpoint_wrapper(block)
         if self.tc.compile:
             for block in self.model.layers:
-                block.compile()
+                compile_module(block)
         return LossModule(self.model, self.tc.loss_chunk_size).to(self.device)
 
     def _autocast(self):
@@ -148,6 +149,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         self._saved_step = self.step
+        self._saved_at = time.monotonic()
         if self.sharded:  # collective: DCP shards from every rank + the full model dir from rank 0
             return ckpt.save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                                 self.train_state(), self.dist, self.tokenizer_dir,
@@ -349,6 +351,21 @@ class Trainer:
         signal.signal(signal.SIGINT, request_stop)
         return previous if previous is not None else signal.default_int_handler
 
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every `checkpoint_every` steps, and when `checkpoint_minutes` passed since the last save (or
+        the start). Distributed ranks decide the timed save together, at logged steps only (one
+        collective there), so that every rank saves at the same step."""
+        if step % self.tc.checkpoint_every == 0:
+            return True
+        if self.tc.checkpoint_minutes is None:
+            return False
+        if not hasattr(self, "_saved_at"):
+            self._saved_at = time.monotonic()  # the first step of this process
+        due = time.monotonic() - self._saved_at >= 60 * self.tc.checkpoint_minutes
+        if self.dist.enabled:
+            return step % self.tc.log_every == 0 and self.dist.all_reduce_sum(float(due)) > 0
+        return due
+
     def _stop_requested(self) -> bool:
         # every rank must stop at the same step (the checkpoint is collective under FSDP)
         if self.dist.enabled:
@@ -403,7 +420,7 @@ class Trainer:
                                  f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
                 if bar is not None:
                     bar.update(1)
-                if step % tc.checkpoint_every == 0 and step != tc.max_steps:
+                if self._checkpoint_due(step) and step != tc.max_steps:
                     self.save()
                 if self._stop_requested() and step < end:
                     path = self.save() if self._saved_step != step else ckpt.latest_checkpoint(self.run_dir)
