@@ -243,3 +243,56 @@ def test_decode_layout_keeps_values_parameters_and_state_dict(tiny_config, tmp_p
     model.save_pretrained(tmp_path / "m")
     loaded = PolychromaticLM.from_pretrained(tmp_path / "m")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+# ---- SDPA with a mask on CUDA: never the math backend
+
+
+def test_masked_gqa_attention_on_cuda_repeats_kv_heads(monkeypatch):
+    """On CUDA SDPA takes a mask together with enable_gqa only in its math backend (fp32 scores per
+    head); with a mask the K/V heads are repeated and enable_gqa is not passed. Same values."""
+    from polyglu.model import attention
+
+    B, H, Hkv, T, hd = 2, 4, 2, 6, 8
+    q, k, v = torch.randn(B, H, T, hd), torch.randn(B, Hkv, T, hd), torch.randn(B, Hkv, T, hd)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append((k.shape[1], kwargs))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    on_cuda = attention._sdpa(q, k, v, mask, False, H // Hkv, device_type="cuda")
+    assert calls[-1][0] == H and "enable_gqa" not in calls[-1][1]  # repeated heads, no GQA flag
+    on_cpu = attention._sdpa(q, k, v, mask, False, H // Hkv)  # CPU: grouped heads, no copies
+    assert calls[-1][0] == Hkv or not attention._SDPA_HAS_GQA
+    causal = attention._sdpa(q, k, v, None, True, H // Hkv, device_type="cuda")  # no mask: flash takes GQA
+    assert calls[-1][0] == Hkv or not attention._SDPA_HAS_GQA
+    torch.testing.assert_close(on_cuda, on_cpu)
+    torch.testing.assert_close(on_cuda, causal)  # the mask above is the causal one
+
+
+def test_positions_are_checked_without_a_host_sync_in_training(model):
+    """A packed chunk no longer than max_seq_len has positions < max_seq_len: the forward reads nothing
+    on the host for the check (a sync per step on CUDA); a longer chunk is still checked."""
+    T = model.config.max_seq_len
+    ids = torch.zeros(1, T, dtype=torch.long)
+    doc_ids = torch.zeros(1, T, dtype=torch.long)
+    real_max = torch.Tensor.max
+    reads = []
+
+    def counting_max(self, *args, **kwargs):
+        reads.append(self.dtype)
+        return real_max(self, *args, **kwargs)
+
+    with torch.no_grad():
+        torch.Tensor.max = counting_max
+        try:
+            model(ids, doc_ids, compute_logits=False)
+        finally:
+            torch.Tensor.max = real_max
+    assert torch.long not in reads
+    with pytest.raises(ValueError, match="beyond max_seq_len"):
+        model(torch.zeros(1, T + 1, dtype=torch.long), torch.zeros(1, T + 1, dtype=torch.long))

@@ -24,7 +24,7 @@ ROUTING_POOLS = ("causal", "sequence", "token")
 EVAL_ROUTING = ("soft", "hard")
 MIXED_IMPLS = ("auto", "fused", "reference")
 ROUTING_MODES = ("full", "static", "dynamic")
-ATTENTION_BACKENDS = ("sdpa", "flex")
+ATTENTION_BACKENDS = ("sdpa", "flex", "auto")
 # Pools whose value at position t reads only positions <= t. Any other pool (the original "sequence",
 # or one added to ROUTING_POOLS and not here) counts as non-causal: generation recomputes it every
 # step instead of decoding it wrongly with a cache.
@@ -285,10 +285,11 @@ class ModelConfig:
     mixed_impl: str = "auto"
     # "full" routing (alpha + beta * gate_net); ablations: "static" (alpha only), "dynamic" (alpha = 0)
     routing_mode: str = "full"
-    # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, or "flex"
-    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5); without doc_ids both use
-    # SDPA's is_causal (flash on GPU)
-    attention_backend: str = "sdpa"
+    # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, "flex"
+    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5), or "auto": flex for packed
+    # training on CUDA (uncached, autograd on), sdpa elsewhere; without doc_ids all use SDPA's
+    # is_causal (flash on GPU)
+    attention_backend: str = "auto"
     init_std: float = 0.02
     pad_token_id: int | None = None
     eos_token_id: int | None = None
@@ -488,6 +489,12 @@ class TrainSection:
     compile: bool = False
     activation_checkpointing: bool = False
     loss_chunk_size: int = 2048
+    # the loss kernel: "auto" (liger-kernel's fused linear cross-entropy for training on CUDA when the
+    # [gpu] extra is installed, else chunked), "chunked", "fused"; see polyglu.train.loss
+    loss_kernel: Literal["auto", "chunked", "fused"] = "auto"
+    # pad the head to a multiple of this many rows inside the fused loss (128 on GPUs: aligned tiles
+    # for an odd vocabulary); pad logits masked; the model and its checkpoints keep their vocabulary
+    vocab_pad_multiple: int | None = None
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     # CPU threads; null: $POLYGLU_THREADS, else $OMP_NUM_THREADS, else the CPUs of this process's
     # affinity less the machine's load (polyglu.hardware.choose_threads)
@@ -504,6 +511,8 @@ class TrainSection:
                 raise ConfigError(f"train.{name} must be positive, got {value}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.vocab_pad_multiple is not None and self.vocab_pad_multiple <= 0:
+            raise ConfigError(f"train.vocab_pad_multiple must be positive or null, got {self.vocab_pad_multiple}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:

@@ -19,12 +19,16 @@ Kernels (same math, chosen by `default_kernel`):
   is taken per hidden unit. No compiler, no warm-up: small calls (tests, decoding) and the fallback.
 - "dense": pure functions of whole tensors, unrolled over k so that torch.compile turns each
   direction into one or two loops over the hidden units. Traced as-is inside a compiled model.
-- "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default on CUDA and for
-  large CPU calls. Compiling takes seconds once per process (inductor caches on disk, keyed by the CPU
+- "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default for large CPU
+  calls. Compiling takes seconds once per process (inductor caches on disk, keyed by the CPU
   instruction set through `polyglu.model.compiler`). The first call of each signature (shapes,
   dtypes, routing form) is checked against the eager kernel on the same inputs, forward and
   backward; if compiling fails or the results disagree, one warning and "chunked" from then on (on
   CUDA an error unless POLYGLU_KERNEL_FALLBACK=1; CUDA errors are never swallowed).
+- "triton": two hand-written Triton kernels (`polyglu.model.triton_mixed`): factored routing with an
+  on-device exact fallback, one backward pass with the alpha gradient folded in. The default on
+  CUDA when triton is installed; calls it does not cover (hard routing, no CUDA tensor and no
+  TRITON_INTERPRET) take "compiled" on CUDA, "chunked" elsewhere.
 Choose explicitly with `use_kernel(...)` or the environment variable POLYGLU_MIXED_KERNEL.
 """
 
@@ -39,7 +43,7 @@ from contextvars import ContextVar
 
 import torch
 
-from polyglu.model import native
+from polyglu.model import native, triton_mixed
 from polyglu.model.activations import exp, get_activations
 from polyglu.model.compiler import compile_fn
 
@@ -480,9 +484,25 @@ KERNELS: dict[str, Callable] = {
 _compiled_dense_backward = _compiled_or("backward", functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
 
 
+def _triton_forward(gate, up, alpha, dynamic, noise, tau, activations, hard):
+    """The Triton kernels (`triton_mixed`) where they apply, else "compiled" on CUDA, "chunked" elsewhere."""
+    if not triton_mixed.supports(gate, activations, hard):
+        return KERNELS["compiled" if gate.is_cuda else "chunked"](gate, up, alpha, dynamic, noise, tau, activations,
+                                                                  hard)
+    h, tables = triton_mixed.forward(gate, up, alpha, dynamic, noise, tau, activations)
+    return h, ("triton", *tables, tau)
+
+
+KERNELS["triton"] = _triton_forward
+
+
 def _backward(kernel, grad, gate, up, state, activations, hard, routing_grads):
     if state[0] == "chunked":
         return chunked_backward(grad, gate, up, *state[1:], activations, hard, routing_grads)
+    if state[0] == "triton":
+        *tables, tau = state[1:]
+        shape = (gate.shape[0], tables[1].shape[2], len(activations))  # dynamic's (B, T', K)
+        return triton_mixed.backward(grad, gate, up, tables, tau, activations, shape, routing_grads and not hard)
     backward = _compiled_dense_backward if kernel == "compiled" else functools.partial(_dense_backward, _DENSE_CORES)
     return backward(grad, gate, up, state, activations, hard, routing_grads)
 
@@ -552,8 +572,8 @@ SMALL_SPELLING_ELEMENTS = 1 << 12
 
 def default_kernel(gate: torch.Tensor) -> str:
     """"dense" while torch.compile traces (the math joins the caller's graph); else a `use_kernel`
-    choice; else the environment variable POLYGLU_MIXED_KERNEL; else "compiled" on CUDA with Triton
-    and on CPU from COMPILE_MIN_ELEMENTS hidden units, "chunked" otherwise."""
+    choice; else the environment variable POLYGLU_MIXED_KERNEL; else "triton" on CUDA with Triton
+    installed, "compiled" on CPU from COMPILE_MIN_ELEMENTS hidden units, "chunked" otherwise."""
     if torch.compiler.is_compiling():
         return "dense"
     chosen = _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None
@@ -562,7 +582,7 @@ def default_kernel(gate: torch.Tensor) -> str:
             raise ValueError(f"POLYGLU_MIXED_KERNEL must be one of {', '.join(KERNELS)}, got {chosen!r}")
         return chosen
     if gate.is_cuda:
-        return "compiled" if _triton_available() else "chunked"
+        return "triton" if _triton_available() else "chunked"
     if gate.device.type == "cpu" and COMPILE_MIN_ELEMENTS is not None and gate.numel() >= COMPILE_MIN_ELEMENTS:
         return "compiled"
     return "chunked"
@@ -633,7 +653,7 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
 
     gate, up: (B, T, F); alpha: (F, K); dynamic: (B, T', K), T' in {1, T}; noise: (B, F, K) or None;
     tau: 0-dim tensor. Returns (B, T, F) in gate's dtype; routing math in float32. `kernel`:
-    "chunked", "dense" or "compiled" (default: `default_kernel(gate)`).
+    "chunked", "dense", "compiled" or "triton" (default: `default_kernel(gate)`).
     """
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"mixed-activation kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -653,3 +673,29 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
     kernel = kernel or default_kernel(gate)
     gate, up = gate.contiguous(), up.contiguous()
     return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel)
+
+
+def glu_kernel_applies(gate: torch.Tensor, activation: str) -> bool:
+    """Whether a fixed-activation GLU (the SwiGLU baseline) runs `glu_fused`: when PolyGLU's default
+    kernel here is "triton" and it covers the activation, outside small inference calls and traces."""
+    # traced (a compiled decode step, compiled blocks): the plain ops join the graph; the context
+    # variable below is never read under a trace (fullgraph would break on it)
+    if torch.compiler.is_compiling():
+        return False
+    if not gate.is_cuda and _kernel_choice.get() != "triton":  # CPU: the plain ops, decided in ~0.1 us
+        return False
+    return (not _inference_fast_path(gate, (gate,)) and default_kernel(gate) == "triton"
+            and triton_mixed.supports(gate, (activation,), False))
+
+
+def glu_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up through the "triton" kernel with one activation (its routing weight is 1, no
+    routing gradient): on CUDA the GLU baselines run the same fused kernel as PolyGLU (one pass each
+    way, activation recomputed in backward), so a PolyGLU / SwiGLU comparison measures the routing,
+    not two kernel styles."""
+    B, _, F_ = gate.shape
+    alpha = torch.zeros((F_, 1), device=gate.device)
+    dynamic = torch.zeros((B, 1, 1), device=gate.device)
+    tau = torch.ones((), device=gate.device)
+    return MixedActivation.apply(gate.contiguous(), up.contiguous(), alpha, dynamic, None, tau, (activation,), False,
+                                 "triton")

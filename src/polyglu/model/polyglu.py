@@ -32,10 +32,11 @@ from polyglu.documents import document_positions, segment_ids
 from polyglu.model.activations import ACTIVATIONS
 
 try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernels
+    from polyglu.model import fused as _fused
     from polyglu.model import native as _native
     from polyglu.model.fused import mixed_activation_fused
 except ImportError:
-    mixed_activation_fused, _native = None, None
+    mixed_activation_fused, _native, _fused = None, None, None
 
 
 @dataclass
@@ -373,7 +374,11 @@ class GLU(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *, positions=None, pool_state=None,
                 return_routing: bool = False, noise=None):
-        out = self.down_proj(ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if _fused is not None and _fused.glu_kernel_applies(gate, self.activation):  # CUDA: PolyGLU's kernel
+            out = self.down_proj(_fused.glu_fused(gate, up, self.activation))
+        else:
+            out = self.down_proj(ACTIVATIONS[self.activation](gate) * up)
         return (out, None) if return_routing else out
 
 

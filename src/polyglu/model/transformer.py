@@ -14,7 +14,7 @@ from polyglu.config import ModelConfig
 from polyglu.documents import document_causal_mask, document_positions
 from polyglu.model.attention import Attention
 from polyglu.model.cache import KVCache
-from polyglu.model.flex import document_block_mask
+from polyglu.model.flex import document_block_mask, uses_flex
 from polyglu.model.layers import RMSNorm, rotary_tables
 from polyglu.model.polyglu import GLU, PolyGLU
 
@@ -117,13 +117,16 @@ class PolychromaticLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, return_routing: bool = False, compute_logits: bool = True,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, reduce_routing=None) -> ModelOutput:
         """input_ids: (B, T). doc_ids (B, T): packed documents, each a run of equal ids (see
         polyglu.documents): block-diagonal causal attention, rotary positions and routing pools
         restart per document. With `cache`, the tokens continue the cached ones.
-        `compute_logits=False` skips the head (for a chunked loss on hidden states)."""
+        `compute_logits=False` skips the head (for a chunked loss on hidden states).
+        `reduce_routing`: with `return_routing`, a function applied to each layer's routing weights
+        as soon as the layer has run, its result kept instead (statistics without holding every
+        layer's (B, T', d_ff, K) weights at once)."""
         B, T = input_ids.shape
-        flex = self.config.attention_backend == "flex"
+        flex = uses_flex(self.config.attention_backend, input_ids.device, cached=cache is not None)
         if cache is not None:
             doc_ids, positions = cache.prepare(T, doc_ids)
             mask = cache.attention_mask(T)
@@ -141,7 +144,8 @@ class PolychromaticLM(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
             cos, sin = rope_cos[:T][None, None], rope_sin[:T][None, None]
         else:
-            if int(positions.max()) >= self.config.max_seq_len:
+            # positions inside a chunk are < T: only a long chunk or a cache needs the (host-syncing) check
+            if (cache is not None or T > self.config.max_seq_len) and int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"a document position reaches {int(positions.max())}, beyond "
                                  f"max_seq_len={self.config.max_seq_len}")
             cos, sin = rope_cos[positions][:, None], rope_sin[positions][:, None]  # (B, 1, T, hd/2)
@@ -151,7 +155,8 @@ class PolychromaticLM(nn.Module):
         for block in self.layers:
             x, layer_routing = block(x, cos, sin, mask, doc_ids, positions, cache, return_routing)
             if return_routing:
-                routing.append(layer_routing)
+                reduced = reduce_routing is not None and layer_routing is not None
+                routing.append(reduce_routing(layer_routing) if reduced else layer_routing)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)

@@ -49,7 +49,7 @@ SAFE_RESUME_KEYS = frozenset({
     "run_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.routing_stats_every", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints", "train.max_bad_steps",
     "train.threads", "train.progress", "train.tensorboard", "train.wandb_project",
-    "train.activation_checkpointing",
+    "train.activation_checkpointing", "train.loss_kernel", "train.vocab_pad_multiple",  # same loss, other kernel
 })
 
 
