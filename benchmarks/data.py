@@ -117,9 +117,13 @@ def main(argv=None) -> int:
         timing = loader_vs_step(args, data)
     result = {k: v for k, v in data.items() if k not in ("paths", "tokenizer_dir", "shards")} | timing
     result["setting"] = {k: v for k, v in vars(args).items() if k != "json"}
+    from polyglu import hardware
+
+    result["environment"] = hardware.environment("cpu", "float32")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(f"environment: {hardware.describe_environment(result['environment'])}")
     print(f"built-in corpus: {result['documents']:,} documents, {result['tokens']:,} tokens, "
           f"BPE vocab {result['bpe_vocab']} trained in {result['bpe_train_s']:.1f}s, "
           f"{result['chars_per_token']:.2f} chars/token")

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from polyglu import hardware  # noqa: E402
 from polyglu.config import ModelConfig  # noqa: E402
 from polyglu.inference import DecodeStep, KVCache, generate  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
@@ -129,9 +130,11 @@ def main() -> None:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with torch.no_grad():
         result = run(args)
+    result["environment"] = hardware.environment("cpu", "float32")
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    print(f"environment: {hardware.describe_environment(result['environment'])}")
     print(f"{args.preset} preset ({args.ffn}), CPU float32, {args.layout} weights, {result['threads']} threads, "
           f"{args.prompt_len}-token prompt, {args.new_tokens} greedy tokens; median of {args.repeats} interleaved runs")
     print(f"{'batch':>5} {'variant':>14} {'tokens/s':>10} {'vs step-eager':>14}")

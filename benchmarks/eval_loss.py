@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from polyglu import hardware  # noqa: E402
 from polyglu.config import RunConfig  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 from polyglu.train import loss as loss_module  # noqa: E402
@@ -80,7 +81,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     config = RunConfig.load(None, [f"model.preset={args.preset}", f"data.seq_len={args.seq_len}",
-                                   "train.eval_batches=2", "train.progress=false"])
+                                   "train.eval_batches=2", "train.progress=false", f"train.threads={args.threads}",
+                                   "train.dtype=float32"])
     model_config = config.model_config()
     head = torch.nn.Parameter(torch.randn(model_config.vocab_size, model_config.d_model) * 0.02)
     hidden = torch.randn(args.tokens, model_config.d_model)
@@ -113,9 +115,11 @@ def main(argv=None) -> dict:
 
         result["evaluate"] = {"batch": args.batch, "seq_len": args.seq_len, "eval_batches": 2,
                               **interleaved(evaluate_before, trainer.evaluate, args.repeats, clock)}
+    result["environment"] = hardware.environment("cpu", "float32")
     if args.json:
         print(json.dumps(result))
     else:
+        print(f"environment: {hardware.describe_environment(result['environment'])}")
         for name in ("loss_alone", "evaluate"):
             r = result[name]
             print(f"{name:<11} before {r['before_s'] * 1e3:8.1f} ms  after {r['after_s'] * 1e3:8.1f} ms  "

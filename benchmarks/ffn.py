@@ -25,6 +25,7 @@ import time
 import torch
 from torch import nn
 
+from polyglu import hardware
 from polyglu.model.activations import ACTIVATIONS
 from polyglu.model.fused import KERNELS, default_kernel, use_kernel
 from polyglu.model.polyglu import PolyGLU, SwiGLU
@@ -44,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="auto: bfloat16 where the device computes it natively, else float32 (polyglu.hardware)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="wall time, or this process's CPU time (with --threads 1: the work done, whatever "
@@ -55,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-reference", action="store_true", help="leave out the (slow, memory-hungry) reference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = hardware.choose_precision("auto", args.device).name
     for name in args.activations.split(","):
         if name not in ACTIVATIONS:
             p.error(f"--activations: unknown {name!r} (known: {', '.join(ACTIVATIONS)})")
@@ -187,9 +191,11 @@ def main(argv=None) -> None:
                  machine=platform.machine(),
                  device_name=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else
                  platform.processor() or "cpu")
+    environment = hardware.environment(args.device, args.dtype)
     if args.json:
-        print(json.dumps({"setup": setup, "results": results}, indent=2))
+        print(json.dumps({"setup": setup, "environment": environment, "results": results}, indent=2))
         return
+    print(f"environment: {hardware.describe_environment(environment)}")
     print(f"FFN B={args.batch} T={args.seq_len} d_model={args.d_model} d_ff={args.d_ff} {args.device} {args.dtype} "
           f"pool={args.pool} noise={not args.no_noise} activations={args.activations} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} clock={args.clock} "

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from polyglu import hardware  # noqa: E402
 from polyglu.config import ModelConfig  # noqa: E402
 from polyglu.inference import generate  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
@@ -114,7 +115,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--paper", action="store_true", help="the GPU target: paper-600m, 1,319 prompts x 256 tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="--paper only")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="--paper only (auto: bfloat16 where the device computes it natively)")
     p.add_argument("--prompts", type=int, default=1319, help="--paper only")
     p.add_argument("--prompt-len-range", type=int, nargs=2, default=(48, 200), metavar=("MIN", "MAX"))
     p.add_argument("--batch-size", type=int, default=512, help="--paper only")
@@ -127,10 +129,14 @@ def main() -> None:
 
     if args.paper:
         args.new_tokens = args.new_tokens[0]
+        if args.dtype == "auto":
+            args.dtype = hardware.choose_precision("auto", args.device, purpose="inference").name
         result = paper_benchmark(args)
+        result["environment"] = hardware.environment(args.device, args.dtype)
         if args.json:
             print(json.dumps(result, indent=2))
             return
+        print(f"environment: {hardware.describe_environment(result['environment'])}")
         print(f"paper-600m {args.dtype} on {result.get('gpu', args.device)}: {args.prompts} prompts x "
               f"{args.new_tokens} tokens (batch {args.batch_size}) in {result['seconds']:.1f} s "
               f"({result['generated_tok_s']:,.0f} tok/s; target < 600 s)")
@@ -138,9 +144,11 @@ def main() -> None:
 
     with torch.no_grad():
         result = cpu_benchmark(args)
+    result["environment"] = hardware.environment("cpu", "float32")
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    print(f"environment: {hardware.describe_environment(result['environment'])}")
     print(f"{args.preset} preset, CPU float32, {torch.get_num_threads()} threads, {args.prompt_len}-token prompt, "
           f"batch 1, greedy; median of {args.repeats} cached / {args.recompute_repeats} recompute runs")
     print(f"{'new tokens':>10} {'cached tok/s':>13} {'recompute tok/s':>16} {'speedup':>8}")

@@ -78,6 +78,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # the working tree's polyglu, installed or not
 sys.path.insert(0, str(HERE))  # benchmarks/ffn.py
 
+from polyglu import hardware  # noqa: E402
+
 PARTS = ("ffn", "kernel", "attention", "compiled_block", "train", "generate", "generate_sequence_pool", "decode")
 EVAL_PARTS = ("generate", "generate_sequence_pool", "decode")  # opt-in: --with-eval or --parts
 DEFAULT_PARTS = tuple(p for p in PARTS if p not in EVAL_PARTS)
@@ -898,8 +900,10 @@ def _run(args, shapes: Shapes, out_path: Path, cache_dir: Path) -> int:
                   "inductor_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"],
                   "triton_cache_dir": os.environ["TRITON_CACHE_DIR"],
                   "cache_was_warm": any((cache_dir / "inductor").glob("*"))},
+        "environment": hardware.environment(shapes.device, str(shapes.dtype).removeprefix("torch.")),
         "errors": {}, "seconds": {}, "details": {}, "fallbacks": {}, "compile": {},
     }
+    print(f"[gpu_suite] {hardware.describe_environment(report['environment'])}", file=sys.stderr, flush=True)
     for part in args.parts:
         for key in KEYS[part]:
             report[key] = None

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from polyglu import PolychromaticLM, generate  # noqa: E402
+from polyglu import PolychromaticLM, generate, hardware  # noqa: E402
 from polyglu.config import MODEL_PRESETS, ModelConfig  # noqa: E402
 
 
@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS))
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement and model (median)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall time, or this process's CPU time (meaningful with --threads 1 on a loaded machine)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens at batch 1")
     p.add_argument("--batch", type=int, default=64, help="the batched decoding's batch size")
@@ -150,6 +152,9 @@ def train_runner(model, tokens: torch.Tensor):
     return run
 
 
+CLOCK = [time.perf_counter]  # --clock cpu: this process's CPU time (with --threads 1: the work done, whatever the load)
+
+
 def interleaved(runners: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds per run: one warm-up each, then `repeats` rounds running every model once."""
     for run in runners.values():
@@ -157,9 +162,9 @@ def interleaved(runners: dict, repeats: int) -> dict[str, list[float]]:
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
-            start = time.perf_counter()
+            start = CLOCK[0]()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK[0]() - start)
     return times
 
 
@@ -190,10 +195,10 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, steps: int, rounds: int,
             for i in range(steps):
                 for name in (pair if i % 2 == 0 else reversed(list(pair))):
                     cache, logits = state[name]
-                    start = time.perf_counter()
+                    start = CLOCK[0]()
                     logits = step[name](logits.argmax(-1, keepdim=True), cache)
                     if round_:
-                        times[name].append(time.perf_counter() - start)
+                        times[name].append(CLOCK[0]() - start)
                     state[name] = (cache, logits)
     return times
 
@@ -215,6 +220,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     models = build_models(args)
     for name in ("polyglu", "swiglu"):  # the layout polyglu's inference loader gives (load_model_and_tokenizer)
         models[name].use_decode_layout()
@@ -260,12 +266,15 @@ def main(argv=None) -> None:
 
     setup = {"preset": args.preset, "d_model": config.d_model, "d_ff": config.d_ff, "n_layers": config.n_layers,
              "vocab_size": config.vocab_size, "repeats": args.repeats, "threads": torch.get_num_threads(),
+             "clock": args.clock,
              "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
              "compiled_decode": compiled, "native_kernels": native_kernels_in_use(),
              "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}}
+    environment = hardware.environment("cpu", "float32")
     if args.json:
-        print(json.dumps({"setup": setup, "results": results}, indent=2))
+        print(json.dumps({"setup": setup, "environment": environment, "results": results}, indent=2))
         return
+    print(f"environment: {hardware.describe_environment(environment)}")
     print_table(setup, results)
 
 

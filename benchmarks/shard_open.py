@@ -31,7 +31,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
+    from polyglu import hardware
     from polyglu.data.shards import TokenShards, sample_sha256, write_token_shards
+
+    print(f"environment: {hardware.describe_environment(hardware.environment('cpu'))}")
 
     with tempfile.TemporaryDirectory() as tmp:
         tokens = np.random.default_rng(0).integers(0, 50_000, (args.mib << 20) // 2, dtype=np.uint16)

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from polyglu import hardware
 from polyglu.config import MODEL_PRESETS, ModelConfig
 from polyglu.model.fused import KERNELS, use_kernel
 from polyglu.model.transformer import PolychromaticLM
@@ -47,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="auto: bfloat16 where the device computes it natively, else float32 (polyglu.hardware)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="wall time, or this process's CPU time (meaningful with --threads 1 on CPU)")
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     demo = args.preset == "demo"
     args.batch = args.batch if args.batch is not None else (8 if demo else 4)
+    if args.dtype == "auto":
+        args.dtype = hardware.choose_precision("auto", args.device).name
     args.documents = args.documents if args.documents is not None else (4 if demo else 1)
     if not 1 <= args.documents <= args.seq_len:
         p.error(f"--documents must be between 1 and --seq-len ({args.seq_len}), got {args.documents}")
@@ -126,9 +130,12 @@ def main(argv=None) -> None:
     setup = {k: v for k, v in vars(args).items() if k != "json"}
     setup.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                  n_layers=config.n_layers, d_model=config.d_model, d_ff=config.d_ff, routing_pool=config.routing_pool)
+    environment = hardware.environment(args.device, args.dtype)
     if args.json:
-        print(json.dumps({"setup": setup, "results": results, "polyglu_over_swiglu_time": ratio}, indent=2))
+        print(json.dumps({"setup": setup, "environment": environment, "results": results,
+                          "polyglu_over_swiglu_time": ratio}, indent=2))
         return
+    print(f"environment: {hardware.describe_environment(environment)}")
     print(f"train step: preset={args.preset} layers={config.n_layers} d_model={config.d_model} d_ff={config.d_ff} "
           f"B={args.batch} T={args.seq_len} documents/row={args.documents} {args.device} {args.dtype} pool={config.routing_pool} "
           f"fused kernel={args.fused_kernel} threads={torch.get_num_threads()} steps={args.steps} clock={args.clock}")

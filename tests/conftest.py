@@ -13,6 +13,8 @@ from polyglu.model.transformer import PolychromaticLM
 
 # tiny models are dominated by per-op overhead: one thread is faster and keeps runs deterministic
 torch.set_num_threads(1)
+# ... also in every trainer and subprocess (train.threads: null reads it; else it would follow the load)
+os.environ.setdefault("POLYGLU_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -493,7 +493,9 @@ class TrainSection:
     checkpoint_minutes: float | None = 10.0
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with AVX-512 BF16
+    # or AMX), float32 elsewhere (polyglu.hardware.choose_precision); bfloat16 on other CPUs warns
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
     loss_chunk_size: int = 2048
@@ -504,7 +506,9 @@ class TrainSection:
     # for an odd vocabulary); pad logits masked; the model and its checkpoints keep their vocabulary
     vocab_pad_multiple: int | None = None
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
-    threads: int | None = None  # CPU threads (default: torch's)
+    # CPU threads; null: $POLYGLU_THREADS, else $OMP_NUM_THREADS, else the CPUs of this process's
+    # affinity less the machine's load (polyglu.hardware.choose_threads)
+    threads: int | None = None
     progress: bool = True
     tensorboard: bool = False
     wandb_project: str | None = None
@@ -525,6 +529,8 @@ class TrainSection:
             raise ConfigError(f"train.checkpoint_minutes must be positive (or null), got {self.checkpoint_minutes}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ConfigError("train.tau_start and train.tau_end must be positive")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"train.threads must be a positive integer or null (auto), got {self.threads}")
 
 
 @dataclass

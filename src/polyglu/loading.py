@@ -10,11 +10,13 @@ Errors are library errors (CheckpointError, ValueError), which the CLI prints as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from polyglu import hardware
 from polyglu.data.special_tokens import IM_END
 from polyglu.data.tokenizer import load_tokenizer
 from polyglu.model.transformer import PolychromaticLM
@@ -48,13 +50,23 @@ def torch_dtype(name):
 
 
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer=None, *, device: str | None = None,
-                             dtype=None):
+                             dtype=None, log: Callable[[str], Any] | None = None):
     """(model in eval mode, tokenizer) from a model directory. The tokenizer is `tokenizer` (an object,
     or a spec for `load_tokenizer`), else MODEL_DIR/tokenizer, else the one named in config.json.
 
+    `dtype`: a torch dtype, a name, or "auto"/None: what this device computes fast for inference
+    (`hardware.choose_precision(..., purpose="inference")`: bfloat16 on CUDA with bf16, float32 on
+    CPU); `log` gets one line saying what was chosen and why.
+
     The model is for inference: on CPU in float32 its linear weights are stored column-major
     (`PolychromaticLM.use_decode_layout`), which batch-1 decoding reads ~1.3x faster."""
-    model = load_model(model_dir, device=resolve_device(device), dtype=torch_dtype(dtype))
+    device = resolve_device(device)
+    if not isinstance(dtype, torch.dtype):
+        precision = hardware.choose_precision(dtype, device, purpose="inference")
+        dtype = precision.dtype
+        if log is not None:
+            log(precision.describe())
+    model = load_model(model_dir, device=device, dtype=dtype)
     model.use_decode_layout()
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         spec = tokenizer

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from polyglu import hardware
 from polyglu.analysis.data import load_token_batches
 from polyglu.analysis.plots import render_plots
 from polyglu.analysis.report import findings, render_report
@@ -33,16 +34,18 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
                          run_dir: str | Path | None = None, *, max_tokens: int = 32_768,
                          evolution_tokens: int = 8_192, seq_len: int | None = None, batch_size: int | None = None,
                          tokenizer: str | None = None, text_field: str = "text", device: str | None = None,
-                         dtype: str = "float32", log: Callable[..., Any] = print,
+                         dtype: str = "auto", log: Callable[..., Any] = print,
                          progress: bool | None = None) -> dict[str, Any]:
     """Analyse the model in `model_dir` on `datasets` ({name: token shard directory or .jsonl/.txt}) and,
     with `run_dir`, across that run's checkpoints and metrics; write the JSON, figures and report to
     `out_dir`. Returns the analysis dict. `progress`: bars per dataset and over the checkpoints (None:
     on a terminal only, False: never)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    precision = hardware.choose_precision(dtype, device, purpose="inference")  # "auto": what the device does fast
+    log(precision.describe())
+    dtype = precision.name
     # soft routing whatever the saved eval mode: hard one-hot weights would have zero entropy
-    model = load_model(model_dir, device=device, dtype=torch_dtype, eval_routing="soft")
+    model = load_model(model_dir, device=device, dtype=precision.dtype, eval_routing="soft")
     config = model.config
     seq_len = seq_len or min(config.max_seq_len, 1024)
     if seq_len > config.max_seq_len:

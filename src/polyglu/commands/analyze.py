@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: MODEL_DIR/tokenizer)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights dtype")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="model weights dtype (default auto: bfloat16 on CUDA with bf16, float32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
 
 

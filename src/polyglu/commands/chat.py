@@ -39,15 +39,15 @@ def fit_history(messages: list[dict], encode, budget: int) -> list[dict] | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from polyglu.commands.common import default_max_new_tokens
+    from polyglu.commands.common import default_max_new_tokens, load_inference_model
     from polyglu.commands.generate import check_fits_context, check_sampling_arguments
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.inference import TextStreamer, generate
-    from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
+    from polyglu.loading import chat_stop_ids
 
     check_sampling_arguments(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_inference_model(args)
     if args.max_new_tokens is None:  # a reply of up to half the context; the other half holds the turns
         args.max_new_tokens = default_max_new_tokens(model.config.max_seq_len, cap=DEFAULT_MAX_NEW_TOKENS)
     check_fits_context(args.max_new_tokens, model)

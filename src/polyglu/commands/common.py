@@ -1,8 +1,29 @@
-"""Checks the verbs share on their flags, run before any work so that a bad flag costs nothing."""
+"""Checks the verbs share on their flags, run before any work so that a bad flag costs nothing; the
+set-up the model-reading verbs share."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+
+def load_inference_model(args):
+    """(model, tokenizer) for a verb with `add_model_arguments` (generate, chat, eval, eval-math): CPU
+    threads and dtype by what this machine computes fast (`polyglu.hardware`; POLYGLU_THREADS,
+    --dtype), said in one line on stderr when it is a terminal (`inference_notice`)."""
+    from polyglu import hardware
+    from polyglu.loading import load_model_and_tokenizer
+
+    threads = hardware.apply_threads(None)
+    return load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype,
+                                    log=lambda line: inference_notice(f"{line}; {threads.describe()}"))
+
+
+def inference_notice(line: str) -> None:
+    """The inference verbs' start-up line (dtype and threads chosen, and why) on stderr, for a person
+    at a terminal only: piped or captured stderr keeps its contract of one line per error."""
+    if sys.stderr.isatty():
+        print(f"polyglu: {line}", file=sys.stderr)
 
 
 def check_output_file(path: str | Path | None, flag: str) -> None:

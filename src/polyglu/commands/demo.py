@@ -50,8 +50,7 @@ def most_frequent_answer_baseline(train: list[dict], test: list[dict]) -> dict:
 
 
 def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> Path:
-    import torch
-
+    from polyglu import hardware
     from polyglu.config import RunConfig
     from polyglu.train.setup import build_run
 
@@ -62,8 +61,7 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     config = RunConfig.load(config_path, overrides, task=task)
-    if config.train.threads:  # also for the evaluation after the stages, even when they are reused
-        torch.set_num_threads(config.train.threads)
+    hardware.apply_threads(config.train.threads)  # also for the evaluation, even when the stages are reused
     done = stage_dir / "final" / "config.json"
     if done.is_file() and not fresh:
         meta = json.loads(done.read_text())
@@ -139,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
 
             raise CommandError(f"config {path} not found (pass --config/--sft-config)")
 
+    from polyglu import hardware
+
+    hardware.choose_threads()  # an automatic choice is made once, before the kernel compiler loads the machine
     kernels_build = _build_kernels_in_background()
     _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
     sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)

@@ -45,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
         from polyglu.eval.harness import PolygluLM, evaluate
     except ImportError as e:
         raise CommandError(f"polyglu eval needs lm-evaluation-harness: pip install 'polyglu[eval]' ({e})") from None
-    from polyglu.commands.common import check_output_file, check_positive
-    from polyglu.loading import load_model_and_tokenizer
+    from polyglu.commands.common import check_output_file, check_positive, load_inference_model
 
     check_positive(batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, limit=args.limit)
     check_compile_argument(args.compile)
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     for directory in args.include_path or []:
         if not Path(directory).is_dir():
             raise CommandError(f"--include-path {directory}: not a directory")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_inference_model(args)
     lm = PolygluLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
                    seed=args.seed, compile=args.compile)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit

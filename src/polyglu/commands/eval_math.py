@@ -80,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
         check_output_file,
         check_positive,
         default_max_new_tokens,
+        load_inference_model,
         progress_disabled,
         progress_visible,
     )
     from polyglu.commands.generate import check_fits_context
     from polyglu.eval.math import evaluate_math
-    from polyglu.loading import load_model_and_tokenizer
 
     check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     check_compile_argument(args.compile)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         skip = args.num_fewshot if fewshot is None else 0  # demonstrations taken from --data come first
         problems = problems[:skip + args.limit]
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_inference_model(args)
     if args.max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(model.config.max_seq_len, cap=DEFAULT_MAX_NEW_TOKENS)
     else:

@@ -2,7 +2,7 @@
 [--seed S] [--chat] [--stop STR]... [--compile [MODE]]
 
 Also the shared options of the model-reading verbs (generate, chat, eval, eval-math, perplexity):
-`add_model_arguments`, `add_sampling_arguments`; they load with `polyglu.loading.load_model_and_tokenizer`.
+`add_model_arguments`, `add_sampling_arguments`; they load with `commands.common.load_inference_model`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from polyglu.commands.common import (
     add_quiet_argument,
     check_compile_argument,
     default_max_new_tokens,
+    load_inference_model,
     progress_visible,
 )
 
@@ -27,8 +28,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="'byte', a tokenizer directory or a Hugging Face name (default: MODEL_DIR/tokenizer)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the weights (default: as stored)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default auto: bfloat16 on CUDA with bf16, float32 on CPU)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128, after: str = "the prompt") -> None:
@@ -88,12 +89,12 @@ def run(args: argparse.Namespace) -> int:
     from polyglu.data.chat import render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.inference import TextStreamer, generate
-    from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
+    from polyglu.loading import chat_stop_ids
 
     check_sampling_arguments(args)
     check_compile_argument(args.compile)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_inference_model(args)
     if args.max_new_tokens is not None:
         check_fits_context(args.max_new_tokens, model)  # before the prompt is read: no room even for one token
     stop_strings = list(args.stop)

@@ -45,16 +45,22 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from polyglu import hardware
     from polyglu.commands import CommandError
+    from polyglu.commands.common import inference_notice
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.perplexity import open_sources, perplexity, shard_sources
-    from polyglu.loading import TOKENIZER_SUBDIR, load_model, resolve_device, torch_dtype
+    from polyglu.loading import TOKENIZER_SUBDIR, load_model, resolve_device
 
     check_arguments(args)
     sources = shard_sources([s for s in args.data.split(",") if s])
     if not sources:
         raise CommandError("--data names no shard directory")
-    model = load_model(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype))
+    device = resolve_device(args.device)
+    threads = hardware.apply_threads(None)
+    precision = hardware.choose_precision(args.dtype, device, purpose="inference")
+    inference_notice(f"{precision.describe()}; {threads.describe()}")
+    model = load_model(args.model, device=device, dtype=precision.dtype)
     # the model's tokenizer, when it has one, must be the data's: byte shards scored by a BPE model are junk
     spec = args.tokenizer or (Path(args.model) / TOKENIZER_SUBDIR if (Path(args.model) / TOKENIZER_SUBDIR).is_dir()
                               else None)

@@ -89,6 +89,16 @@ def _command(output: Path) -> list[str]:
             str(SOURCE), "-o", str(output), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
 
+def vector_code() -> str:
+    """The vector instructions the kernels are compiled for: torch's own CPU capability when the
+    build has flags for it, else portable scalar code (a CPU with neither AVX2 nor AVX-512, or
+    ATEN_CPU_CAPABILITY=default)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in _CAPABILITY_FLAGS:
+        return f"{capability} vector code"
+    return f"scalar code (torch runs its {capability} kernels: no AVX2/AVX-512)"
+
+
 def library_path() -> Path:
     """Where the library for this source, torch and CPU capability is (or will be) cached."""
     digest = hashlib.sha256()
@@ -115,7 +125,8 @@ def build(force: bool = False) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists() and not force:  # another process built it while this one waited
             return path
-        print(f"polyglu: compiling the CPU kernels for torch {torch.__version__} (once, ~5 s) -> {path}",
+        print(f"polyglu: compiling the CPU kernels for torch {torch.__version__}, {vector_code()} (once, ~5 s) "
+              f"-> {path}",
               file=sys.stderr, flush=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         log = path.with_suffix(".log")

@@ -356,15 +356,19 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def record_start(run_dir: str | Path, config: dict[str, Any], event: str, step: int,
-                 changes: dict[str, tuple[Any, Any]] | None = None) -> None:
+                 changes: dict[str, tuple[Any, Any]] | None = None, environment: dict[str, Any] | None = None) -> None:
     """run_config.json := `config`; one line appended to run_config_history.jsonl (whole file
-    rewritten atomically) saying what started at which step and which keys changed."""
+    rewritten atomically) saying what started at which step, which keys changed and, as
+    `environment`, what it runs with (dtype and threads chosen and why, CPU capability; the
+    trainer's `hardware.run_record`)."""
     run_dir = Path(run_dir)
     history = run_dir / HISTORY_NAME
     entry = {"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "host": socket.gethostname(), "pid": os.getpid()}
     if changes:
         entry["changes"] = {k: {"old": old, "new": new} for k, (old, new) in changes.items()}
+    if environment:
+        entry["environment"] = environment
     previous = history.read_text() if history.is_file() else ""
     if previous and not previous.endswith("\n"):
         previous += "\n"

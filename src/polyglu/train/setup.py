@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from polyglu import hardware
 from polyglu.config import ConfigError, DataConfig, RunConfig
 from polyglu.train import rundir
 from polyglu.train.distributed import DistributedContext
@@ -71,6 +72,7 @@ def build_run(config: RunConfig, device: str | None = None, log=print, resume: b
     """The Trainer of `config`, its run directory locked first (a second trainer there stops here,
     before anything is written). `resume=False` (a fresh start) refuses a run directory holding
     another run's results unless `overwrite`; None leaves the decision to resume()/fit()."""
+    hardware.choose_threads(config.train.threads)  # a bad POLYGLU_THREADS stops here, before any data is written
     check_agreement(config)  # reads only: a refusal here leaves nothing behind, not even the run directory
     dist = DistributedContext.from_env(device)
     if not dist.is_main:

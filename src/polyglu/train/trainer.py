@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from polyglu import hardware
 from polyglu.atomic import atomic_directory
 from polyglu.config import RunConfig
 from polyglu.data.special_tokens import IGNORE_INDEX
@@ -88,9 +89,11 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.tokenizer_dir = tokenizer_dir
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
-        if self.tc.threads:
-            torch.set_num_threads(self.tc.threads)
-        self.autocast_dtype = self._autocast_dtype()
+        # precision and threads by what this machine computes fast (polyglu.hardware): one line, recorded
+        self.threads = hardware.apply_threads(self.tc.threads)
+        self.precision = hardware.choose_precision(self.tc.dtype, self.device)
+        self.autocast_dtype = torch.bfloat16 if self.precision.name == "bfloat16" else None
+        self.log(f"{self.precision.describe()}; {self.threads.describe()}")
         self.grad_accum = self._grad_accum()
         if hasattr(train_data, "grad_accum_steps"):  # sources that index rows by (step, micro_step)
             train_data.grad_accum_steps = self.grad_accum
@@ -116,11 +119,6 @@ class Trainer:
                                              self.tc.eps)
 
     # ---- set-up
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        if self.tc.dtype == "bfloat16" or (self.tc.dtype == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
 
     def _grad_accum(self) -> int:
         if self.tc.tokens_per_step is None:
@@ -390,7 +388,8 @@ class Trainer:
             self.log(f"resuming with changed settings: {rundir.format_changes(self.config_changes)} "
                      f"(recorded in {self.run_dir / rundir.HISTORY_NAME})")
         event = "resume" if self.resumed_step is not None else ("overwrite" if found else "start")
-        rundir.record_start(self.run_dir, self.config.to_dict(), event, self.step, self.config_changes)
+        rundir.record_start(self.run_dir, self.config.to_dict(), event, self.step, self.config_changes,
+                            environment=hardware.run_record(self.precision, self.threads, self.device))
 
     def _catch_sigint(self):
         """Ctrl-C asks the loop to checkpoint and stop after the current step; a second Ctrl-C stops
