@@ -28,7 +28,7 @@ class ShiftingDocuments:
         return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "doc_ids": doc_ids}
 
 
-def test_compiled_blocks_neither_recompile_nor_break(tmp_path, monkeypatch):
+def test_compiled_blocks_neither_recompile_nor_break(tmp_path):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -46,11 +46,13 @@ def test_compiled_blocks_neither_recompile_nor_break(tmp_path, monkeypatch):
         taus.append(trainer.train_step()["tau"])
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0  # the blocks were compiled (by inductor: no backend argument)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile raises
-    for _ in range(STEPS):
-        out = trainer.train_step()
-        taus.append(out["tau"])
-        assert torch.isfinite(torch.as_tensor(out["loss"]))
+    # a recompile raises; config.patch restores dynamo's config on exit (monkeypatch's undo left it
+    # broken for later compiles in the same process: "error_on_recompile does not exist")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(STEPS):
+            out = trainer.train_step()
+            taus.append(out["tau"])
+            assert torch.isfinite(torch.as_tensor(out["loss"]))
     assert len(set(taus)) == len(taus)  # tau changed every step
     assert counters["stats"]["unique_graphs"] == graphs  # no new graph after the warm-up
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
