@@ -240,15 +240,22 @@ class PolychromaticLM(nn.Module):
                         dtype: torch.dtype | None = None, **overrides: Any) -> PolychromaticLM:
         """Load from a model directory. `overrides` change config fields that do not affect tensor
         shapes (e.g. eval_routing, mixed_impl, routing_pool)."""
-        from polyglu.model_io import WEIGHTS_NAME, check_state_dict, load_state_file, read_model_config
+        from polyglu.model_io import (WEIGHTS_NAME, check_finite, check_header_shapes, load_state_file,
+                                      model_state_dict, read_model_config, read_safetensors_header)
 
         config, _ = read_model_config(directory)
         if overrides:
             config = config.replace(**overrides)
-        state = load_state_file(Path(directory) / WEIGHTS_NAME)
+        weights = Path(directory) / WEIGHTS_NAME
+        # names and shapes compared from the file's header with a model on the meta device: a config.json
+        # naming a huge model beside small weights is refused before any tensor is allocated
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in model_state_dict(cls(config)).items()}
+        check_header_shapes(read_safetensors_header(weights), expected, str(weights))
+        state = load_state_file(weights)
+        check_finite(state, str(weights))
         with torch.device("cpu"):
             model = cls(config)
-        check_state_dict(model, state, str(Path(directory) / WEIGHTS_NAME))
         model.load_state_dict(state, strict=False)
         if dtype is not None:
             model = model.to(dtype)

@@ -179,7 +179,7 @@ class Trainer:
             raise
 
     def _resume(self, path: str | Path | None) -> bool:
-        path = Path(path) if path else ckpt.latest_checkpoint(self.run_dir)
+        path = Path(path) if path else ckpt.newest_intact_checkpoint(self.run_dir, self.log)
         if path is None:
             saved = rundir.read_run_config(self.run_dir)
             if saved is not None:  # a run killed before its first checkpoint: the same run again

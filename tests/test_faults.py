@@ -1,0 +1,103 @@
+"""Faults that schedulers, disks and hostile files bring (issue 27): damaged checkpoints, hostile
+model directories, non-finite weights, strict JSON, writers that must not destroy their inputs, and
+kills at any moment. Rows of docs/reliability.md name the tests here."""
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+from test_train import _config, _losses, _trainer
+
+import polyglu
+from polyglu.model_io import CheckpointError, read_safetensors_header
+from polyglu.train import checkpointing as ckpt
+
+# ---- checkpoints: a damaged latest one is named, the newest intact one taken
+
+
+def _damage(path, how):
+    if how == "garbage-optimizer":
+        (path / "optimizer.safetensors").write_bytes(b"\x13\x37" * 500)
+    elif how == "truncated-model":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "bad-train-state":
+        (path / "train_state.json").write_text('{"step": 6, "tok')
+
+
+@pytest.mark.parametrize("how, file", [("garbage-optimizer", "optimizer.safetensors"),
+                                       ("truncated-model", "model.safetensors"),
+                                       ("bad-train-state", "train_state.json")])
+def test_a_damaged_latest_checkpoint_is_named_and_the_newest_intact_one_resumed(tmp_path, how, file):
+    full = tmp_path / "full"
+    _trainer(_config(full, max_steps=9, checkpoint_every=3, keep_checkpoints=5)).fit()
+    run = tmp_path / "run"
+    _trainer(_config(run, max_steps=9, checkpoint_every=3, keep_checkpoints=5)).fit(stop_at=6)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [3, 6]
+    _damage(run / "checkpoints" / "step-00000006", how)
+    problem = ckpt.checkpoint_problem(run / "checkpoints" / "step-00000006")
+    assert problem is not None and f"step-00000006/{file}:" in problem and "\n" not in problem
+    logs = []
+    trainer = _trainer(_config(run, max_steps=9, checkpoint_every=3, keep_checkpoints=5))
+    trainer.log = logs.append
+    assert trainer.resume() and trainer.step == 3
+    said = next(line for line in logs if "damaged" in line)
+    assert f"step-00000006/{file}" in said and "step-00000003" in said
+    trainer.fit()
+    assert _losses(run) == _losses(full)  # steps 4-6 trained again, exactly as before
+
+
+def test_every_checkpoint_damaged_is_one_error_naming_the_newest(tmp_path):
+    run = tmp_path / "run"
+    _trainer(_config(run, max_steps=6, checkpoint_every=3)).fit(stop_at=3)
+    _damage(run / "checkpoints" / "step-00000003", "garbage-optimizer")
+    trainer = _trainer(_config(run, max_steps=6, checkpoint_every=3))
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*step-00000003/optimizer.safetensors: "
+                                              r"not a readable safetensors file .*--overwrite"):
+        trainer.resume()
+
+
+# ---- model directories: hostile config.json, damaged weights, non-finite weights
+
+
+def test_safetensors_header_is_checked_without_reading_tensors(tmp_path, tiny_config):
+    polyglu.PolychromaticLM(tiny_config).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    header = read_safetensors_header(weights)
+    assert tuple(header["embed_tokens.weight"]["shape"]) == (97, 32)
+    data = weights.read_bytes()
+    for damaged, reason in [(data[:5], "shorter than its 8-byte header"),
+                            (struct.pack("<Q", 1 << 40) + data[8:], "does not fit the file"),
+                            (data[:-7], "truncated or damaged"), (data + b"x", "bytes after the last tensor")]:
+        weights.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match=reason):
+            read_safetensors_header(weights)
+
+
+def test_config_naming_a_huge_model_is_refused_before_building_it(tmp_path, tiny_config, monkeypatch):
+    polyglu.PolychromaticLM(tiny_config).save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["model"].update(d_model=8192, d_ff=32768, n_layers=64, n_heads=64, n_kv_heads=8, head_dim=128)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    built = []
+    real_init = polyglu.PolychromaticLM.__init__
+
+    def record(self, config):
+        built.append(torch.empty(0).device.type)  # the default device the model is built on
+        real_init(self, config)
+
+    monkeypatch.setattr(polyglu.PolychromaticLM, "__init__", record)
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match its config; .*shape mismatch"):
+        polyglu.load_model(tmp_path / "m")
+    assert built == ["meta"]  # only the shape check's model, with no storage
+
+
+def test_a_non_finite_weight_is_named_at_load(tmp_path, tiny_config):
+    model = polyglu.PolychromaticLM(tiny_config)
+    with torch.no_grad():
+        model.layers[1].ffn.up_proj.weight[3, 4] = math.nan
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"tensor 'layers.1.ffn.up_proj.weight' holds 1 non-finite value"):
+        polyglu.load_model(tmp_path / "m")
