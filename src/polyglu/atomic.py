@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import secrets
 import shutil
@@ -51,9 +52,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file, not a descriptor
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 
@@ -62,9 +65,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinity (float, numpy or 0-d tensor scalar) replaced by None, so
+    that it serialises as strictly valid JSON (`null`; Python would write bare `NaN`)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "ndim", None) == 0
+                                    and hasattr(value, "item")):
+        number = value.item() if hasattr(value, "item") else value
+        if isinstance(number, float) and not math.isfinite(number):
+            return None
+        return number
+    return value
+
+
+def strict_json(value: Any, indent: int | None = 2, **kwargs: Any) -> str:
+    """JSON that strict parsers accept: non-finite numbers become null (`finite_or_none`)."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
-    """`value` as JSON (indented, with a final newline), written atomically."""
-    atomic_write_text(path, json.dumps(value, indent=indent) + "\n")
+    """`value` as strict JSON (`strict_json`: indented, NaN as null, a final newline), written atomically."""
+    atomic_write_text(path, strict_json(value, indent=indent) + "\n")
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -64,17 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(VERBS[args.verb][0])
+    from polyglu.commands.common import check_utf8_arguments, os_error_line
     from polyglu.config import ConfigError
     from polyglu.model_io import CheckpointError
 
     try:
+        check_utf8_arguments(argv)
         result = module.run(args)
     except (CommandError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"polyglu {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. a symlink loop or a permission error on a path no check foresaw
-        cause = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
-        print(f"polyglu {args.verb}: error: {cause}", file=sys.stderr)
+    except OSError as e:  # a full disk, a symlink loop, a permission error on a path no check foresaw
+        print(f"polyglu {args.verb}: error: {os_error_line(e, args.verb)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"polyglu {args.verb}: interrupted", file=sys.stderr)

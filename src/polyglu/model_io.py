@@ -130,13 +130,15 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
             shape = [int(x) for x in info["shape"]]
             itemsize = _DTYPE_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file (tensor {name!r} has a malformed "
+                                  f"header entry)") from None
         if not 0 <= start <= stop <= data or stop - start != math.prod(shape) * itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r} (shape {tuple(shape)}) needs bytes {start}..{stop} "
-                                  f"of {data} data bytes (truncated or damaged file)")
+            raise CheckpointError(f"{path}: not a readable safetensors file (tensor {name!r} of shape {tuple(shape)} "
+                                  f"needs bytes {start}..{stop} of {data}; truncated or damaged)")
         end = max(end, stop)
     if end != data:
-        raise CheckpointError(f"{path}: {data - end} bytes after the last tensor (damaged file)")
+        raise CheckpointError(f"{path}: not a readable safetensors file ({data - end} bytes after the last tensor; "
+                              f"damaged)")
     return header
 
 

@@ -240,8 +240,15 @@ class PolychromaticLM(nn.Module):
                         dtype: torch.dtype | None = None, **overrides: Any) -> PolychromaticLM:
         """Load from a model directory. `overrides` change config fields that do not affect tensor
         shapes (e.g. eval_routing, mixed_impl, routing_pool)."""
-        from polyglu.model_io import (WEIGHTS_NAME, check_finite, check_header_shapes, load_state_file,
-                                      model_state_dict, read_model_config, read_safetensors_header)
+        from polyglu.model_io import (
+            WEIGHTS_NAME,
+            check_finite,
+            check_header_shapes,
+            load_state_file,
+            model_state_dict,
+            read_model_config,
+            read_safetensors_header,
+        )
 
         config, _ = read_model_config(directory)
         if overrides:
