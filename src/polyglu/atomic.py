@@ -181,3 +181,57 @@ def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# locks this process holds (path -> depth): a writer that calls another writer of the same output
+# (prepare_builtin_math -> prepare) takes the lock once
+_HELD: dict[str, int] = {}
+
+
+@contextmanager
+def output_lock(output: str | Path, log=None) -> Iterator[None]:
+    """Hold an exclusive lock on `output` (a file or directory several processes may write) for the
+    block: a lock file `.NAME.lock` beside it, flock-ed, so a killed holder frees it at once. A
+    second writer waits for the first, saying whom it waits for, then sees its finished result."""
+    import fcntl
+    import socket
+
+    output = Path(output)
+    lock = output.with_name(f".{output.name}.lock")
+    key = str(lock.resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            if log:
+                log(f"{output} is being written by {holder}; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the previous holder unlinks the file on release: lock the file now at the path
+            current = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
