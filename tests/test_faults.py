@@ -101,3 +101,43 @@ def test_a_non_finite_weight_is_named_at_load(tmp_path, tiny_config):
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match=r"tensor 'layers.1.ffn.up_proj.weight' holds 1 non-finite value"):
         polyglu.load_model(tmp_path / "m")
+
+
+# ---- external tools: the native-kernel compiler runs with a time limit
+
+
+def test_a_compiler_that_never_returns_is_stopped_with_its_children(monkeypatch, tmp_path):
+    import os
+    import time
+
+    from polyglu.model import native
+
+    pids = tmp_path / "pids"
+    compiler = tmp_path / "hanging-c++"
+    # a driver that starts a "cc1plus" and waits on it forever, as a stuck compiler would
+    compiler.write_text(f"#!/bin/sh\nsleep 600 &\necho $$ $! > {pids}\nwait\n")
+    compiler.chmod(0o755)
+    monkeypatch.setattr(native, "_kernels", native._UNTRIED)
+    monkeypatch.setenv("POLYGLU_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("POLYGLU_NATIVE_BUILD_TIMEOUT", "1")
+    start = time.monotonic()
+    with pytest.raises(native.NativeBuildError, match=r"took longer than 1 s and was stopped .*"
+                                                      r"POLYGLU_NATIVE_BUILD_TIMEOUT"):
+        native.build()
+    assert time.monotonic() - start < 30
+    for pid in map(int, pids.read_text().split()):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"compiler process {pid} still runs")
+    assert not native.library_path().exists()
+    assert not [p for p in native.library_path().parent.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setenv("POLYGLU_NATIVE_BUILD_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="POLYGLU_NATIVE_BUILD_TIMEOUT must be a positive number of seconds"):
+        native.build_timeout()

@@ -283,11 +283,12 @@ def test_every_documented_row_is_tested():
 # rows of the table kept true by other test files (accepted inputs, or run-directory cases)
 TESTED_ELSEWHERE = {"yaml-exponent-float", "copied-prepared-directory", "held-out-split-document-boundary",
                     "input-edited-in-the-middle", "shard-replaced-large-data", *(
-                        re.findall(r"^\| `([a-z0-9-]+)` \|.*\| test_(?:train_rundir|native)\.py::\w+ \|$",
+                        re.findall(r"^\| `([a-z0-9-]+)` \|.*\| test_(?:train_rundir|native|faults)\.py::\w+ \|$",
                                    DOC.read_text(), flags=re.M))}
 
 
-@pytest.mark.parametrize("file, at_least", [("test_train_rundir.py", 10), ("test_native.py", 5)])
+@pytest.mark.parametrize("file, at_least", [("test_train_rundir.py", 10), ("test_native.py", 5),
+                                            ("test_faults.py", 5)])
 def test_rows_kept_by_other_files_name_existing_tests(file, at_least):
     """Each run-directory or native-kernel row names a test of its file that exists."""
     names = re.findall(rf"\| {re.escape(file)}::(\w+) \|$", DOC.read_text(), flags=re.M)
