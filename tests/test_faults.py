@@ -190,3 +190,167 @@ def test_generate_reads_control_tokens_in_a_prompt_as_text_unless_asked(tmp_path
                  "--json"]) == 0
     # <|im_start|> user \n  a<|im_end|>b  <|im_end|> \n <|im_start|> assistant \n
     assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 1 + 5 + len(prompt) + 2 + 1 + 10
+
+
+# ---- kill anywhere: every writer, SIGKILL or SIGTERM at a random moment -> old output or new, never a mix
+
+
+def _tree(path):
+    """{relative name: bytes} of a file or directory (None when absent)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _restore(saved, target):
+    import shutil
+
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    if saved is not None:
+        (shutil.copytree if saved.is_dir() else shutil.copy2)(saved, target)
+
+
+@pytest.fixture(scope="module")
+def writer_inputs(tmp_path_factory, model):
+    from polyglu.data.prepare import prepare
+    from polyglu.data.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("writers")
+    model.save_pretrained(root / "model")
+    load_tokenizer("byte").save(root / "model" / "tokenizer")
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 6}) + "\n" for i in range(60)))
+    prepare([docs], "byte", root / "bytes")
+    (root / "other.txt").write_text("".join(f"another text {i * 7} with other words\n" for i in range(80)))
+    (root / "math.jsonl").write_text("".join(
+        json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(6)))
+    return root
+
+
+def _train_args(root, steps):
+    return ["train", f"run_dir={root / 'run'}", f"data.sources={{b: {root / 'bytes'}}}", "data.seq_len=16",
+            f"train.max_steps={steps}", "train.batch_size=2", "train.warmup_steps=1", "train.checkpoint_every=2",
+            "train.eval_every=1000", "train.progress=false", "model.preset=debug", "model.vocab_size=260",
+            "model.d_model=32", "model.d_ff=48", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
+            "model.max_seq_len=32", "model.gate_hidden=8"]
+
+
+# writer -> (outputs, the command writing the old output, the command replacing it with a new one)
+WRITERS = {
+    "perplexity": (["ppl.json"], lambda r: ["perplexity", str(r / "model"), "--data", str(r / "bytes"), "--output",
+                                            str(r / "ppl.json"), "--max-tokens", "64"],
+                   lambda r: ["perplexity", str(r / "model"), "--data", str(r / "bytes"), "--output",
+                              str(r / "ppl.json"), "--max-tokens", "160", "--stride", "8"]),
+    "eval-math": (["preds.jsonl", "summary.json"],
+                  lambda r: ["eval-math", str(r / "model"), "--data", str(r / "math.jsonl"), "--plain", "--output-jsonl",
+                             str(r / "preds.jsonl"), "--json", str(r / "summary.json"), "--max-new-tokens", "2"],
+                  lambda r: ["eval-math", str(r / "model"), "--data", str(r / "math.jsonl"), "--plain", "--output-jsonl",
+                             str(r / "preds.jsonl"), "--json", str(r / "summary.json"), "--max-new-tokens", "5"]),
+    "export-hf": (["hf"], None, lambda r: ["export-hf", str(r / "model"), str(r / "hf")]),
+    "analyze": (["an"], lambda r: ["analyze", str(r / "model"), "--out", str(r / "an"), "--data", str(r / "bytes"),
+                                   "--max-tokens", "32", "--seq-len", "16"],
+                lambda r: ["analyze", str(r / "model"), "--out", str(r / "an"), "--data", str(r / "bytes"),
+                           "--max-tokens", "96", "--seq-len", "16"]),
+    "prepare-force": (["prep"], lambda r: ["prepare", "--input", str(r / "docs.jsonl"), "--tokenizer", "byte", "--out",
+                                           str(r / "prep"), "--max-tokens", "200", "--no-progress", "--workers", "1"],
+                      lambda r: ["prepare", "--input", str(r / "docs.jsonl"), "--tokenizer", "byte", "--out",
+                                 str(r / "prep"), "--max-tokens", "400", "--shard-tokens", "100", "--force",
+                                 "--no-progress", "--workers", "1"]),
+    "tokenizer-train": (["tok"], lambda r: ["tokenizer", "train", "--input", str(r / "docs.jsonl"), "--vocab-size",
+                                            "280", "--out", str(r / "tok")],
+                        lambda r: ["tokenizer", "train", "--input", str(r / "other.txt"), "--vocab-size", "300",
+                                   "--out", str(r / "tok"), "--force"]),
+    "train-final": (["run/final"], lambda r: _train_args(r, 2), lambda r: [*_train_args(r, 4), "--resume"]),
+}
+
+
+def _run_forked(argv, signum=None, delay=0.0):
+    """polyglu.cli.main(argv) in a forked child (torch already imported: no start-up cost), sent
+    `signum` after `delay` seconds; returns the child's exit status."""
+    import os
+    import signal as signals
+    import time
+
+    from polyglu.cli import main
+
+    pid = os.fork()
+    if pid == 0:  # the child: run the verb, never return into pytest
+        code = 1
+        try:
+            signals.signal(signals.SIGTERM, signals.SIG_DFL)
+            code = main(argv)
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+    if signum is not None:
+        time.sleep(delay)
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_a_writer_killed_at_any_moment_leaves_the_old_output_or_the_new(writer, writer_inputs, tmp_path, monkeypatch):
+    import random
+    import shutil
+    import signal as signals
+    import time
+
+    monkeypatch.setenv("POLYGLU_NATIVE", "0")  # no kernel build inside the timed window
+    root = tmp_path / "ws"
+    shutil.copytree(writer_inputs, root)
+    outputs, old_command, new_command = WRITERS[writer]
+    targets = [root / name for name in outputs]
+    from polyglu.cli import main
+
+    # the old output, and the new one timed, in this process: the forked children then find every
+    # module imported and start at once
+    if old_command is not None:
+        assert main(old_command(root)) == 0
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    kept = []
+    for i, target in enumerate(targets):
+        kept.append(saved / str(i) if target.exists() else None)
+        if kept[-1] is not None:
+            (shutil.copytree if target.is_dir() else shutil.copy2)(target, kept[-1])
+    if writer == "train-final":  # the whole run directory goes back, so that --resume starts at step 2 again
+        shutil.copytree(root / "run", saved / "run")
+    old = [_tree(t) for t in targets]
+
+    def restore_old():
+        if writer == "train-final":
+            shutil.rmtree(root / "run")
+            shutil.copytree(saved / "run", root / "run")
+        else:
+            for target, kept_copy in zip(targets, kept, strict=True):
+                _restore(kept_copy, target)
+    assert main(new_command(root)) == 0  # warm: imports (transformers, matplotlib) out of the timed run
+    restore_old()
+    start = time.monotonic()
+    assert main(new_command(root)) == 0
+    duration = time.monotonic() - start
+    new = [_tree(t) for t in targets]
+    assert new != old
+    rng = random.Random(f"{writer}")
+    for trial in range(3):
+        restore_old()
+        signum = signals.SIGKILL if trial % 2 == 0 else signals.SIGTERM
+        code = _run_forked(new_command(root), signum, rng.uniform(0.0, duration))
+        for target, before, after in zip(targets, old, new, strict=True):
+            found = _tree(target)
+            assert found == before or found == after, (
+                f"{writer}: {target.name} is neither the old output nor the new after "
+                f"{signum.name} (exit {code}, trial {trial})")
+        if writer == "train-final" and signum == signals.SIGTERM and code == 143:  # saved and stopped
+            assert ckpt.list_checkpoints(root / "run")[-1][0] > 2

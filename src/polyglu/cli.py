@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from polyglu.commands import CommandError
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from polyglu.config import ConfigError
     from polyglu.model_io import CheckpointError
 
+    previous = _unwind_on_sigterm()
     try:
         check_utf8_arguments(argv)
         result = module.run(args)
@@ -80,7 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"polyglu {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
+
+
+def _unwind_on_sigterm():
+    """SIGTERM (a scheduler stopping the job) exits with 143 by unwinding, as Ctrl-C does, so that
+    writers remove their temporaries; the trainer replaces it with a checkpoint-and-stop handler.
+    Returns the previous handler (None off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, terminate)
+    return previous if previous is not None else signal.SIG_DFL
 
 
 if __name__ == "__main__":
