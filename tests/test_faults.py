@@ -354,3 +354,105 @@ def test_a_writer_killed_at_any_moment_leaves_the_old_output_or_the_new(writer, 
                 f"{signum.name} (exit {code}, trial {trial})")
         if writer == "train-final" and signum == signals.SIGTERM and code == 143:  # saved and stopped
             assert ckpt.list_checkpoints(root / "run")[-1][0] > 2
+
+
+# ---- a full disk (here: the file-size limit) names the path, and --resume continues
+
+
+def test_a_file_too_large_names_the_path_and_resume_continues_exactly(writer_inputs, tmp_path):
+    import os
+    import resource
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from polyglu.cli import main
+
+    root = tmp_path / "ws"
+    shutil.copytree(writer_inputs, root, ignore=shutil.ignore_patterns("run"))
+    full = tmp_path / "full"
+    shutil.copytree(writer_inputs, full, ignore=shutil.ignore_patterns("run"))
+    assert main(_train_args(full, 4)) == 0
+    # the checkpoint at step 2 exceeds the limit: EFBIG, as a full disk gives ENOSPC
+    limit = 8192
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    src = str(Path(polyglu.__file__).resolve().parents[1])
+    child = subprocess.run([sys.executable, "-c", "import sys; from polyglu.cli import main; sys.exit(main(sys.argv[1:]))",
+                            *_train_args(root, 4)], env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
+                           preexec_fn=small_files, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 2, child.stderr
+    last = child.stderr.strip().splitlines()[-1]
+    assert "checkpoints" in last and "File too large" in last and "ulimit -f" in last, last
+    assert "with --resume (it continues from the last complete checkpoint)" in last
+    assert main([*_train_args(root, 4), "--resume"]) == 0
+    assert _losses(root / "run") == _losses(full / "run")
+
+
+# ---- suspicious text inputs: a UTF-8 byte-order mark is dropped, UTF-16 refused
+
+
+def test_a_utf8_bom_is_not_text_and_utf16_is_refused(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from polyglu.commands import CommandError
+    from polyglu.commands.generate import read_stdin
+    from polyglu.data.prepare import prepare
+    from polyglu.data.sources import DataError
+
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    rows = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5))
+    plain.write_text(rows)
+    marked.write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    assert prepare([plain], "byte", tmp_path / "a")["tokens"] == prepare([marked], "byte", tmp_path / "b")["tokens"]
+    assert (tmp_path / "a" / "shard-00000.bin").read_bytes() == (tmp_path / "b" / "shard-00000.bin").read_bytes()
+    (tmp_path / "nul.txt").write_bytes("no mark\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"nul.txt: UTF-16 text \(NUL bytes at the start\)"):
+        prepare([tmp_path / "nul.txt"], "byte", tmp_path / "c")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    for data, expected in [("\ufeffhello".encode(), "hello"), (b"caf\xc3\xa9", "café")]:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        assert read_stdin("--prompt -") == expected
+    for data, message in [("hi".encode("utf-16"), "--prompt -: standard input is UTF-16"),
+                          (b"caf\xe9", r"--prompt -: standard input is not valid UTF-8 \(byte 0xe9 at byte offset 3\)")]:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        with pytest.raises(CommandError, match=message):
+            read_stdin("--prompt -")
+
+
+# ---- JSON outputs are strict: null for non-finite numbers
+
+
+def _strict_loads(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_outputs_write_null_for_non_finite_numbers(writer_inputs, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from polyglu.atomic import atomic_write_json, strict_json
+    from polyglu.cli import main
+    from polyglu.eval import perplexity as perplexity_module
+
+    value = {"a": math.nan, "b": [1.5, math.inf, np.float32("nan"), torch.tensor(-math.inf)], "c": 2, "d": "x"}
+    assert _strict_loads(strict_json(value)) == {"a": None, "b": [1.5, None, None, None], "c": 2, "d": "x"}
+    atomic_write_json(tmp_path / "v.json", value)
+    assert _strict_loads((tmp_path / "v.json").read_text())["a"] is None
+
+    def diverged(*args, **kwargs):  # what a model with non-finite logits scores
+        return {"tokens": 10, "windows": 1, "nll": math.nan, "perplexity": math.inf}
+
+    monkeypatch.setattr(perplexity_module, "perplexity", diverged)
+    out = tmp_path / "ppl.json"
+    assert main(["perplexity", str(writer_inputs / "model"), "--data", str(writer_inputs / "bytes"), "--output",
+                 str(out)]) == 0
+    report = _strict_loads(out.read_text())
+    assert report["sources"]["bytes"]["nll"] is None and report["sources"]["bytes"]["perplexity"] is None
+    assert "NaN" not in capsys.readouterr().out.split("perplexity", 1)[-1].split("{", 1)[-1]

@@ -162,7 +162,15 @@ def _foreign_output(ws):
     return ["perplexity", str(ws / "model"), "--data", str(ws / "bytes"), "--output", str(ws / "notes.json")]
 
 
+def _utf16_input(ws):
+    (ws / "utf16.txt").write_bytes("a document\n".encode("utf-16"))
+    return ["prepare", "--input", str(ws / "utf16.txt"), "--tokenizer", "byte", "--out", str(ws / "new"),
+            "--no-progress"]
+
+
 CASES = {
+    "input-utf16": (_utf16_input, "utf16.txt: UTF-16 text (a UTF-16 byte-order mark at the start); convert it to "
+                                  "UTF-8"),
     "yaml-alias-bomb": (_alias_bomb, "bomb.yaml line 2: YAML alias '*a' at column 8: aliases are not accepted"),
     "train-lr-nan": (lambda ws: _train_base(ws, "train.lr=nan"), "train.lr must be a finite number, got nan"),
     "train-lr-inf": (lambda ws: _train_base(ws, "train.lr=inf"), "train.lr must be a finite number, got inf"),

@@ -41,10 +41,18 @@ def read_jsonl(path: str | Path, problems: bool = True) -> list[dict]:
 
     path = Path(path)
     records = []
+    from polyglu.data.sources import check_text_start
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = check_text_start(path, path.read_bytes())
     except OSError as e:
         raise FileNotFoundError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start}); "
+                         f"save it as UTF-8") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
