@@ -456,3 +456,55 @@ def test_json_outputs_write_null_for_non_finite_numbers(writer_inputs, tmp_path,
     report = _strict_loads(out.read_text())
     assert report["sources"]["bytes"]["nll"] is None and report["sources"]["bytes"]["perplexity"] is None
     assert "NaN" not in capsys.readouterr().out.split("perplexity", 1)[-1].split("{", 1)[-1]
+
+
+# ---- an output several processes may write is locked
+
+
+def test_a_second_prepare_into_one_output_waits_for_the_first(writer_inputs, tmp_path):
+    import os
+    import threading
+    import time
+
+    from polyglu.atomic import output_lock
+    from polyglu.data.prepare import prepare
+    from polyglu.data.shards import verify_prepared
+
+    out, held, release = tmp_path / "data", tmp_path / "held", tmp_path / "release"
+    pid = os.fork()
+    if pid == 0:  # another writer: takes the output's lock and keeps it until told
+        code = 1
+        try:
+            with output_lock(out):
+                held.touch()
+                deadline = time.monotonic() + 120
+                while not release.exists() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                code = 0
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        said: list[str] = []
+
+        def release_once_waiting():
+            end = time.monotonic() + 60
+            while not any("waiting for it to finish" in line for line in said) and time.monotonic() < end:
+                time.sleep(0.02)
+            time.sleep(0.2)
+            assert not (out / "manifest.json").exists()  # the waiter wrote nothing meanwhile
+            release.touch()
+
+        releaser = threading.Thread(target=release_once_waiting)
+        releaser.start()
+        prepare([writer_inputs / "docs.jsonl"], "byte", out, log=said.append)
+        releaser.join()
+    finally:
+        release.touch()
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert any(f"is being written by pid {pid} " in line for line in said), said
+    verify_prepared(out)
+    assert not list(tmp_path.glob(".*.lock"))  # the lock file goes with its holder

@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -183,9 +184,9 @@ def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
         raise
 
 
-# locks this process holds (path -> depth): a writer that calls another writer of the same output
+# locks held, per thread (lock path -> depth): a writer that calls another writer of the same output
 # (prepare_builtin_math -> prepare) takes the lock once
-_HELD: dict[str, int] = {}
+_HELD = threading.local()
 
 
 @contextmanager
@@ -198,13 +199,10 @@ def output_lock(output: str | Path, log=None) -> Iterator[None]:
 
     output = Path(output)
     lock = output.with_name(f".{output.name}.lock")
-    key = str(lock.resolve())
-    if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield
-        finally:
-            _HELD[key] -= 1
+    key = (os.getpid(), str(lock.resolve()))  # a forked child holds nothing of its parent's
+    held = _HELD.__dict__.setdefault("paths", set())
+    if key in held:
+        yield
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -225,11 +223,11 @@ def output_lock(output: str | Path, log=None) -> Iterator[None]:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    _HELD[key] = 1
+    held.add(key)
     try:
         yield
     finally:
-        del _HELD[key]
+        held.discard(key)
         try:
             os.unlink(lock)
         except OSError:
