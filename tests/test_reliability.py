@@ -169,6 +169,8 @@ def _utf16_input(ws):
 
 
 CASES = {
+    "prepare-validation-is-input": (lambda ws: _prepare_base(ws, "--validation", str(ws / "docs.jsonl")),
+                                    "docs.jsonl is also a training input"),
     "input-utf16": (_utf16_input, "utf16.txt: UTF-16 text (a UTF-16 byte-order mark at the start); convert it to "
                                   "UTF-8"),
     "yaml-alias-bomb": (_alias_bomb, "bomb.yaml line 2: YAML alias '*a' at column 8: aliases are not accepted"),

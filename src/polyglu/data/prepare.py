@@ -79,6 +79,12 @@ def prepare(sources, tokenizer, out: str | Path, *, text_field: str = "text", va
     check_output_directory(out)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     out = Path(out)
+    if validation is not None:  # held-out text that is also training text measures memorisation
+        training = {Path(s).resolve(): s for s in parse_sources(sources) if isinstance(s, Path)}
+        for source in parse_sources(validation):
+            if isinstance(source, Path) and source.resolve() in training:
+                raise DataError(f"--validation {source} is also a training input ({training[source.resolve()]}); "
+                                f"validation on training data measures memorisation: give a held-out file")
     with output_lock(out, log):  # a second prepare into `out` waits, then finds it prepared (or refuses)
         if force and _has_content(out):
             return _rebuild_beside(out, lambda staging: prepare(
