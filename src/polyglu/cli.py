@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -96,7 +97,13 @@ def _unwind_on_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return None
 
+    owner = os.getpid()
+
     def terminate(signum, frame):
+        if os.getpid() != owner:  # a forked child (a tokenising pool worker): die as SIGTERM's default would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise SystemExit(128 + signum)
 
     previous = signal.getsignal(signal.SIGTERM)
