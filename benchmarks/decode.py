@@ -5,7 +5,7 @@ The `small` preset with random weights, CPU float32, a 32-token prompt, batch 1 
 size, the variants run interleaved (one run of each, `--repeats` times) so that load on a shared
 machine hits them alike; tokens/s are medians and ratios are against the eager decode step.
 
-- step-eager:    polyglu.generation.DecodeStep(model) — attention over the whole preallocated cache
+- step-eager:    polyglu.inference.DecodeStep(model) — attention over the whole preallocated cache
                  under a mask: every step has the same shapes (what generate() uses).
 - step-compiled: DecodeStep(model, compile=True) — the same step captured whole by torch.compile
                  (compile time reported separately, not in tokens/s).
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from polyglu.config import ModelConfig  # noqa: E402
-from polyglu.generation import DecodeStep, generate  # noqa: E402
+from polyglu.inference import DecodeStep, KVCache, generate  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def greedy_decode(model, prompt_ids: torch.Tensor, new_tokens: int,
                   step: Callable[[torch.Tensor, object], torch.Tensor]) -> torch.Tensor:
     """Prefill, then `new_tokens - 1` steps of `step(next_ids (B, 1), cache) -> logits (B, V)`."""
     B, P = prompt_ids.shape
-    cache = model.new_cache(B, P + new_tokens - 1)
+    cache = KVCache.for_model(model, B, P + new_tokens - 1)
     logits = model(prompt_ids, cache=cache).logits[:, -1]
     out = [logits.argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):

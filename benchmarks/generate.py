@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from polyglu.config import ModelConfig  # noqa: E402
-from polyglu.generation import generate  # noqa: E402
+from polyglu.inference import generate  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 
 

@@ -1,38 +1,52 @@
 """Every GPU figure of polyglu in one command: one JSON file and a printed table.
 
-    python benchmarks/gpu_suite.py --out gpu.json                 # one H100/H200: <= 8 minutes
-    python benchmarks/gpu_suite.py --smoke --out smoke.json       # every part at tiny shapes on CPU
+    python benchmarks/gpu_suite.py --out gpu.json                  # one H100: ~7 minutes, cold cache
+    python benchmarks/gpu_suite.py --smoke --out smoke.json        # every part at tiny shapes on CPU
     python benchmarks/gpu_suite.py --parts ffn,kernel --out x.json
+    python benchmarks/gpu_suite.py --with-eval --out gpu.json      # + generation and decoding (opt-in)
 
-Parts (each guarded: an exception records its message under "errors" and the suite goes on; each
-has a time budget; the JSON is rewritten after every part, so a killed run keeps what it measured):
+Default parts, in order (each guarded: an exception records its message under "errors" and the suite
+goes on; each has a time budget; the JSON is rewritten after every part, so a killed run keeps what
+it measured; a part that would start after --max-total-s is skipped and recorded):
 
-- ffn: PolyGLU (fused, default kernel) against SwiGLU, bf16, 16 x 1024 tokens, d_model 1024 / d_ff
-  4096, training mode: `ffn_fwd_bwd_ratio` (median forward+backward time) and `ffn_peak_memory_ratio`
-  (peak CUDA memory of forward+backward; on CPU the bytes autograd saves for backward instead).
-  Reuses benchmarks/ffn.py.
-- kernel: `kernel_max_error`: the compiled mixed-activation kernel (Triton on CUDA) against the plain
-  reference on the device, float32, output and all four gradients (max abs error); a bf16 figure too.
-- train: paper-600m through the trainer (`polyglu.train.trainer.Trainer.train_step`: bf16 autocast,
-  per-block torch.compile, chunked loss, AdamW, grad clipping), packed documents (doc_ids, FlexAttention
-  backend), T = 4096, the largest batch that fits (OOM caught, batch halved), a few dozen timed steps
-  after warm-up: `train_tokens_per_s`, `train_mfu`, then the same with SwiGLU: `train_step_ratio_vs_swiglu`.
-  MFU = (6 N tokens/s + attention FLOPs/s) / peak, N all parameters (tied embedding counted once),
-  attention 12 * n_layers * n_heads * head_dim per attended (query, key) pair (forward+backward),
-  pairs counted inside documents; peak = the device's dense bf16 peak (H100 SXM / H200: 989.4
-  TFLOP/s, A100: 312), or a measured bf16 matmul rate on an unknown device (stated in the JSON).
+- ffn: PolyGLU against SwiGLU blocks, bf16, 16 x 1024 tokens, d_model 1024 / d_ff 4096, training
+  mode, each with its default CUDA kernel (the Triton kernel for both): `ffn_fwd_bwd_ratio`,
+  `ffn_peak_memory_ratio` (peak CUDA memory, reset before each block). Reuses benchmarks/ffn.py.
+- kernel: `kernel_max_error`: the Triton mixed-activation kernel against the plain reference,
+  float32, output and all four gradients (max abs error); bf16 and the inductor kernel in details.
+- attention: `attention_fwd_bwd_ms` {flex, sdpa_masked, sdpa_is_causal}: one layer's attention at the
+  paper's heads, T = 4096, packed documents; flex and masked SDPA compute the same thing (their max
+  difference in details), is_causal ignores the documents (the lower bound).
+- compiled_block: `compiled_block_max_rel_error`: a two-layer model of the paper's width with its
+  blocks compiled as the trainer compiles them against the same model eager, bf16 autocast, through
+  the training loss: the loss and every parameter gradient.
+- train: paper-600m through the trainer (`Trainer.train_step`: bf16 autocast, per-block
+  torch.compile, fused loss, fused AdamW, no host sync per step), packed documents, T = 4096, the
+  batch from a memory estimate (`estimate_batch`), a few dozen timed steps after warm-up:
+  `train_tokens_per_s`, `train_mfu`, `train_step_ratio_vs_swiglu` (SwiGLU at the same batch),
+  `train_peak_memory_gib` {polyglu, swiglu}, `train_compile_s` {polyglu, swiglu} (first steps,
+  apart from the steady state), `train_top_kernels_ms` (profiler: the most expensive CUDA kernels of
+  one PolyGLU step). MFU = (6 N tokens/s + attention FLOPs/s) / peak, N all parameters (tied
+  embedding counted once), attention 12 * n_layers * n_heads * head_dim per attended (query, key)
+  pair inside documents; peak = the device's dense bf16 peak (H100 SXM / H200: 989.4 TFLOP/s), or a
+  measured bf16 matmul rate on an unknown device (stated in the JSON).
+
+Opt-in, evaluation-style parts (`--with-eval`, or named in --parts):
 - generate: `generate_1319x256_s`: paper-600m in bf16, causal pooling, 1,319 prompts of 48-200 random
   tokens (GSM8K's test size), 256 new greedy tokens each (EOS disabled), batched with the KV cache.
-- generate_sequence_pool: `generate_1319x256_sequence_pool_s`: the same with sequence pooling (the
-  released checkpoints' setting), which generates by exact full recompute. It costs O(T^2) per row;
-  past its time budget the run stops and the rest is extrapolated from the measured per-step times
-  (step time linear in sequence length, fitted), and the JSON says so.
-- decode: `decode_batch1_tokens_per_s` {eager, compiled}: one prompt, greedy, cached, paper-600m bf16;
-  "compiled" uses polyglu's compiled decode step when this polyglu has one (`generate(...,
-  compile=True)`), else the whole model through torch.compile.
+- generate_sequence_pool: `generate_1319x256_sequence_pool_s`: the same with sequence pooling (exact
+  full recompute, O(T^2) per row); past its budget the rest is extrapolated and the JSON says so.
+- decode: `decode_batch1_tokens_per_s` {eager, compiled}: one prompt, greedy, cached.
 
-`--smoke` runs every part on CPU at tiny shapes (debug-size models, a handful of tokens) with the
-same keys, in well under 2 minutes: the check that the suite runs, not a measurement.
+The JSON also holds "fallbacks" (which kernel each path really used, and whether anything fell back:
+a failed compile, flex replaced by SDPA, a smaller batch after running out of memory) and "compile"
+(graphs compiled, graph breaks and recompiles after warm-up). The allocator runs with
+expandable_segments; inductor's and Triton's caches go to --cache-dir (default: gpu_suite_cache
+beside --out), which a next run can be given to skip the compiles. docs/performance.md explains
+every key.
+
+`--smoke` runs every part on CPU at tiny shapes (debug-size models) with the same keys, in about a
+minute: the check that the suite runs, not a measurement.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import contextlib
 import gc
 import inspect
 import json
+import os
 import platform
 import statistics
 import sys
@@ -53,17 +68,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+# before torch allocates anything: growable segments instead of fixed blocks (less fragmentation at
+# the large, varying sizes of a training step)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # the working tree's polyglu, installed or not
 sys.path.insert(0, str(HERE))  # benchmarks/ffn.py
 
-PARTS = ("ffn", "kernel", "train", "generate", "generate_sequence_pool", "decode")
+PARTS = ("ffn", "kernel", "attention", "compiled_block", "train", "generate", "generate_sequence_pool", "decode")
+EVAL_PARTS = ("generate", "generate_sequence_pool", "decode")  # opt-in: --with-eval or --parts
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in EVAL_PARTS)
 KEYS = {
     "ffn": ("ffn_fwd_bwd_ratio", "ffn_peak_memory_ratio"),
     "kernel": ("kernel_max_error",),
-    "train": ("train_tokens_per_s", "train_mfu", "train_step_ratio_vs_swiglu"),
+    "attention": ("attention_fwd_bwd_ms",),
+    "compiled_block": ("compiled_block_max_rel_error",),
+    "train": ("train_tokens_per_s", "train_mfu", "train_step_ratio_vs_swiglu", "train_peak_memory_gib",
+              "train_compile_s", "train_top_kernels_ms"),
     "generate": ("generate_1319x256_s",),
     "generate_sequence_pool": ("generate_1319x256_sequence_pool_s",),
     "decode": ("decode_batch1_tokens_per_s",),
@@ -72,6 +96,8 @@ GOALS = {
     "ffn_fwd_bwd_ratio": "<= 1.05",
     "ffn_peak_memory_ratio": "<= 1.0",
     "train_mfu": ">= 0.40 (H100)",
+    "kernel_max_error": "< 1e-4",
+    "compiled_block_max_rel_error": "< 5e-2 (bf16)",
     "generate_1319x256_s": "< 300",
 }
 # dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity)
@@ -91,7 +117,7 @@ class Shapes:
     train_preset: str
     train_overrides: dict
     train_seq_len: int
-    train_batches: tuple[int, ...]  # tried largest first
+    train_batches: tuple[int, ...]  # the candidates, largest first: the largest the memory estimate allows
     train_doc_len: tuple[int, int]  # packed documents' length range
     train_warmup: int
     train_steps: int
@@ -104,8 +130,12 @@ class Shapes:
     gen_batch_size: int
     decode_prompt_len: int
     decode_new_tokens: int
-    kernel_impl: str = "compiled"  # the mixed-activation kernel checked against the reference
+    attention: dict = field(default_factory=dict)  # B, T, H, Hkv, hd, doc_len, repeats
+    block_seq_len: int = 4096  # compiled_block: tokens of its one row
+    block_dtype: torch.dtype | None = None  # compiled_block's autocast dtype (None: `dtype`; float32: off)
+    kernel_impl: str = "triton"  # the mixed-activation kernel checked against the reference
     compile_backend: str = "inductor"  # torch.compile backend where the suite compiles itself
+    profile_steps: int = 1
     budgets_s: dict = field(default_factory=dict)
 
 
@@ -115,15 +145,30 @@ def full_shapes(device: str) -> Shapes:
         ffn=dict(B=16, T=1024, d_model=1024, d_ff=4096, repeats=10),
         kernel=dict(B=4, T=1024, F=4096),
         train_preset="paper-600m", train_overrides={}, train_seq_len=4096, train_batches=(24, 16, 12, 8, 4, 2, 1),
-        train_doc_len=(256, 2048), train_warmup=3, train_steps=30, train_compile=True,
+        train_doc_len=(256, 2048), train_warmup=3, train_steps=20, train_compile=True,
         gen_preset="paper-600m", gen_overrides={}, gen_prompts=1319, gen_prompt_len=(48, 200), gen_new_tokens=256,
         gen_batch_size=1319, decode_prompt_len=64, decode_new_tokens=256,
-        budgets_s=dict(ffn=40, kernel=30, train=210, generate=45, generate_sequence_pool=45, decode=60),
+        attention=dict(B=4, T=4096, H=16, Hkv=8, hd=64, doc_len=(256, 2048), repeats=10),
+        # seconds; the defaults sum to 400, under --max-total-s 420 (a cold compile cache included)
+        budgets_s=dict(ffn=35, kernel=20, attention=35, compiled_block=60, train=250, generate=45,
+                       generate_sequence_pool=45, decode=60),
     )
 
 
 TINY = dict(vocab_size=512, d_model=64, d_ff=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
             max_seq_len=256, gate_hidden=16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and _triton_installed()
+
+
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def smoke_shapes() -> Shapes:
@@ -135,10 +180,16 @@ def smoke_shapes() -> Shapes:
         train_doc_len=(8, 40), train_warmup=1, train_steps=3, train_compile=False,
         gen_preset="debug", gen_overrides=TINY, gen_prompts=13, gen_prompt_len=(4, 12), gen_new_tokens=6,
         gen_batch_size=8, decode_prompt_len=8, decode_new_tokens=6,
-        # compiling on CPU costs minutes: the smoke run checks the same math eagerly ("dense" is the
-        # kernel's graph before compilation) and the decode capture with dynamo's eager backend
-        kernel_impl="dense", compile_backend="eager",
-        budgets_s=dict(ffn=20, kernel=20, train=30, generate=10, generate_sequence_pool=10, decode=30),
+        attention=dict(B=2, T=64, H=4, Hkv=2, hd=16, doc_len=(8, 40), repeats=2), block_seq_len=32,
+        # float32: the traced block must equal the eager one to float rounding (bf16 rounding, amplified
+        # at tiny shapes, would hide a real difference)
+        block_dtype=torch.float32,
+        # compiling with inductor on CPU costs minutes: the smoke run captures with dynamo's eager
+        # backend (graph breaks and recompiles still counted); the Triton kernel runs under
+        # TRITON_INTERPRET=1 when set, else "dense" (the kernel's graph before compilation)
+        kernel_impl="triton" if _interpreting() else "dense", compile_backend="eager",
+        budgets_s=dict(ffn=20, kernel=20, attention=20, compiled_block=30, train=30, generate=10,
+                       generate_sequence_pool=10, decode=30),
     )
 
 
@@ -320,8 +371,8 @@ def _trainer(shapes: Shapes, ffn: str, batch_size: int, attention: str, run_dir:
                     "attention_backend": attention}
     config = RunConfig.load(None, [f"run_dir={run_dir}"], model=model_fields, train={
         "max_steps": 10_000, "batch_size": batch_size, "lr": 1e-4, "warmup_steps": 10, "progress": False,
-        "dtype": "bfloat16" if shapes.dtype == torch.bfloat16 else "float32", "compile": shapes.train_compile},
-        data={"seq_len": shapes.train_seq_len})
+        "dtype": "bfloat16" if shapes.dtype == torch.bfloat16 else "float32", "compile": shapes.train_compile,
+        "vocab_pad_multiple": 128}, data={"seq_len": shapes.train_seq_len})
     model = build_model(shapes.train_preset, shapes.train_overrides, shapes.device, None, ffn=ffn,
                         attention_backend=attention)
     data = PackedDocuments(model.config.vocab_size, batch_size, shapes.train_seq_len, shapes.train_doc_len)
@@ -339,61 +390,131 @@ def _time_steps(trainer, n_steps: int, warmup: int, deadline: float, device: str
             times.append(time.perf_counter() - start)
         if time.perf_counter() > deadline and len(times) >= 3:
             break
+    trainer.read_step_counters()  # the skipped-step counters: a non-finite run raises here
     return times
 
 
-def _largest_fitting_trainer(shapes: Shapes, ffn: str, attention: str, run_dir: str, deadline: float,
-                             tried: dict):
-    """A trainer at the largest of `shapes.train_batches` whose first steps (compile included) fit."""
-    for batch_size in shapes.train_batches:
-        trainer = None
-        free_memory(shapes.device)
-        try:
-            trainer = _trainer(shapes, ffn, batch_size, attention, run_dir)
-            _time_steps(trainer, 1, 1, deadline, shapes.device)  # compiles; too large a batch OOMs here
-            tried[batch_size] = "fits"
-            return trainer
-        except Exception as e:  # noqa: BLE001 - out of memory means: try the next size
-            trainer = None  # drop the model and optimizer before the next, smaller try
-            if not is_oom(e):
-                raise
-            tried[batch_size] = "out of memory"
-    raise RuntimeError(f"no batch size in {shapes.train_batches} fits in memory")
-
-
-def _dynamo_unique_graphs() -> int | None:
+def _dynamo_counts() -> dict[str, int]:
+    """Graphs compiled so far, graph breaks and recompiles (dynamo's counters; private, informative)."""
     try:
         from torch._dynamo.utils import counters
 
-        return int(counters["stats"]["unique_graphs"])
-    except Exception:  # noqa: BLE001 - a private counter: informative only
-        return None
+        return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+                "graph_breaks": int(sum(counters["graph_break"].values())),
+                "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+# bytes kept per token and layer for backward, in units of d_model and d_ff elements (bf16 autocast,
+# compiled blocks, flash/flex attention): residual input (fp32) and norms, q/k/v/attention output,
+# gate/up/hidden of the FFN; a safety factor covers temporaries and the allocator's slack
+ACTIVATION_ELEMENTS = {"d_model_fp32": 2, "d_model_bf16": 8, "d_ff_bf16": 3}
+SAFETY = 1.3
+
+
+def estimate_batch(config, seq_len: int, candidates: tuple[int, ...], free_bytes: int) -> tuple[int, dict]:
+    """The largest candidate batch whose estimated training memory fits in `free_bytes`: parameters,
+    gradients and AdamW state in float32 (16 bytes per parameter) plus the activations kept for
+    backward (`ACTIVATION_ELEMENTS` per token and layer) and one loss chunk. No compile, no trial step."""
+    from polyglu.model.parameters import parameter_counts
+    from polyglu.model.transformer import PolychromaticLM
+
+    with torch.device("meta"):
+        n_params = parameter_counts(PolychromaticLM(config))["total"]
+    static = 16 * n_params
+    e = ACTIVATION_ELEMENTS
+    per_token = config.n_layers * (4 * e["d_model_fp32"] * config.d_model + 2 * e["d_model_bf16"] * config.d_model
+                                   + 2 * e["d_ff_bf16"] * config.d_ff) + 4 * config.d_model
+    per_sequence = SAFETY * per_token * seq_len
+    loss_chunk = 4 * 2 * 2048 * config.vocab_size  # fused loss: a chunk of float32 logits and gradients
+    fits = [b for b in candidates if static + loss_chunk + b * per_sequence <= free_bytes]
+    batch = max(fits) if fits else min(candidates)
+    return batch, {"parameters": n_params, "static_gib": static / 2**30, "per_sequence_gib": per_sequence / 2**30,
+                   "free_gib": free_bytes / 2**30, "estimated_gib": (static + loss_chunk + batch * per_sequence) / 2**30}
+
+
+def _free_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 8 * 2**30  # CPU (smoke): a nominal 8 GiB
+
+
+def _measure_trainer(shapes: Shapes, ffn: str, batch: int, attention: str, run_dir: str, deadline: float,
+                     details: dict) -> tuple[object, list[float]]:
+    """A trainer at `batch` (halved on out of memory, recorded as a fallback), its compile steps timed
+    apart from the steady-state steps; peak memory reset before and recorded."""
+    device = shapes.device
+    while True:
+        trainer = None
+        free_memory(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            trainer = _trainer(shapes, ffn, batch, attention, run_dir)
+            start = time.perf_counter()
+            _time_steps(trainer, 0, shapes.train_warmup, deadline, device)  # compiles, settles
+            details.setdefault("compile_and_warmup_s", {})[ffn] = time.perf_counter() - start
+            break
+        except Exception as e:  # noqa: BLE001 - out of memory: half the batch, recorded
+            trainer = None
+            if not is_oom(e) or batch == 1:
+                raise
+            details.setdefault("fallbacks", []).append(f"{ffn}: batch {batch} ran out of memory")
+            batch //= 2
+    before = _dynamo_counts()
+    times = _time_steps(trainer, shapes.train_steps, 0, deadline, device)
+    after = _dynamo_counts()
+    details.setdefault("dynamo_after_warmup", {})[ffn] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    if device.startswith("cuda"):
+        details.setdefault("peak_memory_gib", {})[ffn] = torch.cuda.max_memory_allocated() / 2**30
+    return trainer, times
+
+
+def _profile_step(trainer, device: str, top: int = 15) -> dict[str, float]:
+    """ms per kernel (device time; CPU time on CPU) of one training step, the `top` most expensive."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        trainer.train_step()
+        sync(device)
+    attribute = "device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attribute, 0) > 0]
+    if device.startswith("cuda"):  # kernels only, not the CPU-side ops that launch them
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: getattr(e, attribute), reverse=True)
+    return {e.key[:120]: getattr(e, attribute) / 1e3 for e in events[:top]}
 
 
 def part_train(shapes: Shapes, budget_s: float) -> dict:
+    from polyglu.config import ModelConfig
+    from polyglu.model import fused
+
     device = shapes.device
     deadline = time.perf_counter() + budget_s
-    # packed documents: FlexAttention's block mask on GPU; on CPU flex has no backward (SDPA anyway)
-    attention = "flex" if device.startswith("cuda") else "sdpa"
+    # packed documents: "auto" is FlexAttention on CUDA (uncached forwards), SDPA with a mask on CPU
+    attention = "auto"
+    config = ModelConfig.from_preset(shapes.train_preset, **shapes.train_overrides)
+    batch, estimate = estimate_batch(config, shapes.train_seq_len, shapes.train_batches, _free_bytes(device))
     details: dict = {"seq_len": shapes.train_seq_len, "doc_len_range": shapes.train_doc_len,
                      "compile": shapes.train_compile, "dtype": str(shapes.dtype).removeprefix("torch."),
-                     "tried_batches": {}}
+                     "memory_estimate": estimate, "estimated_batch": batch}
     result = {}
     with tempfile.TemporaryDirectory() as run_dir:
         try:
-            trainer = _largest_fitting_trainer(shapes, "polyglu", attention, run_dir, deadline,
-                                               details["tried_batches"])
+            trainer, times = _measure_trainer(shapes, "polyglu", batch, attention, run_dir,
+                                              deadline - budget_s * 0.4, details)
         except Exception as e:  # noqa: BLE001
-            if attention != "flex":
+            if not device.startswith("cuda"):
                 raise
-            # FlexAttention failing (to compile) must not cost the training figures: SDPA with a dense mask
-            details["flex_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            # FlexAttention failing (to compile) must not cost the training figures: SDPA with a mask
+            details.setdefault("fallbacks", []).append(f"flex -> sdpa: {type(e).__name__}: {e}".splitlines()[0][:500])
             attention = "sdpa"
-            trainer = _largest_fitting_trainer(shapes, "polyglu", attention, run_dir, deadline,
-                                               details["tried_batches"])
+            trainer, times = _measure_trainer(shapes, "polyglu", batch, attention, run_dir,
+                                              deadline - budget_s * 0.4, details)
         details["attention_backend"] = attention
-        # leave ~35% of the budget for SwiGLU (compile + steps)
-        times = _time_steps(trainer, shapes.train_steps, shapes.train_warmup, deadline - budget_s * 0.35, device)
         tokens_per_step = trainer.train_data.get_batch(0)["input_ids"].numel()
         pairs = statistics.mean(attended_pairs(trainer.train_data.get_batch(s)["doc_ids"]) for s in range(4))
         config = trainer.model.config
@@ -402,26 +523,135 @@ def part_train(shapes: Shapes, budget_s: float) -> dict:
         attn_flops = 12 * config.n_layers * config.n_heads * config.head_dim * pairs  # per step, fwd+bwd
         flops_per_s = (6 * n_params * tokens_per_step + attn_flops) / step_s
         peak, peak_source = peak_flops(device, shapes.dtype)
-        result.update(train_tokens_per_s=tokens_per_step / step_s, train_mfu=flops_per_s / peak)
+        result.update(train_tokens_per_s=tokens_per_step / step_s, train_mfu=flops_per_s / peak,
+                      train_top_kernels_ms=_profile_step(trainer, device))
         details.update(batch_size=trainer.tc.batch_size, tokens_per_step=tokens_per_step, parameters=n_params,
                        timed_steps=len(times), step_median_s=step_s, step_min_s=min(times),
                        attention_flops_share=attn_flops / (6 * n_params * tokens_per_step + attn_flops),
-                       achieved_tflops=flops_per_s / 1e12, peak_tflops=peak / 1e12, peak_source=peak_source)
-        if device.startswith("cuda"):
-            details["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        # more graphs than a few per block shape would mean recompiling every batch (e.g. the block mask)
-        details["dynamo_unique_graphs"] = _dynamo_unique_graphs()
+                       achieved_tflops=flops_per_s / 1e12, peak_tflops=peak / 1e12, peak_source=peak_source,
+                       mixed_kernel="dense (inside the compiled blocks)" if shapes.train_compile
+                       else fused.default_kernel(torch.empty(1, device=device)),
+                       loss_kernel=_loss_kernel_name(trainer))
         batch_size = trainer.tc.batch_size
         trainer = None
         free_memory(device)
         # SwiGLU alone at the same batch (a dedicated GPU: no other load to interleave against)
-        swiglu = _trainer(shapes, "swiglu", batch_size, attention, run_dir)
-        swiglu_times = _time_steps(swiglu, shapes.train_steps, shapes.train_warmup + 1, deadline, device)
+        _, swiglu_times = _measure_trainer(shapes, "swiglu", batch_size, attention, run_dir, deadline, details)
         details.update(swiglu_step_median_s=statistics.median(swiglu_times), swiglu_timed_steps=len(swiglu_times))
         result["train_step_ratio_vs_swiglu"] = step_s / statistics.median(swiglu_times)
-        swiglu = None
+    warmups = details["compile_and_warmup_s"]
+    # compile time apart from the steady state: the warm-up steps less what they would take warm
+    result["train_compile_s"] = {name: max(0.0, seconds - shapes.train_warmup * (step_s if name == "polyglu" else
+                                           details["swiglu_step_median_s"])) for name, seconds in warmups.items()}
+    peaks = details.get("peak_memory_gib")
+    if peaks:
+        result["train_peak_memory_gib"] = peaks
+    else:  # no CUDA: the memory estimate stands in, said so
+        result["train_peak_memory_gib"] = {"polyglu": estimate["estimated_gib"], "swiglu": estimate["estimated_gib"]}
+        details["peak_memory_note"] = "CPU: the estimate, not a measurement"
     result["details"] = details
     return result
+
+
+def _loss_kernel_name(trainer) -> str:
+    from polyglu.train.loss import loss_kernel
+
+    weight = trainer.model.lm_head.weight
+    hidden = torch.empty(1, weight.shape[1], device=weight.device, requires_grad=True)
+    return loss_kernel(hidden, weight, trainer.tc.loss_kernel)
+
+
+def part_attention(shapes: Shapes, budget_s: float) -> dict:
+    """One layer's attention on packed documents: FlexAttention's block mask, SDPA with the dense mask
+    (K/V heads repeated on CUDA: the memory-efficient kernel), SDPA is_causal (documents ignored)."""
+    import torch.nn.functional as F
+
+    from polyglu.documents import document_causal_mask
+    from polyglu.model import flex
+    from polyglu.model.attention import _sdpa
+
+    a, device = shapes.attention, shapes.device
+    data = PackedDocuments(100, a["B"], a["T"], a["doc_len"]).get_batch(0)
+    doc_ids = data["doc_ids"].to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = shapes.dtype if device.startswith("cuda") else torch.float32
+    backward = device.startswith("cuda")  # flex has no CPU backward: the smoke run times forwards
+    q = torch.randn(a["B"], a["H"], a["T"], a["hd"], device=device, generator=gen).to(dtype).requires_grad_(backward)
+    k, v = (torch.randn(a["B"], a["Hkv"], a["T"], a["hd"], device=device, generator=gen).to(dtype)
+            .requires_grad_(backward) for _ in range(2))
+    n_rep = a["H"] // a["Hkv"]
+    block_mask = flex.document_block_mask(doc_ids, a["T"])
+    dense = document_causal_mask(doc_ids)
+    runs = {"flex": lambda: flex.flex_attention(q, k, v, block_mask),
+            "sdpa_masked": lambda: _sdpa(q, k, v, dense, False, n_rep),
+            "sdpa_is_causal": lambda: _sdpa(q, k, v, None, True, n_rep)}
+    grad = torch.randn(a["B"], a["H"], a["T"], a["hd"], device=device, generator=gen).to(dtype)
+    timings, outputs = {}, {}
+    for name, run in runs.items():
+        with torch.no_grad() if not backward else contextlib.nullcontext():
+            out = run()  # warm-up (flex compiles here)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), grad)
+            outputs[name] = out.detach().float()
+            times = []
+            for _ in range(a["repeats"]):
+                sync(device)
+                start = time.perf_counter()
+                out = run()
+                if backward:
+                    torch.autograd.grad(out, (q, k, v), grad)
+                sync(device)
+                times.append(time.perf_counter() - start)
+        timings[name] = statistics.median(times) * 1e3
+    ref = F.scaled_dot_product_attention(q.detach().float(), k.detach().float().repeat_interleave(n_rep, 1),
+                                         v.detach().float().repeat_interleave(n_rep, 1), attn_mask=dense)
+    return {"attention_fwd_bwd_ms": timings,
+            "details": {"shape": a, "dtype": str(dtype).removeprefix("torch."), "backward": backward,
+                        "max_error_vs_float32": {name: float((o - ref).abs().max()) for name, o in outputs.items()
+                                                 if name != "sdpa_is_causal"},
+                        "note": "sdpa_is_causal ignores document boundaries: a lower bound, not the same output"}}
+
+
+def part_compiled_block(shapes: Shapes, budget_s: float) -> dict:
+    """A two-layer model of the training shape with its blocks compiled as the trainer compiles them
+    (`Block.compile()`, inductor on CUDA) against the same model eager, in training mode with the
+    same noise seed under bf16 autocast, through the training loss (`LossModule`): the loss, and
+    every parameter's gradient relative to its largest magnitude."""
+    import copy
+
+    from polyglu.train.trainer import LossModule
+
+    device = shapes.device
+    eager = build_model(shapes.train_preset, {**shapes.train_overrides, "n_layers": 2}, device, None,
+                        attention_backend="auto").train()
+    compiled = copy.deepcopy(eager)
+    for block in compiled.layers:
+        block.compile(backend=shapes.compile_backend)
+    T = shapes.block_seq_len
+    batch = {k: v.to(device) for k, v in
+             PackedDocuments(eager.config.vocab_size, 1, T, (T // 8, T // 2)).get_batch(0).items()}
+    dtype = shapes.block_dtype or shapes.dtype
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    results, losses, first_call_s = {}, {}, {}
+    for name, model in (("compiled", compiled), ("eager", eager)):
+        loss_module = LossModule(model, 2048)
+        torch.manual_seed(1)  # the same Gumbel noise
+        start = time.perf_counter()
+        with autocast:
+            loss = loss_module(batch["input_ids"], batch["doc_ids"], batch["targets"])
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        sync(device)
+        first_call_s[name] = time.perf_counter() - start
+        losses[name] = float(loss.detach())
+        results[name] = [g.float() if g is not None else None for g in grads]
+    errors = {"loss": abs(losses["compiled"] - losses["eager"]) / abs(losses["eager"])}
+    for (name, _), got, want in zip(eager.named_parameters(), results["compiled"], results["eager"]):
+        if got is not None and want is not None:
+            errors[name] = float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+    return {"compiled_block_max_rel_error": max(errors.values()),
+            "details": {"seq_len": T, "layers": 2, "backend": shapes.compile_backend, "first_call_s": first_call_s,
+                        "dtype": str(dtype).removeprefix("torch."), "loss": losses, "rel_errors": errors,
+                        "dynamo": _dynamo_counts()}}
 
 
 def _timed_generation(model, prompts, new_tokens: int, batch_size: int, device: str, budget_s: float,
@@ -576,7 +806,8 @@ def part_decode(shapes: Shapes, budget_s: float) -> dict:
 
 
 PART_FUNCTIONS: dict[str, Callable[[Shapes, float], dict]] = {
-    "ffn": part_ffn, "kernel": part_kernel, "train": part_train, "generate": part_generate,
+    "ffn": part_ffn, "kernel": part_kernel, "attention": part_attention, "compiled_block": part_compiled_block,
+    "train": part_train, "generate": part_generate,
     "generate_sequence_pool": part_generate_sequence_pool, "decode": part_decode,
 }
 
@@ -595,15 +826,22 @@ def write_json(path: Path, data: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_suite.json", help="JSON file to write (default: %(default)s)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
+    p.add_argument("--parts", default=None,
+                   help=f"comma-separated subset of: {', '.join(PARTS)} (default: {', '.join(DEFAULT_PARTS)})")
+    p.add_argument("--with-eval", action="store_true",
+                   help=f"also the evaluation-style parts: {', '.join(EVAL_PARTS)}")
+    p.add_argument("--cache-dir", default=None,
+                   help="inductor's and Triton's compile caches (default: gpu_suite_cache beside --out); "
+                        "give a next run the same directory to skip the compiles")
     p.add_argument("--smoke", action="store_true", help="every part at tiny shapes on CPU (a check, not a figure)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu (--smoke: cpu)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget")
-    p.add_argument("--max-total-s", type=float, default=450.0,
+    p.add_argument("--max-total-s", type=float, default=420.0,
                    help="a part that would start after this many seconds is skipped (recorded as an error); "
                         "compiles cannot be interrupted, so leave a margin below any hard limit")
     args = p.parse_args(argv)
-    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    default = ",".join(DEFAULT_PARTS + (EVAL_PARTS if args.with_eval else ()))
+    parts = [x.strip() for x in (args.parts or default).split(",") if x.strip()]
     unknown = [x for x in parts if x not in PARTS]
     if unknown or not parts:
         p.error(f"--parts: unknown part {unknown[0] if unknown else '(none)'!r}; known: {', '.join(PARTS)}")
@@ -632,13 +870,35 @@ def main(argv=None) -> int:
     if args.device and args.smoke:
         shapes.device = args.device
     out_path = Path(args.out)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out_path.parent / "gpu_suite_cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # read when a compile happens (not at import): a carried directory skips the compiles. Restored
+    # afterwards, so that an in-process caller (the tests) keeps its own.
+    saved_env = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+    try:
+        return _run(args, shapes, out_path, cache_dir)
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run(args, shapes: Shapes, out_path: Path, cache_dir: Path) -> int:
     report: dict = {
         "setup": {"smoke": args.smoke, "device": shapes.device, "device_name": device_name(shapes.device),
                   "torch": torch.__version__, "python": platform.python_version(), "parts": args.parts,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "compiled_decode": compiled_decode_support() or "none (torch.compile of the model)",
-                  "cuda": torch.version.cuda, "threads": torch.get_num_threads()},
-        "errors": {}, "seconds": {}, "details": {},
+                  "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+                  "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                  "inductor_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"],
+                  "triton_cache_dir": os.environ["TRITON_CACHE_DIR"],
+                  "cache_was_warm": any((cache_dir / "inductor").glob("*"))},
+        "errors": {}, "seconds": {}, "details": {}, "fallbacks": {}, "compile": {},
     }
     for part in args.parts:
         for key in KEYS[part]:
@@ -661,12 +921,31 @@ def main(argv=None) -> int:
             report["details"][part] = {"traceback": traceback.format_exc(limit=8)}
             print(f"[gpu_suite] {part} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         report["seconds"][part] = time.perf_counter() - start
+        report["fallbacks"] = fallback_flags(shapes.device, report)
+        report["compile"] = _dynamo_counts()
         free_memory(shapes.device)
         report["setup"]["total_s"] = time.perf_counter() - suite_start
         write_json(out_path, report)
     print_table(report)
     print(f"wrote {out_path}")
     return 0
+
+
+def fallback_flags(device: str, report: dict) -> dict:
+    """Which kernel each path uses here, and whether anything fell back (every flag false on a good run)."""
+    from polyglu.model import fused, triton_mixed
+    from polyglu.train import loss
+
+    probe = torch.empty(1, 1, 1, device=device)
+    train = report["details"].get("train", {})
+    return {"mixed_kernel": fused.default_kernel(probe), "triton_installed": triton_mixed.available(),
+            "fused_loss_available": loss.fused_available(),
+            "loss_kernel": train.get("loss_kernel"),
+            "mixed_kernel_compile_failed": bool(fused._compile_failed),
+            "flex_replaced_by_sdpa": any("flex -> sdpa" in f for f in train.get("fallbacks", [])),
+            "batch_halved_after_oom": any("out of memory" in f for f in train.get("fallbacks", [])),
+            "recompiles_after_warmup": sum(v.get("recompiles", 0) + max(0, v.get("unique_graphs", 0))
+                                           for v in train.get("dynamo_after_warmup", {}).values())}
 
 
 def print_table(report: dict) -> None:
@@ -681,8 +960,13 @@ def print_table(report: dict) -> None:
             print(f"{key:<36} {shown:<40} {GOALS.get(key, ''):<16}")
     with contextlib.suppress(KeyError, TypeError):
         d = report["details"]["train"]
-        print(f"  train: batch {d['batch_size']} x {d['tokens_per_step'] // d['batch_size']}, "
-              f"{d['achieved_tflops']:.1f} TFLOP/s; peak: {d['peak_source']}")
+        print(f"  train: batch {d['batch_size']} x {d['tokens_per_step'] // d['batch_size']} (estimated "
+              f"{d['estimated_batch']}), {d['achieved_tflops']:.1f} TFLOP/s; peak: {d['peak_source']}")
+    with contextlib.suppress(KeyError, TypeError, AttributeError):
+        print("  top kernels of one PolyGLU training step (ms):")
+        for name, ms in report["train_top_kernels_ms"].items():
+            print(f"    {ms:9.2f}  {name[:100]}")
+    print(f"  fallbacks: {report.get('fallbacks')}")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, steps: int, rounds: int,
     separately allocated models differ by a few per cent in how fast MKL streams their weights
     (measured either way round, with the order they were built in), more than the effect measured.
     """
-    from polyglu.generation import DecodeStep
+    from polyglu.inference import DecodeStep, KVCache
 
     polyglu = models["polyglu"]
     swiglu = PolychromaticLM(polyglu.config.replace(ffn="swiglu")).eval()
@@ -185,7 +185,7 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, steps: int, rounds: int,
         for round_ in range(rounds + 1):  # round 0 warms up (and compiles)
             state = {}
             for name, model in pair.items():
-                cache = model.new_cache(1, prompt.shape[1] + steps + 1)
+                cache = KVCache.for_model(model, 1, prompt.shape[1] + steps + 1)
                 state[name] = (cache, model(prompt, cache=cache).logits[:, -1])
             for i in range(steps):
                 for name in (pair if i % 2 == 0 else reversed(list(pair))):

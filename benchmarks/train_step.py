@@ -6,10 +6,14 @@ load hits both alike. Prints tokens/s (median and best over `--steps`) and the P
 ratio; `--json` prints one JSON object instead.
 
     python benchmarks/train_step.py                                   # small, B=4 T=256, CPU f32
-    python benchmarks/train_step.py --preset demo --threads 1 --clock cpu  # the demo's step: B=16 T=256, packed
+    python benchmarks/train_step.py --preset demo --threads 1 --clock cpu  # the demo's step: B=8 T=256, packed
     python benchmarks/train_step.py --layers 4 --steps 5 --fused-kernel compiled
     python benchmarks/train_step.py --threads 1 --clock cpu          # work done, robust on a loaded machine
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --batch 16 --seq-len 2048
+    python benchmarks/train_step.py --preset demo --threads 1 --clock cpu --neuron   # + routing_scope neuron
+
+`--neuron` adds a third model, PolyGLU with per-neuron dynamic routing (routing_scope="neuron",
+rank `--routing-rank`), in the same interleaved loop, and prints its step time over the layer scope's.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=tuple(MODEL_PRESETS))
-    p.add_argument("--batch", type=int, default=None, help="default: 16 for the demo preset (its training batch), else 4")
+    p.add_argument("--batch", type=int, default=None, help="default: 8 for the demo preset (its training batch, configs/demo.yaml), else 4")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--documents", type=int, default=None,
                    help="documents packed per row, passed as doc_ids as the trainer does (default: 4 for the "
@@ -49,10 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="wall time, or this process's CPU time (meaningful with --threads 1 on CPU)")
     p.add_argument("--fused-kernel", default="auto", choices=("auto", *KERNELS),
                    help="kernel of the fused mixed activation (auto: the default choice)")
+    p.add_argument("--neuron", action="store_true",
+                   help="also time PolyGLU with routing_scope='neuron' and print its ratio to the layer scope")
+    p.add_argument("--routing-rank", type=int, default=4, help="routing_rank of the --neuron model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     demo = args.preset == "demo"
-    args.batch = args.batch if args.batch is not None else (16 if demo else 4)
+    args.batch = args.batch if args.batch is not None else (8 if demo else 4)
     args.documents = args.documents if args.documents is not None else (4 if demo else 1)
     if not 1 <= args.documents <= args.seq_len:
         p.error(f"--documents must be between 1 and --seq-len ({args.seq_len}), got {args.documents}")
@@ -60,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args, ffn: str) -> tuple[PolychromaticLM, torch.optim.Optimizer]:
+    """`ffn` "swiglu", "polyglu" or "polyglu-neuron" (routing_scope neuron)."""
     overrides = {"ffn": ffn, "max_seq_len": max(args.seq_len, MODEL_PRESETS[args.preset].get("max_seq_len", 0))}
+    if ffn == "polyglu-neuron":
+        overrides.update(ffn="polyglu", routing_scope="neuron", routing_rank=args.routing_rank)
     if args.layers is not None:
         overrides["n_layers"] = args.layers
     if args.pool is not None:
@@ -85,7 +95,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {ffn: build(args, ffn) for ffn in ("swiglu", "polyglu")}
+    models = {ffn: build(args, ffn) for ffn in ("swiglu", "polyglu", *(("polyglu-neuron",) if args.neuron else ()))}
     vocab = models["swiglu"][0].config.vocab_size
     tokens = torch.randint(vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(args.device)
@@ -109,6 +119,9 @@ def main(argv=None) -> None:
                for ffn, t in times.items()}
     ratio = {"median": results["polyglu"]["median_s"] / results["swiglu"]["median_s"],
              "min": results["polyglu"]["min_s"] / results["swiglu"]["min_s"]}
+    if args.neuron:
+        ratio["neuron_over_layer_median"] = results["polyglu-neuron"]["median_s"] / results["polyglu"]["median_s"]
+        ratio["neuron_over_layer_min"] = results["polyglu-neuron"]["min_s"] / results["polyglu"]["min_s"]
     config = models["polyglu"][0].config
     setup = {k: v for k, v in vars(args).items() if k != "json"}
     setup.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
@@ -119,11 +132,14 @@ def main(argv=None) -> None:
     print(f"train step: preset={args.preset} layers={config.n_layers} d_model={config.d_model} d_ff={config.d_ff} "
           f"B={args.batch} T={args.seq_len} documents/row={args.documents} {args.device} {args.dtype} pool={config.routing_pool} "
           f"fused kernel={args.fused_kernel} threads={torch.get_num_threads()} steps={args.steps} clock={args.clock}")
-    print(f"{'ffn':<8} {'params':>11} {'step med ms':>11} {'step min ms':>11} {'tok/s med':>10} {'tok/s best':>10}")
+    print(f"{'ffn':<14} {'params':>11} {'step med ms':>11} {'step min ms':>11} {'tok/s med':>10} {'tok/s best':>10}")
     for ffn, r in results.items():
-        print(f"{ffn:<8} {r['parameters']:>11,} {r['median_s'] * 1e3:>11.1f} {r['min_s'] * 1e3:>11.1f} "
+        print(f"{ffn:<14} {r['parameters']:>11,} {r['median_s'] * 1e3:>11.1f} {r['min_s'] * 1e3:>11.1f} "
               f"{r['tokens_per_s_median']:>10.0f} {r['tokens_per_s_best']:>10.0f}")
     print(f"polyglu / swiglu step time: {ratio['median']:.3f} (median), {ratio['min']:.3f} (best)")
+    if args.neuron:
+        print(f"neuron / layer scope step time: {ratio['neuron_over_layer_median']:.3f} (median), "
+              f"{ratio['neuron_over_layer_min']:.3f} (best)")
 
 
 if __name__ == "__main__":

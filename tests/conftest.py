@@ -1,3 +1,10 @@
+import os
+
+# Triton kernels run on CPU tensors through Triton's interpreter (tests/test_triton_mixed.py, the fused
+# loss). Triton reads this when it is imported, so it is set before anything imports it; on a GPU
+# machine, TRITON_INTERPRET=0 runs them compiled instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -53,10 +53,18 @@ def _write(tmp_path, data) -> Path:
 # ---- config
 
 
-@pytest.mark.parametrize("name", ["ablation-tiny.yaml", "ablation-gpu.yaml"])
+# what each shipped config compares (the tiny and GPU ones predate polyglu-neuron)
+SHIPPED_VARIANTS = {
+    "ablation-tiny.yaml": set(VARIANTS) - {"polyglu-neuron"},
+    "ablation-gpu.yaml": set(VARIANTS) - {"polyglu-neuron"},
+    "ablation-routing.yaml": {"swiglu", "polyglu", "polyglu-neuron", "polyglu-static"},
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED_VARIANTS)
 def test_shipped_configs_load(name):
     config = AblationConfig.load(CONFIGS / name)
-    assert set(config.ablation.variants) == set(VARIANTS)
+    assert set(config.ablation.variants) == SHIPPED_VARIANTS[name]
     assert config.ablation.seeds >= 3 and config.ablation.reference == "swiglu"
     for variant in VARIANTS:  # every variant's run config validates
         variant_run_config(config, variant, config.base.train.seed)
@@ -68,6 +76,7 @@ def test_shipped_configs_load(name):
     ("ablation.seeds", 0, "ablation.seeds must be >= 1"),
     ("base.train.max_step", 3, "unknown config key 'base.train.max_step'"),
     ("base.model.ffn", "swiglu", "base.model.ffn is set by each variant"),
+    ("base.model.routing_scope", "neuron", "base.model.routing_scope is set by each variant"),
     ("base.task", "sft", "base.task must be 'pretrain'"),
     ("extra", 1, "unknown config key 'extra'"),
 ])
@@ -107,7 +116,9 @@ def test_variants_are_what_they_claim(tmp_path):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         has_gate_net = any(".gate_net." in n for n in names)
         has_alpha = any(n.endswith(".alpha") for n in trainable)
-        if variant in ("polyglu", "polyglu-nonoise"):
+        has_map = any(n.endswith(".routing_map") for n in trainable)
+        assert has_map == (variant == "polyglu-neuron"), variant
+        if variant in ("polyglu", "polyglu-nonoise", "polyglu-neuron"):
             assert has_gate_net and has_alpha
         elif variant == "polyglu-static":
             assert not has_gate_net and not any(n.endswith(".beta") for n in names) and has_alpha
@@ -170,9 +181,17 @@ def test_finished_runs_are_not_retrained_and_interrupted_ones_resume(tmp_path, m
     assert [r["step"] for r in read_metrics(static_dir)] == [1, 2, 3, 4]
     results = json.loads((static_dir / "results.json").read_text())
     assert results["steps"] == 4 and results["math"]["n"] == 4 and results["final_val_loss"] is not None
+    # per-layer validation routing of a PolyGLU variant; none for the baseline
+    (layer,) = results["routing"]
+    assert 0 <= layer["entropy"] <= 1 and 0 <= layer["entropy_tau1"] <= 1 and 0 < layer["agreement"] <= 1
+    assert layer["entropy"] <= layer["entropy_tau1"] + 1e-6  # tau < 1 at the end of training sharpens
+    assert json.loads((out / "swiglu" / "seed-0" / "results.json").read_text())["routing"] is None
     report = json.loads((out / "results.json").read_text())
     assert [row["variant"] for row in report["summary"]] == ["swiglu", "polyglu-static"]
-    assert (out / "results.md").read_text().count("| swiglu |") == 1
+    assert [row["variant"] for row in report["routing"]] == ["polyglu-static"]
+    markdown = (out / "results.md").read_text()
+    assert markdown.count("| swiglu |") == 1 and "| polyglu-static | 0 |" in markdown
+    assert "entropy (τ = 1)" in markdown
 
     # a second invocation trains nothing and rewrites no run's results
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/results.json")}
@@ -259,3 +278,24 @@ def test_plot_from_metrics(tmp_path):
     assert steps == list(range(1, 21)) and means[0] == pytest.approx(3.105) and stds[0] > 0
     path = ablation.plot_loss_curves(runs, tmp_path / "curves.png")
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_aggregate_routing_over_seeds():
+    from polyglu.train.ablation.report import routing_table
+    from polyglu.train.ablation.stats import aggregate_routing
+
+    def layer(entropy, agreement):
+        return {"layer": 0, "entropy": entropy, "entropy_tau1": 2 * entropy, "agreement": agreement,
+                "variance": {"fractions": {"between_inputs": 0.9, "between_neurons": 0.05, "interaction": 0.05}}}
+
+    results = [{**_fake("polyglu", s, 1.0, 0.1), "routing": [layer(e, a)]}
+               for s, (e, a) in enumerate([(0.1, 1.0), (0.3, 0.8)])]
+    results.append({**_fake("swiglu", 0, 1.0, 0.1), "routing": None})
+    (row,) = aggregate_routing(results, ["swiglu", "polyglu"])
+    assert row["variant"] == "polyglu" and row["seeds"] == [0, 1]
+    cell = row["layers"][0]
+    assert cell["entropy"]["mean"] == pytest.approx(0.2) and cell["entropy_tau1"]["mean"] == pytest.approx(0.4)
+    assert cell["agreement"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert cell["between_inputs"]["mean"] == pytest.approx(0.9)
+    assert "| polyglu | 0 | 20.0 ± 14.1% | 40.0 ± 28.3% | 90.0 ± 14.1% | 90.0 ± 0.0% | 5.0 ± 0.0% | 2 |" \
+        in routing_table([row])

@@ -375,3 +375,68 @@ def test_cli_analyze_errors(tmp_path, capsys):
     assert "needs a tokenizer" in capsys.readouterr().err
     assert main(["analyze", str(model_dir), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such shard directory or text file" in capsys.readouterr().err
+
+
+def test_rows_longer_than_the_context_are_refused_naming_seq_len(tiny_config):
+    from polyglu.analysis import analyze_model
+
+    model = PolychromaticLM(tiny_config)  # max_seq_len 64
+    rows = [(torch.zeros(1, 80, dtype=torch.long), torch.zeros(1, 80, dtype=torch.long))]
+    with pytest.raises(ValueError, match="80 tokens per row exceed the model context max_seq_len=64; make them "
+                                         "with seq_len=64 or less"):
+        analyze_model(model, {"math": rows})
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_analysis_progress_bars_follow_the_flag(tiny_config, tmp_path, capsys, progress):
+    from polyglu.analysis.pipeline import analyze_to_directory
+
+    model_dir = tmp_path / "model"
+    PolychromaticLM(tiny_config.replace(vocab_size=260)).save_pretrained(model_dir)  # byte ids
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(10)))
+    analyze_to_directory(model_dir, {"math": str(rows)}, tmp_path / "out", max_tokens=64, seq_len=32,
+                         tokenizer="byte", progress=progress, log=lambda *a: None)
+    assert ("analyze math" in capsys.readouterr().err) is progress
+
+
+# ---- entropy at tau = 1 beside the model's tau
+
+
+@pytest.mark.parametrize("scope", ["layer", "neuron"])
+def test_entropy_tau1_reads_the_same_logits_at_tau_one(tiny_config, scope):
+    """One layer: its logits do not depend on tau, so a second model at tau = 1 measures the same thing."""
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config.replace(n_layers=1, routing_scope=scope)).eval()
+    with torch.no_grad():
+        layer = model.polyglu_layers()[0]
+        layer.alpha.normal_(0.0, 0.5)
+        layer.gate_net[2].weight.normal_(0.0, 0.5)
+        if layer.routing_map is not None:
+            layer.routing_map.normal_(0.0, 1.0)
+    batches = [torch.randint(0, 97, (2, 16))]
+    model.set_tau(0.1)
+    sharp = dynamic_routing_stats(model, batches)["layers"][0]
+    model.set_tau(1.0)
+    at_one = dynamic_routing_stats(model, batches)["layers"][0]
+    assert sharp["routing_scope"] == scope
+    assert sharp["entropy_tau1"] == pytest.approx(at_one["entropy"], rel=1e-4)
+    assert sharp["variance_tau1"]["fractions"] == pytest.approx(at_one["variance"]["fractions"], rel=1e-3)
+    assert at_one["entropy_tau1"] == pytest.approx(at_one["entropy"], rel=1e-6)
+    assert sharp["entropy"] < 0.5 * sharp["entropy_tau1"]  # a small tau alone makes routing look decided
+
+
+def test_report_shows_both_entropies_with_what_they_mean(tiny_config, tmp_path):
+    from polyglu.analysis.report import COLUMN_MEANINGS, render_report, summary_rows
+
+    model = PolychromaticLM(tiny_config).eval()
+    model.set_tau(0.1)
+    analysis = analyze_model(model, {"data": [torch.randint(0, 97, (2, 12))]})
+    header, rows = summary_rows(analysis)
+    for column in ("entropy", "entropy τ=1", "agreement", "between-input var.", "between-neuron var."):
+        assert f"data: {column}" in header
+        assert column in dict(COLUMN_MEANINGS)
+    layer = analysis["dynamic"]["data"]["layers"][0]
+    assert rows[0][header.index("data: entropy τ=1")] == f"{100 * layer['entropy_tau1']:.3g}%"
+    text = render_report(analysis, {}, tmp_path / "report.html").read_text()
+    assert "entropy τ=1</b>" in text and "between-neuron var.</b>" in text

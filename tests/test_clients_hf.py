@@ -23,7 +23,7 @@ from polyglu.config import ModelConfig  # noqa: E402
 from polyglu.data.chat import render_chatml  # noqa: E402
 from polyglu.data.special_tokens import IM_END  # noqa: E402
 from polyglu.data.tokenizer import ByteTokenizer  # noqa: E402
-from polyglu.generation import generate  # noqa: E402
+from polyglu.inference import generate  # noqa: E402
 from polyglu.loading import chat_stop_ids  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 

@@ -1,6 +1,7 @@
 """ModelConfig validation, presets and file IO."""
 
 import json
+import re
 
 import pytest
 
@@ -152,3 +153,19 @@ def test_model_config_causal_routing_follows_the_pool(pool):
     assert config.replace(ffn="swiglu").causal_routing is True  # a baseline FFN has no routing
     assert config.replace(activations=["silu"]).causal_routing is True
     assert config.replace(routing_mode="static").causal_routing is True
+
+
+def test_an_error_a_command_line_override_brings_is_blamed_on_the_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError) as error:
+        RunConfig.load(path, ["train.max_steps=5", "train.max_step=3"])
+    assert str(error.value).startswith("command-line override train.max_step=3: unknown config key 'train.max_step'")
+    with pytest.raises(ConfigError, match=r"^command-line override model.n_heads=3: model: "):
+        RunConfig.load(path, ["model.n_heads=3"])
+    with pytest.raises(ConfigError, match=r"^command-line override train.max_step=3: "):
+        RunConfig.load(None, ["train.max_step=3"])
+    # the file's own mistake is still the file's, whatever the command line adds
+    path.write_text("train:\n  lr_typo: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown config key 'train.lr_typo'"):
+        RunConfig.load(path, ["train.max_steps=5"])

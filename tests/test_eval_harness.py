@@ -14,7 +14,7 @@ from lm_eval_tasks import write_tasks  # noqa: E402
 from polyglu.cli import main  # noqa: E402
 from polyglu.data.tokenizer import load_tokenizer  # noqa: E402
 from polyglu.eval.harness import PolygluLM, evaluate  # noqa: E402
-from polyglu.generation import generate  # noqa: E402
+from polyglu.inference import generate  # noqa: E402
 
 TOKENIZER = load_tokenizer("byte")
 MC_DOCS = [
@@ -65,7 +65,7 @@ def test_tasks_through_lm_eval_match_direct_computation(model, tasks_dir):
 
 def test_compile_reaches_generate_from_text_model_args(model, monkeypatch):
     """lm_eval passes model_args as text: compile=true / false / a mode or backend name."""
-    import polyglu.generation as generation
+    import polyglu.inference as generation
 
     assert [PolygluLM(model=model, tokenizer=TOKENIZER, compile=value).compile
             for value in ("true", "False", "", "1", "eager", True)] == [True, False, False, True, "eager", True]

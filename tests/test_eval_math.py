@@ -38,11 +38,22 @@ def test_answers_compare_as_numbers():
     assert not answers_match(None, "3")
 
 
+@pytest.fixture(autouse=True)
+def scripted_cache(monkeypatch):
+    """The engine allocates a ScriptedLM's cache with the stand-in's own `new_cache`."""
+    import polyglu.inference.engine as engine
+
+    real = engine.new_cache
+    monkeypatch.setattr(engine, "new_cache", lambda model, b, n: model.new_cache(b, n)
+                        if isinstance(model, ScriptedLM) else real(model, b, n))
+
+
 class ScriptedLM(nn.Module):
     """A stand-in model that answers each question with a fixed reply, one byte per step.
 
-    It implements what `polyglu.generate` uses (config, embed_tokens, layers, lm_head, new_cache,
-    forward with a cache, decode_step) and records the prompts it was given.
+    It implements what `polyglu.generate` uses (config, device, forward with a cache and
+    logits_to_keep, decode_step) with a cache of its own (`scripted_cache`, which the engine's
+    allocation hands it), and records the prompts it was given.
     """
 
     def __init__(self, replies: dict[str, str], max_seq_len: int = 512) -> None:
@@ -55,12 +66,16 @@ class ScriptedLM(nn.Module):
         self.replies = replies
         self.prompts: list[str] = []
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
     def new_cache(self, batch_size: int, max_len: int):
         queues = SimpleNamespace(rows=None)
         queues.reorder = lambda index: setattr(queues, "rows", [queues.rows[i] for i in index.tolist()])
         return queues
 
-    def forward(self, input_ids, doc_ids=None, *, cache=None, compute_logits=True):
+    def forward(self, input_ids, doc_ids=None, *, cache=None, compute_logits=True, logits_to_keep=0):
         if cache.rows is None:  # prefill: pick each row's reply from the last question in its prompt
             cache.rows = []
             for b in range(input_ids.shape[0]):
@@ -154,22 +169,26 @@ def test_evaluate_math_with_a_real_model_and_long_prompts():
 
 def test_evaluate_math_compiled_equals_eager_and_batches_share_a_cache_length(monkeypatch):
     """compile= reaches generate; batches of different prompt lengths get one bucketed cache length, so
-    they share one compiled step ("eager": torch.compile's capture-only backend, seconds)."""
+    they share one compiled step and one cache ("eager": torch.compile's capture-only backend, seconds)."""
+    import polyglu.inference.engine as engine
+
     lengths = []
     model = tiny_model()
-    new_cache = model.new_cache
-    monkeypatch.setattr(model, "new_cache", lambda b, n=None: lengths.append(n) or new_cache(b, n))
+    new_cache = engine.new_cache
+    monkeypatch.setattr(engine, "new_cache", lambda m, b, n: lengths.append(n) or new_cache(m, b, n))
+    monkeypatch.setattr(engine, "_CACHES", engine.weakref.WeakKeyDictionary())  # no cache kept from before
     problems = [{**p, "question": p["question"] * (1 + 2 * i)} for i, p in enumerate(PROBLEMS)]
     eager = evaluate_math(model, TOKENIZER, problems, max_new_tokens=6, batch_size=2)
     eager_lengths, lengths[:] = list(lengths), []
     compiled = evaluate_math(model, TOKENIZER, problems, max_new_tokens=6, batch_size=2, compile="eager")
     assert len(set(eager_lengths)) == 2  # two batches, two prompt lengths
-    assert lengths == [128, 128]  # the context (128) caps the 256-slot bucket
+    # the context (128) caps the 256-slot bucket; the second batch reuses the first batch's cache
+    assert lengths == [128]
     assert [r["output"] for r in compiled["records"]] == [r["output"] for r in eager["records"]]
 
 
 def test_cli_eval_math_compile_flag_reaches_generate(tmp_path, capsys, monkeypatch):
-    import polyglu.generation as generation
+    import polyglu.inference as generation
 
     directory = tmp_path / "model"
     tiny_model().save_pretrained(directory)

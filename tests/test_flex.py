@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from polyglu.config import ConfigError, ModelConfig
 from polyglu.documents import segment_ids
+from polyglu.inference.cache import KVCache
 from polyglu.model import flex
 
 
@@ -71,7 +72,7 @@ def test_dense_form_of_the_mask():
 
 
 def test_attention_backend_is_validated():
-    assert ModelConfig.from_preset("debug").attention_backend == "sdpa"
+    assert ModelConfig.from_preset("debug").attention_backend == "auto"
     assert ModelConfig.from_preset("debug", attention_backend="flex").attention_backend == "flex"
     with pytest.raises(ConfigError, match="attention_backend must be one of sdpa, flex"):
         ModelConfig.from_preset("debug", attention_backend="flash")
@@ -81,7 +82,8 @@ def test_flex_on_old_torch_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
     with pytest.raises(ConfigError, match=r"attention_backend='flex' needs PyTorch >= 2.5.*torch 2.4.1"):
         ModelConfig.from_preset("debug", attention_backend="flex")
-    assert ModelConfig.from_preset("debug").attention_backend == "sdpa"  # sdpa still fine there
+    assert ModelConfig.from_preset("debug").attention_backend == "auto"  # auto (sdpa there) still fine
+    assert not flex.uses_flex("auto", torch.device("cuda"), cached=False) or flex._FLEX_AVAILABLE
 
 
 # ---- the model with attention_backend="flex"
@@ -133,7 +135,7 @@ def test_flex_cached_chunks_match_uncached(tiny_config):
     ids, doc_ids = _packed()
     with torch.no_grad():
         full = flex_model(ids, doc_ids).logits
-        cache = flex_model.new_cache(ids.shape[0], ids.shape[1])
+        cache = KVCache.for_model(flex_model, ids.shape[0], ids.shape[1])
         pieces = [flex_model(ids[:, a:b], doc_ids[:, a:b], cache=cache).logits
                   for a, b in ((0, 12), (12, 13), (13, 30), (30, 40))]  # chunks across document edges
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -180,3 +182,45 @@ def test_compiled_blocks_run_flex_without_recompiling_per_batch(tiny_config):
             torch.testing.assert_close(flex_model(ids, doc_ids).logits.float(), sdpa(ids, doc_ids).logits.float(),
                                        atol=2e-2, rtol=2e-2)
     assert counters["stats"]["unique_graphs"] == 1  # the blocks share one graph, whatever the documents
+
+
+# ---- "auto": FlexAttention for packed training on CUDA, SDPA elsewhere
+
+
+def test_auto_takes_flex_only_for_packed_training_on_cuda(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert flex.uses_flex("auto", cuda, cached=False)  # packed training
+    assert not flex.uses_flex("auto", cuda, cached=True)  # generation: one block mask per prompt length
+    with torch.no_grad():  # scoring, validation: many shapes, each a compile
+        assert not flex.uses_flex("auto", cuda, cached=False)
+    assert not flex.uses_flex("auto", cpu, cached=False)  # no flex backward on CPU
+    assert flex.uses_flex("flex", cpu, cached=True) and not flex.uses_flex("sdpa", cuda, cached=False)
+    monkeypatch.setattr(flex, "_FLEX_AVAILABLE", False)  # torch 2.4: auto is sdpa everywhere
+    assert not flex.uses_flex("auto", cuda, cached=False)
+
+
+def test_auto_model_builds_a_block_mask_where_flex_is_chosen(monkeypatch, tiny_config):
+    """The forward asks `uses_flex` (with the input's device): when it says flex, every layer gets one
+    DocumentMask; the logits equal the sdpa model's."""
+    from polyglu.model import transformer
+    from polyglu.model.transformer import PolychromaticLM
+
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config.replace(attention_backend="auto")).eval()
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [2] * 12])
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    seen = []
+    original = flex.flex_attention
+
+    def recording(q, k, v, mask):
+        seen.append(mask)
+        return original(q, k, v, mask)
+
+    monkeypatch.setattr("polyglu.model.attention.flex_attention", recording)
+    with torch.no_grad():
+        sdpa_logits = model(ids, doc_ids).logits  # on CPU, auto is sdpa
+        assert seen == []
+        monkeypatch.setattr(transformer, "uses_flex", lambda backend, device, cached: backend == "auto")
+        flex_logits = model(ids, doc_ids).logits
+    assert len(seen) == tiny_config.n_layers and isinstance(seen[0], flex.DocumentMask)
+    torch.testing.assert_close(flex_logits, sdpa_logits, atol=1e-5, rtol=1e-5)

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from polyglu.model import fused, native
+from polyglu.model import fused, native, small_inference
 from polyglu.model.fused import MixedActivation, default_kernel, mixed_activation_fused, use_kernel
-from polyglu.model.polyglu import PolyGLU, SwiGLU, mixed_activation_reference
+from polyglu.model.polyglu import PolyGLU, SwiGLU, mixed_activation, mixed_activation_reference
 
 # K = 1..4, every registry activation at least once
 ACTIVATION_SETS = [("silu",), ("gelu_tanh", "softplus"), ("identity", "sigmoid", "tanh"),
@@ -15,8 +15,9 @@ ACTIVATION_SETS = [("silu",), ("gelu_tanh", "softplus"), ("identity", "sigmoid",
 EAGER_KERNELS = ["chunked", "dense"]  # "compiled" is "dense" through torch.compile (see the slow test)
 
 
-def make_inputs(B, T, F, activations, per_token, noise, dtype=torch.float32, tau=0.7, seed=0):
-    """gate, up (B, T, F), alpha (F, K), dynamic (B, T', K) with grads; noise (B, F, K) or None; tau."""
+def make_inputs(B, T, F, activations, per_token, noise, dtype=torch.float32, tau=0.7, seed=0, per_neuron=False):
+    """gate, up (B, T, F), alpha (F, K), dynamic (B, T', K) (per_neuron: (B, T', F, K)) with grads;
+    noise (B, F, K) or None; tau."""
     K = len(activations)
     gen = torch.Generator().manual_seed(seed)
 
@@ -25,7 +26,7 @@ def make_inputs(B, T, F, activations, per_token, noise, dtype=torch.float32, tau
 
     gate, up = randn(B, T, F, scale=2.0).requires_grad_(), randn(B, T, F).requires_grad_()
     alpha = randn(F, K).requires_grad_()
-    dynamic = randn(B, T if per_token else 1, K).requires_grad_()
+    dynamic = randn(B, T if per_token else 1, *((F,) if per_neuron else ()), K).requires_grad_()
     buffers = torch.float64 if dtype == torch.float64 else torch.float32  # noise and tau, as in PolyGLU
     gumbel = randn(B, F, K).to(buffers) if noise else None
     return gate, up, alpha, dynamic, gumbel, torch.tensor(tau, dtype=buffers)
@@ -72,6 +73,31 @@ def small_blocks(monkeypatch):
 def test_matches_reference_float32(kernel, hard, noise, per_token, activations, small_blocks):
     gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, 21, 40, activations, per_token, noise)
     assert_matches_reference((gate, up, alpha, dynamic, gumbel, tau, activations, hard), kernel)
+
+
+@pytest.mark.parametrize("activations", [ACTIVATION_SETS[1], ACTIVATION_SETS[-1]], ids=lambda a: "-".join(a))
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("noise", [False, True], ids=["clean", "noisy"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_per_neuron_dynamic_logits_match_reference(kernel, hard, noise, per_token, activations, small_blocks):
+    """routing_scope="neuron": dynamic (B, T', F, K), its gradient per hidden unit."""
+    inputs = make_inputs(3, 21, 40, activations, per_token, noise, per_neuron=True)
+    assert_matches_reference((*inputs, activations, hard), kernel)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_per_neuron_gradcheck_float64(kernel, per_token, monkeypatch):
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * 5)
+    activations = ACTIVATION_SETS[-1]
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(2, 3, 5, activations, per_token, True, torch.float64,
+                                                        per_neuron=True)
+
+    def fn(gate, up, alpha, dynamic):
+        return mixed_activation_fused(gate, up, alpha, dynamic, gumbel, tau, activations, kernel=kernel)
+
+    assert torch.autograd.gradcheck(fn, (gate, up, alpha, dynamic), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
@@ -129,16 +155,22 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
 @pytest.mark.parametrize("mode", ["soft", "hard", "noise"])
 @pytest.mark.parametrize("T, per_token", [(1, False), (5, False), (5, True)])
 @pytest.mark.parametrize("spelling_elements", [1 << 12, 0])  # small-tensor spellings / the eager kernel's
-def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, spelling_elements, monkeypatch):
-    monkeypatch.setattr(fused, "SMALL_SPELLING_ELEMENTS", spelling_elements)
-    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, T, 40, activations, per_token, mode == "noise")
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["layer", "neuron"])
+def test_small_inference_path_equals_the_reference(activations, mode, T, per_token, spelling_elements, per_neuron,
+                                                   monkeypatch):
+    monkeypatch.setattr(small_inference, "SMALL_SPELLING_ELEMENTS", spelling_elements)
+    gate, up, alpha, dynamic, gumbel, tau = make_inputs(3, T, 40, activations, per_token, mode == "noise",
+                                                        per_neuron=per_neuron)
     inputs = (gate.detach(), up.detach(), alpha.detach(), dynamic.detach(), gumbel, tau, activations, mode == "hard")
     expected = mixed_activation_reference(*inputs)
-    calls, original = [], fused.small_inference
-    monkeypatch.setattr(fused, "small_inference", lambda *a: calls.append(1) or original(*a))
+    calls, original = [], small_inference.mixed_activation
+    monkeypatch.setattr(small_inference, "mixed_activation", lambda *a: calls.append(a[-1]) or original(*a))
     monkeypatch.setattr(fused.MixedActivation, "apply", None)  # the autograd.Function is not called at all
     with torch.no_grad():
-        h = mixed_activation_fused(*inputs)
+        h = mixed_activation(*inputs)
+    native_possible = mode == "soft" and not per_neuron and native.activation_codes(activations) is not None \
+        and native.kernels()
+    assert calls == ["native" if native_possible else "eager"]
     assert calls and h.dtype == gate.dtype
     torch.testing.assert_close(h, expected, atol=1e-6, rtol=1e-5)
 
@@ -149,21 +181,21 @@ def test_one_token_hard_routing_takes_the_first_maximum_like_the_reference():
     alpha = torch.zeros_like(alpha.detach())  # every logit ties within a row: the first activation wins
     dynamic = torch.zeros_like(dynamic.detach())
     with torch.no_grad():
-        h = fused.small_inference(gate, up, alpha, dynamic, None, tau, activations, hard=True)
+        h = small_inference.mixed_activation(gate, up, alpha, dynamic, None, tau, activations, hard=True)
         assert torch.equal(h, mixed_activation_reference(gate, up, alpha, dynamic, None, tau, activations, True))
         assert torch.equal(h, torch.relu(gate) * up)
 
 
 def test_a_small_call_needing_gradients_or_a_chosen_kernel_or_a_large_one_keeps_the_kernels(monkeypatch):
     inputs = (*make_inputs(2, 1, 24, ACTIVATION_SETS[-1], False, False), ACTIVATION_SETS[-1], False)
-    monkeypatch.setattr(fused, "small_inference", None)  # would fail if it were taken
+    monkeypatch.setattr(small_inference, "mixed_activation", None)  # would fail if it were taken
     assert_matches_reference(inputs, None)  # grads enabled and required: gradients flow
     with torch.no_grad(), use_kernel("chunked"):
-        h = mixed_activation_fused(*inputs)
+        h = mixed_activation(*inputs)
     torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
-    monkeypatch.setattr(fused, "SMALL_INFERENCE_ELEMENTS", 2 * 24 - 1)  # one hidden unit too many
+    monkeypatch.setattr(small_inference, "SMALL_INFERENCE_ELEMENTS", 2 * 24 - 1)  # one hidden unit too many
     with torch.no_grad():
-        h = mixed_activation_fused(*inputs)
+        h = mixed_activation(*inputs)
     torch.testing.assert_close(h, mixed_activation_reference(*inputs).detach(), atol=2e-5, rtol=1e-4)
 
 
@@ -408,11 +440,107 @@ def test_polyglu_reaches_the_fused_function(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["layer", "neuron"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
-def test_compiled_kernel_matches_reference(per_token):
+def test_compiled_kernel_matches_reference(per_token, per_neuron):
     """torch.compile of the dense kernel on CPU (needs a C++ compiler; tens of seconds)."""
     activations = ACTIVATION_SETS[-1]
-    inputs = (*make_inputs(2, 33, 48, activations, per_token, noise=True), activations, False)
+    inputs = (*make_inputs(2, 33, 48, activations, per_token, noise=True, per_neuron=per_neuron), activations, False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
         assert_matches_reference(inputs, "compiled")
+
+
+def _run_sweep(*flags):
+    """tests/scripts/compiled_kernel_sweep.py in its own process under glibc's debug allocator."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "compiled_kernel_sweep.py"
+    env = {**os.environ, "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
+    env.pop("POLYGLU_MIXED_KERNEL", None)
+    proc = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "0 failed; routing forms compiled: exact, factored" in proc.stdout, proc.stdout
+
+
+def test_compiled_kernel_sweep_under_debug_allocator():
+    """The inductor-compiled kernel (what CPU training uses from 2^20 hidden units) against the plain
+    autograd reference through the factored <-> exact routing switch, odd sizes, strided inputs, hard
+    routing; heap corruption aborts the child process. Tens of seconds of compiling on a cold cache."""
+    _run_sweep()
+
+
+@pytest.mark.slow
+def test_compiled_kernel_full_sweep_under_debug_allocator():
+    """The same with bf16 inputs, shared weights, soft evaluation and a second set of sizes."""
+    _run_sweep("--full")
+
+
+def _fake_cores(shift: float):
+    cores = dict(fused._DENSE_CORES)
+    forward = cores["forward"]
+    cores["forward"] = lambda *args: forward(*args) + shift
+    return lambda: cores
+
+
+def test_a_disagreeing_compiled_kernel_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(fused, "_compiled_cores", _fake_cores(1.0))  # a compiled kernel gone wrong
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.setattr(fused, "_checked", set())
+    inputs = (*make_inputs(2, 5, 8, ("relu", "silu"), True, noise=True), ("relu", "silu"), False)
+    with pytest.warns(RuntimeWarning, match=r"disagrees with the eager kernel \(forward, output 0: max error 1"):
+        h, grads = run(mixed_activation_fused, inputs, kernel="compiled")
+    h_ref, grads_ref = run(mixed_activation_fused, inputs, kernel="chunked")
+    assert torch.equal(h, h_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    assert fused._compile_failed  # later calls go straight to the eager kernels
+
+
+def test_an_agreeing_compiled_kernel_is_checked_once_per_signature(monkeypatch):
+    monkeypatch.setattr(fused, "_compiled_cores", _fake_cores(0.0))
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.setattr(fused, "_checked", set())
+    calls = []
+    chunked = fused.KERNELS["chunked"]
+    monkeypatch.setattr(fused, "chunked_forward", lambda *a: calls.append(1) or chunked(*a))
+    compiled = fused._compiled_or("forward", lambda *a: fused.chunked_forward(*a))(fused._dense_forward)
+    monkeypatch.setitem(fused.KERNELS, "compiled", compiled)
+    activations = ("relu", "silu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for seed in range(3):  # same shapes: checked on the first call only
+            run(mixed_activation_fused, (*make_inputs(2, 5, 8, activations, True, noise=True, seed=seed),
+                                         activations, False), kernel="compiled")
+        assert len(calls) == 1
+        run(mixed_activation_fused, (*make_inputs(2, 6, 8, activations, True, noise=True), activations, False),
+            kernel="compiled")  # a new length: a new compiled graph, checked again
+        assert len(calls) == 2
+    assert {key[0] for key in fused._checked} == {"forward", "backward"}
+
+
+def test_on_cuda_a_failing_kernel_is_an_error_unless_fallback_is_allowed(monkeypatch):
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.delenv("POLYGLU_KERNEL_FALLBACK", raising=False)
+    with pytest.raises(RuntimeError, match="POLYGLU_KERNEL_FALLBACK=1"):
+        fused._give_up("failed to compile (ImportError: no triton)", on_cuda=True)
+    assert not fused._compile_failed
+    monkeypatch.setenv("POLYGLU_KERNEL_FALLBACK", "1")
+    with pytest.warns(RuntimeWarning, match="using the eager kernels"):
+        fused._give_up("failed to compile (ImportError: no triton)", on_cuda=True)
+    assert fused._compile_failed
+
+
+def test_device_errors_are_never_swallowed(monkeypatch):
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(fused, "_compiled_cores", broken)
+    monkeypatch.setattr(fused, "_compile_failed", [])
+    monkeypatch.setenv("POLYGLU_KERNEL_FALLBACK", "1")
+    inputs = (*make_inputs(2, 5, 8, ("relu", "silu"), True, noise=False), ("relu", "silu"), False)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run(mixed_activation_fused, inputs, kernel="compiled")
+    assert not fused._compile_failed

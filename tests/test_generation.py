@@ -8,9 +8,10 @@ import torch
 from polyglu.cli import main
 from polyglu.config import ROUTING_POOLS, ModelConfig, routing_is_causal
 from polyglu.data.tokenizer import load_tokenizer
-from polyglu.generation import (
+from polyglu.inference import (
     DecodeStep,
     IncrementalDecoder,
+    KVCache,
     StopStringMatcher,
     TextStreamer,
     filter_logits,
@@ -95,7 +96,7 @@ def test_static_routing_decodes_with_the_cache_whatever_its_pool():
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
 
     def broken_compile(fn, **kwargs):
         def run(*args):
@@ -140,7 +141,7 @@ def test_compiled_decode_step_matches_eager_and_recompute(overrides, compile):
 def test_decode_step_compile_options_keep_tensor_guards_and_the_mode():
     import inspect
 
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
 
     if not hasattr(torch.compiler, "keep_tensor_guards_unsafe") \
             or "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
@@ -181,11 +182,11 @@ def test_compiled_decode_step_follows_a_weight_layout_change_and_the_training_fl
         step = DecodeStep(model, compile="aot_eager")
         model.train()  # Gumbel noise: a different graph, not the eval one
         torch.manual_seed(0)
-        cache = model.new_cache(1, 4)
+        cache = KVCache.for_model(model, 1, 4)
         with torch.no_grad():
             noisy = [step(torch.tensor([[3]]), cache) for _ in range(2)]
         model.eval()
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
 
     keys = set(generation._COMPILED_STEPS[model])
     assert ("aot_eager", True, False) in keys and ("default", False, False) in keys
@@ -193,11 +194,13 @@ def test_compiled_decode_step_follows_a_weight_layout_change_and_the_training_fl
 
 
 def test_compiled_generation_rounds_the_cache_up_to_a_bucket_within_the_context(monkeypatch):
-    import polyglu.generation as generation
+    import polyglu.inference.compiled as generation
+    import polyglu.inference.engine as engine
 
     model = make_model(seed=5)
-    lengths, new_cache = [], model.new_cache
-    monkeypatch.setattr(model, "new_cache", lambda b, n=None: lengths.append(n) or new_cache(b, n))
+    lengths, new_cache = [], engine.new_cache
+    monkeypatch.setattr(engine, "new_cache", lambda m, b, n: lengths.append(n) or new_cache(m, b, n))
+    monkeypatch.setattr(engine, "_CACHES", engine.weakref.WeakKeyDictionary())  # no cache kept from before
     monkeypatch.setattr(generation, "COMPILED_CACHE_BUCKET", 16)
     outputs = [generate(model, [prompt], 5, eos_token_id=[], compile=compile, return_logits=True)
                for prompt in (PROMPTS[0], PROMPTS[2]) for compile in (False, "eager")]
@@ -450,7 +453,7 @@ def test_cli_generate(model_dir, capsys):
 
 
 def test_cli_generate_compile_flag_reaches_generate(model_dir, capsys, monkeypatch):
-    import polyglu.generation as generation
+    import polyglu.inference as generation
 
     seen, real = [], generation.generate
     monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
@@ -483,14 +486,15 @@ def test_decode_step_keeps_cache_tensors_at_their_addresses(tiny_config):
     torch.manual_seed(0)
     model = PolychromaticLM(tiny_config).eval()
     ids = torch.randint(0, tiny_config.vocab_size, (2, 5))
-    cache = model.new_cache(2, 12)
+    cache = KVCache.for_model(model, 2, 12)
     with torch.no_grad():
         model(ids, cache=cache)
-        addresses = [s.total.data_ptr() for s in cache.pool] + [k.data_ptr() for k in cache.keys]
-        before = [s.total.clone() for s in cache.pool]
+        addresses = [t.data_ptr() for t in cache.static_tensors()]
+        before = [cache.pool_state(i).total.clone() for i in range(tiny_config.n_layers)]
         model.decode_step(ids[:, -1:], cache)
-    assert [s.total.data_ptr() for s in cache.pool] + [k.data_ptr() for k in cache.keys] == addresses
-    assert any(not torch.equal(a, s.total) for a, s in zip(before, cache.pool))  # the sums did advance
+    assert [t.data_ptr() for t in cache.static_tensors()] == addresses
+    after = [cache.pool_state(i).total for i in range(tiny_config.n_layers)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the running pool sums did advance
 
 
 def test_generate_leaves_the_weight_layout_alone(tiny_config):
@@ -499,3 +503,103 @@ def test_generate_leaves_the_weight_layout_alone(tiny_config):
     before = {name: p.stride() for name, p in model.named_parameters()}
     generate(model, torch.randint(0, tiny_config.vocab_size, (1, 4)), max_new_tokens=3)
     assert {name: p.stride() for name, p in model.named_parameters()} == before
+
+
+def test_reading_the_device_every_few_steps_gives_the_same_results():
+    """Sampled ids stay on the device and the host reads them every `sync_every` steps: EOS, stop
+    strings (found mid-stretch, what a row decodes after them discarded), compaction and the stream
+    give what reading every step gives."""
+    tokenizer = load_tokenizer("byte")
+    model = make_model(seed=3)
+    free = generate(model, PROMPTS, 12, eos_token_id=[], tokenizer=tokenizer)
+    eos = int(free.tokens[1, 2])
+    stop = tokenizer.decode(free.tokens[0, 5:7].tolist())
+    outputs, streams = [], []
+    for sync_every in (1, 4, 5, 100):
+        seen = []
+        out = generate(model, PROMPTS, 12, eos_token_id=eos, tokenizer=tokenizer, stop_strings=[stop],
+                       return_logits=True, sync_every=sync_every,
+                       stream=lambda tokens, emitted, seen=seen: seen.append((tokens.clone(), emitted.clone())))
+        outputs.append(out)
+        streams.append(seen)
+    assert outputs[0].finished[0] and outputs[0].finished[1]  # both stops happen
+    for out, seen in zip(outputs[1:], streams[1:]):
+        assert_same_generation(out, outputs[0])
+        assert out.texts == outputs[0].texts and torch.equal(out.finished, outputs[0].finished)
+        assert len(seen) == len(streams[0])
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen, streams[0]))
+    with pytest.raises(ValueError, match="sync_every must be >= 1"):
+        generate(model, PROMPTS, 2, sync_every=0)
+
+
+def test_engine_yields_one_step_per_token_and_generate_collects_them():
+    from polyglu.inference import Engine, Sampling
+
+    model = make_model(seed=4)
+    out = generate(model, PROMPTS, 6, eos_token_id=[])
+    steps = list(Engine(model).steps(PROMPTS, 6, sampling=Sampling(), pad_token_id=0))
+    assert [s.index for s in steps] == list(range(6))
+    assert torch.equal(torch.stack([s.tokens for s in steps], 1), out.tokens)
+    assert all(s.emitted.all() and not s.stopped.any() for s in steps)
+    # a consumer that stops early leaves the engine cleanly (the cache goes back to the pool)
+    first = next(iter(Engine(model).steps(PROMPTS, 6)))
+    assert torch.equal(first.tokens, out.tokens[:, 0])
+
+
+def test_compiled_generations_of_one_shape_reuse_one_cache(monkeypatch):
+    """One cache per (batch, length) kept per model and reset in place: a second compiled generation
+    of that shape decodes into the same tensors (what CUDA graphs replay) and gives the same tokens."""
+    import polyglu.inference.engine as engine
+
+    monkeypatch.setattr(engine, "_CACHES", engine.weakref.WeakKeyDictionary())
+    made, new_cache = [], engine.new_cache
+    monkeypatch.setattr(engine, "new_cache", lambda m, b, n: made.append(new_cache(m, b, n)) or made[-1])
+    model = make_model(seed=5)
+    first = generate(model, PROMPTS, 5, eos_token_id=[], return_logits=True, compile="eager")
+    addresses = [t.data_ptr() for t in made[0].static_tensors()]
+    second = generate(model, PROMPTS, 5, eos_token_id=[], return_logits=True, compile="eager")
+    assert len(made) == 1 and [t.data_ptr() for t in made[0].static_tensors()] == addresses
+    assert_same_generation(second, first, atol=0)
+    generate(model, PROMPTS[:2], 5, eos_token_id=[], compile="eager")  # another batch size: another cache
+    assert len(made) == 2
+    eager = generate(model, PROMPTS, 5, eos_token_id=[], return_logits=True)
+    assert_same_generation(first, eager)
+
+
+def test_padding_ids_of_a_padded_vocabulary_are_never_sampled():
+    """A model whose vocabulary is padded past the tokenizer's (260 byte ids -> 320) never emits a
+    padding id: greedy or sampled, with the tokenizer's size taken by default."""
+    from polyglu.inference import mask_padding
+
+    tokenizer = load_tokenizer("byte")
+    assert tokenizer.vocab_size < 320
+    model = make_model(seed=6, vocab_size=320)
+    with torch.no_grad():  # the padding rows of the head win every argmax unless masked
+        model.embed_tokens.weight[tokenizer.vocab_size:] *= 50
+    prompt = tokenizer.encode("abc")
+    unmasked = generate(model, [prompt], 8, eos_token_id=[], vocab_limit=320)
+    assert (unmasked.tokens >= tokenizer.vocab_size).any()
+    for temperature in (0.0, 50.0):
+        out = generate(model, [prompt] * 4, 40, eos_token_id=[], tokenizer=tokenizer, temperature=temperature, seed=0)
+        assert int(out.tokens.max()) < tokenizer.vocab_size
+    logits = torch.randn(2, 8)
+    masked = mask_padding(logits, 5)
+    assert torch.equal(masked[:, :5], logits[:, :5]) and torch.isinf(masked[:, 5:]).all()
+    assert mask_padding(logits, None) is logits
+    with pytest.raises(ValueError, match="vocab_limit must be >= 1"):
+        generate(model, [prompt], 2, vocab_limit=0)
+
+
+def test_text_streamer_reads_one_incremental_decoder_and_never_writes_half_a_character():
+    """The streamer decodes with the same IncrementalDecoder as the stop strings: what it writes, piece
+    by piece, is the whole text cut before the stop string, and no piece holds half a character."""
+    tokenizer = load_tokenizer("byte")
+    text = "数学 12 + 30 = 42 ✓ done"
+    ids = tokenizer.encode(text)
+    written = []
+    streamer = TextStreamer(tokenizer, write=written.append, stop_strings=["✓ d"])
+    for token in ids:
+        streamer(torch.tensor([token]), torch.tensor([True]))
+    assert streamer.finish() == "".join(written) == text[:text.index("✓ d")]
+    assert all("\ufffd" not in piece for piece in written) and len(written) > 3
+    assert isinstance(streamer.decoder, IncrementalDecoder)

@@ -44,7 +44,57 @@ def test_smoke_subset_writes_numeric_keys(tmp_path):
     report = json.loads(out.read_text())
     _check_keys(report, ["kernel", "generate"])
     assert report["kernel_max_error"] < 1e-4  # the kernel's math agrees with the reference
+    # under TRITON_INTERPRET=1 (tests/conftest.py) that is the Triton kernel CUDA trains with
+    assert report["details"]["kernel"]["kernel"] == ("triton" if suite._interpreting() else "dense")
     assert report["setup"]["smoke"] is True and report["details"]["generate"]["prompts"] == 13
+
+
+def test_smoke_training_parts_compare_and_count(tmp_path):
+    """attention, compiled_block and train at tiny shapes: every key numeric, the compiled blocks equal
+    to the eager ones (float32: loss and every gradient), nothing fell back, no graph break, no recompile after
+    warm-up, and the compile caches in the directory a next run can be given."""
+    out = tmp_path / "smoke.json"
+    suite = _load_suite()
+    assert suite.main(["--smoke", "--parts", "attention,compiled_block,train", "--out", str(out),
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = json.loads(out.read_text())
+    _check_keys(report, ["attention", "compiled_block", "train"])
+    assert set(report["attention_fwd_bwd_ms"]) == {"flex", "sdpa_masked", "sdpa_is_causal"}
+    # flex and the masked SDPA compute the same attention
+    assert max(report["details"]["attention"]["max_error_vs_float32"].values()) < 1e-4
+    assert report["compiled_block_max_rel_error"] < 1e-4  # float32 in the smoke run: loss and every gradient
+    assert report["details"]["compiled_block"]["dynamo"]["graph_breaks"] == 0
+    fallbacks = report["fallbacks"]
+    assert not fallbacks["flex_replaced_by_sdpa"] and not fallbacks["batch_halved_after_oom"]
+    assert fallbacks["recompiles_after_warmup"] == 0 and fallbacks["loss_kernel"] == "chunked"  # CPU
+    assert set(report["train_peak_memory_gib"]) == set(report["train_compile_s"]) == {"polyglu", "swiglu"}
+    assert report["details"]["train"]["batch_size"] == report["details"]["train"]["estimated_batch"]
+    assert report["setup"]["inductor_cache_dir"].startswith(str(tmp_path / "cache"))
+
+
+def test_batch_comes_from_the_memory_estimate():
+    from polyglu.config import ModelConfig
+
+    suite = _load_suite()
+    config = ModelConfig.from_preset("paper-600m")
+    batch, estimate = suite.estimate_batch(config, 4096, (24, 16, 12, 8, 4, 2, 1), 72 * 2**30)
+    assert 597_000_000 < estimate["parameters"] < 598_000_000
+    assert estimate["estimated_gib"] <= 72  # fits the free memory it was given ...
+    bigger = suite.estimate_batch(config, 4096, (24, 16, 12, 8, 4, 2, 1), 140 * 2**30)[0]
+    assert bigger > batch >= 2  # ... and more memory, a larger batch
+    # with twice the tokens per sequence the batch at most halves
+    assert suite.estimate_batch(config, 8192, (24, 16, 12, 8, 4, 2, 1), 72 * 2**30)[0] <= max(1, batch // 2)
+
+
+def test_evaluation_parts_are_opt_in(tmp_path):
+    suite = _load_suite()
+    out = str(tmp_path / "x.json")
+    assert suite.parse_args(["--out", out]).parts == list(suite.DEFAULT_PARTS)
+    assert not set(suite.DEFAULT_PARTS) & set(suite.EVAL_PARTS)
+    assert suite.parse_args(["--out", out, "--with-eval"]).parts == list(suite.DEFAULT_PARTS + suite.EVAL_PARTS)
+    assert suite.parse_args(["--out", out, "--parts", "decode"]).parts == ["decode"]
+    assert suite.parse_args(["--out", out]).max_total_s == 420
+    assert sum(suite.full_shapes("cuda").budgets_s[p] for p in suite.DEFAULT_PARTS) <= 420
 
 
 def test_a_failing_part_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
@@ -83,7 +133,7 @@ def test_attended_pairs_count_inside_documents():
 @pytest.mark.slow
 def test_full_smoke_run_has_every_key(tmp_path):
     out = tmp_path / "smoke.json"
-    subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(out)], check=True, timeout=600,
+    subprocess.run([sys.executable, str(SUITE), "--smoke", "--with-eval", "--out", str(out)], check=True, timeout=600,
                    capture_output=True)
     report = json.loads(out.read_text())
     suite = _load_suite()

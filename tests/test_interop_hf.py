@@ -99,7 +99,7 @@ def test_generate_uses_cache_and_matches_uncached_loop(tiny_config):
 
 
 def test_generate_matches_polyglu_generate(tiny_config):
-    generation = pytest.importorskip("polyglu.generation")
+    generation = pytest.importorskip("polyglu.inference")
     model = _model(tiny_config)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 6))
     ours = generation.generate(model, ids, 10, eos_token_id=[])
@@ -313,7 +313,7 @@ def test_base_model_returns_hidden_states(tiny_config):
 
 def _hf_and_polyglu(wrapper, model, ids, mask, seed: int, **sampling):
     """(cached HF, uncached HF, polyglu.generate) token continuations, each drawn after the same seed."""
-    from polyglu.generation import generate
+    from polyglu.inference import generate
 
     steps = 10
     hf = dict(max_new_tokens=steps, do_sample=True, top_p=1.0, pad_token_id=0, **sampling)
@@ -345,7 +345,7 @@ def test_sampling_with_a_seed_matches_uncached_and_polyglu_generate(tiny_config,
 
 
 def test_left_padded_greedy_batch_matches_polyglu_generate(tiny_config):
-    from polyglu.generation import generate
+    from polyglu.inference import generate
 
     model = _model(tiny_config)
     wrapper = PolychromaticForCausalLM.from_polyglu(model)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from polyglu import ModelConfig, PolychromaticLM
+from polyglu.inference.cache import KVCache
 from polyglu.model.parameters import parameter_counts
 
 
@@ -89,7 +90,7 @@ def test_cached_chunks_treat_a_returning_id_as_a_new_document(tiny_config, chunk
     model = _model(tiny_config).eval()
     ids = torch.randint(0, 97, (2, 9))
     full = _forward(model, ids, RETURNING_ID.expand(2, 9))
-    cache = model.new_cache(2, 16)
+    cache = KVCache.for_model(model, 2, 16)
     outs, start = [], 0
     for n in chunks:
         outs.append(model(ids[:, start:start + n], RETURNING_ID.expand(2, 9)[:, start:start + n], cache=cache).logits)
@@ -113,7 +114,7 @@ def test_cached_forward_matches_full_forward(tiny_config, chunks):
     model = _model(tiny_config).eval()
     ids = torch.randint(0, 97, (2, sum(chunks)))
     full = _forward(model, ids)
-    cache = model.new_cache(2, 32)
+    cache = KVCache.for_model(model, 2, 32)
     outs, start = [], 0
     for n in chunks:
         outs.append(model(ids[:, start:start + n], cache=cache).logits)
@@ -126,7 +127,7 @@ def test_cache_with_left_padding_document(tiny_config):
     model = _model(tiny_config).eval()
     prompt = torch.randint(0, 97, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
-    cache = model.new_cache(1, 16)
+    cache = KVCache.for_model(model, 1, 16)
     out = model(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]]), cache=cache).logits[:, 3:]
     torch.testing.assert_close(out, _forward(model, prompt), atol=1e-5, rtol=1e-5)
     nxt = torch.randint(0, 97, (1, 1))
@@ -142,7 +143,7 @@ def test_decode_step_matches_full_forward_after_padded_and_packed_prefill(tiny_c
     P, steps = 9, 6
     doc_ids = torch.cat([torch.tensor([[-1, -1, -1, 0, 0, 0, 0, 0, 0]]), RETURNING_ID, torch.zeros(1, 9).long()])
     ids = torch.randint(0, 97, (3, P + steps))
-    cache = model.new_cache(3, P + steps)
+    cache = KVCache.for_model(model, 3, P + steps)
     model(ids[:, :P], doc_ids, cache=cache)
     logits = torch.stack([model.decode_step(ids[:, t:t + 1], cache) for t in range(P, P + steps)], 1)
     first_of_last_document = [3, 6, 0]
@@ -157,7 +158,7 @@ def test_decode_step_matches_full_forward_after_padded_and_packed_prefill(tiny_c
 def test_decode_step_on_an_empty_cache_starts_at_position_zero(tiny_config):
     model = _model(tiny_config).eval()
     ids = torch.randint(0, 97, (2, 4))
-    cache = model.new_cache(2, 8)
+    cache = KVCache.for_model(model, 2, 8)
     logits = torch.stack([model.decode_step(ids[:, t:t + 1], cache) for t in range(4)], 1)
     torch.testing.assert_close(logits, _forward(model, ids), atol=1e-5, rtol=1e-5)
 
@@ -165,7 +166,7 @@ def test_decode_step_on_an_empty_cache_starts_at_position_zero(tiny_config):
 def test_sequence_pool_refuses_cache(tiny_config):
     model = _model(tiny_config, routing_pool="sequence").eval()
     with pytest.raises(ValueError, match="non-causal"):
-        model(torch.randint(0, 97, (1, 4)), cache=model.new_cache(1, 8))
+        model(torch.randint(0, 97, (1, 4)), cache=KVCache.for_model(model, 1, 8))
 
 
 def test_too_long_input_is_an_error(tiny_config):
@@ -243,3 +244,56 @@ def test_decode_layout_keeps_values_parameters_and_state_dict(tiny_config, tmp_p
     model.save_pretrained(tmp_path / "m")
     loaded = PolychromaticLM.from_pretrained(tmp_path / "m")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+# ---- SDPA with a mask on CUDA: never the math backend
+
+
+def test_masked_gqa_attention_on_cuda_repeats_kv_heads(monkeypatch):
+    """On CUDA SDPA takes a mask together with enable_gqa only in its math backend (fp32 scores per
+    head); with a mask the K/V heads are repeated and enable_gqa is not passed. Same values."""
+    from polyglu.model import attention
+
+    B, H, Hkv, T, hd = 2, 4, 2, 6, 8
+    q, k, v = torch.randn(B, H, T, hd), torch.randn(B, Hkv, T, hd), torch.randn(B, Hkv, T, hd)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append((k.shape[1], kwargs))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    on_cuda = attention._sdpa(q, k, v, mask, False, H // Hkv, device_type="cuda")
+    assert calls[-1][0] == H and "enable_gqa" not in calls[-1][1]  # repeated heads, no GQA flag
+    on_cpu = attention._sdpa(q, k, v, mask, False, H // Hkv)  # CPU: grouped heads, no copies
+    assert calls[-1][0] == Hkv or not attention._SDPA_HAS_GQA
+    causal = attention._sdpa(q, k, v, None, True, H // Hkv, device_type="cuda")  # no mask: flash takes GQA
+    assert calls[-1][0] == Hkv or not attention._SDPA_HAS_GQA
+    torch.testing.assert_close(on_cuda, on_cpu)
+    torch.testing.assert_close(on_cuda, causal)  # the mask above is the causal one
+
+
+def test_positions_are_checked_without_a_host_sync_in_training(model):
+    """A packed chunk no longer than max_seq_len has positions < max_seq_len: the forward reads nothing
+    on the host for the check (a sync per step on CUDA); a longer chunk is still checked."""
+    T = model.config.max_seq_len
+    ids = torch.zeros(1, T, dtype=torch.long)
+    doc_ids = torch.zeros(1, T, dtype=torch.long)
+    real_max = torch.Tensor.max
+    reads = []
+
+    def counting_max(self, *args, **kwargs):
+        reads.append(self.dtype)
+        return real_max(self, *args, **kwargs)
+
+    with torch.no_grad():
+        torch.Tensor.max = counting_max
+        try:
+            model(ids, doc_ids, compute_logits=False)
+        finally:
+            torch.Tensor.max = real_max
+    assert torch.long not in reads
+    with pytest.raises(ValueError, match="beyond max_seq_len"):
+        model(torch.zeros(1, T + 1, dtype=torch.long), torch.zeros(1, T + 1, dtype=torch.long))

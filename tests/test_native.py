@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from polyglu import PolychromaticLM, generate
-from polyglu.model import fused, native
-from polyglu.model.polyglu import PolyGLU, PoolState, mixed_activation_reference
+from polyglu.inference.cache import KVCache
+from polyglu.model import native, small_inference
+from polyglu.model.polyglu import PolyGLU, PoolState, mixed_activation, mixed_activation_reference
 
 ALL_NATIVE = native.NATIVE_ACTIVATIONS
 DEFAULT = ("relu", "tanh", "silu", "gelu")
@@ -129,7 +130,7 @@ def test_small_inference_takes_the_kernel_only_where_it_computes_the_same(kernel
             K = len(activations)
             inputs = (gate.to(dtype), up.to(dtype), alpha[:, :K].to(dtype), dynamic[..., :K].to(dtype),
                       None if noise is None else noise[..., :K], tau, activations, hard)
-            got = fused.mixed_activation_fused(*inputs)
+            got = mixed_activation(*inputs)
             assert (spy.calls == ["mixed_activation"]) == taken, (activations, hard, noise is not None, dtype)
             torch.testing.assert_close(got, mixed_activation_reference(*inputs), atol=2e-6, rtol=1e-5)
 
@@ -225,7 +226,7 @@ def test_generation_with_the_kernels_equals_generation_without(kernels, monkeypa
     sequence = torch.cat([prompts, native_out.tokens], 1)
     with torch.no_grad():  # cached (native) logits == an uncached (eager) forward over the whole sequence
         monkeypatch.setattr(native, "_kernels", kernels)
-        cache = model.new_cache(2, 20)
+        cache = KVCache.for_model(model, 2, 20)
         prefix = model(sequence[:, :6], cache=cache).logits
         steps = [model(sequence[:, t:t + 1], cache=cache).logits for t in range(6, 14)]
         cached = torch.cat([prefix, *steps], 1)
@@ -379,3 +380,37 @@ def test_build_kernels_command_builds_into_an_empty_cache(fresh_native):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(native.library_path()) and native.library_path().exists()
     assert "compiling the CPU kernels" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# one function chooses; its choice shows in repr and in the logs
+
+
+def test_one_function_chooses_the_small_path_and_says_so(kernels, monkeypatch, caplog):
+    monkeypatch.setattr(small_inference, "_logged", set())
+    x = torch.randn(1, 1, 32)
+    gate, up, alpha, dynamic = torch.randn(1, 1, 48), torch.randn(1, 1, 48), torch.randn(48, 4), torch.randn(1, 1, 4)
+    tensors = (gate, up, alpha, dynamic, None)
+    with torch.no_grad(), caplog.at_level("INFO", logger="polyglu.model.small_inference"):
+        assert small_inference.choose(tensors, DEFAULT, hard=False, noisy=False) == "native"
+        assert small_inference.choose(tensors, DEFAULT, hard=True, noisy=False) == "eager"
+        assert small_inference.choose(tensors, ("relu", "softplus"), hard=False, noisy=False) == "eager"
+        assert small_inference.choose((x,), DEFAULT, hard=False, noisy=False, decode=True) == "native-decode"
+        assert small_inference.choose((x.double(),), DEFAULT, hard=False, noisy=False, decode=True) is None
+        small_inference.choose(tensors, DEFAULT, hard=False, noisy=False)  # logged once per path
+    assert [r.getMessage().split(" path")[0] for r in caplog.records] == [
+        f"polyglu: small inference calls take the {path}" for path in ("native", "eager", "native-decode")]
+    with torch.enable_grad():  # gradients needed: the fused kernels, not an override
+        assert small_inference.choose((gate.requires_grad_(), up), DEFAULT, hard=False, noisy=False) is None
+    assert "small_inference='native'" in repr(PolyGLU(32, 48, gate_hidden=8))
+    assert "small_inference='eager (softplus: no native code)'" in repr(
+        PolyGLU(32, 48, activations=("relu", "softplus"), gate_hidden=8))
+    monkeypatch.setattr(native, "_kernels", None)
+    assert "small_inference='eager (native kernels unavailable)'" in repr(PolyGLU(32, 48, gate_hidden=8))
+    monkeypatch.setenv("POLYGLU_NATIVE", "0")
+    assert small_inference.describe(DEFAULT) == "eager (POLYGLU_NATIVE=off)"
+    monkeypatch.setattr(native, "_kernels", native._UNTRIED)
+    assert small_inference.describe(DEFAULT) == "eager (POLYGLU_NATIVE=off)"
+    monkeypatch.setenv("POLYGLU_NATIVE", "auto")
+    assert small_inference.describe(DEFAULT) == "native (built on first use)"
+    assert native._kernels is native._UNTRIED  # describing builds nothing

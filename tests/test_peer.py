@@ -39,7 +39,7 @@ def test_lockstep_decode_shares_every_common_weight_and_times_each_step():
     models = peer.build_models(args)
     polyglu = models["polyglu"]
     seen = {}
-    from polyglu import generation
+    from polyglu import inference as generation
 
     class Recording(generation.DecodeStep):
         def __init__(self, model, compile=False):

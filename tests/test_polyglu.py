@@ -182,7 +182,7 @@ def test_one_token_routing_continues_the_state_in_place_and_equals_the_full_forw
 def test_a_decode_steps_shared_restart_flags_and_counts_equal_the_positions_own():
     """KVCache.step_view hands every layer the step's restart flags and counts (computed once); the
     running sums are the cache's own tensors, and the cache's states never keep a step's values."""
-    from polyglu.model.cache import KVCache
+    from polyglu.inference.cache import KVCache
 
     block = _randomise_routing(PolyGLU(16, 24, gate_hidden=8)).eval()
     config = ModelConfig.from_preset("debug", d_model=16, d_ff=24, gate_hidden=8, n_layers=1)

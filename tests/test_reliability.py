@@ -251,6 +251,18 @@ CASES = {
         "manifest/tokenizer mismatch: shard-00000.bin and the other shards were prepared with byte (vocab 260), "
         "but the model uses"),
     "train-shards-of-another-tokenizer": (_train_other_tokenizer, "but the run uses"),
+    "max-new-tokens-with-long-prompt": (
+        lambda ws: ["generate", str(ws / "model"), "--prompt", "x" * 40, "--max-new-tokens", "10"],
+        "--max-new-tokens 10 does not fit the model context of 48 tokens with the prompt's 40 tokens; use at most 8"),
+    "override-unknown-key": (lambda ws: _yaml(ws, "ok.yaml", b"train:\n  lr: 1.0e-3\n") + ["train.max_step=3"],
+                             "command-line override train.max_step=3: unknown config key 'train.max_step'"),
+    "sft-seq-len-over-context": (
+        lambda ws: ["sft", f"run_dir={ws / 'sft'}", f"init_from={ws / 'model'}", "train.max_steps=1"],
+        "data.seq_len=256 is longer than the context of init_from"),
+    "sft-tokenizer-of-another-model": (
+        lambda ws: ["sft", f"run_dir={ws / 'sft'}", f"init_from={ws / 'model'}", "data.seq_len=16",
+                    f"data.tokenizer={ws / 'bpe_model' / 'tokenizer'}", "train.max_steps=1"],
+        "is not the tokenizer of init_from"),
     "shard-checksum-mismatch": (_damaged_shard, "shard-00000.bin: contents differ from the manifest's sha256"),
     "shard-ids-outside-model-vocab": (_big_vocab_shards,
                                       "shard-00000.bin: token id 4000 at token offset 3 is >= the size 260 of the "
@@ -277,6 +289,8 @@ def test_bad_input_gets_one_line_and_changes_nothing(case, ws, capsys):
     assert len(lines) == 1, f"{case}: expected one line, got:\n{err}"
     assert expected in lines[0], lines[0]
     after = _snapshot(ws)
+    if case.startswith("sft-"):
+        assert not (ws / "sft").exists(), f"{case}: the refused run left its directory"
     assert {k: v for k, v in after.items() if k in before} == before, f"{case}: changed a pre-existing file"
     # the documented table lists this case with the message the user gets
     row = next((r for r in DOC.read_text().splitlines() if r.startswith(f"| `{case}` |")), None)
@@ -293,12 +307,13 @@ def test_every_documented_row_is_tested():
 # rows of the table kept true by other test files (accepted inputs, or run-directory cases)
 TESTED_ELSEWHERE = {"yaml-exponent-float", "copied-prepared-directory", "held-out-split-document-boundary",
                     "input-edited-in-the-middle", "shard-replaced-large-data", *(
-                        re.findall(r"^\| `([a-z0-9-]+)` \|.*\| test_(?:train_rundir|native|faults)\.py::\w+ \|$",
+                        re.findall(r"^\| `([a-z0-9-]+)` \|.*\| test_(?:train_rundir|native|compiler|fused|train|cli|faults)\.py::\w+ \|$",
                                    DOC.read_text(), flags=re.M))}
 
 
 @pytest.mark.parametrize("file, at_least", [("test_train_rundir.py", 10), ("test_native.py", 5),
-                                            ("test_faults.py", 5)])
+                                            ("test_compiler.py", 1), ("test_fused.py", 2), ("test_train.py", 1),
+                                            ("test_cli.py", 1), ("test_faults.py", 5)])
 def test_rows_kept_by_other_files_name_existing_tests(file, at_least):
     """Each run-directory or native-kernel row names a test of its file that exists."""
     names = re.findall(rf"\| {re.escape(file)}::(\w+) \|$", DOC.read_text(), flags=re.M)

@@ -1,6 +1,7 @@
 """Trainer: schedules, parameter groups, chunked loss, exact resume, crash safety, non-finite steps."""
 
 import contextlib
+import itertools
 import json
 import math
 
@@ -192,6 +193,24 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
     from polyglu import load_model
 
     load_model(found[-1][1])  # a checkpoint is a model directory
+
+
+def test_checkpoints_by_time_as_well_as_by_steps(tmp_path, monkeypatch):
+    """checkpoint_minutes: a save whenever that much time passed, whatever checkpoint_every says."""
+    import polyglu.train.trainer as trainer_module
+
+    clock = itertools.count(0, 40)  # each reading of the clock: 40 s later
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: float(next(clock)))
+    config = _config(tmp_path / "run", max_steps=6, checkpoint_every=100, keep_checkpoints=10,
+                     checkpoint_minutes=1.0)
+    _trainer(config).fit()
+    saved = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")]
+    assert saved[-1] == 6 and len(saved) >= 3 and saved != [6]  # timed saves before the final one
+    config = _config(tmp_path / "steps", max_steps=6, checkpoint_every=100, checkpoint_minutes=None)
+    _trainer(config).fit()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "steps")] == [6]
+    with pytest.raises(ConfigError, match="train.checkpoint_minutes must be positive"):
+        _config(tmp_path / "bad", checkpoint_minutes=0)
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):

@@ -74,3 +74,19 @@ def test_two_processes_match_one(tmp_path):
     a, b = load_model(tmp_path / "single/final"), load_model(tmp_path / "ddp/final")
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cuda_without_an_index_is_the_local_rank_device(monkeypatch):
+    """`--device cuda` under torchrun: the process's own GPU, cuda:LOCAL_RANK (torch.cuda.set_device
+    refuses a device without an index). torch.cuda mocked: no GPU needed."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for device in ("cuda", None):
+        context = DistributedContext.from_env(device)
+        assert context.device == torch.device("cuda", 3) and chosen[-1] == torch.device("cuda", 3)
+        assert chosen[-1].index is not None
+    assert DistributedContext.from_env("cuda:1").device == torch.device("cuda", 1)  # an explicit index stays
+    assert DistributedContext.from_env("cpu").device == torch.device("cpu")

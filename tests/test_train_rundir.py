@@ -72,6 +72,19 @@ def test_fresh_start_on_a_finished_run_is_refused_and_changes_nothing(tmp_path):
     assert not (run / LOCK_NAME).exists()  # the refused trainer let go of the lock
 
 
+def test_a_start_that_trained_no_step_does_not_block_the_retry(tmp_path, monkeypatch):
+    """A first step that fails (here: a forward raising) leaves run_config.json; the retry starts afresh."""
+    run = tmp_path / "run"
+    trainer = _trainer(_config(run, max_steps=3))
+    monkeypatch.setattr(trainer, "_train", lambda stop_at: (_ for _ in ()).throw(RuntimeError("set-up failed")))
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        trainer.fit()
+    assert (run / "run_config.json").is_file() and not (run / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    _trainer(_config(run, max_steps=3)).fit()  # no --resume, no --overwrite needed
+    assert _steps(run) == [1, 2, 3] and [h["event"] for h in _history(run)] == ["start"]
+
+
 def test_overwrite_deletes_the_old_run_then_trains(tmp_path):
     run = tmp_path / "run"
     _trainer(_config(run, max_steps=6, checkpoint_every=2)).fit()

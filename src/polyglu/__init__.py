@@ -17,12 +17,14 @@ _EXPORTS = {
     "GLU": "polyglu.model.polyglu",
     "PolychromaticLM": "polyglu.model.transformer",
     "ModelOutput": "polyglu.model.transformer",
-    "KVCache": "polyglu.model.cache",
+    "KVCache": "polyglu.inference.cache",
     "ModelConfig": "polyglu.config",
     "ConfigError": "polyglu.config",
     "load_model": "polyglu.loading",
     "CheckpointError": "polyglu.model_io",
-    "generate": "polyglu.generation",
+    "generate": "polyglu.inference",
+    "GenerationOutput": "polyglu.inference",
+    "TextStreamer": "polyglu.inference",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -42,9 +44,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover  # noqa: F401 (re-exports for type checkers)
     from polyglu.config import ConfigError, ModelConfig  # noqa: F401
-    from polyglu.generation import generate  # noqa: F401
+    from polyglu.inference import GenerationOutput, TextStreamer, generate  # noqa: F401
+    from polyglu.inference.cache import KVCache  # noqa: F401
     from polyglu.loading import load_model  # noqa: F401
-    from polyglu.model.cache import KVCache  # noqa: F401
     from polyglu.model.polyglu import GLU, PolyGLU, SwiGLU  # noqa: F401
     from polyglu.model.transformer import ModelOutput, PolychromaticLM  # noqa: F401
     from polyglu.model_io import CheckpointError  # noqa: F401

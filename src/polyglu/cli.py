@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = _unwind_on_sigterm()
     try:
         check_utf8_arguments(argv)
+        from polyglu.commands.common import check_device_argument
+
+        check_device_argument(getattr(args, "device", None))  # every verb with --device, before any work
         result = module.run(args)
     except (CommandError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"polyglu {args.verb}: error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ checked key by key: an unknown or mistyped key is an error that names it, never 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -24,7 +25,9 @@ ROUTING_POOLS = ("causal", "sequence", "token")
 EVAL_ROUTING = ("soft", "hard")
 MIXED_IMPLS = ("auto", "fused", "reference")
 ROUTING_MODES = ("full", "static", "dynamic")
-ATTENTION_BACKENDS = ("sdpa", "flex")
+# whose dynamic routing logits: one K-vector per layer (the paper) or one per neuron (rank-r map)
+ROUTING_SCOPES = ("layer", "neuron")
+ATTENTION_BACKENDS = ("sdpa", "flex", "auto")
 # Pools whose value at position t reads only positions <= t. Any other pool (the original "sequence",
 # or one added to ROUTING_POOLS and not here) counts as non-causal: generation recomputes it every
 # step instead of decoding it wrongly with a cache.
@@ -294,10 +297,15 @@ class ModelConfig:
     mixed_impl: str = "auto"
     # "full" routing (alpha + beta * gate_net); ablations: "static" (alpha only), "dynamic" (alpha = 0)
     routing_mode: str = "full"
-    # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, or "flex"
-    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5); without doc_ids both use
-    # SDPA's is_causal (flash on GPU)
-    attention_backend: str = "sdpa"
+    # dynamic logits shared by the layer's neurons ("layer", the paper) or per neuron ("neuron":
+    # gate_net outputs routing_rank values, a (d_ff, K, routing_rank) map turns them into (d_ff, K))
+    routing_scope: str = "layer"
+    routing_rank: int = 4
+    # attention on packed documents (doc_ids): "sdpa" with a dense (T x T) mask, "flex"
+    # (FlexAttention with a document-causal BlockMask, PyTorch >= 2.5), or "auto": flex for packed
+    # training on CUDA (uncached, autograd on), sdpa elsewhere; without doc_ids all use SDPA's
+    # is_causal (flash on GPU)
+    attention_backend: str = "auto"
     init_std: float = 0.02
     pad_token_id: int | None = None
     eos_token_id: int | None = None
@@ -306,7 +314,7 @@ class ModelConfig:
         if isinstance(self.activations, list):
             self.activations = tuple(self.activations)
         for name in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "max_seq_len", "gate_hidden"):
+                     "max_seq_len", "gate_hidden", "routing_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -325,6 +333,10 @@ class ModelConfig:
         _check_choice("eval_routing", self.eval_routing, EVAL_ROUTING)
         _check_choice("mixed_impl", self.mixed_impl, MIXED_IMPLS)
         _check_choice("routing_mode", self.routing_mode, ROUTING_MODES)
+        _check_choice("routing_scope", self.routing_scope, ROUTING_SCOPES)
+        if self.routing_scope == "neuron" and self.routing_mode == "static":
+            raise ConfigError("ModelConfig.routing_scope='neuron' needs dynamic routing; routing_mode='static' has "
+                              "none (use routing_scope='layer')")
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.attention_backend == "flex":
             _require_flex_attention()
@@ -471,7 +483,7 @@ class TrainSection:
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 2000
+    warmup_steps: int = 100  # a tenth of the default max_steps (paper-600m.yaml: 2000 of its steps)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -486,12 +498,21 @@ class TrainSection:
     eval_batches: int = 8
     routing_stats_every: int = 100
     checkpoint_every: int = 500
+    # also save when this many minutes passed since the last save (None: by steps only), so that a crash
+    # or a kill loses minutes, not the run, whatever the speed of a step
+    checkpoint_minutes: float | None = 10.0
     keep_checkpoints: int = 3
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
     loss_chunk_size: int = 2048
+    # the loss kernel: "auto" (liger-kernel's fused linear cross-entropy for training on CUDA when the
+    # [gpu] extra is installed, else chunked), "chunked", "fused"; see polyglu.train.loss
+    loss_kernel: Literal["auto", "chunked", "fused"] = "auto"
+    # pad the head to a multiple of this many rows inside the fused loss (128 on GPUs: aligned tiles
+    # for an odd vocabulary); pad logits masked; the model and its checkpoints keep their vocabulary
+    vocab_pad_multiple: int | None = None
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     threads: int | None = None  # CPU threads (default: torch's)
     progress: bool = True
@@ -512,8 +533,12 @@ class TrainSection:
             value = self.betas[int(name[6])] if name.startswith("betas") else getattr(self, name)
             if not math.isfinite(value):
                 raise ConfigError(f"train.{name} must be a finite number, got {value}")
+        if self.vocab_pad_multiple is not None and self.vocab_pad_multiple <= 0:
+            raise ConfigError(f"train.vocab_pad_multiple must be positive or null, got {self.vocab_pad_multiple}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ConfigError(f"train.checkpoint_minutes must be positive (or null), got {self.checkpoint_minutes}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise ConfigError("train.tau_start and train.tau_end must be positive")
         if self.threads is not None and self.threads <= 0:
@@ -561,7 +586,13 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     data = load_mapping(path) if path is not None else {}
     for key, value in defaults.items():
         data.setdefault(key, value)
-    for item in overrides or []:
+    overrides = list(overrides or [])
+    if overrides:  # the file alone first: an error the command line introduced is blamed on it
+        try:
+            dataclass_from_dict(cls, copy.deepcopy(data))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    for item in overrides:
         # an override inside a mapping-valued section the file does not have (`model.d_model=128`
         # with no `model:`) refines that section's default ({"preset": "debug"}), not an empty one
         top = item.split("=", 1)[0].strip().split(".")[0]
@@ -573,7 +604,20 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     try:
         return dataclass_from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(f"{_command_line_culprit(str(e), overrides)}: {e}") from None
+
+
+def _command_line_culprit(message: str, overrides: list[str]) -> str:
+    """'command-line override KEY=VALUE' for the override whose key the error names, else all of them."""
+    import re
+
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    named = [item for item, key in zip(overrides, keys) if f"'{key}'" in message]  # as the key errors quote it
+    if not named:  # a value error names the field: 'ModelConfig.n_heads (3) must be ...'
+        named = [item for item, key in zip(overrides, keys)
+                 if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", message.split(" (known keys:")[0])]
+    chosen = named or overrides
+    return f"command-line override{'s' if len(chosen) > 1 else ''} {' '.join(chosen)}"
 
 
 def _mapping_default(cls: type, name: str) -> dict[str, Any] | None:

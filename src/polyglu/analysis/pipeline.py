@@ -7,10 +7,12 @@ DIR/report.html. What `polyglu analyze` and the demo's report run.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from polyglu.analysis.data import load_token_batches
 from polyglu.analysis.plots import render_plots
@@ -31,10 +33,12 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
                          run_dir: str | Path | None = None, *, max_tokens: int = 32_768,
                          evolution_tokens: int = 8_192, seq_len: int | None = None, batch_size: int | None = None,
                          tokenizer: str | None = None, text_field: str = "text", device: str | None = None,
-                         dtype: str = "float32", log: Callable[..., Any] = print) -> dict[str, Any]:
+                         dtype: str = "float32", log: Callable[..., Any] = print,
+                         progress: bool | None = None) -> dict[str, Any]:
     """Analyse the model in `model_dir` on `datasets` ({name: token shard directory or .jsonl/.txt}) and,
     with `run_dir`, across that run's checkpoints and metrics; write the JSON, figures and report to
-    `out_dir`. Returns the analysis dict."""
+    `out_dir`. Returns the analysis dict. `progress`: bars per dataset and over the checkpoints (None:
+    on a terminal only, False: never)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     # soft routing whatever the saved eval mode: hard one-hot weights would have zero entropy
@@ -64,7 +68,12 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
         n_tokens = sum(ids.numel() for ids, _ in batches[name])
         log(f"{name}: {n_tokens:,} tokens from {path}")
 
-    analysis = analyze_model(model, batches, max_tokens)
+    disable = None if progress is None else not progress
+    with ExitStack() as bars:
+        ticking = {name: _Ticking(b, bars.enter_context(tqdm(total=len(b), desc=f"analyze {name}", unit="batch",
+                                                                disable=disable)))
+                   for name, b in batches.items()}
+        analysis = analyze_model(model, ticking, max_tokens)
     analysis["source"] = {"model": str(model_dir), "data": specs, "seq_len": seq_len, "device": device,
                           "dtype": dtype}
     del model
@@ -79,7 +88,10 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
         if checkpoints:
             first = next(iter(batches.values()), None)
             log(f"evolution: {len(checkpoints)} checkpoints in {run_dir}")
-            analysis["evolution"] = checkpoint_evolution(run_dir, first, evolution_tokens, device=device)
+            with tqdm(total=len(checkpoints) * len(first or ()), desc="analyze checkpoints", unit="batch",
+                      disable=disable) as bar:
+                analysis["evolution"] = checkpoint_evolution(run_dir, _Ticking(first, bar) if first else None,
+                                                             evolution_tokens, device=device)
         if (run_dir / METRICS_NAME).is_file():
             analysis["training"] = training_curves(run_dir / METRICS_NAME)
         if not checkpoints and "training" not in analysis:
@@ -106,3 +118,15 @@ def is_analysis_output(path: Path) -> bool:
     """A file `analyze_to_directory` writes (analysis.json, report.html, a figure): what an earlier
     analysis left in the output directory, which the next one replaces."""
     return path.is_file() and (path.name in ("analysis.json", "report.html") or path.suffix == ".png")
+
+
+class _Ticking:
+    """Batches that advance a progress bar as they are read (re-iterable, as the batches are)."""
+
+    def __init__(self, batches, bar) -> None:
+        self.batches, self.bar = batches, bar
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch
+            self.bar.update(1)

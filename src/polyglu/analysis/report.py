@@ -21,6 +21,23 @@ FIGURE_CAPTIONS = {
 }
 
 
+# what each summary column means, one sentence each (shown above the table)
+COLUMN_MEANINGS = (
+    ("entropy", "mean per-neuron routing entropy at the model's τ as a percentage of ln K (100% = uniform "
+                "mix, 0% = one activation): how mixed the routing the model actually applies is."),
+    ("entropy τ=1", "the same logits divided by 1 instead of τ: how decided the logits themselves are, so a "
+                    "low entropy that is only a small τ shows up as a high value here."),
+    ("dominant", "the activation most neurons prefer (static) or most routing decisions pick (dynamic)."),
+    ("agreement", "per input, the share of a layer's neurons that pick the layer's majority activation "
+                  "(100% = the whole layer switches as one)."),
+    ("between-input var.", "the share of routing variance explained by the input alone (the layer as a whole "
+                           "switching activation from token to token)."),
+    ("between-neuron var.", "the share explained by stable differences between neurons (each neuron keeping "
+                            "its own activation whatever the input); the rest is neuron-specific reactions "
+                            "to the input."),
+)
+
+
 def pct(x: float | None) -> str:
     """A fraction as a percentage with 3 significant digits (0.0003 -> '0.03%')."""
     if x is None:
@@ -63,6 +80,11 @@ def findings(analysis: Mapping[str, Any]) -> list[str]:
         out.append(f"Dynamic routing on {name} ({dyn['tokens']:,} tokens): mean entropy {pct(mean)} of ln K "
                    f"(layers range {pct(min(entropies))} to {pct(max(entropies))}); dominant activation "
                    f"{_runs([(la['layer'], _layer_dominant(la, activations)[0]) for la in layers])}.")
+        tau1 = [layer["entropy_tau1"] for layer in layers if layer.get("entropy_tau1") is not None]
+        if tau1:
+            out.append(f"At τ = 1 the same logits on {name} have mean entropy {pct(statistics.mean(tau1))} of ln K "
+                       f"(layers {pct(min(tau1))} to {pct(max(tau1))}), against {pct(mean)} at the model's "
+                       f"τ = {analysis['model'].get('tau')}.")
         median = statistics.median(entropies)
         high = [la["layer"] for la in layers if la["entropy"] > max(3 * median, 0.05)]
         if high:
@@ -96,8 +118,8 @@ def summary_rows(analysis: Mapping[str, Any]) -> tuple[list[str], list[list[str]
     dynamic = analysis.get("dynamic") or {}
     header = ["layer", "static entropy", "static dominant"]
     for name in dynamic:
-        header += [f"{name}: entropy", f"{name}: dominant", f"{name}: between-input var.",
-                   f"{name}: agreement"]
+        header += [f"{name}: entropy", f"{name}: entropy τ=1", f"{name}: dominant", f"{name}: agreement",
+                   f"{name}: between-input var.", f"{name}: between-neuron var."]
     rows = []
     for i, layer in enumerate(static):
         act, share = _layer_dominant(layer, activations)
@@ -106,8 +128,9 @@ def summary_rows(analysis: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             d = dyn["layers"][i]
             act, share = _layer_dominant(d, activations)
             fractions = d["variance"]["fractions"]
-            row += [pct(d["entropy"]), f"{act} ({pct(share)})",
-                    pct(fractions["between_inputs"]) if fractions else "–", pct(d["agreement"])]
+            row += [pct(d["entropy"]), pct(d.get("entropy_tau1")), f"{act} ({pct(share)})", pct(d["agreement"]),
+                    pct(fractions["between_inputs"]) if fractions else "–",
+                    pct(fractions["between_neurons"]) if fractions else "–"]
         rows.append(row)
     return header, rows
 
@@ -127,12 +150,11 @@ def render_report(analysis: Mapping[str, Any], figures: Mapping[str, str | Path]
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='meta'>{html.escape(str(analysis.get('source', {}).get('model', '')))} · "
         f"activations {html.escape(', '.join(model['activations']))} · {model['n_layers']} layers · "
-        f"d_ff {model['d_ff']} · routing_pool {html.escape(model['routing_pool'])} · τ {model['tau']}</p>",
+        f"d_ff {model['d_ff']} · routing_pool {html.escape(model['routing_pool'])} · routing_scope "
+        f"{html.escape(str(model.get('routing_scope', 'layer')))} · τ {model['tau']}</p>",
         "<h2>Summary</h2>",
-        "<p class='note'>Entropies are mean per-neuron routing entropy as a percentage of ln K (100% = uniform "
-        "mix). Dominant: the activation most neurons prefer (static) or most routing decisions pick "
-        "(dynamic). Between-input var.: share of routing variance explained by the input (the layer as a "
-        "whole switching activation). Agreement: neurons picking the layer's majority activation, per input.</p>",
+        "<ul class='note'>" + "".join(f"<li><b>{html.escape(term)}</b>: {html.escape(text)}</li>"
+                                      for term, text in COLUMN_MEANINGS) + "</ul>",
         _table(header, rows),
         "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in findings(analysis)) + "</ul>",
     ]

@@ -13,6 +13,9 @@ once for the whole sequence ("sequence" pooling, g of shape (B, 1, F, K)) counts
 
 Entropies are reported in nats and as a fraction of the maximum ln K (1.0 = uniform mix over the K
 activations, 0.0 = one activation). `routing_entropy` is the one entropy function of the project.
+Dynamic routing is also read at tau = 1 (`entropy_tau1`, `variance_tau1`): the same logits, the
+same forward, divided by 1 instead of the model's tau. At a small final tau (0.1) any logits look
+near-deterministic; at tau = 1 the entropy says how decided the logits themselves are.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from polyglu.model.polyglu import PolyGLU, max_routing_entropy
-from polyglu.model.routing import routing_entropy, static_routing
+from polyglu.model.routing import routing_entropy, static_routing, weights_from_logits
 
 HISTOGRAM_BINS = 20
 FORMAT = "polyglu-analysis/1"
@@ -204,10 +207,13 @@ def dynamic_routing_stats(model: torch.nn.Module, batches: Iterable[Batch], max_
     batches: (B, T) token tensors, (input_ids, doc_ids) pairs or {"input_ids", "doc_ids"} dicts.
     The model runs in eval mode (deterministic routing; with eval_routing="hard" the weights are
     one-hot, so load with eval_routing="soft" to measure entropy). Stops after `max_tokens`.
+    Each layer's routing logits are read once and weighed twice: at the layer's tau (the routing
+    the model uses) and at tau = 1 (`entropy_tau1`, `variance_tau1`).
     """
     layers = polyglu_layers(model)
     device = next(model.parameters()).device
     accumulators = {i: RoutingAccumulator(layer.d_ff, layer.n_activations, device) for i, layer in layers}
+    at_tau1 = {i: RoutingAccumulator(layer.d_ff, layer.n_activations, device) for i, layer in layers}
     was_training = model.training
     model.eval()
     tokens = 0
@@ -216,13 +222,20 @@ def dynamic_routing_stats(model: torch.nn.Module, batches: Iterable[Batch], max_
             if max_tokens is not None and tokens >= max_tokens:
                 break
             input_ids, doc_ids = _unpack(batch)
+            context = getattr(getattr(model, "config", None), "max_seq_len", None)
+            if context is not None and input_ids.shape[-1] > context:
+                raise ValueError(f"batches of {input_ids.shape[-1]} tokens per row exceed the model context "
+                                 f"max_seq_len={context}; make them with seq_len={context} or less "
+                                 f"(load_token_batches(..., seq_len=...), polyglu analyze --seq-len)")
             input_ids = input_ids.to(device)
             doc_ids = doc_ids.to(device) if doc_ids is not None else None
-            out = model(input_ids, doc_ids, return_routing=True, compute_logits=False)
+            out = model(input_ids, doc_ids, return_routing="logits", compute_logits=False)
             T = input_ids.shape[1]
-            for i, _ in layers:
-                g = out.routing[i]  # (B, T', F, K)
-                accumulators[i].update(g, weight=T / g.shape[1])
+            for i, layer in layers:
+                logits = out.routing[i]  # (B, T', F, K), before tau
+                weight = T / logits.shape[1]
+                accumulators[i].update(weights_from_logits(logits, layer.tau, layer.eval_routing == "hard"), weight)
+                at_tau1[i].update(weights_from_logits(logits, 1.0), weight)
             tokens += input_ids.numel()
             del out
     finally:
@@ -231,8 +244,11 @@ def dynamic_routing_stats(model: torch.nn.Module, batches: Iterable[Batch], max_
         raise ValueError("dynamic_routing_stats: no tokens in the batches")
     results = []
     for i, layer in layers:
-        entry = {"layer": i, "eval_routing": layer.eval_routing}
+        entry = {"layer": i, "eval_routing": layer.eval_routing, "routing_scope": layer.routing_scope}
         entry.update(accumulators[i].result(layer.activations))
+        tau1 = at_tau1[i].result(layer.activations)
+        entry.update({"entropy_tau1": tau1["entropy"], "entropy_tau1_nats": tau1["entropy_nats"],
+                      "variance_tau1": tau1["variance"]})
         results.append(entry)
     return {"tokens": tokens, "layers": results}
 
@@ -288,8 +304,8 @@ def compare_domains(dynamic: Mapping[str, Mapping[str, Any]], reference: str | N
 
 def summarize_layers(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The per-layer scalars of a static or dynamic result, without per-neuron lists."""
-    keep = ("layer", "entropy", "entropy_nats", "shares", "preferred_shares", "pick_shares", "dominant",
-            "agreement", "neuron_consistency", "variance", "tokens")
+    keep = ("layer", "entropy", "entropy_tau1", "entropy_nats", "shares", "preferred_shares", "pick_shares",
+            "dominant", "agreement", "neuron_consistency", "variance", "variance_tau1", "tokens")
     return [{k: layer[k] for k in keep if k in layer} for layer in stats["layers"]]
 
 
@@ -298,6 +314,7 @@ def model_summary(model: torch.nn.Module) -> dict[str, Any]:
     layers = polyglu_layers(model)
     return {"ffn": c.ffn, "activations": list(c.activations) if c.ffn == "polyglu" else list(c.ffn_activations),
             "n_layers": c.n_layers, "d_model": c.d_model, "d_ff": c.d_ff, "routing_pool": c.routing_pool,
+            "routing_scope": c.routing_scope, "routing_rank": c.routing_rank if c.routing_scope == "neuron" else None,
             "eval_routing": c.eval_routing, "polyglu_layers": [i for i, _ in layers],
             "tau": _sig(layers[0][1].tau) if layers else None}
 

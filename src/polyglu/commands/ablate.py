@@ -31,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
+def routing_summary(model, batches) -> list[dict]:
+    """Per-layer validation routing of a trained variant: entropy at its tau and at tau = 1,
+    agreement, variance split (polyglu.analysis.stats)."""
+    from polyglu.analysis.stats import dynamic_routing_stats, summarize_layers
+
+    return summarize_layers(dynamic_routing_stats(model, batches))
+
+
 def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         report_ablation(config, log=log)
         return 0
     try:
-        run_ablation(config, device=args.device, log=log)
+        run_ablation(config, device=args.device, log=log, routing_stats=routing_summary)
     except TrainingError as e:
         raise CommandError(str(e)) from None
     return 0

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights dtype")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
 
 
 def parse_data_specs(spec: str | None) -> dict[str, str]:
@@ -72,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
     analyze_to_directory(args.model, parse_data_specs(args.data), args.out, run_dir=args.run,
                          max_tokens=args.max_tokens, evolution_tokens=args.evolution_tokens, seq_len=args.seq_len,
                          batch_size=args.batch_size, tokenizer=args.tokenizer, text_field=args.text_field,
-                         device=args.device, dtype=args.dtype)
+                         device=args.device, dtype=args.dtype, progress=False if args.quiet else None)
     return 0

@@ -13,10 +13,12 @@ import sys
 
 from polyglu.commands.generate import add_model_arguments, add_sampling_arguments
 
+DEFAULT_MAX_NEW_TOKENS = 256
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    add_sampling_arguments(p, max_new_tokens=256)
+    add_sampling_arguments(p, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, after="half of it (the rest holds the turns)")
     p.add_argument("--system", default=None, help="system prompt")
 
 
@@ -36,19 +38,22 @@ def fit_history(messages: list[dict], encode, budget: int) -> list[dict] | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from polyglu.commands.common import default_max_new_tokens
     from polyglu.commands.generate import check_fits_context, check_sampling_arguments
     from polyglu.data.chat import encode_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
-    from polyglu.generation import TextStreamer, generate
+    from polyglu.inference import TextStreamer, generate
     from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
     check_sampling_arguments(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    if args.max_new_tokens is None:  # a reply of up to half the context; the other half holds the turns
+        args.max_new_tokens = default_max_new_tokens(model.config.max_seq_len, cap=DEFAULT_MAX_NEW_TOKENS)
     check_fits_context(args.max_new_tokens, model)
     # one sampling stream for the whole conversation: --seed makes the session reproducible
     generator = None
     if args.seed is not None:
-        generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(args.seed)
+        generator = torch.Generator(device=model.device).manual_seed(args.seed)
     interactive = sys.stdin.isatty()
     budget = model.config.max_seq_len - args.max_new_tokens
     system = [{"role": "system", "content": args.system}] if args.system else []

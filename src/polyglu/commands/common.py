@@ -145,7 +145,7 @@ def _check_parents(target: Path, flag: str) -> None:
 def check_compile_argument(value) -> None:
     """--compile's value, checked before any model loads (a one-line error naming the choices)."""
     from polyglu.commands import CommandError
-    from polyglu.generation import check_compile
+    from polyglu.inference import check_compile
 
     try:
         check_compile(value)
@@ -168,3 +168,54 @@ def check_positive(**flags: int | float | None) -> None:
     for name, value in flags.items():
         if value is not None and not value > 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_device_argument(device: str | None) -> None:
+    """--device names a device this machine has: one line otherwise (every verb, before any work).
+    None, 'auto' and 'cpu' need no check; 'cuda' without CUDA is the common mistake."""
+    from polyglu.commands import CommandError
+
+    if device in (None, "auto", "cpu"):
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r}: not a device (expected cpu, cuda, cuda:N or auto)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+            raise CommandError(f"--device {device}: CUDA is not available ({why}); use --device cpu, "
+                               f"or a CUDA build of torch on a machine with a GPU (README, Installation)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s) "
+                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def add_quiet_argument(p) -> None:
+    """--quiet: no progress bars (they show only on a terminal anyway)."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
+
+
+def progress_disabled(args) -> bool | None:
+    """tqdm's `disable`: True with --quiet, else None (tqdm hides the bar when stderr is not a terminal)."""
+    return True if getattr(args, "quiet", False) else None
+
+
+def default_max_new_tokens(context: int, prompt_tokens: int | None = None, cap: int = 256) -> int:
+    """New tokens when --max-new-tokens is not given: at most `cap`, within the model context. With a
+    known prompt, what is left after it; for prompts not yet known (chat turns, evaluations), half the
+    context, leaving the other half to the prompt."""
+    room = context - prompt_tokens if prompt_tokens is not None else context // 2
+    return max(1, min(cap, room))
+
+
+def progress_visible(args) -> bool:
+    """Whether progress lines are shown: on a terminal and without --quiet (as the progress bars)."""
+    import sys
+
+    return not (getattr(args, "quiet", False) or getattr(args, "no_progress", False)) and sys.stderr.isatty()

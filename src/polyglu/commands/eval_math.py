@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from polyglu.commands.common import add_compile_argument, check_compile_argument
+from polyglu.commands.common import add_compile_argument, add_quiet_argument, check_compile_argument
 from polyglu.commands.generate import add_model_arguments
+
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,12 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fewshot-data", default=None,
                    help="JSONL of demonstrations (default: the first N problems of --data, then not evaluated)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: {DEFAULT_MAX_NEW_TOKENS}, at most half the model context (the rest holds the prompt)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default 32)")
     add_compile_argument(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--output-jsonl", default=None, help="write one record per problem here")
     p.add_argument("--json", dest="json_path", default=None, help="write the summary (no records) as JSON here")
+    add_quiet_argument(p)
 
 
 def read_jsonl(path: str | Path, problems: bool = True) -> list[dict]:
@@ -80,7 +85,16 @@ def run(args: argparse.Namespace) -> int:
 
     from polyglu.atomic import atomic_write_text, strict_json
     from polyglu.commands import CommandError
-    from polyglu.commands.common import check_output_file, check_positive, json_with_keys, jsonl_with_keys
+    from polyglu.commands.common import (
+        check_output_file,
+        check_positive,
+        default_max_new_tokens,
+        json_with_keys,
+        jsonl_with_keys,
+        progress_disabled,
+        progress_visible,
+    )
+    from polyglu.commands.generate import check_fits_context
     from polyglu.eval.math import evaluate_math
     from polyglu.loading import load_model_and_tokenizer
 
@@ -103,10 +117,19 @@ def run(args: argparse.Namespace) -> int:
         skip = args.num_fewshot if fewshot is None else 0  # demonstrations taken from --data come first
         problems = problems[:skip + args.limit]
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
+    if args.max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(model.config.max_seq_len, cap=DEFAULT_MAX_NEW_TOKENS)
+    else:
+        check_fits_context(args.max_new_tokens, model)
+        max_new_tokens = args.max_new_tokens
     total = len(problems) - (args.num_fewshot if fewshot is None else 0)
-    with tqdm(total=total, desc="eval-math", disable=None) as bar:
+    quiet = progress_disabled(args)
+    if args.compile and progress_visible(args):
+        print("polyglu eval-math: compiling the decode step for each batch shape (seconds to minutes) ...",
+              file=sys.stderr, flush=True)
+    with tqdm(total=total, desc="eval-math", unit="problem", disable=quiet) as bar:
         result = evaluate_math(model, tokenizer, problems, chat=args.chat, num_fewshot=args.num_fewshot,
-                               fewshot_examples=fewshot, max_new_tokens=args.max_new_tokens,
+                               fewshot_examples=fewshot, max_new_tokens=max_new_tokens,
                                batch_size=args.batch_size, system_prompt=args.system, progress=bar.update,
                                compile=args.compile)
     print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']})  "

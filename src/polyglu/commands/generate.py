@@ -11,7 +11,15 @@ import argparse
 import json
 import sys
 
-from polyglu.commands.common import add_compile_argument, check_compile_argument
+from polyglu.commands.common import (
+    add_compile_argument,
+    add_quiet_argument,
+    check_compile_argument,
+    default_max_new_tokens,
+    progress_visible,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +31,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="cast the weights (default: as stored)")
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128, after: str = "the prompt") -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: {max_new_tokens}, or what the model context leaves after {after}")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass >= p")
@@ -37,7 +46,7 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
 
     from polyglu.commands import CommandError
 
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise CommandError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
@@ -47,14 +56,19 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
         raise CommandError(f"--top-p must be in (0, 1] (1 or unset: no nucleus), got {args.top_p}")
 
 
-def check_fits_context(max_new_tokens: int, model) -> None:
-    """--max-new-tokens must leave room for at least one prompt token in the model context."""
+def check_fits_context(max_new_tokens: int, model, prompt_tokens: int = 1) -> None:
+    """--max-new-tokens must leave room for the prompt (at least one token) in the model context; the
+    advice is a value that then fits."""
     from polyglu.commands import CommandError
 
     context = model.config.max_seq_len
-    if max_new_tokens >= context:
+    if prompt_tokens >= context:
+        raise CommandError(f"the prompt has {prompt_tokens} tokens; the model context max_seq_len={context} leaves "
+                           f"no room to generate: shorten it to at most {context - 1} tokens")
+    if max_new_tokens + prompt_tokens > context:
+        prompt = f"the prompt's {prompt_tokens} tokens" if prompt_tokens > 1 else "the prompt"
         raise CommandError(f"--max-new-tokens {max_new_tokens} does not fit the model context of {context} tokens "
-                           f"(prompt included); use at most {context - 1}")
+                           f"with {prompt}; use at most {context - prompt_tokens}")
 
 
 def read_stdin(what: str) -> str:
@@ -75,7 +89,7 @@ def read_stdin(what: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from standard input)")
-    add_sampling_arguments(p)
+    add_sampling_arguments(p, DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn and stop at <|im_end|>")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--special-tokens", action="store_true",
@@ -84,20 +98,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checks)")
     add_compile_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON (text, token ids, counts) instead of streaming")
+    add_quiet_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from polyglu.commands import CommandError
     from polyglu.data.chat import encode_chatml, render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
-    from polyglu.generation import TextStreamer, generate
+    from polyglu.inference import TextStreamer, generate
     from polyglu.loading import chat_stop_ids, load_model_and_tokenizer
 
     check_sampling_arguments(args)
     check_compile_argument(args.compile)
     prompt = read_stdin("--prompt -") if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype)
-    check_fits_context(args.max_new_tokens, model)
+    if args.max_new_tokens is not None:
+        check_fits_context(args.max_new_tokens, model)  # before the prompt is read: no room even for one token
     stop_strings = list(args.stop)
     eos_ids = [tokenizer.eos_id]
     if args.chat:
@@ -110,8 +126,18 @@ def run(args: argparse.Namespace) -> int:
         ids = tokenizer.encode(prompt, split_special=not args.special_tokens)
     if not ids:
         raise CommandError("the prompt is empty")
+    context = model.config.max_seq_len
+    if args.max_new_tokens is None:
+        check_fits_context(1, model, len(ids))
+        max_new_tokens = default_max_new_tokens(context, len(ids), cap=DEFAULT_MAX_NEW_TOKENS)
+    else:
+        check_fits_context(args.max_new_tokens, model, len(ids))
+        max_new_tokens = args.max_new_tokens
     streamer = None if args.json else TextStreamer(tokenizer, stop_strings=stop_strings, skip_token_ids=eos_ids)
-    out = generate(model, [ids], args.max_new_tokens, use_cache=not args.no_cache, temperature=args.temperature,
+    if args.compile and progress_visible(args):
+        print("polyglu generate: compiling the decode step (seconds to minutes, once per process) ...",
+              file=sys.stderr, flush=True)
+    out = generate(model, [ids], max_new_tokens, use_cache=not args.no_cache, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=eos_ids,
                    stop_strings=stop_strings, tokenizer=tokenizer, stream=streamer, compile=args.compile)
     if args.json:

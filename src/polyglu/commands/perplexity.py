@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from polyglu.commands.common import add_quiet_argument, progress_disabled
 from polyglu.commands.generate import add_model_arguments
 
 
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eos-id", type=int, default=None,
                    help="the token ending documents (default: the manifest's eos_id)")
     p.add_argument("--output", default=None, help="write the results JSON here")
+    add_quiet_argument(p)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for name, shards in opened.items():
         document_end = None if args.no_documents else (shards.eos_id if args.eos_id is None else args.eos_id)
-        with tqdm(desc=f"perplexity {name}", unit="window", disable=None) as bar:
+        with tqdm(desc=f"perplexity {name}", unit="window", disable=progress_disabled(args)) as bar:
             results[name] = perplexity(model, shards.arrays, window=args.window, stride=args.stride,
                                        batch_size=args.batch_size, document_end=document_end,
                                        max_tokens=args.max_tokens, progress=bar.update)

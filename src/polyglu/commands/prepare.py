@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 16M)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenising processes")
     p.add_argument("--force", action="store_true", help="overwrite a directory prepared from different inputs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar (shown only on a terminal anyway)")
     builtin = p.add_argument_group("built-in corpus")
     builtin.add_argument("--n-train", type=int, default=50_000, help="training problems (default 50000)")
     builtin.add_argument("--n-val", type=int, default=1_000, help="validation problems (default 1000)")
@@ -34,14 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polyglu.commands.common import check_positive
+    from polyglu.commands.common import check_positive, progress_visible
     from polyglu.data.prepare import DEFAULT_SHARD_TOKENS, prepare, prepare_builtin_math
     from polyglu.data.sources import HFSource
 
     check_positive(max_tokens=args.max_tokens, shard_tokens=args.shard_tokens, workers=args.workers)
     if args.builtin:
         check_positive(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-    common = dict(max_tokens=args.max_tokens, workers=args.workers, progress=not args.no_progress,
+    common = dict(max_tokens=args.max_tokens, workers=args.workers, progress=progress_visible(args),
                   force=args.force)
     if args.builtin:
         manifest = prepare_builtin_math(args.tokenizer, args.out, n_train=args.n_train, n_val=args.n_val,

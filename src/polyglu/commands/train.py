@@ -23,12 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="run_dir holds an earlier run: delete its results (run_config.json, metrics.jsonl, "
                             "checkpoints/, final/) and start again")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (train.progress=false; the bar shows only on a terminal anyway)")
 
 
 def resume_command(args: argparse.Namespace, verb: str) -> str:
     parts = ["polyglu", verb] + (["--config", args.config] if args.config else []) + list(args.overrides)
     if args.device:
         parts += ["--device", args.device]
+    if getattr(args, "quiet", False):
+        parts.append("--quiet")
     return shlex.join([*parts, "--resume"])
 
 
@@ -40,7 +44,12 @@ def run(args: argparse.Namespace, task: str = TASK) -> int:
 
     verb = "train" if task == TASK else "sft"
     # the verb decides the task: `polyglu sft --config any.yaml` fine-tunes
-    config = RunConfig.load(args.config, [*args.overrides, f"task={task}"])
+    quiet = ["train.progress=false"] if args.quiet else []
+    config = RunConfig.load(args.config, [*args.overrides, *quiet, f"task={task}"])
+    if args.config is None and not args.overrides:
+        print(f"no --config: the defaults, preset {config.model.get('preset', '-')} on the built-in math corpus "
+              f"({config.data.tokenizer} tokenizer, {config.train.max_steps} steps, batch {config.train.batch_size} "
+              f"x {config.data.seq_len}) in {config.run_dir}; configs/debug.yaml is a 40-step run")
     trainer = build_run(config, device=args.device, resume=args.resume, overwrite=args.overwrite)
     try:
         if args.resume:

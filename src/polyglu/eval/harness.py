@@ -51,13 +51,13 @@ class PolygluLM(TemplateLM):
                 raise ValueError("PolygluLM(model=...) needs its tokenizer")
             tokenizer = load_tokenizer(tokenizer)
         self.model, self.polyglu_tokenizer = model.eval(), tokenizer
-        self._device = model.embed_tokens.weight.device
+        self._device = model.device
         self.batch_size = 16 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         self._max_length = min(int(max_length or model.config.max_seq_len), model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self.context_len = int(context_len)
         self.seed = int(seed)
-        from polyglu.generation import compile_setting
+        from polyglu.inference import compile_setting
 
         self.compile = compile_setting(compile)  # lm_eval passes model_args as text: compile=true
 
@@ -124,7 +124,7 @@ class PolygluLM(TemplateLM):
     # ---- generation
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from polyglu.generation import generate
+        from polyglu.inference import generate
 
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}

@@ -76,6 +76,15 @@ def build_prompt(question: str, *, chat: bool = True, examples: Sequence[dict] =
     return f"{head}{shots}Question: {question}\nAnswer:"
 
 
+def _stops(tokenizer, chat: bool) -> tuple[list[int], list[str]]:
+    """The token ids and strings that end a solution: EOS (and <|im_end|> in chat), the next block in plain mode."""
+    stop_ids = [tokenizer.eos_id]
+    im_end = tokenizer.token_id(IM_END) if hasattr(tokenizer, "token_id") else None
+    if chat and im_end is not None:
+        stop_ids.append(im_end)
+    return stop_ids, [IM_END, EOS_TOKEN] if chat else [*PLAIN_STOP, IM_END, EOS_TOKEN]
+
+
 def evaluate_math(model, tokenizer, problems: Sequence[dict], *, chat: bool = True, num_fewshot: int = 0,
                   fewshot_examples: Sequence[dict] | None = None, max_new_tokens: int = 256,
                   batch_size: int = 32, temperature: float = 0.0, seed: int | None = 0,
@@ -88,9 +97,9 @@ def evaluate_math(model, tokenizer, problems: Sequence[dict], *, chat: bool = Tr
     last tokens. Returns {accuracy, n, correct, per_difficulty: {d: {accuracy, n, correct}},
     records: [{index, question, reference, prediction, correct, output, difficulty,
     prompt_tokens, generated_tokens, finished}]}. `compile`: decode through torch.compile
-    (`polyglu.generation.generate`); batches share compiled steps (one per batch size).
+    (`polyglu.inference.generate`); batches share compiled steps (one per batch size).
     """
-    from polyglu.generation import generate
+    from polyglu.inference import generate
 
     problems = list(problems)
     if fewshot_examples is None and num_fewshot:
@@ -105,11 +114,7 @@ def evaluate_math(model, tokenizer, problems: Sequence[dict], *, chat: bool = Tr
         if "question" not in p or "answer" not in p:
             raise ValueError(f"problem {first_index + i} lacks 'question' or 'answer' (keys: {sorted(p)})")
 
-    stop_ids = [tokenizer.eos_id]
-    im_end = tokenizer.token_id(IM_END) if hasattr(tokenizer, "token_id") else None
-    if chat and im_end is not None:
-        stop_ids.append(im_end)
-    stop_strings = [IM_END, EOS_TOKEN] if chat else [*PLAIN_STOP, IM_END, EOS_TOKEN]
+    stop_ids, stop_strings = _stops(tokenizer, chat)
     max_prompt = model.config.max_seq_len - max_new_tokens
     if max_prompt < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model context "

@@ -31,8 +31,26 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     routing restart, and a target that starts a new document is not scored (`Score.count` says how
     many were). `progress(n)` is called with the number of requests finished by each batch.
     """
-    max_len = model.config.max_seq_len
-    sequences: list[tuple[list[int], int]] = []  # (input ids, number of targets at the end)
+    sequences = _sequences(requests, model.config.max_seq_len)
+    was_training = model.training
+    model.eval()
+    results: list[Score | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for i, score in zip(batch, _score_batch(model, [sequences[i] for i in batch], document_end)):
+                results[i] = score
+            if progress is not None:
+                progress(len(batch))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _sequences(requests, max_len: int) -> list[tuple[list[int], int]]:
+    """(input ids, number of targets at the end) per request, cut to the model context."""
+    sequences = []
     for i, (context, continuation) in enumerate(requests):
         context, continuation = list(context), list(continuation)
         if not context:
@@ -40,67 +58,53 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         if len(continuation) > max_len:
             raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds the model "
                              f"context max_seq_len={max_len}")
-        full = (context + continuation)[-(max_len + 1):]
-        sequences.append((full, len(continuation)))
+        sequences.append(((context + continuation)[-(max_len + 1):], len(continuation)))
+    return sequences
 
-    was_training = model.training
-    model.eval()
-    device = model.embed_tokens.weight.device
+
+def _batch_inputs(model, sequences: list[tuple[list[int], int]], document_end: int | None):
+    """Right-padded inputs of a batch: (ids (b, T), real (b, T) bool, doc_ids or None, lengths)."""
+    lengths = [len(full) - 1 for full, _ in sequences]  # inputs: all but the last token
+    T = max(lengths)
+    ids = torch.zeros(len(sequences), T, dtype=torch.long)
+    real = torch.zeros(len(sequences), T, dtype=torch.bool)
+    for row, (full, _) in enumerate(sequences):
+        ids[row, :lengths[row]] = torch.tensor(full[:-1])
+        real[row, :lengths[row]] = True
+    doc_ids = None
+    if document_end is not None and bool((ids[real] == document_end).any()):
+        doc_ids = doc_ids_from_eos(ids, document_end)
     # a non-causal pool (e.g. `sequence`) would average right padding into the tokens' routing
-    non_causal = not model.config.causal_routing
-    results: list[Score | None] = [None] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            lengths = [len(sequences[i][0]) - 1 for i in batch]  # inputs: all but the last token
-            T = max(lengths)
-            ids = torch.zeros(len(batch), T, dtype=torch.long)
-            real = torch.zeros(len(batch), T, dtype=torch.bool)
-            for row, i in enumerate(batch):
-                ids[row, :lengths[row]] = torch.tensor(sequences[i][0][:-1])
-                real[row, :lengths[row]] = True
-            doc_ids = None
-            if document_end is not None and bool((ids[real] == document_end).any()):
-                doc_ids = doc_ids_from_eos(ids, document_end)
-            if non_causal and not bool(real.all()):
-                doc_ids = torch.zeros_like(ids) if doc_ids is None else doc_ids
-            if doc_ids is not None:
-                doc_ids = doc_ids_with_padding(real, doc_ids).to(device)  # right padding: a document of its own
-            hidden = model(ids.to(device), doc_ids, compute_logits=False).hidden_states  # (b, T, d)
+    if not model.config.causal_routing and not bool(real.all()):
+        doc_ids = torch.zeros_like(ids) if doc_ids is None else doc_ids
+    if doc_ids is not None:
+        doc_ids = doc_ids_with_padding(real, doc_ids).to(model.device)  # right padding: a document of its own
+    return ids, doc_ids, lengths
 
-            # only the scored positions go through the head: (N, d) -> (N, vocab)
-            rows, positions, targets = [], [], []
-            for row, i in enumerate(batch):
-                full, n = sequences[i]
-                L = lengths[row]
-                rows += [row] * n
-                positions += range(L - n, L)
-                targets += full[len(full) - n:]
-            scored = torch.zeros(len(targets), dtype=torch.bool)
-            if targets:
-                logits = model.lm_head(hidden[rows, positions]).float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                target = torch.tensor(targets, device=device)
-                token_logprob = logprobs.gather(-1, target[:, None]).squeeze(-1).cpu()
-                is_greedy = (logits.argmax(-1) == target).cpu()
-                scored = torch.ones(len(targets), dtype=torch.bool)
-                if document_end is not None:
-                    inputs = ids[rows, positions]
-                    scored = inputs != document_end  # the target after an end token opens a new document
-            offset = 0
-            for i in batch:
-                n = sequences[i][1]
-                keep = scored[offset:offset + n]
-                if n:
-                    lp = token_logprob[offset:offset + n][keep]
-                    results[i] = Score(float(lp.double().sum()), int(keep.sum()),
-                                       bool(is_greedy[offset:offset + n][keep].all()))
-                else:
-                    results[i] = Score(0.0, 0, True)
-                offset += n
-            if progress is not None:
-                progress(len(batch))
-    finally:
-        model.train(was_training)
-    return results  # type: ignore[return-value]
+
+def _score_batch(model, sequences: list[tuple[list[int], int]], document_end: int | None) -> list[Score]:
+    ids, doc_ids, lengths = _batch_inputs(model, sequences, document_end)
+    hidden = model(ids.to(model.device), doc_ids, compute_logits=False).hidden_states  # (b, T, d)
+    # only the scored positions go through the head: (N, d) -> (N, vocab)
+    rows, positions, targets = [], [], []
+    for row, (full, n) in enumerate(sequences):
+        rows += [row] * n
+        positions += range(lengths[row] - n, lengths[row])
+        targets += full[len(full) - n:]
+    if not targets:
+        return [Score(0.0, 0, True) for _ in sequences]
+    logits = model.lm_head(hidden[rows, positions]).float()
+    target = torch.tensor(targets, device=model.device)
+    token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).squeeze(-1).cpu()
+    is_greedy = (logits.argmax(-1) == target).cpu()
+    scored = torch.ones(len(targets), dtype=torch.bool)
+    if document_end is not None:
+        scored = ids[rows, positions] != document_end  # the target after an end token opens a new document
+    scores, offset = [], 0
+    for _, n in sequences:
+        keep = scored[offset:offset + n]
+        lp = token_logprob[offset:offset + n][keep]
+        scores.append(Score(float(lp.double().sum()), int(keep.sum()), bool(is_greedy[offset:offset + n][keep].all()))
+                      if n else Score(0.0, 0, True))
+        offset += n
+    return scores

@@ -24,6 +24,7 @@ import importlib
 import inspect
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from polyglu.atomic import atomic_directory
@@ -38,7 +39,7 @@ AUTO_MAP = {
 CONFIG_BUNDLE = (("polyglu.config", "polyglu.interop.hf_config"), ("PolychromaticConfig",), {})
 MODELING_BUNDLE = (
     ("polyglu.config", "polyglu.documents", "polyglu.model.layers", "polyglu.model.activations",
-     "polyglu.model.polyglu", "polyglu.model.flex", "polyglu.model.attention", "polyglu.model.cache",
+     "polyglu.model.polyglu", "polyglu.model.flex", "polyglu.model.attention", "polyglu.inference.cache",
      "polyglu.model.transformer", "polyglu.interop.transformers"),
     ("PolychromaticForCausalLM", "PolychromaticCache"),
     {"polyglu.interop.hf_config": ".configuration_polychromatic"},
@@ -112,88 +113,108 @@ def _statement_source(lines: list[str], node: ast.stmt) -> str:
     return "\n".join(lines[start - 1:node.end_lineno])
 
 
-def bundle_source(modules: tuple[str, ...], roots: tuple[str, ...], siblings: dict[str, str]) -> str:
-    """One module's source holding `roots` and everything they reference from `modules`.
+@dataclass
+class _Collected:
+    """What the bundled modules define and import at top level."""
 
-    siblings: polyglu module -> relative module (e.g. ".configuration_polychromatic") to import
-    names from instead of inlining them.
-    """
-    inlined = set(modules)
-    imports: dict[tuple, str] = {}  # (module or None, level, name, asname) -> the name it binds
-    definitions: dict[str, tuple[int, str, set[str]]] = {}  # name -> (order, source, names used)
-    foreign: dict[str, str] = {}  # name -> the polyglu module it would come from
-    relative: dict[str, str] = {}  # name -> import line from a sibling
-    order = 0
-    for module_name in modules:
-        source = _rewrite_nested_imports(inspect.getsource(importlib.import_module(module_name)), inlined, siblings)
-        lines = source.splitlines()
-        for node in ast.parse(source).body:
-            if isinstance(node, (ast.Expr, ast.Assert)):
-                continue  # docstrings and import-time checks
-            if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-                continue
-            if _is_polyglu(node):
-                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-                for alias in node.names:
-                    name = alias.asname or alias.name
-                    if isinstance(node, ast.ImportFrom) and module in siblings:
-                        relative[name] = f"from {siblings[module]} import {alias.name}" + (
-                            f" as {alias.asname}" if alias.asname else "")
-                    elif not (isinstance(node, ast.ImportFrom) and module in inlined):
-                        foreign[name] = module
-                    elif alias.asname and alias.asname != alias.name:
-                        raise BundleError(f"{module_name}: 'import {alias.name} as {alias.asname}' from an "
-                                          f"inlined module is not supported")
-                continue
+    imports: dict[tuple, str] = field(default_factory=dict)  # (module or None, level, name, asname) -> the name it binds
+    definitions: dict[str, tuple[int, str, set[str]]] = field(default_factory=dict)  # name -> (order, source, names used)
+    foreign: dict[str, str] = field(default_factory=dict)  # name -> the polyglu module it would come from
+    relative: dict[str, str] = field(default_factory=dict)  # name -> import line from a sibling
+    order: int = 0
+
+
+def _collect_polyglu_import(found: _Collected, module_name: str, node: ast.stmt, inlined: set[str],
+                            siblings: dict[str, str]) -> None:
+    module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+    for alias in node.names:
+        name = alias.asname or alias.name
+        if isinstance(node, ast.ImportFrom) and module in siblings:
+            found.relative[name] = f"from {siblings[module]} import {alias.name}" + (
+                f" as {alias.asname}" if alias.asname else "")
+        elif not (isinstance(node, ast.ImportFrom) and module in inlined):
+            found.foreign[name] = module
+        elif alias.asname and alias.asname != alias.name:
+            raise BundleError(f"{module_name}: 'import {alias.name} as {alias.asname}' from an "
+                              f"inlined module is not supported")
+
+
+def _collect(found: _Collected, module_name: str, inlined: set[str], siblings: dict[str, str]) -> None:
+    """Add one module's top-level imports and definitions to `found`."""
+    source = _rewrite_nested_imports(inspect.getsource(importlib.import_module(module_name)), inlined, siblings)
+    lines = source.splitlines()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Expr, ast.Assert)):
+            continue  # docstrings and import-time checks
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            continue
+        if _is_polyglu(node):
+            _collect_polyglu_import(found, module_name, node, inlined, siblings)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                found.imports[(None, 0, alias.name, alias.asname)] = (alias.asname or alias.name).split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                found.imports[(node.module, node.level, alias.name, alias.asname)] = alias.asname or alias.name
+        else:
             text = _statement_source(lines, node)
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    imports[(None, 0, alias.name, alias.asname)] = (alias.asname or alias.name).split(".")[0]
-                continue
-            if isinstance(node, ast.ImportFrom):
-                for alias in node.names:
-                    imports[(node.module, node.level, alias.name, alias.asname)] = alias.asname or alias.name
-                continue
             for name in _defined_names(node):
-                if name in definitions and definitions[name][1] != text:
+                if name in found.definitions and found.definitions[name][1] != text:
                     raise BundleError(f"{module_name}: top-level name {name!r} is also defined by an earlier "
                                       f"bundled module; rename one of them")
-                definitions.setdefault(name, (order, text, _used_names(node)))
-            order += 1
+                found.definitions.setdefault(name, (found.order, text, _used_names(node)))
+            found.order += 1
 
-    # names reachable from the roots, following top-level definitions only
+
+def _reachable(found: _Collected, roots: tuple[str, ...], modules: tuple[str, ...]) -> set[str]:
+    """Names reachable from the roots, following top-level definitions only."""
     keep, todo = set(), list(roots)
     while todo:
         name = todo.pop()
         if name in keep:
             continue
         keep.add(name)
-        if name in foreign:
-            raise BundleError(f"the bundle needs {name!r} from {foreign[name]}, which is not inlined")
-        if name in definitions:
-            todo.extend(definitions[name][2] - keep)
-    missing = [r for r in roots if r not in definitions]
+        if name in found.foreign:
+            raise BundleError(f"the bundle needs {name!r} from {found.foreign[name]}, which is not inlined")
+        if name in found.definitions:
+            todo.extend(found.definitions[name][2] - keep)
+    missing = [r for r in roots if r not in found.definitions]
     if missing:
         raise BundleError(f"roots not defined by {', '.join(modules)}: {', '.join(missing)}")
+    return keep
 
+
+def _render(found: _Collected, keep: set[str]) -> str:
     # one import line per module, with only the names used
     grouped: dict[tuple, list[ast.alias]] = {}
-    for (module, level, name, asname), bound in imports.items():
+    for (module, level, name, asname), bound in found.imports.items():
         if bound in keep:
             key = ("from", module, level) if module is not None else ("import", name, asname)
             grouped.setdefault(key, []).append(ast.alias(name, asname))
     kept_imports = [ast.unparse(ast.ImportFrom(key[1], aliases, key[2]) if key[0] == "from" else ast.Import(aliases))
                     for key, aliases in grouped.items()]
-    kept_relative = sorted({line for name, line in relative.items() if name in keep})
+    kept_relative = sorted({line for name, line in found.relative.items() if name in keep})
     blocks = {}
-    for name in keep & set(definitions):
-        position, text, _ = definitions[name]
+    for name in keep & set(found.definitions):
+        position, text, _ = found.definitions[name]
         blocks[position] = text
     header = ('"""Generated by `polyglu export-hf` from the polyglu package: the definitions the Hugging\n'
               'Face classes need, copied from polyglu\'s own modules. Do not edit; re-export instead."""\n\n'
               "from __future__ import annotations\n\n")
     body = "\n".join(kept_imports + kept_relative) + "\n\n\n" + "\n\n\n".join(blocks[p] for p in sorted(blocks))
     return header + body + "\n"
+
+
+def bundle_source(modules: tuple[str, ...], roots: tuple[str, ...], siblings: dict[str, str]) -> str:
+    """One module's source holding `roots` and everything they reference from `modules`.
+
+    siblings: polyglu module -> relative module (e.g. ".configuration_polychromatic") to import
+    names from instead of inlining them.
+    """
+    found = _Collected()
+    for module_name in modules:
+        _collect(found, module_name, set(modules), siblings)
+    return _render(found, _reachable(found, roots, modules))
 
 
 def standalone_sources() -> dict[str, str]:

@@ -201,7 +201,7 @@ def load_qwen3(hf_dir: str | Path, ffn: str = "polyglu", dtype: torch.dtype = to
         model = PolychromaticLM(config)
     # the routing tensors are not in a Qwen3 file: checked as the fresh model's, then set below
     routing = {k: v for k, v in model.state_dict().items()
-               if ".ffn." in k and k.split(".ffn.")[1].startswith(("alpha", "beta", "tau", "gate_net."))}
+               if ".ffn." in k and k.split(".ffn.")[1].startswith(("alpha", "beta", "tau", "gate_net.", "routing_map"))}
     check_state_dict(model, {**converted, **routing}, str(hf_dir))
     model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)
     if ffn == "polyglu":

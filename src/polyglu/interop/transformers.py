@@ -38,8 +38,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from polyglu.documents import doc_ids_with_padding
+from polyglu.inference.cache import KVCache
 from polyglu.interop.hf_config import PolychromaticConfig
-from polyglu.model.cache import KVCache
 from polyglu.model.polyglu import PolyGLU
 from polyglu.model.transformer import PolychromaticLM
 
@@ -66,7 +66,7 @@ class PolychromaticCache(Cache):
         """The KVCache for `model`, allocated on first use."""
         if self.kv is None:
             max_len = min(self.max_len or model.config.max_seq_len, model.config.max_seq_len)
-            self.kv = model.new_cache(batch_size, max_len)
+            self.kv = KVCache.for_model(model, batch_size, max_len)
         elif self.kv.batch_size != batch_size:
             raise ValueError(f"PolychromaticCache holds {self.kv.batch_size} rows, the input has {batch_size}")
         return self.kv
@@ -103,14 +103,14 @@ class PolychromaticCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.kv is not None:
-            self.kv.reorder(beam_idx.to(self.kv.doc_ids.device))
+            self.kv.reorder(beam_idx.to(self.kv.device))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.kv is not None:
-            rows = torch.arange(self.kv.batch_size, device=self.kv.doc_ids.device)
+            rows = torch.arange(self.kv.batch_size, device=self.kv.device)
             self.kv.reorder(rows.repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:

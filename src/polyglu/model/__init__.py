@@ -1,5 +1,4 @@
 from polyglu.model.activations import ACTIVATIONS
-from polyglu.model.cache import KVCache
 from polyglu.model.polyglu import (
            GLU,
            PolyGLU,
@@ -9,5 +8,5 @@ from polyglu.model.polyglu import (
 )
 from polyglu.model.transformer import ModelOutput, PolychromaticLM
 
-__all__ = ["ACTIVATIONS", "GLU", "KVCache", "ModelOutput", "PolyGLU", "PolychromaticLM", "SwiGLU",
+__all__ = ["ACTIVATIONS", "GLU", "ModelOutput", "PolyGLU", "PolychromaticLM", "SwiGLU",
            "mixed_activation_reference", "routing_weights"]

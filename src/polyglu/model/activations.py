@@ -38,7 +38,7 @@ class Activation:
       as exp2 of -z where possible (see `exp`), so that activations mixed in one compiled loop share
       one exponential.
     - `small(z)`: the function as eager ops that are fastest on a few thousand values (a decoded
-      token: `polyglu.model.fused.small_inference`), equal to it up to float rounding; None when
+      token: `polyglu.model.small_inference`), equal to it up to float rounding; None when
       that is the function itself.
     """
 

@@ -1,7 +1,7 @@
 """FlexAttention for packed documents: a document-causal `BlockMask` instead of a dense (T x T) mask.
 
-With `ModelConfig.attention_backend = "flex"`, a forward with `doc_ids` builds one `BlockMask` per
-batch (shared by every layer) and each layer calls `torch.nn.attention.flex_attention` with it. The
+With `ModelConfig.attention_backend = "flex"` (or "auto", the default, for packed training on CUDA:
+`uses_flex`), a forward with `doc_ids` builds one `BlockMask` per batch (shared by every layer) and each layer calls `torch.nn.attention.flex_attention` with it. The
 block mask stores, per 128 x 128 tile, whether the tile is empty, full or partial, so memory is
 O(T^2 / 128^2) and fully masked tiles (other documents) are skipped: the job flash-attn's varlen
 kernel did in the original project. Without `doc_ids` the model keeps SDPA with `is_causal` (the
@@ -90,11 +90,28 @@ def document_block_mask(doc_ids: torch.Tensor | None, q_len: int, kv_len: int | 
     return DocumentMask(block_mask, segments, q_len, kv_len)
 
 
+_FLEX_AVAILABLE = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def uses_flex(backend: str, device: torch.device, cached: bool) -> bool:
+    """Whether a forward over packed documents takes FlexAttention: always with backend "flex"; with
+    "auto" for packed training on CUDA (an uncached forward with autograd on: one shape per run), where
+    the dense mask would cost T x T per row and head. Forwards without autograd (scoring, generation)
+    come in many shapes, each of which would compile a block mask and a kernel: they stay on SDPA
+    (with the K/V heads repeated under a mask, `attention._sdpa`)."""
+    if backend == "flex":
+        return True
+    return (backend == "auto" and device.type == "cuda" and not cached and torch.is_grad_enabled()
+            and _FLEX_AVAILABLE)
+
+
 @functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    from polyglu.model.compiler import compile_fn
+
+    return compile_fn(flex_attention, dynamic=False)
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:

@@ -13,16 +13,29 @@ With l_k = alpha_k + dynamic_k + noise_k, g = softmax(l / tau) over k and m = su
     d l_k      = (dh * up * g_k) * (a_k - m) / tau          (softmax backward)
     d alpha    = d l summed over tokens;  d dynamic = d l summed over d_ff (and positions if T' = 1)
 
+Per-neuron dynamic logits (routing_scope="neuron": dynamic (B, T', F, K)) take the "exact" forms
+("given_units" / "exact_units"): no factorisation, one exponential per hidden unit and activation,
+and d dynamic is d l itself (summed over positions if T' = 1), not summed over d_ff.
+
 Kernels (same math, chosen by `default_kernel`):
 - "chunked": eager torch ops over blocks of tokens small enough to stay in cache. Per-token routing
   weights factorise, exp(l/tau) = exp((alpha + noise)/tau) * exp(dynamic/tau), so no exponential
-  is taken per hidden unit. No compiler, no warm-up: small calls (tests, decoding) and the fallback.
+  is taken per hidden unit. No compiler, no warm-up: small calls with autograd (tests) and the fallback.
 - "dense": pure functions of whole tensors, unrolled over k so that torch.compile turns each
   direction into one or two loops over the hidden units. Traced as-is inside a compiled model.
-- "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default on CUDA and for
-  large CPU calls. Compiling takes seconds once per process (inductor caches on disk); if it fails
-  (no compiler), a warning is issued and "chunked" is used from then on.
+- "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default for large CPU
+  calls. Compiling takes seconds once per process (inductor caches on disk, keyed by the CPU
+  instruction set through `polyglu.model.compiler`). The first call of each signature (shapes,
+  dtypes, routing form) is checked against the eager kernel on the same inputs, forward and
+  backward; if compiling fails or the results disagree, one warning and "chunked" from then on (on
+  CUDA an error unless POLYGLU_KERNEL_FALLBACK=1; CUDA errors are never swallowed).
+- "triton": two hand-written Triton kernels (`polyglu.model.triton_mixed`): factored routing with an
+  on-device exact fallback, one backward pass with the alpha gradient folded in. The default on
+  CUDA when triton is installed; calls it does not cover (hard routing, no CUDA tensor and no
+  TRITON_INTERPRET) take "compiled" on CUDA, "chunked" elsewhere.
 Choose explicitly with `use_kernel(...)` or the environment variable POLYGLU_MIXED_KERNEL.
+Small calls without autograd (a decode step) never come here: `polyglu.model.small_inference`
+takes them (`PolyGLU` asks it first).
 """
 
 from __future__ import annotations
@@ -36,8 +49,9 @@ from contextvars import ContextVar
 
 import torch
 
-from polyglu.model import native
+from polyglu.model import triton_mixed
 from polyglu.model.activations import exp, get_activations
+from polyglu.model.compiler import compile_fn
 
 # ---------------------------------------------------------------------------------------------
 # "dense": whole tensors, unrolled over the K activations (what torch.compile should see)
@@ -74,9 +88,21 @@ def _dense_layout(cores, alpha, dynamic, noise, tau, hard: bool, dtype):
       could underflow (extreme logits over a small tau);
     - "exact": alpha (K, 1, 1, F), dynamic (K, B, T, 1), noise (K, B, 1, F) or None: the reference's
       logits per hidden unit (hard routing, and the fallbacks above).
+    Per-neuron dynamic logits (B, T', F, K) take "given_units" (T' = 1) or "exact_units", with
+    dynamic laid out (K, B, T', F).
     All in `dtype` and contiguous, so that compiled loops read them as vectors.
     """
     tau_t = tau.detach().to(dtype)
+    if dynamic.dim() == 4:  # per neuron: no factorisation
+        alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
+        dynamic_t = dynamic.detach().to(dtype).permute(3, 0, 1, 2)  # (K, B, T', F)
+        if dynamic_t.stride(-1) != 1:  # PolyGLU lays its per-neuron logits out so that no copy is needed
+            dynamic_t = dynamic_t.contiguous()
+        noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
+        if dynamic.shape[1] == 1:
+            weights = _dense_weights("exact", alpha_t, dynamic_t, noise_t, tau_t, hard)
+            return "given_units", torch.stack(weights), None, None, tau_t
+        return "exact_units", alpha_t, dynamic_t, noise_t, tau_t
     if dynamic.shape[1] > 1 and not hard and not torch.compiler.is_compiling():
         a, d, lowest = cores["routing"](alpha, dynamic, noise, tau, dtype)
         if bool(lowest >= _TINY):
@@ -93,7 +119,7 @@ def _dense_weights(form: str, r0, r1, r2, tau, hard: bool) -> list[torch.Tensor]
     """g_k, k < K, each (B, T', F), from a `_dense_layout` form: softmax((alpha + dynamic + noise) / tau)
     over k, or the one-hot of its first maximum (argmax's tie rule) when `hard`."""
     K = r0.shape[0]
-    if form == "given":
+    if form in ("given", "given_units"):
         return [r0[k] for k in range(K)]
     if form == "factored":
         products = [r0[k] * r1[k] for k in range(K)]
@@ -148,10 +174,15 @@ def dense_backward_inputs_core(grad, gate, up, form: str, r0, r1, r2, tau, activ
     d_up = dh * m
     d_dynamic = None
     if dynamic_grad:
-        shared = form == "given"  # one routing weight per row: sum over positions too
-        dims = (1, 2) if shared else (2,)
-        d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
-        d_dynamic = d_dynamic[:, None] if shared else d_dynamic
+        shared = form in ("given", "given_units")  # one routing weight per row: sum over positions too
+        if form.endswith("_units"):  # per-neuron logits: d l itself, (B, T', F, K)
+            grads = _dense_logit_grads(grad, up, g, acts, m, tau)
+            # stored (B, T', K, F), the layout PolyGLU's per-neuron logits come in (a view, no copy back)
+            d_dynamic = torch.stack([d.sum(1, keepdim=True) if shared else d for d in grads], -2).transpose(-1, -2)
+        else:
+            dims = (1, 2) if shared else (2,)
+            d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
+            d_dynamic = d_dynamic[:, None] if shared else d_dynamic
     return d_gate.to(gate.dtype), d_up.to(up.dtype), d_dynamic
 
 
@@ -192,32 +223,105 @@ def _compiled_cores() -> dict[str, Callable]:
     import torch._inductor.config as inductor_config
 
     options = {k: v for k, v in _COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
-    return {name: torch.compile(fn, options=options) for name, fn in _DENSE_CORES.items()}
+    return {name: compile_fn(fn, options=options) for name, fn in _DENSE_CORES.items()}
 
 
-_compile_failed: list[str] = []  # the first compile error, if any: later calls go straight to the eager kernels
+_compile_failed: list[str] = []  # why the compiled kernel was given up, if it was: later calls go to the eager kernels
+_checked: set[tuple] = set()  # signatures (direction, form, shapes, dtypes, flags) whose compiled result was checked
+
+# the compiled kernel's largest error against the eager kernel, relative to the largest value, that
+# passes the once-per-signature check (float32 agrees to ~1e-6; bf16 outputs round to 2^-8)
+_CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+_CHECK_TOLERANCE_16BIT = 3e-2
 
 
-def _compiled_or(eager: Callable) -> Callable:
-    """Runs `dense_fn(cores, ...)` with the compiled cores; if compiling fails, warns once and runs
-    `eager(...)` from then on."""
+def fallback_allowed() -> bool:
+    """On CUDA a compiled kernel that fails or disagrees is an error unless POLYGLU_KERNEL_FALLBACK=1
+    (the eager kernels are many times slower there); on CPU it always falls back, with one warning."""
+    return os.environ.get("POLYGLU_KERNEL_FALLBACK", "") in ("1", "true", "yes")
+
+
+def _signature(value) -> object:
+    """What inductor specialises a compiled graph on: tensors by shape, dtype and device, the rest by value."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.device.type
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return value if isinstance(value, (str, bool, int, float, type(None))) else type(value).__name__
+
+
+def _disagreement(got, expected) -> str | None:
+    """None when every tensor of `got` matches `expected` (same NaN/inf pattern, small relative error);
+    else what differs, for the one-line warning."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return f"output {i} missing"
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        if not torch.equal(a.isfinite(), b.isfinite()):
+            return f"output {i}: {int((~a.isfinite()).sum())} non-finite values where the reference has " \
+                   f"{int((~b.isfinite()).sum())}"
+        finite = b.isfinite()
+        scale = float(b[finite].abs().max()) if bool(finite.any()) else 0.0
+        error = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
+        tolerance = _CHECK_TOLERANCE.get(got[i].dtype, _CHECK_TOLERANCE_16BIT)
+        if error > tolerance * max(scale, 1e-6):
+            return f"output {i}: max error {error:.3g} (values up to {scale:.3g})"
+    return None
+
+
+def _give_up(reason: str, on_cuda: bool, error: BaseException | None = None) -> None:
+    message = f"polyglu: the compiled mixed-activation kernel {reason}"
+    if on_cuda and not fallback_allowed():
+        raise RuntimeError(f"{message}; set POLYGLU_KERNEL_FALLBACK=1 to continue on the eager kernels "
+                           "(many times slower), or POLYGLU_MIXED_KERNEL=chunked") from error
+    _compile_failed.append(reason)
+    warnings.warn(f"{message}; using the eager kernels from now on", RuntimeWarning, stacklevel=3)
+
+
+def _is_device_error(e: BaseException) -> bool:
+    """A CUDA error leaves the device unusable: never swallowed by a fallback."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(e, accelerator_error)) or "CUDA error" in str(e)
+
+
+def _compiled_or(direction: str, eager: Callable) -> Callable:
+    """Runs `dense_fn(cores, ...)` with the compiled cores. The first call of each signature (shapes,
+    dtypes, routing form and flags: what makes inductor compile a new graph) is checked against
+    `eager(...)` on the same inputs; if compiling fails or the results disagree, one warning and
+    `eager` from then on (on CUDA an error, unless `fallback_allowed()`)."""
     def wrap(dense_fn: Callable) -> Callable:
         def run(*args):
             if not _compile_failed:
+                on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
                 try:
-                    return dense_fn(_compiled_cores(), *args)
+                    result = dense_fn(_compiled_cores(), *args)
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as e:  # no C++ compiler / Triton: the eager kernel computes the same
-                    _compile_failed.append(f"{type(e).__name__}: {e}")
-                    warnings.warn(f"polyglu: compiling the fused mixed activation failed ({_compile_failed[0]}); "
-                                  "using the eager kernels", RuntimeWarning, stacklevel=2)
+                    if _is_device_error(e):
+                        raise
+                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                    _give_up(f"failed to compile ({type(e).__name__}: {first_line})", on_cuda, e)
+                else:
+                    key = (direction, _signature(args), result[1][0] if direction == "forward" else None)
+                    if key in _checked:
+                        return result
+                    expected = eager(*args)
+                    got_tensors = result[:1] if direction == "forward" else result
+                    expected_tensors = expected[:1] if direction == "forward" else expected
+                    differs = _disagreement(got_tensors, expected_tensors)
+                    if differs is None:
+                        _checked.add(key)
+                        return result
+                    _give_up(f"disagrees with the eager kernel ({direction}, {differs})", on_cuda)
+                    return expected
             return eager(*args)
 
         return run
 
     return wrap
-
 
 @functools.cache
 def _triton_available() -> bool:
@@ -255,20 +359,26 @@ class _Routing:
     Shared weights (T' = 1) are computed once per row. Per-token soft weights use the factorisation
     W_k = A_k D_k, A = exp((alpha + noise)/tau - max) per (row, unit), D = exp(dynamic/tau - max)
     per token, S = sum_k W_k (a matmul); a block whose S could have underflowed (extreme logits over
-    a small tau) falls back to an exact softmax.
+    a small tau) falls back to an exact softmax. Per-neuron dynamic logits (B, T', F, K) are not
+    factorised: every block takes the exact softmax.
     """
 
     def __init__(self, alpha, dynamic, noise, tau, hard: bool, dtype: torch.dtype) -> None:
         self.K = alpha.shape[1]
         self.hard = hard
         self.tau = float(tau)
+        self.per_unit = dynamic.dim() == 4
         self.alpha = alpha.detach().to(dtype).t()[:, None, None, :]  # (K, 1, 1, F)
-        self.dynamic = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None]  # (K, B, T', 1)
+        if self.per_unit:
+            self.dynamic = dynamic.detach().to(dtype).permute(3, 0, 1, 2)  # (K, B, T', F)
+        else:
+            self.dynamic = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None]  # (K, B, T', 1)
         self.noise = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1)[:, :, None, :]  # (K, B, 1, F)
         self.shared = dynamic.shape[1] == 1
+        self.exact = hard or self.per_unit
         if self.shared:
             self.weights_all = self._exact(slice(None), slice(None))  # (K, B, 1, F)
-        elif not hard:
+        elif not self.exact:
             static = self.alpha[:, :, 0] if self.noise is None else self.alpha[:, :, 0] + self.noise[:, :, 0]
             static = static / self.tau  # (K, B|1, F)
             self.a = (static - static.amax(0)).exp_()
@@ -295,7 +405,7 @@ class _Routing:
             return None, None  # the only activation has weight 1
         if self.shared:
             return self.weights_all[:, rows], None
-        if self.hard:
+        if self.exact:
             return self._exact(rows, positions), None
         a_rows = self.a_rows[rows] if self.a_rows.shape[0] > 1 else self.a_rows
         total = torch.matmul(self.d_rows[rows, positions], a_rows)  # (b, t, F)
@@ -348,7 +458,9 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
     B, T, F = gate.shape
     d_alpha = torch.zeros(K, F, device=gate.device, dtype=dtype) if routing_grads else None
-    d_dynamic = torch.zeros(K, B, dynamic.shape[1], device=gate.device, dtype=dtype) if routing_grads else None
+    d_dynamic = None
+    if routing_grads:  # (K, B, T') or, per neuron, (K, B, T', F)
+        d_dynamic = torch.zeros(K, *dynamic.shape[:-1], device=gate.device, dtype=dtype)
     for rows, positions in _blocks(B, T, F):
         z = gate[rows, positions]
         acts = [rule.forward(z).to(dtype) for rule in rules]
@@ -379,13 +491,13 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
             if routing.shared:
                 per_unit = r.sum(2)  # (K, b, F)
                 d_alpha += per_unit.sum(1)
-                d_dynamic[:, rows, 0] += per_unit.sum(-1)
+                d_dynamic[:, rows, 0] += per_unit if routing.per_unit else per_unit.sum(-1)
             else:
                 d_alpha += r.sum((1, 2))
-                d_dynamic[:, rows, positions] = r.sum(-1)
+                d_dynamic[:, rows, positions] = r if routing.per_unit else r.sum(-1)
     if routing_grads:
         d_alpha = d_alpha.div_(routing.tau).t().to(alpha.dtype)
-        d_dynamic = d_dynamic.div_(routing.tau).permute(1, 2, 0).to(dynamic.dtype)
+        d_dynamic = d_dynamic.div_(routing.tau).movedim(0, -1).to(dynamic.dtype)
     return d_gate, d_up, d_alpha, d_dynamic
 
 
@@ -398,14 +510,30 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
 KERNELS: dict[str, Callable] = {
     "chunked": chunked_forward,
     "dense": functools.partial(_dense_forward, _DENSE_CORES),
-    "compiled": _compiled_or(chunked_forward)(_dense_forward),
+    "compiled": _compiled_or("forward", chunked_forward)(_dense_forward),
 }
-_compiled_dense_backward = _compiled_or(functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
+_compiled_dense_backward = _compiled_or("backward", functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
+
+
+def _triton_forward(gate, up, alpha, dynamic, noise, tau, activations, hard):
+    """The Triton kernels (`triton_mixed`) where they apply, else "compiled" on CUDA, "chunked" elsewhere."""
+    if not triton_mixed.supports(gate, activations, hard):
+        return KERNELS["compiled" if gate.is_cuda else "chunked"](gate, up, alpha, dynamic, noise, tau, activations,
+                                                                  hard)
+    h, tables = triton_mixed.forward(gate, up, alpha, dynamic, noise, tau, activations)
+    return h, ("triton", *tables, tau)
+
+
+KERNELS["triton"] = _triton_forward
 
 
 def _backward(kernel, grad, gate, up, state, activations, hard, routing_grads):
     if state[0] == "chunked":
         return chunked_backward(grad, gate, up, *state[1:], activations, hard, routing_grads)
+    if state[0] == "triton":
+        *tables, tau = state[1:]
+        shape = (gate.shape[0], tables[1].shape[2], len(activations))  # dynamic's (B, T', K)
+        return triton_mixed.backward(grad, gate, up, tables, tau, activations, shape, routing_grads and not hard)
     backward = _compiled_dense_backward if kernel == "compiled" else functools.partial(_dense_backward, _DENSE_CORES)
     return backward(grad, gate, up, state, activations, hard, routing_grads)
 
@@ -462,21 +590,10 @@ def use_kernel(kernel: str | None):
 # repay a one-off compile, and eager ops cost the most there (None: never compile by default on CPU)
 COMPILE_MIN_ELEMENTS: int | None = 1 << 20
 
-# Inference calls (no autograd) with at most this many hidden units take `small_inference`: plain
-# ops, no kernel overhead (a decode step; a prefill of up to 42 tokens at d_ff 1536, where it is
-# 3-7% faster; from ~64 tokens the blocked kernel is)
-SMALL_INFERENCE_ELEMENTS = 1 << 16
-# ... and up to this many take each activation's spelling for small tensors (`Activation.small`, else
-# its definition): torch's tanh and GELU cost ~20 us on one decode row inside a step. Above it, the
-# eager kernel's spellings (`Activation.forward`) are faster: at 8 x 1536 values torch.tanh took
-# 24 us and its sigmoid spelling 10 us, erf-GELU 19 us and torch's GELU 7.5 us (one thread, warm).
-SMALL_SPELLING_ELEMENTS = 1 << 12
-
-
 def default_kernel(gate: torch.Tensor) -> str:
     """"dense" while torch.compile traces (the math joins the caller's graph); else a `use_kernel`
-    choice; else the environment variable POLYGLU_MIXED_KERNEL; else "compiled" on CUDA with Triton
-    and on CPU from COMPILE_MIN_ELEMENTS hidden units, "chunked" otherwise."""
+    choice; else the environment variable POLYGLU_MIXED_KERNEL; else "triton" on CUDA with Triton
+    installed, "compiled" on CPU from COMPILE_MIN_ELEMENTS hidden units, "chunked" otherwise."""
     if torch.compiler.is_compiling():
         return "dense"
     chosen = _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None
@@ -485,67 +602,15 @@ def default_kernel(gate: torch.Tensor) -> str:
             raise ValueError(f"POLYGLU_MIXED_KERNEL must be one of {', '.join(KERNELS)}, got {chosen!r}")
         return chosen
     if gate.is_cuda:
-        return "compiled" if _triton_available() else "chunked"
+        return "triton" if _triton_available() else "chunked"
     if gate.device.type == "cpu" and COMPILE_MIN_ELEMENTS is not None and gate.numel() >= COMPILE_MIN_ELEMENTS:
         return "compiled"
     return "chunked"
 
 
-def small_inference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
-                    noise: torch.Tensor | None, tau: torch.Tensor, activations: tuple[str, ...],
-                    hard: bool = False) -> torch.Tensor:
-    """The mixed activation of a small call without autograd: a decode step, a short prompt's prefill.
-
-    gate, up: (B, T, F); dynamic: (B, T', K). The reference's formulation in the fewest plain ops
-    (about a dozen), no autograd.Function, no blocks and no host sync: below `SMALL_INFERENCE_ELEMENTS`
-    hidden units the per-call overhead of the kernels above costs more than their arithmetic (eager
-    batch-1 decoding spent ~250 us per layer there, a 32-token prefill ~0.6 ms). The activations are
-    the definitions in their spelling for small tensors (`Activation.small`) up to
-    `SMALL_SPELLING_ELEMENTS` values, the eager kernel's (`Activation.forward`) above: the
-    reference's up to float rounding.
-    """
-    if not hard and noise is None and gate.dtype == torch.float32 and gate.device.type == "cpu" \
-            and up.dtype == alpha.dtype == dynamic.dtype == torch.float32:
-        kernels = native.kernels()
-        codes = native.activation_codes(activations)
-        if kernels is not None and codes is not None:  # the same math in one call (polyglu.model.native)
-            return kernels.mixed_activation.default(gate, up, alpha, dynamic, float(tau), codes)
-    dtype = _compute_dtype(gate)
-    K, (B, _, F_), T_ = len(activations), gate.shape, dynamic.shape[1]
-    # K leading and contiguous (written through `out`, whatever alpha's layout): torch's CPU softmax
-    # over a short last dimension, or over a strided one, is several times slower
-    logits = torch.empty((K, B, T_, F_), dtype=dtype, device=gate.device)
-    torch.add(_as(alpha, dtype).t()[:, None, None, :], _as(dynamic, dtype).permute(2, 0, 1)[..., None], out=logits)
-    if noise is not None:
-        logits.add_(_as(noise, dtype).permute(2, 0, 1)[:, :, None, :])
-    if hard:  # the first maximum, argmax's tie rule, as the reference
-        index = logits.argmax(0, keepdim=True)
-        g = (torch.arange(K, device=logits.device).view(-1, 1, 1, 1) == index).to(dtype)
-    else:
-        g = torch.softmax(logits.div_(_as(tau, dtype)), dim=0)
-    mixed = None
-    # the activations' spelling for a few thousand values (one token), else the eager kernel's
-    one_row = gate.numel() <= SMALL_SPELLING_ELEMENTS
-    for k, rule in enumerate(get_activations(activations)):  # no stacked (K, B, T, F) copy of the activations
-        a = _as(((rule.small or rule.function) if one_row else rule.forward)(gate), dtype)  # gate's dtype first
-        if mixed is not None:
-            mixed.addcmul_(a, g[k])
-        else:  # the first activation's buffer becomes the sum, unless it is gate itself (identity)
-            mixed = a * g[k] if a is gate else a.mul_(g[k])
-    return _as(mixed.mul_(_as(up, dtype)), gate.dtype)
-
-
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor.to(dtype)` without a dispatch when it already is (a decode step makes dozens of these calls)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _inference_fast_path(gate: torch.Tensor, tensors) -> bool:
-    """A small call (`SMALL_INFERENCE_ELEMENTS`), nothing needing gradients, no kernel chosen
-    explicitly, not being traced."""
-    return (gate.numel() <= SMALL_INFERENCE_ELEMENTS and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-            and _kernel_choice.get() is None and not os.environ.get("POLYGLU_MIXED_KERNEL"))
+def chosen_kernel() -> str | None:
+    """The kernel chosen explicitly (`use_kernel`, else POLYGLU_MIXED_KERNEL), or None."""
+    return _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None
 
 
 def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
@@ -554,25 +619,54 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
     """sum_k g_k act_k(gate) * up with g = softmax((alpha + dynamic + noise) / tau) over k (its one-hot
     argmax when `hard`), computed without keeping K x d_ff per token for backward.
 
-    gate, up: (B, T, F); alpha: (F, K); dynamic: (B, T', K), T' in {1, T}; noise: (B, F, K) or None;
+    gate, up: (B, T, F); alpha: (F, K); dynamic: (B, T', K), T' in {1, T}, or per neuron (B, T', F, K);
+    noise: (B, F, K) or None;
     tau: 0-dim tensor. Returns (B, T, F) in gate's dtype; routing math in float32. `kernel`:
-    "chunked", "dense" or "compiled" (default: `default_kernel(gate)`).
+    "chunked", "dense", "compiled" or "triton" (default: `default_kernel(gate)`).
     """
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"mixed-activation kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     B, T, F_ = gate.shape
     K = len(activations)
-    if up.shape != gate.shape or tuple(alpha.shape) != (F_, K) or dynamic.dim() != 3 \
-            or dynamic.shape[0] != B or dynamic.shape[1] not in (1, T) or dynamic.shape[2] != K \
+    if up.shape != gate.shape or tuple(alpha.shape) != (F_, K) or dynamic.dim() not in (3, 4) \
+            or dynamic.shape[0] != B or dynamic.shape[1] not in (1, T) or dynamic.shape[-1] != K \
+            or (dynamic.dim() == 4 and dynamic.shape[2] != F_) \
             or (noise is not None and tuple(noise.shape) != (B, F_, K)):
         raise ValueError(f"mixed activation: inconsistent shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                          f"alpha {tuple(alpha.shape)}, dynamic {tuple(dynamic.shape)}, noise "
                          f"{None if noise is None else tuple(noise.shape)} for {K} activations")
-    if kernel is None and _inference_fast_path(gate, (gate, up, alpha, dynamic, noise)):
-        if torch.is_autocast_enabled(gate.device.type):  # the routing math and the mix stay in float32
-            with torch.autocast(gate.device.type, enabled=False):
-                return small_inference(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
-        return small_inference(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
     kernel = kernel or default_kernel(gate)
     gate, up = gate.contiguous(), up.contiguous()
     return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel)
+
+
+def glu_kernel_applies(gate: torch.Tensor, activation: str) -> bool:
+    """Whether a fixed-activation GLU (the SwiGLU baseline) runs `glu_fused`: when PolyGLU's default
+    kernel here is "triton" and it covers the activation, outside small inference calls and traces."""
+    # traced (a compiled decode step, compiled blocks): the plain ops join the graph; the context
+    # variable below is never read under a trace (fullgraph would break on it)
+    if torch.compiler.is_compiling():
+        return False
+    if not gate.is_cuda and _kernel_choice.get() != "triton":  # CPU: the plain ops, decided in ~0.1 us
+        return False
+    # a small call without autograd (a decode step): the plain ops, as PolyGLU's small-inference path
+    small = gate.numel() <= SMALL_GLU_ELEMENTS and not (torch.is_grad_enabled() and gate.requires_grad)
+    return not small and default_kernel(gate) == "triton" and triton_mixed.supports(gate, (activation,), False)
+
+
+# GLU calls up to this many hidden units without autograd take plain ops (the size below which
+# `small_inference` serves PolyGLU: polyglu.model.small_inference.SMALL_INFERENCE_ELEMENTS)
+SMALL_GLU_ELEMENTS = 1 << 16
+
+
+def glu_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up through the "triton" kernel with one activation (its routing weight is 1, no
+    routing gradient): on CUDA the GLU baselines run the same fused kernel as PolyGLU (one pass each
+    way, activation recomputed in backward), so a PolyGLU / SwiGLU comparison measures the routing,
+    not two kernel styles."""
+    B, _, F_ = gate.shape
+    alpha = torch.zeros((F_, 1), device=gate.device)
+    dynamic = torch.zeros((B, 1, 1), device=gate.device)
+    tau = torch.ones((), device=gate.device)
+    return MixedActivation.apply(gate.contiguous(), up.contiguous(), alpha, dynamic, None, tau, (activation,), False,
+                                 "triton")

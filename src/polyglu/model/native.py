@@ -5,10 +5,12 @@ and mixed activation take ~20 eager ops a layer where SwiGLU takes two. `csrc/cp
 does each in one call:
 
 - `mixed_activation(gate, up, alpha, dynamic, tau, activations)`: sum_k g_k act_k(gate) * up with
-  soft, noise-free routing, float32 (`polyglu.model.fused.small_inference` takes it);
+  soft, noise-free routing, float32 (the "native" path of `polyglu.model.small_inference`);
 - `decode_hidden(x, gate, up, ...)`: a PolyGLU layer's hidden activations for one decoded float32
   token per row: the causal pooling (continuing the cache's running sums in place), the routing
-  network and the mixed activation (`PolyGLU._native_decode` takes it).
+  network and the mixed activation (its "native-decode" path).
+
+Which calls take them is decided in `polyglu.model.small_inference.choose`, nowhere else.
 
 The library is built with the system's C++ compiler (`$CXX`, else `c++`) against the installed
 torch, for the CPU capability torch runs with, into `$POLYGLU_CACHE_DIR` (default
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shlex
 import shutil
@@ -205,6 +208,7 @@ def load(path: Path) -> None:
             raise NativeBuildError(f"cannot load {path} ({e}); rebuild it with: polyglu build-kernels --force") from e
 
 
+logger = logging.getLogger(__name__)
 _UNTRIED = object()
 _kernels = _UNTRIED  # torch.ops.polyglu_cpu once loaded; None when unavailable (or switched off)
 _loading = threading.Lock()  # threads decoding at once decide (and load) once
@@ -221,12 +225,22 @@ def kernels():
     return _kernels
 
 
+def status() -> str:
+    """"loaded", "unavailable" (tried and failed), "off" (POLYGLU_NATIVE) or "untried"; builds nothing."""
+    if _kernels is _UNTRIED:
+        return "off" if mode() == "off" else "untried"
+    return "unavailable" if _kernels is None and mode() != "off" else ("off" if _kernels is None else "loaded")
+
+
 def _load():
     setting = mode()
     if setting == "off":
+        logger.info("polyglu: native CPU kernels off (POLYGLU_NATIVE=0): small inference calls use eager ops")
         return None
     try:
-        load(build())
+        path = build()
+        load(path)
+        logger.info("polyglu: native CPU kernels loaded from %s", path)
         return torch.ops.polyglu_cpu
     except Exception as e:  # no compiler, a failed build, an unloadable library, a platform without fcntl
         if setting == "on":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-ROUTING_NAMES = (".alpha", ".beta", ".gate_net.")
+ROUTING_NAMES = (".alpha", ".beta", ".gate_net.", ".routing_map")
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int | float]:

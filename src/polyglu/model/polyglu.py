@@ -4,13 +4,14 @@
     g   = softmax((alpha + beta * gate_net(pool(x)) + Gumbel noise) / tau)     over k
 
 alpha (d_ff, K) is a static per-neuron preference, beta (K,) scales the dynamic, input-dependent
-part, gate_net is a small d_model -> gate_hidden -> K MLP of the pooled context. Routing semantics
+part, gate_net is a small d_model -> gate_hidden -> K MLP of the pooled context. With
+routing_scope="neuron" gate_net ends in routing_rank values instead, and a per-layer map
+(d_ff, K, routing_rank) turns them into per-neuron dynamic logits (d_ff, K). Routing semantics
 (pooling, noise, determinism) are described in docs/architecture.md and pinned by tests.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from polyglu.config import (
     MIXED_IMPLS,
     ROUTING_MODES,
     ROUTING_POOLS,
+    ROUTING_SCOPES,
     ConfigError,
     ModelConfig,
     routing_is_causal,
@@ -32,10 +34,11 @@ from polyglu.documents import document_positions, segment_ids
 from polyglu.model.activations import ACTIVATIONS
 
 try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernels
-    from polyglu.model import native as _native
+    from polyglu.model import fused as _fused
+    from polyglu.model import small_inference
     from polyglu.model.fused import mixed_activation_fused
 except ImportError:
-    mixed_activation_fused, _native = None, None
+    mixed_activation_fused, small_inference, _fused = None, None, None
 
 
 @dataclass
@@ -54,19 +57,35 @@ class PoolState:
     count: torch.Tensor | None = None
 
 
+def routing_logits(alpha: torch.Tensor, dynamic: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """alpha + dynamic + noise in float32: (B, T', F, K), before the division by tau.
+
+    alpha: (F, K); dynamic: (B, T', K) (layer scope: one vector for all neurons) or (B, T', F, K)
+    (neuron scope), T' = 1 (sequence pooling) or T; noise: (B, F, K) or None.
+    """
+    dynamic = dynamic.float()
+    logits = alpha.float()[None, None] + (dynamic if dynamic.dim() == 4 else dynamic[:, :, None, :])
+    if noise is not None:
+        logits = logits + noise.float()[:, None]
+    return logits
+
+
 def routing_weights(alpha: torch.Tensor, dynamic: torch.Tensor, noise: torch.Tensor | None,
                     tau: torch.Tensor, hard: bool = False) -> torch.Tensor:
     """g = softmax((alpha + dynamic + noise) / tau) over the activations, in float32.
 
-    alpha: (F, K); dynamic: (B, T', K) with T' = 1 (sequence pooling) or T; noise: (B, F, K) or None.
-    Returns (B, T', F, K). `hard` returns the one-hot argmax instead (deterministic evaluation).
+    Shapes as `routing_logits`. Returns (B, T', F, K). `hard` returns the one-hot argmax instead
+    (deterministic evaluation).
     """
-    logits = alpha.float()[None, None] + dynamic.float()[:, :, None, :]  # (B, T', F, K)
-    if noise is not None:
-        logits = logits + noise.float()[:, None]
+    return weights_from_logits(routing_logits(alpha, dynamic, noise), tau, hard)  # (B, T', F, K)
+
+
+def weights_from_logits(logits: torch.Tensor, tau: torch.Tensor | float, hard: bool = False) -> torch.Tensor:
+    """softmax(logits / tau) over the last dimension in float32, or its one-hot argmax when `hard`."""
+    logits = logits.float()
     if hard:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    return torch.softmax(logits / tau.float(), dim=-1)
+    return torch.softmax(logits / (tau.float() if isinstance(tau, torch.Tensor) else float(tau)), dim=-1)
 
 
 def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor,
@@ -86,9 +105,15 @@ def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torc
 def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
                      noise: torch.Tensor | None, tau: torch.Tensor, activations: Sequence[str],
                      hard: bool = False, impl: str = "auto") -> torch.Tensor:
-    """sum_k g_k * act_k(gate) * up, by the chosen implementation ("auto", "fused", "reference")."""
+    """sum_k g_k * act_k(gate) * up, by the chosen implementation ("auto", "fused", "reference"): the
+    fused kernels, or for a small call without autograd the small-inference override
+    (`polyglu.model.small_inference.choose` decides, here and nowhere else)."""
     if impl != "reference" and mixed_activation_fused is not None:
-        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard)
+        activations = tuple(activations)
+        path = small_inference.choose((gate, up, alpha, dynamic, noise), activations, hard=hard, noisy=noise is not None)
+        if path is not None:
+            return small_inference.mixed_activation(gate, up, alpha, dynamic, noise, tau, activations, hard, path)
+        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, activations, hard)
     if impl == "fused":
         raise RuntimeError("mixed_impl='fused' requested but polyglu.model.fused is not available")
     return mixed_activation_reference(gate, up, alpha, dynamic, noise, tau, activations, hard)
@@ -118,6 +143,10 @@ class PolyGLU(nn.Module):
         mixed_impl: "auto" | "fused" | "reference" implementation of the mixed activation.
         routing_mode: "full" (alpha + beta * gate_net), or the ablations "static" (alpha only, no
             gate_net) and "dynamic" (alpha fixed at 0, not trained).
+        routing_scope: "layer" (the paper: one dynamic K-vector per token, shared by all neurons) or
+            "neuron" (gate_net outputs `routing_rank` values; `routing_map` (d_ff, K, routing_rank)
+            maps them to each neuron's own K logits; it starts as the identity on the first K values,
+            so a fresh or converted neuron-scope layer computes what the layer scope computes).
 
     forward(x, doc_ids=None) -> y, with x, y of shape (B, T, d_model). With `return_routing=True`
     it returns (y, g) where g (B, T', d_ff, K) are the routing weights used (T' = 1 for "sequence").
@@ -126,7 +155,7 @@ class PolyGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activations: Sequence[str] = DEFAULT_ACTIVATIONS,
                  gate_hidden: int = 32, routing_pool: str = "causal", eval_routing: str = "soft",
                  routing_noise: bool = True, tau: float = 1.0, mixed_impl: str = "auto",
-                 routing_mode: str = "full") -> None:
+                 routing_mode: str = "full", routing_scope: str = "layer", routing_rank: int = 4) -> None:
         super().__init__()
         activations = tuple(activations)
         if not activations:
@@ -142,6 +171,12 @@ class PolyGLU(nn.Module):
             raise ConfigError(f"PolyGLU: routing_mode must be one of {ROUTING_MODES}, got {routing_mode!r}")
         if mixed_impl not in MIXED_IMPLS:
             raise ConfigError(f"PolyGLU: mixed_impl must be one of {MIXED_IMPLS}, got {mixed_impl!r}")
+        if routing_scope not in ROUTING_SCOPES:
+            raise ConfigError(f"PolyGLU: routing_scope must be one of {ROUTING_SCOPES}, got {routing_scope!r}")
+        if routing_scope == "neuron" and routing_mode == "static":
+            raise ConfigError("PolyGLU: routing_scope='neuron' needs dynamic routing (routing_mode='static' has none)")
+        if routing_rank < 1:
+            raise ConfigError(f"PolyGLU: routing_rank must be positive, got {routing_rank}")
         self.d_model, self.d_ff = d_model, d_ff
         self.activations = activations
         self.routing_pool = routing_pool
@@ -149,6 +184,7 @@ class PolyGLU(nn.Module):
         self.routing_noise = routing_noise
         self.mixed_impl = mixed_impl
         self.routing_mode = routing_mode
+        self.routing_scope = routing_scope
         K = len(activations)
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
@@ -157,11 +193,15 @@ class PolyGLU(nn.Module):
             self.register_buffer("alpha", torch.zeros(d_ff, K), persistent=True)
         else:
             self.alpha = nn.Parameter(torch.zeros(d_ff, K))
+        self.routing_map = None
         if routing_mode == "static":  # ablation: no input-dependent routing network
             self.beta, self.gate_net = None, None
         else:
             self.beta = nn.Parameter(torch.ones(K))
-            self.gate_net = nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, K))
+            outputs = K if routing_scope == "layer" else routing_rank
+            self.gate_net = nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, outputs))
+            if routing_scope == "neuron":
+                self.routing_map = nn.Parameter(identity_routing_map(d_ff, K, routing_rank))
         self.register_buffer("tau", torch.tensor(float(tau)), persistent=True)
 
     @classmethod
@@ -170,7 +210,8 @@ class PolyGLU(nn.Module):
         return cls(d_model=config.d_model, d_ff=config.d_ff, activations=config.activations,
                    gate_hidden=config.gate_hidden, routing_pool=config.routing_pool,
                    eval_routing=config.eval_routing, routing_noise=config.routing_noise, tau=config.tau,
-                   mixed_impl=config.mixed_impl, routing_mode=config.routing_mode)
+                   mixed_impl=config.mixed_impl, routing_mode=config.routing_mode,
+                   routing_scope=config.routing_scope, routing_rank=config.routing_rank)
 
     @property
     def n_activations(self) -> int:
@@ -182,12 +223,15 @@ class PolyGLU(nn.Module):
         return routing_is_causal(self.routing_pool, n_activations=self.n_activations, routing_mode=self.routing_mode)
 
     def extra_repr(self) -> str:
-        return (f"activations={self.activations}, routing_pool={self.routing_pool!r}, routing_mode={self.routing_mode!r}, "
-                f"eval_routing={self.eval_routing!r}, routing_noise={self.routing_noise}")
+        scope = "" if self.routing_map is None else f", routing_scope='neuron', routing_rank={self.routing_map.shape[-1]}"
+        small = f", small_inference={small_inference.describe(self.activations)!r}" if small_inference else ""
+        return (f"activations={self.activations}, routing_pool={self.routing_pool!r}, routing_mode={self.routing_mode!r}"
+                f"{scope}, eval_routing={self.eval_routing!r}, routing_noise={self.routing_noise}{small}")
 
     def dynamic_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                        doc_ids: torch.Tensor | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
-        """beta * gate_net(pool(x)): (B, T', K), T' = 1 for "sequence" pooling without documents.
+        """beta * gate_net(pool(x)): (B, T', K), T' = 1 for "sequence" pooling without documents;
+        per neuron (B, T', d_ff, K) with routing_scope="neuron" (`scoped_logits`).
 
         The mean is taken after gate_net's first (linear) layer, which commutes with it: the same
         function, but the running state and the pooled tensor are gate_hidden wide, not d_model.
@@ -202,6 +246,8 @@ class PolyGLU(nn.Module):
                 and self.routing_pool == "causal" and not (torch.is_grad_enabled() and proj.requires_grad):
             # one decoded token per row without autograd: the same sums in five ops, in place
             hidden = _causal_step(proj, positions, pool_state, first.bias)
+            if self.routing_map is not None:
+                return self.scoped_logits(second(hidden))
             if torch.compiler.is_compiling():
                 # a traced step: the K-wide product as a reduction joins the pooling's loop (no mm call)
                 return self.beta * ((hidden[..., None, :] * second.weight).sum(-1) + second.bias)
@@ -216,41 +262,31 @@ class PolyGLU(nn.Module):
         else:
             pooled = _causal_mean(proj, positions, pool_state).to(proj.dtype)
         hidden = F.relu(pooled + first.bias)
-        return self.beta * second(hidden)
+        return self.scoped_logits(second(hidden))
 
-    def _native_decode(self, x: torch.Tensor, positions: torch.Tensor | None,
-                       pool_state: PoolState) -> torch.Tensor | None:
-        """The hidden activations of one float32 CPU token per row through the native kernel
-        (`polyglu.model.native`: routing step and mixed activation in one call), or None when it does
-        not apply (kernels off or unavailable, hard or noisy routing, gradients needed, tracing)."""
-        codes = _native_decode_codes(self.activations, self.routing_pool, self.routing_mode)
-        if codes is None or (self.routing_noise if self.training else self.eval_routing == "hard") \
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-            return None
-        first, _, second = self.gate_net
-        w1, b1, w2, b2, beta, alpha = first.weight, first.bias, second.weight, second.bias, self.beta, self.alpha
-        if not (w1.dtype == b1.dtype == w2.dtype == b2.dtype == beta.dtype == alpha.dtype == torch.float32) \
-                or (torch.is_grad_enabled() and _needs_grad(x, w1, b1, w2, b2, beta, alpha)):
-            return None
-        kernels = _native.kernels()
-        if kernels is None:
-            return None
-        keep, count = pool_state.keep, pool_state.count
-        if keep is None or count is None:  # not a decode step's shared flags: derived from the positions
-            if positions is None:
-                return None  # the eager path says what is missing
-            keep, count = (positions > 0).float(), (positions + 1).float()
-        return kernels.decode_hidden.default(x, self.gate_proj(x), self.up_proj(x), w1, b1, pool_state.total,
-                                             keep, count, w2, b2, beta, alpha, float(self.tau), codes)
+    def scoped_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """gate_net's output (B, T', r) -> the dynamic logits: beta * out (B, T', K) in layer scope;
+        in neuron scope beta * routing_map @ out, each neuron's own K logits (B, T', d_ff, K)."""
+        if self.routing_map is None:
+            return self.beta * out
+        F_, K, r = self.routing_map.shape
+        # beta folded into the small map, and the product laid out (B, T', K, F): each activation's
+        # logits are a contiguous (B, T', F) slice, what the fused kernel reads (no copy, no full-size
+        # mul). out @ map (not F.linear): the map's gradient is then out^T @ grad, (r, BT) x (BT, K F),
+        # which BLAS computes ~10x faster than the transposed product F.linear's backward asks for.
+        scaled = (self.routing_map * self.beta[:, None]).permute(2, 1, 0).reshape(r, K * F_)  # (r, K * F)
+        return torch.matmul(out, scaled).unflatten(-1, (K, F_)).transpose(-1, -2)  # (B, T', F, K) view
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, pool_state: PoolState | None = None,
                 return_routing: bool = False, noise: torch.Tensor | None = None):
         """x: (B, T, d_model). `positions` (B, T): token positions inside their documents (derived
-        from doc_ids when not given). `noise` (B, d_ff, K) overrides the sampled Gumbel noise."""
+        from doc_ids when not given). `noise` (B, d_ff, K) overrides the sampled Gumbel noise.
+        `return_routing="logits"` returns the routing logits alpha + dynamic + noise (B, T', d_ff, K)
+        before the division by tau instead of the weights (the analysis reads them at two taus)."""
         if pool_state is not None and x.shape[1] == 1 and noise is None and not return_routing \
                 and x.device.type == "cpu" and x.dtype == torch.float32:
-            hidden = self._native_decode(x, positions, pool_state)
+            hidden = small_inference.decode_hidden(self, x, positions, pool_state) if small_inference else None
             if hidden is not None:
                 return self.down_proj(hidden)
         if positions is None and doc_ids is not None:
@@ -260,7 +296,8 @@ class PolyGLU(nn.Module):
         if self.n_activations == 1:
             # softmax over a single activation is identically 1: exactly a fixed-activation GLU
             hidden = ACTIVATIONS[self.activations[0]](gate) * up
-            routing = torch.ones(x.shape[0], 1, self.d_ff, 1, device=x.device) if return_routing else None
+            routing = torch.full((x.shape[0], 1, self.d_ff, 1), float(return_routing != "logits"),
+                                 device=x.device) if return_routing else None
             out = self.down_proj(hidden)
             return (out, routing) if return_routing else out
         dynamic = self.dynamic_logits(x, positions, doc_ids, pool_state)  # (B, T', K)
@@ -276,21 +313,31 @@ class PolyGLU(nn.Module):
         out = self.down_proj(hidden)
         if return_routing:
             with torch.no_grad():
-                routing = routing_weights(self.alpha, dynamic, noise, self.tau, hard)
+                routing = routing_logits(self.alpha, dynamic, noise) if return_routing == "logits" \
+                    else routing_weights(self.alpha, dynamic, noise, self.tau, hard)
             return out, routing
         return out
 
 
-@functools.lru_cache(maxsize=64)
-def _native_decode_codes(activations: tuple[str, ...], routing_pool: str, routing_mode: str) -> tuple[int, ...] | None:
-    """The native kernels' activation codes when a layer so configured can decode through them."""
-    if _native is None or len(activations) < 2 or routing_pool != "causal" or routing_mode == "static":
-        return None
-    return _native.activation_codes(activations)
+def identity_routing_map(d_ff: int, n_activations: int, rank: int) -> torch.Tensor:
+    """(d_ff, K, r): every neuron reads gate_net's k-th output as its k-th logit (k < min(K, r)), so a
+    neuron-scope layer starts as the layer scope's routing (exactly, for r >= K)."""
+    eye = torch.eye(n_activations, rank)  # (K, r)
+    return eye.expand(d_ff, n_activations, rank).clone()
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return any(t.requires_grad for t in tensors)
+def layer_to_neuron_state(state: dict[str, torch.Tensor], prefix: str, d_ff: int, rank: int) -> None:
+    """Turn one layer-scope PolyGLU's routing tensors in `state` (keys `prefix` + name) into the
+    neuron scope's, in place, computing the same logits: gate_net's last layer keeps its K rows
+    (zero rows added up to `rank`), and `routing_map` is the identity. Needs rank >= K."""
+    weight, bias = state[prefix + "gate_net.2.weight"], state[prefix + "gate_net.2.bias"]
+    K = weight.shape[0]
+    if rank < K:
+        raise ConfigError(f"{prefix}gate_net: a layer-scope checkpoint with {K} activations needs routing_rank >= {K} "
+                          f"to load into routing_scope='neuron' with the same logits, got routing_rank={rank}")
+    state[prefix + "gate_net.2.weight"] = torch.cat([weight, weight.new_zeros(rank - K, weight.shape[1])])
+    state[prefix + "gate_net.2.bias"] = torch.cat([bias, bias.new_zeros(rank - K)])
+    state[prefix + "routing_map"] = identity_routing_map(d_ff, K, rank).to(weight.dtype)
 
 
 def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state: PoolState | None) -> torch.Tensor:
@@ -373,7 +420,11 @@ class GLU(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *, positions=None, pool_state=None,
                 return_routing: bool = False, noise=None):
-        out = self.down_proj(ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if _fused is not None and _fused.glu_kernel_applies(gate, self.activation):  # CUDA: PolyGLU's kernel
+            out = self.down_proj(_fused.glu_fused(gate, up, self.activation))
+        else:
+            out = self.down_proj(ACTIVATIONS[self.activation](gate) * up)
         return (out, None) if return_routing else out
 
 

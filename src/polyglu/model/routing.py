@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from polyglu.model.polyglu import PolyGLU, max_routing_entropy, routing_weights
+from polyglu.model.polyglu import PolyGLU, max_routing_entropy, routing_weights, weights_from_logits
+
+__all__ = ["routing_entropy", "static_routing", "weights_from_logits"]
 
 
 def static_routing(layer: PolyGLU) -> torch.Tensor:

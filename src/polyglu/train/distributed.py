@@ -35,8 +35,10 @@ class DistributedContext:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda": this process's GPU (torchrun's LOCAL_RANK)
+            dev = torch.device("cuda", local)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not tdist.is_initialized():
@@ -111,13 +113,14 @@ class DistributedContext:
                     m.set_reshard_after_forward(True, recurse=False)
                 m.reshard()
 
-    def clip_grad_norm(self, parameters, max_norm: float) -> float:
-        """clip_grad_norm_ that returns the global norm as a float, also for sharded (DTensor)
-        gradients, whose norm comes back as a DTensor."""
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_ that returns the global norm as a plain 0-dim tensor on the device (read it
+        when it is needed: reading it is a host sync), also for sharded (DTensor) gradients, whose norm
+        comes back as a DTensor."""
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         if hasattr(norm, "full_tensor"):  # DTensor (FSDP2): reduce the partial norms
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
 
     def broadcast_object(self, obj):
         """Rank 0's `obj` on every rank."""
@@ -135,7 +138,14 @@ class DistributedContext:
             return module.no_sync()
         return contextlib.nullcontext()
 
-    def all_reduce_sum(self, value: float) -> float:
+    def all_reduce_sum(self, value):
+        """The sum over ranks of a float (returned as a float) or of a tensor (returned as a tensor on
+        the same device, no host read)."""
+        if isinstance(value, torch.Tensor):
+            if self.enabled:
+                value = value.detach().clone()
+                tdist.all_reduce(value)
+            return value
         if not self.enabled:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")

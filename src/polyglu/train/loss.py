@@ -1,14 +1,25 @@
 """Cross-entropy through the output head without materialising (tokens x vocab) float32 logits.
 
-The head matmul, log-softmax and both gradients are computed chunk by chunk in the forward pass
-(the loss is a scalar, so its gradients can be formed then and scaled in backward): peak memory is
-one (chunk x vocab) block instead of the full logits and their gradient. When no gradient can be
-asked for (evaluation under torch.no_grad, or no input requires grad) only the loss is computed.
+Two kernels, one result (`cross_entropy_sum` chooses):
+- "chunked": the head matmul, log-softmax and both gradients computed chunk by chunk in the forward
+  pass with torch ops (the loss is a scalar, so its gradients can be formed then and scaled in
+  backward): peak memory is one (chunk x vocab) block instead of the full logits and their gradient.
+  When no gradient can be asked for (evaluation under torch.no_grad, or no input requires grad)
+  only the loss is computed. Any device.
+- "fused": liger-kernel's fused linear cross-entropy (Triton; the `[gpu]` extra), logits in the
+  autocast dtype (bf16 under bf16 autocast) with float32 softmax statistics and weight-gradient
+  accumulation. The default on CUDA for training when liger-kernel is installed. With
+  `vocab_multiple` the head is padded to a multiple of it (128: aligned GEMM tiles for the 151,669
+  -token vocabulary), the pad logits masked to -inf; the model's weights keep their shape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from polyglu.data.special_tokens import IGNORE_INDEX
 
@@ -74,3 +85,68 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
         # which costs two more matmuls per chunk than the loss alone
         return _chunked_loss_and_grads(hidden, weight, targets, chunk_size, False, False)[0]
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+LOSS_KERNELS = ("auto", "chunked", "fused")
+
+
+@functools.cache
+def fused_available() -> bool:
+    """liger-kernel importable (it brings triton)."""
+    try:
+        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def loss_kernel(hidden: torch.Tensor, weight: torch.Tensor, choice: str = "auto") -> str:
+    """"fused" or "chunked": `choice` unless "auto", which takes "fused" for training on CUDA (a
+    gradient wanted, liger-kernel installed) and "chunked" otherwise (CPU, evaluation)."""
+    if choice not in LOSS_KERNELS:
+        raise ValueError(f"loss kernel must be one of {', '.join(LOSS_KERNELS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return "fused" if hidden.is_cuda and wants_grad and fused_available() else "chunked"
+
+
+def padded_head(weight: torch.Tensor, multiple: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight with its rows padded by zeros to a multiple of `multiple`, a bias of 0 on real rows and
+    -inf on pad rows) or (weight, None) when it needs no padding. The pad is differentiable (its
+    gradient flows to the real rows only)."""
+    vocab = weight.shape[0]
+    pad = (-vocab) % multiple if multiple else 0
+    if not pad:
+        return weight, None
+    bias = torch.zeros(vocab + pad, device=weight.device, dtype=weight.dtype)
+    bias[vocab:] = float("-inf")
+    return F.pad(weight, (0, 0, 0, pad)), bias
+
+
+def fused_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            vocab_multiple: int | None = None) -> torch.Tensor:
+    """`chunked_cross_entropy_sum` through liger-kernel's fused linear cross-entropy (Triton: CUDA, or CPU
+    tensors under TRITON_INTERPRET=1). Logits in the autocast dtype when autocast is on, else in
+    hidden's dtype; float32 loss."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    weight, bias = padded_head(weight.to(dtype), vocab_multiple)
+    with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
+            else contextlib.nullcontext():
+        loss = LigerFusedLinearCrossEntropyFunction.apply(
+            hidden, weight, targets.reshape(-1), bias, None, IGNORE_INDEX, 0.0, 0.0, "sum", None, False,
+            torch.float32)[0]
+    return loss.float()
+
+
+def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048,
+                      kernel: str = "auto", vocab_multiple: int | None = None) -> torch.Tensor:
+    """Sum over non-ignored tokens of -log softmax(hidden @ weight.T)[target], by `loss_kernel`'s choice
+    ("fused" takes `vocab_multiple`; "chunked" needs no padding and ignores it)."""
+    if loss_kernel(hidden, weight, kernel) == "fused":
+        return fused_cross_entropy_sum(hidden, weight, targets, vocab_multiple)
+    return chunked_cross_entropy_sum(hidden, weight, targets, chunk_size)

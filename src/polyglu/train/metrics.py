@@ -7,6 +7,7 @@ the ablation tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -140,10 +141,18 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@torch.no_grad()
-def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tensor], device) -> dict[str, list]:
+# routing statistics read this many tokens of each of the first two rows of a batch: enough for a
+# per-layer mean, small next to a training step
+ROUTING_SAMPLE_TOKENS = 512
+
+
+def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tensor], device,
+                            autocast=contextlib.nullcontext) -> dict[str, list]:
     """Per-layer mean routing entropy as a fraction of ln K: static (softmax(alpha/tau)) and dynamic
-    (the full deterministic routing on one training batch)."""
+    (the full deterministic routing on a sample of a training batch: two rows of up to
+    ROUTING_SAMPLE_TOKENS tokens). Without autograd, under the trainer's `autocast`; each layer's
+    routing weights are reduced to their mean entropy as the forward goes (one layer's weights alive
+    at a time), and the values come to the host in one read."""
     from polyglu.model.routing import routing_entropy, static_routing
 
     layers = model.polyglu_layers()
@@ -151,12 +160,18 @@ def routing_entropy_summary(model: torch.nn.Module, batch: dict[str, torch.Tenso
         return {}
     was_training = model.training
     model.eval()
-    ids = batch["input_ids"][:2].to(device)
-    docs = batch["doc_ids"][:2].to(device)
-    routing = model(ids, docs, return_routing=True, compute_logits=False).routing
-    model.train(was_training)
-    static, dynamic = [], []
-    for ffn, g in zip(layers, [r for r in routing if r is not None]):
-        static.append(float(routing_entropy(static_routing(ffn), normalized=True).mean()))
-        dynamic.append(float(routing_entropy(g.float(), normalized=True).mean()))
-    return {"static": [round(x, 6) for x in static], "dynamic": [round(x, 6) for x in dynamic]}
+    ids = batch["input_ids"][:2, :ROUTING_SAMPLE_TOKENS].to(device)
+    docs = batch["doc_ids"][:2, :ROUTING_SAMPLE_TOKENS].to(device)
+
+    def mean_entropy(g: torch.Tensor) -> torch.Tensor:
+        return routing_entropy(g.float(), normalized=True).mean()
+
+    try:
+        with torch.no_grad(), autocast():
+            routing = model(ids, docs, return_routing=True, compute_logits=False, reduce_routing=mean_entropy).routing
+            static = [mean_entropy(static_routing(ffn)) for ffn in layers]
+    finally:
+        model.train(was_training)
+    dynamic = [r for r in routing if r is not None]
+    static_values, dynamic_values = torch.stack([torch.stack(static), torch.stack(dynamic)]).tolist()
+    return {"static": [round(x, 6) for x in static_values], "dynamic": [round(x, 6) for x in dynamic_values]}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("alpha", "beta")
+NO_DECAY_NAMES = ("alpha", "beta", "routing_map")  # routing_map: per-neuron, like alpha
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    """True for matrix weights (projections, embeddings, routing MLP); never alpha, beta, norms, biases."""
+    """True for matrix weights (projections, embeddings, routing MLP); never alpha, beta, a neuron-scope
+    routing_map (its identity start is the layer scope, not zero), norms, biases."""
     leaf = name.rsplit(".", 1)[-1]
     return param.ndim >= 2 and leaf not in NO_DECAY_NAMES
 

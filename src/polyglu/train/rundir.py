@@ -47,9 +47,9 @@ _OLD = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]+\.old$")
 # never what a step computes (max_steps stretches the schedules from the resumed step on)
 SAFE_RESUME_KEYS = frozenset({
     "run_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.routing_stats_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
+    "train.routing_stats_every", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints", "train.max_bad_steps",
     "train.threads", "train.progress", "train.tensorboard", "train.wandb_project",
-    "train.activation_checkpointing",
+    "train.activation_checkpointing", "train.loss_kernel", "train.vocab_pad_multiple",  # same loss, other kernel
 })
 
 
@@ -190,6 +190,12 @@ def existing_results(run_dir: str | Path) -> list[str]:
 def refuse_existing_results(run_dir: str | Path, overwrite: bool) -> list[str]:
     """Raise unless `run_dir` holds no run or `overwrite` is set; returns what it holds."""
     found = existing_results(run_dir)
+    if found and set(found) <= {RUN_CONFIG_NAME, HISTORY_NAME}:
+        # a start that stopped before its first logged step (say, a set-up error): nothing of a run to
+        # keep, so the same command may simply be run again
+        for name in found:
+            (Path(run_dir) / name).unlink()
+        return []
     if found and not overwrite:
         raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
                           f"or --overwrite to delete it and start again, or use another run_dir")

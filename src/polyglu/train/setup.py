@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from polyglu.config import ConfigError, RunConfig
+from polyglu.config import ConfigError, DataConfig, RunConfig
 from polyglu.train import rundir
 from polyglu.train.distributed import DistributedContext
 from polyglu.train.trainer import Trainer
@@ -120,6 +120,7 @@ def build_run(config: RunConfig, device: str | None = None, log=print, resume: b
     before anything is written). `resume=False` (a fresh start) refuses a run directory holding
     another run's results unless `overwrite`; None leaves the decision to resume()/fit()."""
     check_run_settings(config, overwrite)
+    check_agreement(config)  # reads only: a refusal here leaves nothing behind, not even the run directory
     dist = DistributedContext.from_env(device)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731
@@ -132,6 +133,57 @@ def build_run(config: RunConfig, device: str | None = None, log=print, resume: b
     except BaseException:
         run_lock.release()  # a start that stops here leaves no lock file behind
         raise
+
+
+def check_agreement(config: RunConfig) -> None:
+    """Tokenizer, model and data fit one another, checked before anything is written: the rows
+    (`data.seq_len`) within the model's context, the run's tokenizer the one `init_from` was trained
+    with, its vocabulary within the model's, and ChatML markers for fine-tuning. One error lists
+    every disagreement with both sides and the fix."""
+    from polyglu.data.special_tokens import IM_END, IM_START
+    from polyglu.data.tokenizer import describe_identity, load_tokenizer, same_tokenizer
+    from polyglu.model_io import read_model_config
+
+    d = config.data
+    if config.init_from:
+        model_config, _ = read_model_config(config.init_from)
+        model_name = f"init_from {config.init_from}"
+        model_tokenizer_dir = Path(config.init_from) / "tokenizer"
+    else:
+        model_config, model_name, model_tokenizer_dir = config.model_config(), "the model", None
+    problems = []
+    if d.seq_len > model_config.max_seq_len:
+        problems.append(f"data.seq_len={d.seq_len} is longer than the context of {model_name} "
+                        f"(max_seq_len={model_config.max_seq_len}): set data.seq_len={model_config.max_seq_len} "
+                        f"or less" + ("" if config.init_from else f", or model.max_seq_len={d.seq_len}"))
+    tokenizer = None
+    if model_tokenizer_dir is not None and model_tokenizer_dir.is_dir():
+        tokenizer = load_tokenizer(model_tokenizer_dir)  # the run goes on with the model's own tokenizer
+        # fine-tuning text is tokenised with the model's tokenizer, so data.tokenizer may stay at its
+        # default there; any tokenizer named explicitly (or used for pre-training shards) must be that one
+        default_for_sft = config.task == "sft" and not d.sources and d.tokenizer == DataConfig.tokenizer
+        if d.tokenizer != "train" and not default_for_sft:
+            named = load_tokenizer(d.tokenizer)
+            key = same_tokenizer(named.identity(), tokenizer.identity())
+            if key is not None:
+                problems.append(f"data.tokenizer={describe_identity(named.identity())} is not the "
+                                f"tokenizer of {model_name} ({describe_identity(tokenizer.identity())}; they differ "
+                                f"in {key}): set data.tokenizer={model_tokenizer_dir}")
+    elif d.tokenizer != "train":  # "train": made from the built-in corpus for this run, fits by construction
+        tokenizer = load_tokenizer(d.tokenizer)
+    if tokenizer is not None:
+        vocab = model_config.vocab_size if (config.init_from or "vocab_size" in config.model) else None
+        if vocab is not None and tokenizer.vocab_size > vocab:
+            problems.append(f"the tokenizer {getattr(tokenizer, 'name', d.tokenizer)} has {tokenizer.vocab_size:,} "
+                            f"tokens but {model_name} embeds {vocab:,} (vocab_size): use the model's tokenizer or "
+                            f"a model of at least that vocabulary")
+        missing = [t for t in (IM_START, IM_END) if tokenizer.token_id(t) is None]
+        if config.task == "sft" and missing:
+            problems.append(f"fine-tuning renders ChatML, but the tokenizer {getattr(tokenizer, 'name', '?')} has "
+                            f"no {' or '.join(missing)} token: use a tokenizer trained by polyglu (polyglu "
+                            f"tokenizer train) or one with ChatML markers")
+    if problems:
+        raise ConfigError(f"{config.task} run in {config.run_dir}: " + "; ".join(problems))
 
 
 def _build(config: RunConfig, dist: DistributedContext, log, overwrite: bool, run_lock: rundir.RunLock) -> Trainer:
@@ -182,6 +234,9 @@ def _build(config: RunConfig, dist: DistributedContext, log, overwrite: bool, ru
         train_data = SFTDataset(train_file, seed=tc.seed, max_examples=d.sft_max_examples, **common)
         val_data = SFTDataset(val_file, seed=tc.seed + 1, **common) if val_file else None
         log(train_data.describe() if hasattr(train_data, "describe") else f"SFT data: {train_file}")
+    if tc.warmup_steps >= tc.max_steps:
+        log(f"warning: train.warmup_steps={tc.warmup_steps} >= train.max_steps={tc.max_steps}: the learning "
+            f"rate never leaves warm-up (set train.warmup_steps below max_steps)")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{config.task}: {n_params:,} parameters, ffn={model.config.ffn}, vocab={model.config.vocab_size}, "
         f"device={dist.device}, world_size={dist.world_size}")

@@ -23,11 +23,12 @@ from torch import nn
 from polyglu.atomic import atomic_directory
 from polyglu.config import RunConfig
 from polyglu.data.special_tokens import IGNORE_INDEX
+from polyglu.model.compiler import compile_module
 from polyglu.model_io import CheckpointError, load_state_file, save_model, write_model_dir
 from polyglu.train import checkpointing as ckpt
 from polyglu.train import rundir
 from polyglu.train.distributed import DistributedContext
-from polyglu.train.loss import chunked_cross_entropy_sum
+from polyglu.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from polyglu.train.metrics import MetricsWriter, routing_entropy_summary, truncate_metrics
 from polyglu.train.optim import build_optimizer
 from polyglu.train.schedules import lr_at, tau_at
@@ -51,16 +52,20 @@ class TrainingInterrupted(RuntimeError):
 
 
 class LossModule(nn.Module):
-    """model + chunked cross-entropy in one forward, so DDP/FSDP wrap the whole computation."""
+    """model + cross-entropy through the head in one forward, so DDP/FSDP wrap the whole computation.
+    The loss kernel (chunked, or the fused one on CUDA) is `polyglu.train.loss.cross_entropy_sum`'s choice."""
 
-    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int, loss_kernel: str = "auto",
+                 vocab_multiple: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.loss_kernel, self.vocab_multiple = loss_kernel, vocab_multiple
 
     def forward(self, input_ids, doc_ids, targets):
         out = self.model(input_ids, doc_ids, compute_logits=False)
-        return chunked_cross_entropy_sum(out.hidden_states, self.model.lm_head.weight, targets, self.chunk_size)
+        return cross_entropy_sum(out.hidden_states, self.model.lm_head.weight, targets, self.chunk_size,
+                                 self.loss_kernel, self.vocab_multiple)
 
 
 def micro_seed(seed: int, step: int, micro_step: int, rank: int = 0) -> int:
@@ -104,6 +109,7 @@ class Trainer:
         self._started = False
         self._saved_step: int | None = None
         self._interrupt_requested = False
+        self._device_counters: dict[str, torch.Tensor] | None = None  # see _step_on_device
         self.loss_module = self.dist.wrap(self._prepare_model(), self.tc.distributed)
         self.sharded = self.dist.is_sharded(self.loss_module)
         if self.sharded:  # fully_shard replaced the parameters with DTensors: optimise those
@@ -131,8 +137,9 @@ class Trainer:
                 self.model.layers[i] = checkpoint_wrapper(block)
         if self.tc.compile:
             for block in self.model.layers:
-                block.compile()
-        return LossModule(self.model, self.tc.loss_chunk_size).to(self.device)
+                compile_module(block)
+        return LossModule(self.model, self.tc.loss_chunk_size, self.tc.loss_kernel,
+                          self.tc.vocab_pad_multiple).to(self.device)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -150,7 +157,9 @@ class Trainer:
                 "rng": ckpt.rng_state(), "config": self.config.to_dict(), "batch_layout": self.batch_layout()}
 
     def save(self) -> Path | None:
+        self.read_step_counters()  # train_state records skipped_steps
         self._saved_step = self.step
+        self._saved_at = time.monotonic()
         if self.sharded:  # collective: DCP shards from every rank + the full model dir from rank 0
             return ckpt.save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                                 self.train_state(), self.dist, self.tokenizer_dir,
@@ -222,7 +231,7 @@ class Trainer:
                      self.tc.lr_schedule)
 
     def tau(self, step: int) -> float | None:
-        if self.tc.freeze_tau or self.model.tau is None:
+        if self.tc.freeze_tau or not self.model.polyglu_layers():  # (model.tau would read the buffer: a sync)
             return None
         return tau_at(step, self.tc.tau_start, self.tc.tau_end, self.tc.max_steps, self.tc.tau_schedule)
 
@@ -239,8 +248,12 @@ class Trainer:
         self.model.train()
         batches = [self.train_data.get_batch(step, micro) for micro in range(self.grad_accum)]
         n_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-        n_targets = max(1, int(self.dist.all_reduce_sum(float(n_targets))))
-        loss_sum = 0.0
+        if self.dist.enabled:  # summed over ranks on the device: no host read in the step
+            n_targets = self.dist.all_reduce_sum(torch.tensor(float(n_targets), dtype=torch.float64,
+                                                              device=self.device)).clamp(min=1)
+        else:
+            n_targets = max(1, n_targets)
+        loss_sum = None  # on the device: reading the loss (a host sync) waits for log_every
         for micro, batch in enumerate(batches):
             torch.manual_seed(micro_seed(self.tc.seed, step, micro, self.dist.rank))
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -248,10 +261,15 @@ class Trainer:
             with self.dist.no_sync(self.loss_module, enabled=not last), self._autocast():
                 loss = self.loss_module(batch["input_ids"], batch["doc_ids"], batch["targets"])
                 # normalised by the global token count: ranks' gradients average to the global mean
-                (loss * (self.dist.world_size / n_targets)).backward()
-            loss_sum += float(loss.detach())
-        loss_value = self.dist.all_reduce_sum(loss_sum) / n_targets
+                scale = self.dist.world_size / n_targets
+                (loss * (scale.float() if isinstance(scale, torch.Tensor) else scale)).backward()
+            loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()
+        loss_mean = self.dist.all_reduce_sum(loss_sum) / n_targets
         grad_norm = self.dist.clip_grad_norm(self.model.parameters(), self.tc.grad_clip)  # global, also sharded
+        tokens = sum(int(b["input_ids"].numel()) for b in batches) * self.dist.world_size
+        if self._skips_on_device:
+            return self._step_on_device(step, lr, tau, loss_mean, grad_norm, tokens)
+        loss_value, grad_norm = float(loss_mean), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -265,11 +283,52 @@ class Trainer:
             self.bad_steps = 0
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["input_ids"].numel()) for b in batches) * self.dist.world_size
         self.tokens += tokens
         self.step += 1
         return {"loss": loss_value, "lr": lr, "tau": tau if tau is not None else self.model.tau,
                 "grad_norm": grad_norm, "step_tokens": tokens, "skipped": not math.isfinite(grad_norm)}
+
+    @property
+    def _skips_on_device(self) -> bool:
+        """A fused AdamW (CUDA) skips a non-finite step inside its own kernel (`found_inf`, as under
+        GradScaler): the step needs no host read. Elsewhere the finiteness is read every step."""
+        return bool(self.optimizer.defaults.get("fused"))
+
+    def _step_on_device(self, step: int, lr: float, tau: float | None, loss: torch.Tensor, grad_norm: torch.Tensor,
+                        tokens: int) -> dict[str, Any]:
+        """The rest of `train_step` without a host sync: the optimizer leaves the weights and its state
+        untouched when the loss or the norm is not finite; the run of consecutive skipped steps and the
+        skip count stay on the device until `read_step_counters` (log_every, checkpoints)."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._device_counters is None:  # a run of skipped steps goes on across reads
+            run = torch.tensor(self.bad_steps, dtype=torch.long, device=finite.device)
+            self._device_counters = {"run": run, "worst_run": run, "skipped": torch.zeros_like(run)}
+        counters = self._device_counters
+        counters["run"] = torch.where(finite, 0, counters["run"] + 1)
+        counters["worst_run"] = torch.maximum(counters["worst_run"], counters["run"])
+        counters["skipped"] = counters["skipped"] + (~finite).long()
+        self.tokens += tokens
+        self.step += 1
+        return {"loss": loss, "lr": lr, "tau": tau, "grad_norm": grad_norm, "step_tokens": tokens,
+                "skipped": ~finite}  # tau None: frozen, read from the model at log_every
+
+    def read_step_counters(self) -> None:
+        """Bring the device-side skip counters to the host (one sync): `skipped_steps`, `bad_steps`; raise
+        TrainingError when some run of consecutive non-finite steps since the last read reached
+        max_bad_steps (the weights were never updated by those steps)."""
+        counters, self._device_counters = self._device_counters, None
+        if counters is None:
+            return
+        run, worst, skipped = (int(v) for v in torch.stack(list(counters.values())).tolist())
+        self.skipped_steps += skipped
+        self.bad_steps = run
+        if worst >= self.tc.max_bad_steps:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingError(f"{worst} consecutive non-finite steps before step {self.step}; stopping. "
+                                f"Last good checkpoint: {last or 'none'}")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -357,6 +416,21 @@ class Trainer:
             signal.signal(signum, request_stop)
         return previous
 
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every `checkpoint_every` steps, and when `checkpoint_minutes` passed since the last save (or
+        the start). Distributed ranks decide the timed save together, at logged steps only (one
+        collective there), so that every rank saves at the same step."""
+        if step % self.tc.checkpoint_every == 0:
+            return True
+        if self.tc.checkpoint_minutes is None:
+            return False
+        if not hasattr(self, "_saved_at"):
+            self._saved_at = time.monotonic()  # the first step of this process
+        due = time.monotonic() - self._saved_at >= 60 * self.tc.checkpoint_minutes
+        if self.dist.enabled:
+            return step % self.tc.log_every == 0 and self.dist.all_reduce_sum(float(due)) > 0
+        return due
+
     def _stop_requested(self) -> bool:
         # every rank must stop at the same step (the checkpoint is collective under FSDP)
         if self.dist.enabled:
@@ -382,6 +456,10 @@ class Trainer:
                 window_tokens += out["step_tokens"]
                 step = self.step
                 if step % tc.log_every == 0 or step == tc.max_steps:
+                    # the one host read of the step's loss and norm (kept on the device until now)
+                    self.read_step_counters()
+                    out.update(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
+                               tau=out["tau"] if out["tau"] is not None else self.model.tau)
                     elapsed = time.perf_counter() - window_start
                     row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
                            "tau": out["tau"], "grad_norm": out["grad_norm"],
@@ -389,7 +467,7 @@ class Trainer:
                     if step % tc.routing_stats_every == 0 or step == tc.max_steps:
                         with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
                             stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
-                                                            self.device)
+                                                            self.device, self._autocast)
                         if stats:
                             row["routing_entropy"] = stats
                     if step % tc.eval_every == 0 or step == tc.max_steps:
@@ -411,7 +489,7 @@ class Trainer:
                                  f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
                 if bar is not None:
                     bar.update(1)
-                if step % tc.checkpoint_every == 0 and step != tc.max_steps:
+                if self._checkpoint_due(step) and step != tc.max_steps:
                     self.save()
                 if self._stop_requested() and step < end:
                     path = self.save() if self._saved_step != step else ckpt.latest_checkpoint(self.run_dir)

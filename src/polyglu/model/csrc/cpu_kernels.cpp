@@ -1,10 +1,10 @@
 // polyglu's CPU kernels for small inference calls, float32:
 //   mixed_activation: sum_k g_k act_k(gate) * up with soft, noise-free routing (a short prefill, a
-//     batched decode step: polyglu/model/fused.py small_inference);
+//     batched decode step: the "native" path of polyglu/model/small_inference.py);
 //   decode_hidden: a PolyGLU layer's hidden activations for one decoded token per row, the causal
-//     routing network included (polyglu/model/polyglu.py PolyGLU._native_decode).
-// One call each where eager torch takes ~20 ops a layer. The same math as those eager paths, which
-// tests/test_native.py compares them with. Built on first use by polyglu/model/native.py with the
+//     routing network included (its "native-decode" path, small_inference.decode_hidden).
+// One call each where eager torch takes ~20 ops a layer. The same math as the reference
+// (polyglu/model/activations.py), which tests/test_native.py compares them with. Built on first use by polyglu/model/native.py with the
 // system's C++ compiler against the installed torch, vectorised with ATen's Vectorized for the CPU
 // capability torch itself runs with.
 #include <ATen/core/Tensor.h>

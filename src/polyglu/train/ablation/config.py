@@ -16,6 +16,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "polyglu-static": {"ffn": "polyglu", "routing_mode": "static", "routing_noise": True},
     "polyglu-dynamic": {"ffn": "polyglu", "routing_mode": "dynamic", "routing_noise": True},
     "polyglu-nonoise": {"ffn": "polyglu", "routing_mode": "full", "routing_noise": False},
+    "polyglu-neuron": {"ffn": "polyglu", "routing_mode": "full", "routing_noise": True, "routing_scope": "neuron"},
     "swiglu": {"ffn": "swiglu"},
     "geglu": {"ffn": "geglu"},
     "reglu": {"ffn": "reglu"},
@@ -26,6 +27,7 @@ VARIANT_DESCRIPTIONS = {
     "polyglu-static": "α only (no gate_net)",
     "polyglu-dynamic": "β·gate_net only (α fixed at 0)",
     "polyglu-nonoise": "full routing, no Gumbel noise",
+    "polyglu-neuron": "full routing, per-neuron dynamic logits (routing_scope neuron, rank routing_rank)",
     "swiglu": "SiLU gate",
     "geglu": "GELU gate",
     "reglu": "ReLU gate",
@@ -79,7 +81,7 @@ class AblationConfig:
             raise ConfigError(f"base.task must be 'pretrain' for an ablation, got {self.base.task!r}")
         if self.base.init_from:
             raise ConfigError("base.init_from is not supported: every variant is trained from scratch")
-        for key in ("ffn", "routing_mode", "routing_noise"):
+        for key in ("ffn", "routing_mode", "routing_noise", "routing_scope"):
             if key in self.base.model:
                 raise ConfigError(f"base.model.{key} is set by each variant; remove it from the base config")
 

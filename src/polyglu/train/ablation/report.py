@@ -11,7 +11,7 @@ from typing import Any
 
 from polyglu.train.ablation.config import VARIANTS, AblationConfig
 from polyglu.train.ablation.plan import RESULTS_NAME, run_dir_of
-from polyglu.train.ablation.stats import aggregate
+from polyglu.train.ablation.stats import aggregate, aggregate_routing
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -63,6 +63,18 @@ def markdown_table(rows: Sequence[dict[str, Any]], reference: str = "swiglu") ->
     return "\n".join(lines)
 
 
+def routing_table(routing_rows: Sequence[dict[str, Any]]) -> str:
+    """Per variant and layer, the validation routing as a markdown table (percentages, mean ± std over seeds)."""
+    lines = ["| variant | layer | entropy (τ end) | entropy (τ = 1) | agreement | between-input var. | "
+             "between-neuron var. | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in routing_rows:
+        for layer in row["layers"]:
+            cells = [_pm(layer[key], 1, 100, "%") for key in ("entropy", "entropy_tau1", "agreement",
+                                                              "between_inputs", "between_neurons")]
+            lines.append(f"| {row['variant']} | {layer['layer']} | " + " | ".join(cells) + f" | {len(row['seeds'])} |")
+    return "\n".join(lines)
+
+
 def report_ablation(config: AblationConfig, log: Callable[..., Any] = print) -> dict[str, Any]:
     """Aggregate the finished runs into output_dir/results.json, results.md and loss_curves.png
     (results-matched.json, ... with `matched_params`)."""
@@ -71,6 +83,7 @@ def report_ablation(config: AblationConfig, log: Callable[..., Any] = print) -> 
     a = config.ablation
     results = collect_results(config)
     rows = aggregate(results, a.variants, a.reference)
+    routing_rows = aggregate_routing(results, a.variants)
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-matched" if a.matched_params else ""
@@ -82,8 +95,15 @@ def report_ablation(config: AblationConfig, log: Callable[..., Any] = print) -> 
                                           for v in a.variants}, out / f"loss_curves{suffix}.png")
         except ImportError as e:  # matplotlib is the [plots] extra
             log(f"loss-curve plot skipped ({e})")
-    report = {"config": config.to_dict(), "reference": a.reference, "summary": rows, "runs": results,
-              "plot": str(plot_path) if plot_path else None}
+    routing_plot = None
+    if a.plot and routing_rows:
+        try:
+            routing_plot = plot_routing(routing_rows, out / f"routing{suffix}.png")
+        except ImportError as e:
+            log(f"routing plot skipped ({e})")
+    report = {"config": config.to_dict(), "reference": a.reference, "summary": rows, "routing": routing_rows,
+              "runs": results, "plot": str(plot_path) if plot_path else None,
+              "routing_plot": str(routing_plot) if routing_plot else None}
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     train = config.base.train
     tokens = results[0]["tokens"] if results else None
@@ -99,6 +119,16 @@ def report_ablation(config: AblationConfig, log: Callable[..., Any] = print) -> 
              "another, seed by seed.", ""]
     if plot_path:
         lines += [f"![loss curves]({plot_path.name})", ""]
+    if routing_rows:
+        lines += ["## Routing on validation data", "", routing_table(routing_rows), "",
+                  "Per layer, mean ± std over seeds, on the run's first `train.eval_batches` validation batches "
+                  "(eval mode, no noise). Entropy: mean per-neuron routing entropy as a share of ln K at the "
+                  "model's final τ; τ = 1: the same logits divided by 1. Agreement: per input, the share of a "
+                  "layer's neurons picking the layer's majority activation. Variance split: shares of the "
+                  "routing variance explained by the input alone (the layer switching as one) and by stable "
+                  "differences between neurons.", ""]
+        if routing_plot:
+            lines += [f"![routing]({routing_plot.name})", ""]
     atomic_write_text(md_path, "\n".join(lines))
     log("\n" + markdown_table(rows, a.reference))
     log(f"\nreport: {md_path}, {json_path}" + (f", {plot_path}" if plot_path else ""))
@@ -159,6 +189,44 @@ def plot_loss_curves(runs: dict[str, Sequence[Path]], path: str | Path) -> Path 
     axes[2].set_xticks(range(len(runs)), list(runs), rotation=35, ha="right", fontsize=8)
     axes[2].set_ylabel("cross-entropy (nats/token)")
     axes[2].grid(alpha=0.3, axis="y")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_routing(routing_rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Per layer and variant (mean ± std over seeds): entropy at the final τ, entropy at τ = 1,
+    agreement and the between-input share of the routing variance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not routing_rows:
+        return None
+    panels = (("entropy", "entropy at final τ (% of ln K)"), ("entropy_tau1", "entropy at τ = 1 (% of ln K)"),
+              ("agreement", "agreement (% of neurons on the majority)"),
+              ("between_inputs", "between-input share of variance (%)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.0))
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / len(routing_rows)
+    for i, row in enumerate(routing_rows):
+        xs = [layer["layer"] + (i - (len(routing_rows) - 1) / 2) * width for layer in row["layers"]]
+        for ax, (key, _) in zip(axes, panels):
+            means = [100 * (layer[key]["mean"] or 0.0) for layer in row["layers"]]
+            errors = [100 * (layer[key]["std"] or 0.0) for layer in row["layers"]]
+            ax.bar(xs, means, width, yerr=errors, color=colors(i % 10), capsize=2,
+                   label=f"{row['variant']} (n={len(row['seeds'])})")
+    layers = sorted({layer["layer"] for row in routing_rows for layer in row["layers"]})
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers)
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -70,9 +70,34 @@ def held_out_problems(config: AblationConfig) -> list[dict]:
     return generate_problems("test", config.ablation.eval_problems, seed=config.base.data.builtin_seed)
 
 
+# (model, batches) -> per-layer routing summaries: the analysis layer's, handed in by the caller
+# (`polyglu ablate` passes polyglu.analysis.stats), since training sits below the analysis
+RoutingStats = Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def validation_batches(run_config: RunConfig, n_batches: int, log: Callable[..., Any] = print
+                       ) -> list[dict[str, Any]]:
+    """The first `n_batches` validation batches of a pre-training run config, as its trainer reads them."""
+    from polyglu.data.loader import PackedLoader
+    from polyglu.data.tokenizer import load_tokenizer
+    from polyglu.train.setup import builtin_data
+
+    d, tc = run_config.data, run_config.train
+    if d.sources:
+        validation, tokenizer = dict(d.validation) or dict(d.sources), load_tokenizer(d.tokenizer)
+        split = "train" if d.validation else "validation"
+    else:
+        builtin = builtin_data(run_config, log)
+        validation, tokenizer, split = {"math": builtin["shards"]["validation"]}, builtin["tokenizer"], "validation"
+    loader = PackedLoader(validation, d.seq_len, tc.batch_size, seed=tc.seed + 1, split=split, tokenizer=tokenizer)
+    return [loader.get_batch(i) for i in range(n_batches)]
+
+
 def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | None = None,
-                device: str | None = None, log: Callable[..., Any] = print) -> dict[str, Any]:
-    """Train (or resume, or read back) one variant × seed and score it; returns its results."""
+                device: str | None = None, log: Callable[..., Any] = print,
+                routing_stats: RoutingStats | None = None) -> dict[str, Any]:
+    """Train (or resume, or read back) one variant × seed and score it; returns its results. With
+    `routing_stats`, a PolyGLU variant's results also hold its per-layer routing on validation data."""
     import torch
 
     from polyglu.atomic import atomic_write_text
@@ -121,7 +146,11 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
         "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
         "best_val_loss": min(r["val_loss"] for r in val_rows) if val_rows else None,
         "math": None,
+        "routing": None,
     }
+    if routing_stats is not None and model.polyglu_layers():
+        batches = validation_batches(run_config, max(1, run_config.train.eval_batches), log)
+        result["routing"] = routing_stats(model, batches)
     if config.ablation.eval_problems:
         result["math"] = _evaluate(config, model, run_config, run_dir, log)
         log(f"exact match {result['math']['accuracy']:.1%} on "
@@ -154,7 +183,7 @@ def _evaluate(config: AblationConfig, model, run_config: RunConfig, run_dir: Pat
 
 
 def run_ablation(config: AblationConfig, device: str | None = None,
-                 log: Callable[..., Any] = print) -> dict[str, Any]:
+                 log: Callable[..., Any] = print, routing_stats: RoutingStats | None = None) -> dict[str, Any]:
     """Train and score every variant × seed in turn (finished runs are read back), then report."""
     d_ffs = variant_d_ff(config)
     seeds = config.seeds()
@@ -167,5 +196,5 @@ def run_ablation(config: AblationConfig, device: str | None = None,
         def run_log(*args, _prefix=f"[{variant} seed {seed}]", **kwargs):
             log(_prefix, *args, **kwargs)
 
-        run_variant(config, variant, seed, d_ffs[variant], device=device, log=run_log)
+        run_variant(config, variant, seed, d_ffs[variant], device=device, log=run_log, routing_stats=routing_stats)
     return report_ablation(config, log=log)

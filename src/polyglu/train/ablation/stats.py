@@ -97,3 +97,35 @@ def aggregate(results: Sequence[dict[str, Any]], variants: Sequence[str] | None 
                 row["vs_reference"][key] = {"paired": paired(a, b), "welch": welch(list(a.values()), list(b.values()))}
         rows.append(row)
     return rows
+
+
+ROUTING_KEYS = {  # per-layer routing summary key -> how to read it from one layer's summary
+    "entropy": lambda layer: layer.get("entropy"),
+    "entropy_tau1": lambda layer: layer.get("entropy_tau1"),
+    "agreement": lambda layer: layer.get("agreement"),
+    "between_inputs": lambda layer: ((layer.get("variance") or {}).get("fractions") or {}).get("between_inputs"),
+    "between_neurons": lambda layer: ((layer.get("variance") or {}).get("fractions") or {}).get("between_neurons"),
+}
+
+
+def aggregate_routing(results: Sequence[dict[str, Any]], variants: Sequence[str] | None = None
+                      ) -> list[dict[str, Any]]:
+    """Per variant with routing statistics, per layer: {key: {mean, std, n}} over seeds of the
+    validation routing (entropy at the model's tau and at tau = 1, agreement, variance split)."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("routing"):
+            by_variant.setdefault(r["variant"], []).append(r)
+    rows = []
+    for variant in [v for v in (variants or by_variant) if v in by_variant]:
+        runs = by_variant[variant]
+        n_layers = min(len(r["routing"]) for r in runs)
+        layers = []
+        for i in range(n_layers):
+            entry: dict[str, Any] = {"layer": runs[0]["routing"][i]["layer"]}
+            for key, read in ROUTING_KEYS.items():
+                mean, std, n = mean_std([read(r["routing"][i]) for r in runs])
+                entry[key] = {"mean": mean, "std": std, "n": n}
+            layers.append(entry)
+        rows.append({"variant": variant, "seeds": sorted(r["seed"] for r in runs), "layers": layers})
+    return rows

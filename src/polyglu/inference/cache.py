@@ -1,4 +1,14 @@
-"""Decoding state, allocated by the caller: keys/values per layer and the causal-pool running sums.
+"""The decoding state: keys/values per layer and the causal-pool running sums, in one class.
+
+    cache = KVCache.for_model(model, batch_size, max_len)
+    logits = model(prompt_ids, cache=cache, logits_to_keep=1).logits[:, -1]    # prefill
+    logits = model.decode_step(next_ids, cache)                                # one token per row
+
+The model reads and writes the cache only through its methods (`prepare`, `attention_mask`,
+`update`, `pool_state`, `advance`; for a decode step at fixed shapes `step_inputs` and `step_view`),
+and so do the engine and the compiled step (`check_room`, `static_tensors`, `reorder`, `reset`):
+nothing outside this module reads its tensors. `batch_size`, `max_len`, `length` (slots filled),
+`device` and `dtype` are its read-only public state.
 
 Rows of a batch may hold several documents (left padding is a document of its own): the cache keeps
 each slot's document (segment id) so attention and routing never cross documents, and positions
@@ -42,6 +52,12 @@ class KVCache:
         # while every row holds one document, attention needs no explicit mask
         self.single_document = True
 
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache for `model` (any module with a `config` and parameters), on its device and in its dtype."""
+        p = next(model.parameters())
+        return cls(model.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
     @property
     def device(self) -> torch.device:
         return self.segments.device
@@ -50,6 +66,29 @@ class KVCache:
     def doc_ids(self) -> torch.Tensor:
         """(B, max_len) segment ids; the old name, kept for callers that read it."""
         return self.segments
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype if self.keys else torch.float32
+
+    def pool_state(self, layer: int) -> PoolState:
+        """Layer `layer`'s causal-pool running sums (updated in place by its PolyGLU)."""
+        return self.pool[layer]
+
+    def filled_segments(self, T: int) -> torch.Tensor:
+        """(B, length + T): the segment ids of the cached slots and of the chunk just prepared."""
+        return self.segments[:, :self.length + T]
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decode step writes in place: what CUDA graphs must see at fixed addresses."""
+        return [*self.keys, *self.values, self.segments, self.positions, self.filled,
+                *(state.total for state in self.pool)]
+
+    def reset(self) -> None:
+        """Empty the cache in place, every tensor at its address (reused by a later generation)."""
+        for tensor in (*self.static_tensors(), self.last_doc_id):
+            tensor.zero_()
+        self.length, self.single_document = 0, True
 
     def prepare(self, T: int, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Register a chunk of T new tokens: returns (segment ids, positions), both (B, T).
@@ -101,7 +140,7 @@ class KVCache:
         self.length += T
         self.filled += T
 
-    # ---- one decode step at fixed shapes (see PolychromaticLM.decode_logits)
+    # ---- one decode step at fixed shapes (see PolychromaticLM.decode_step)
 
     def check_room(self, T: int = 1) -> None:
         if self.length + T > self.max_len:
@@ -145,6 +184,9 @@ class _StepView:
         if positions is not None:  # the same running sums, with the step's shared flags and counts
             keep, count = (positions > 0).float(), (positions + 1).float()
             self.pool = [PoolState(state.total, keep, count) for state in cache.pool]
+
+    def pool_state(self, layer: int) -> PoolState:
+        return self.pool[layer]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slot = self.cache.filled.view(1)
