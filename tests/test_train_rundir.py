@@ -412,7 +412,9 @@ def test_sigint_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path):
     assert _steps(run) == list(range(1, 9)) and _losses(run) == _losses(full)
 
 
-def test_ctrl_c_on_the_cli_saves_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_on_the_cli_saves_and_says_how_to_resume(tmp_path, signum):
+    """Ctrl-C, or the SIGTERM a scheduler (SLURM, Kubernetes) sends before killing: the same save."""
     run = tmp_path / "run"
     args = _cli_args(run, "train.max_steps=100000", "train.checkpoint_every=100000")
     child = _python("import sys; from polyglu.cli import main; sys.exit(main(sys.argv[1:]))", *args,
@@ -422,13 +424,13 @@ def test_ctrl_c_on_the_cli_saves_and_says_how_to_resume(tmp_path):
         while time.time() < deadline and not (
                 (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
             time.sleep(0.05)
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signum)
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert child.returncode == 130, err
+    assert child.returncode == 128 + signum, err
     last = err.strip().splitlines()[-1]
-    assert "interrupted at step" in last and "checkpoint saved in" in last and "--resume" in last
+    assert "interrupted at step" in last and f"by {signum.name}" in last and "checkpoint saved in" in last and "--resume" in last
     step = ckpt.list_checkpoints(run)[-1][0]
     assert f"step-{step:08d}" in last and step >= 2
     assert _steps(run) == list(range(1, step + 1))

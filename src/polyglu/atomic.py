@@ -16,9 +16,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -51,9 +53,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file, not a descriptor
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 
@@ -62,9 +66,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinity (float, numpy or 0-d tensor scalar) replaced by None, so
+    that it serialises as strictly valid JSON (`null`; Python would write bare `NaN`)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "ndim", None) == 0
+                                    and hasattr(value, "item")):
+        number = value.item() if hasattr(value, "item") else value
+        if isinstance(number, float) and not math.isfinite(number):
+            return None
+        return number
+    return value
+
+
+def strict_json(value: Any, indent: int | None = 2, **kwargs: Any) -> str:
+    """JSON that strict parsers accept: non-finite numbers become null (`finite_or_none`)."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
-    """`value` as JSON (indented, with a final newline), written atomically."""
-    atomic_write_text(path, json.dumps(value, indent=indent) + "\n")
+    """`value` as strict JSON (`strict_json`: indented, NaN as null, a final newline), written atomically."""
+    atomic_write_text(path, strict_json(value, indent=indent) + "\n")
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -157,3 +182,54 @@ def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# locks held, per thread (lock path -> depth): a writer that calls another writer of the same output
+# (prepare_builtin_math -> prepare) takes the lock once
+_HELD = threading.local()
+
+
+@contextmanager
+def output_lock(output: str | Path, log=None) -> Iterator[None]:
+    """Hold an exclusive lock on `output` (a file or directory several processes may write) for the
+    block: a lock file `.NAME.lock` beside it, flock-ed, so a killed holder frees it at once. A
+    second writer waits for the first, saying whom it waits for, then sees its finished result."""
+    import fcntl
+    import socket
+
+    output = Path(output)
+    lock = output.with_name(f".{output.name}.lock")
+    key = (os.getpid(), str(lock.resolve()))  # a forked child holds nothing of its parent's
+    held = _HELD.__dict__.setdefault("paths", set())
+    if key in held:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            if log:
+                log(f"{output} is being written by {holder}; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the previous holder unlinks the file on release: lock the file now at the path
+            current = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    held.add(key)
+    try:
+        yield
+    finally:
+        held.discard(key)
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)

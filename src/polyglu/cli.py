@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from polyglu.commands import CommandError
 
@@ -64,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(VERBS[args.verb][0])
+    from polyglu.commands.common import check_utf8_arguments, os_error_line
     from polyglu.config import ConfigError
     from polyglu.model_io import CheckpointError
 
+    previous = _unwind_on_sigterm()
     try:
+        check_utf8_arguments(argv)
         from polyglu.commands.common import check_device_argument
 
         check_device_argument(getattr(args, "device", None))  # every verb with --device, before any work
@@ -75,14 +81,37 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"polyglu {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. a symlink loop or a permission error on a path no check foresaw
-        cause = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
-        print(f"polyglu {args.verb}: error: {cause}", file=sys.stderr)
+    except OSError as e:  # a full disk, a symlink loop, a permission error on a path no check foresaw
+        print(f"polyglu {args.verb}: error: {os_error_line(e, args.verb)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"polyglu {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
+
+
+def _unwind_on_sigterm():
+    """SIGTERM (a scheduler stopping the job) exits with 143 by unwinding, as Ctrl-C does, so that
+    writers remove their temporaries; the trainer replaces it with a checkpoint-and-stop handler.
+    Returns the previous handler (None off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    owner = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != owner:  # a forked child (a tokenising pool worker): die as SIGTERM's default would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, terminate)
+    return previous if previous is not None else signal.SIG_DFL
 
 
 if __name__ == "__main__":

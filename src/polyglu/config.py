@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,6 +205,15 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            # an alias (`*name`) may repeat a node exponentially often (a 1 KB "billion laughs" file
+            # expands to gigabytes): a run config has no use for one, so it is refused where it appears
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise _ParseError(mark.line + 1, f"YAML alias '*{self.peek_event().anchor}' at column "
+                                  f"{mark.column + 1}: aliases are not accepted in polyglu configs; write the value out")
+            return super().compose_node(parent, index)
+
         def construct_mapping(self, node, deep=False):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
@@ -521,6 +531,12 @@ class TrainSection:
                 raise ConfigError(f"train.{name} must be positive, got {value}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        # nan passes `<= 0`, inf trains steps of NaN: every float setting is finite
+        for name in ("lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "tau_start", "tau_end", *(
+                f"betas[{i}]" for i in range(len(self.betas)))):
+            value = self.betas[int(name[6])] if name.startswith("betas") else getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"train.{name} must be a finite number, got {value}")
         if self.vocab_pad_multiple is not None and self.vocab_pad_multiple <= 0:
             raise ConfigError(f"train.vocab_pad_multiple must be positive or null, got {self.vocab_pad_multiple}")
         if self.lr <= 0:

@@ -6,7 +6,6 @@ DIR/report.html. What `polyglu analyze` and the demo's report run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,6 +20,7 @@ from polyglu.analysis.plots import render_plots
 from polyglu.analysis.report import findings, render_report
 from polyglu.analysis.runs import METRICS_NAME, checkpoint_evolution, find_checkpoints, training_curves
 from polyglu.analysis.stats import analyze_model
+from polyglu.atomic import atomic_directory, atomic_write_text, strict_json
 from polyglu.loading import load_model
 
 ROUTING_MEMORY_BUDGET = 1 << 30  # bytes of routing weights one forward may return (all layers)
@@ -101,14 +101,26 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
             raise AnalysisError(f"--run {run_dir}: neither checkpoints nor {METRICS_NAME} found")
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(analysis) + "\n")
-    figures = render_plots(analysis, out)
-    report = render_report(analysis, figures, out / "report.html")
+    foreign = [p.name for p in out.iterdir() if not is_analysis_output(p)] if out.is_dir() else []
+    if foreign:  # checked again here: the directory is replaced whole
+        raise AnalysisError(f"--out {out}: holds files analyze did not write ({', '.join(sorted(foreign)[:5])}); "
+                            f"choose a new directory")
+    # built beside and swapped in whole: an interrupted analysis leaves the old report, figures and
+    # JSON together, never the new JSON beside old figures
+    with atomic_directory(out) as tmp:
+        atomic_write_text(tmp / "analysis.json", strict_json(analysis, indent=None) + "\n")
+        figures = render_plots(analysis, tmp)
+        render_report(analysis, figures, tmp / "report.html")
     for line in findings(analysis):
         log(f"  {line}")
-    log(f"wrote {out / 'analysis.json'}, {len(figures)} figures, {report}")
+    log(f"wrote {out / 'analysis.json'}, {len(figures)} figures, {out / 'report.html'}")
     return analysis
+
+
+def is_analysis_output(path: Path) -> bool:
+    """A file `analyze_to_directory` writes (analysis.json, report.html, a figure): what an earlier
+    analysis left in the output directory, which the next one replaces."""
+    return path.is_file() and (path.name in ("analysis.json", "report.html") or path.suffix == ".png")
 
 
 class _Ticking:

@@ -56,12 +56,21 @@ def parse_data_specs(spec: str | None) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
 
-    from polyglu.analysis.pipeline import analyze_to_directory
-    from polyglu.commands.common import check_output_directory, check_positive
+    from pathlib import Path
+
+    from polyglu.analysis.pipeline import analyze_to_directory, is_analysis_output
+    from polyglu.commands import CommandError
+    from polyglu.commands.common import check_not_an_input, check_output_directory, check_positive
 
     check_positive(max_tokens=args.max_tokens, evolution_tokens=args.evolution_tokens, seq_len=args.seq_len,
                    batch_size=args.batch_size)
     check_output_directory(args.out, "--out", empty=False)
+    out = Path(args.out)
+    foreign = [p.name for p in out.iterdir() if not is_analysis_output(p)] if out.is_dir() else []
+    if foreign:  # the directory is replaced whole: only an earlier analysis may be in it
+        raise CommandError(f"--out {out}: holds files analyze did not write ({', '.join(sorted(foreign)[:5])}); "
+                           f"choose a new directory")
+    check_not_an_input(out, "--out", (args.model, args.run, *parse_data_specs(args.data).values()))
     analyze_to_directory(args.model, parse_data_specs(args.data), args.out, run_dir=args.run,
                          max_tokens=args.max_tokens, evolution_tokens=args.evolution_tokens, seq_len=args.seq_len,
                          batch_size=args.batch_size, tokenizer=args.tokenizer, text_field=args.text_field,

@@ -23,15 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def fit_history(messages: list[dict], encode, budget: int) -> list[dict] | None:
-    """The longest suffix of the conversation (system prompt kept) whose prompt fits in `budget`
-    tokens; None when even the last user turn alone does not fit."""
-    from polyglu.data.chat import render_chatml
-
+    """The longest suffix of the conversation (system prompt kept) whose prompt (`encode(messages)`:
+    its token ids with the assistant turn opened) fits in `budget` tokens; None when even the last
+    user turn alone does not fit."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
     for start in range(len(turns)):
         candidate = system + turns[start:]
-        if turns[start]["role"] == "user" and len(encode(render_chatml(candidate, add_generation_prompt=True))) <= budget:
+        if turns[start]["role"] == "user" and len(encode(candidate)) <= budget:
             return candidate
     return None
 
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from polyglu.commands.common import default_max_new_tokens, load_inference_model
     from polyglu.commands.generate import check_fits_context, check_sampling_arguments
-    from polyglu.data.chat import render_chatml
+    from polyglu.data.chat import encode_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.inference import TextStreamer, generate
     from polyglu.loading import chat_stop_ids
@@ -78,13 +77,15 @@ def run(args: argparse.Namespace) -> int:
             print("(conversation reset)", flush=True)
             continue
         messages.append({"role": "user", "content": text})
-        fitted = fit_history(messages, tokenizer.encode, budget)
+        # what the user typed is text: a <|im_end|> in it cannot close the turn (encode_chatml)
+        encode = lambda conversation: encode_chatml(conversation, tokenizer, add_generation_prompt=True)  # noqa: E731
+        fitted = fit_history(messages, encode, budget)
         if fitted is None:
             messages.pop()
             print(f"(message too long for the model context of {model.config.max_seq_len} tokens)", flush=True)
             continue
         messages = fitted
-        ids = tokenizer.encode(render_chatml(messages, add_generation_prompt=True))
+        ids = encode(messages)
         print("assistant> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, stop_strings=stop_strings, skip_token_ids=stop_ids)
         generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

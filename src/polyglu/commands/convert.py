@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from polyglu.atomic import atomic_directory
     from polyglu.commands import CommandError
     from polyglu.commands.common import check_output_directory
 
@@ -39,11 +40,13 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise CommandError(f"Qwen3 import needs the [hf] extra: {e}") from None
         model, info = load_qwen3(args.input, ffn=args.ffn)
-    model.save_pretrained(out, extra={"converted_from": info})
-    if args.source_format == "qwen3":
-        from polyglu.interop.qwen3 import copy_tokenizer_files
+    # built beside and renamed into place whole: an interrupted convert leaves no weights without a tokenizer
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, extra={"converted_from": info})
+        if args.source_format == "qwen3":
+            from polyglu.interop.qwen3 import copy_tokenizer_files
 
-        copy_tokenizer_files(args.input, out)
+            copy_tokenizer_files(args.input, tmp)
     counts = model.num_parameters()
     print(f"wrote {out} ({counts['total']:,} parameters, routing_pool={model.config.routing_pool}, "
           f"tau={model.tau})")

@@ -8,7 +8,6 @@ prints lm-eval's results table and writes the results as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from polyglu.commands.common import add_compile_argument, check_compile_argument
@@ -45,11 +44,18 @@ def run(args: argparse.Namespace) -> int:
         from polyglu.eval.harness import PolygluLM, evaluate
     except ImportError as e:
         raise CommandError(f"polyglu eval needs lm-evaluation-harness: pip install 'polyglu[eval]' ({e})") from None
-    from polyglu.commands.common import check_output_file, check_positive, load_inference_model
+    from polyglu.atomic import atomic_write_text, strict_json
+    from polyglu.commands.common import (
+        check_output_file,
+        check_positive,
+        json_with_keys,
+        load_inference_model,
+    )
 
     check_positive(batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, limit=args.limit)
     check_compile_argument(args.compile)
-    check_output_file(args.output, "--output")
+    check_output_file(args.output, "--output", inputs=(args.model, args.tokenizer, *(args.include_path or [])),
+                      previous=json_with_keys("results", "polyglu"))
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise CommandError("--tasks names no task")
@@ -75,9 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(make_table(results, "groups"))
     if args.output:
         path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
         results = {k: v for k, v in results.items() if args.log_samples or k != "samples"}
         results["polyglu"] = {"model": str(args.model), "tasks": tasks}
-        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write_text(path, strict_json(results, default=str) + "\n")  # NaN stderr as null
         print(f"wrote {path}")
     return 0

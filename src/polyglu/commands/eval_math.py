@@ -46,10 +46,18 @@ def read_jsonl(path: str | Path, problems: bool = True) -> list[dict]:
 
     path = Path(path)
     records = []
+    from polyglu.data.sources import check_text_start
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = check_text_start(path, path.read_bytes())
     except OSError as e:
         raise FileNotFoundError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start}); "
+                         f"save it as UTF-8") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -75,11 +83,14 @@ def read_jsonl(path: str | Path, problems: bool = True) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from polyglu.atomic import atomic_write_text, strict_json
     from polyglu.commands import CommandError
     from polyglu.commands.common import (
         check_output_file,
         check_positive,
         default_max_new_tokens,
+        json_with_keys,
+        jsonl_with_keys,
         load_inference_model,
         progress_disabled,
         progress_visible,
@@ -91,8 +102,15 @@ def run(args: argparse.Namespace) -> int:
     check_compile_argument(args.compile)
     if args.num_fewshot < 0:
         raise CommandError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    check_output_file(args.output_jsonl, "--output-jsonl")
-    check_output_file(args.json_path, "--json")
+    inputs = (args.model, args.data, args.fewshot_data, args.tokenizer)
+    check_output_file(args.output_jsonl, "--output-jsonl", inputs, previous=jsonl_with_keys("prediction", "correct"))
+    check_output_file(args.json_path, "--json", inputs, previous=json_with_keys("accuracy", "model"))
+    if args.output_jsonl and args.json_path and Path(args.output_jsonl).resolve() == Path(args.json_path).resolve():
+        raise CommandError(f"--output-jsonl and --json are the same file {args.json_path}; give each its own")
+    if args.fewshot_data and Path(args.fewshot_data).resolve() == Path(args.data).resolve():
+        raise CommandError(f"--fewshot-data is the evaluated file {args.data}: demonstrations would include the "
+                           f"problems scored; omit --fewshot-data (the first --num-fewshot problems of --data are "
+                           f"then demonstrations and not scored) or name a training file")
     problems = read_jsonl(args.data)
     fewshot = read_jsonl(args.fewshot_data) if args.fewshot_data else None
     if args.limit is not None:
@@ -120,15 +138,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  difficulty {difficulty}: {block['accuracy']:.4f} ({block['correct']}/{block['n']})")
     if args.output_jsonl:
         path = Path(args.output_jsonl)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for record in result["records"]:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # built beside and renamed over: an interrupted run leaves the old file whole
+        atomic_write_text(path, "".join(strict_json(r, indent=None, ensure_ascii=False) + "\n"
+                                        for r in result["records"]))
         print(f"wrote {path}")
     if args.json_path:
         summary = {k: v for k, v in result.items() if k != "records"}
         summary["per_difficulty"] = {str(k): v for k, v in summary["per_difficulty"].items()}
         summary.update(model=str(args.model), data=str(args.data), chat=args.chat, num_fewshot=args.num_fewshot)
-        Path(args.json_path).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(args.json_path, strict_json(summary) + "\n")
         print(f"wrote {args.json_path}")
     return 0

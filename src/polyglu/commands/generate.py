@@ -72,12 +72,30 @@ def check_fits_context(max_new_tokens: int, model, prompt_tokens: int = 1) -> No
                            f"with {prompt}; use at most {context - prompt_tokens}")
 
 
+def read_stdin(what: str) -> str:
+    """Standard input as UTF-8 text (a leading BOM dropped); other bytes are one line naming `what`."""
+    from polyglu.commands import CommandError
+
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise CommandError(f"{what}: standard input is UTF-16 (it starts with a UTF-16 byte-order mark); pass UTF-8 "
+                           f"(e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise CommandError(f"{what}: standard input is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset "
+                           f"{e.start}); pass UTF-8 (e.g. convert it with iconv -t UTF-8)") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from standard input)")
     add_sampling_arguments(p, DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn and stop at <|im_end|>")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    p.add_argument("--special-tokens", action="store_true",
+                   help="read control tokens written in the prompt (<|im_end|>, <|endoftext|>, ...) as those tokens "
+                        "(default: as text, so a prompt cannot forge them)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checks)")
     add_compile_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON (text, token ids, counts) instead of streaming")
@@ -86,24 +104,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from polyglu.commands import CommandError
-    from polyglu.data.chat import render_chatml
+    from polyglu.data.chat import encode_chatml, render_chatml
     from polyglu.data.special_tokens import EOS_TOKEN, IM_END
     from polyglu.inference import TextStreamer, generate
     from polyglu.loading import chat_stop_ids
 
     check_sampling_arguments(args)
     check_compile_argument(args.compile)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin("--prompt -") if args.prompt == "-" else args.prompt
     model, tokenizer = load_inference_model(args)
     if args.max_new_tokens is not None:
         check_fits_context(args.max_new_tokens, model)  # before the prompt is read: no room even for one token
     stop_strings = list(args.stop)
     eos_ids = [tokenizer.eos_id]
     if args.chat:
-        prompt = render_chatml([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        messages = [{"role": "user", "content": prompt}]
+        prompt = render_chatml(messages, add_generation_prompt=True)
+        ids = encode_chatml(messages, tokenizer, add_generation_prompt=True, special_in_content=args.special_tokens)
         eos_ids = chat_stop_ids(tokenizer)
         stop_strings += [IM_END, EOS_TOKEN]
-    ids = tokenizer.encode(prompt)
+    else:
+        ids = tokenizer.encode(prompt, split_special=not args.special_tokens)
     if not ids:
         raise CommandError("the prompt is empty")
     context = model.config.max_seq_len

@@ -8,7 +8,6 @@ Perplexity per source (e.g. math / STEM / code) over token shard directories wri
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from polyglu.commands.common import add_quiet_argument, progress_disabled
@@ -34,18 +33,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     from polyglu.commands import CommandError
-    from polyglu.commands.common import check_output_file, check_positive
+    from polyglu.commands.common import check_output_file, check_positive, json_with_keys
 
     check_positive(window=args.window, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size)
     if args.window is not None and args.stride is not None and args.stride > args.window:
         raise CommandError(f"--stride {args.stride} must be at most --window {args.window}")
-    check_output_file(args.output, "--output")
+    check_output_file(args.output, "--output", inputs=(args.model, *data_paths(args.data), args.tokenizer),
+                      previous=json_with_keys("model", "sources"))
+
+
+def data_paths(spec: str) -> list[str]:
+    """The directories `--data` names (NAME=DIR entries included)."""
+    return [item.rpartition("=")[2] for item in spec.split(",") if item]
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from polyglu import hardware
+    from polyglu.atomic import atomic_write_text, strict_json
     from polyglu.commands import CommandError
     from polyglu.commands.common import inference_notice
     from polyglu.data.tokenizer import load_tokenizer
@@ -78,10 +84,8 @@ def run(args: argparse.Namespace) -> int:
     for name, r in results.items():
         print(f"{name:<20} {r['tokens']:>12,} {r['nll']:>8.4f} {r['perplexity']:>12.3f}")
     report = {"model": str(args.model), "sources": results}
-    text = json.dumps(report, indent=2)
+    text = strict_json(report)  # a NaN perplexity (non-finite logits) is null, valid for strict parsers
     print(text)
     if args.output:
-        from polyglu.atomic import atomic_write_text
-
         atomic_write_text(args.output, text + "\n")
     return 0

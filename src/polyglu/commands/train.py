@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 TASK = "pretrain"
@@ -58,9 +59,9 @@ def run(args: argparse.Namespace, task: str = TASK) -> int:
         raise CommandError(str(e)) from None
     except TrainingInterrupted as e:
         if trainer.dist.is_main:
-            print(f"polyglu {verb}: interrupted at step {e.step}: checkpoint saved in {e.checkpoint}; resume with: "
-                  f"{resume_command(args, verb)}", file=sys.stderr)
-        return 130
+            print(f"polyglu {verb}: interrupted at step {e.step} by {e.signal}: checkpoint saved in {e.checkpoint}; "
+                  f"resume with: {resume_command(args, verb)}", file=sys.stderr)
+        return 128 + signal.Signals[e.signal].value  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         trainer.run_lock.release()
         trainer.dist.close()

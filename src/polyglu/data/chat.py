@@ -41,6 +41,25 @@ def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> 
     return text
 
 
+def encode_chatml(messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+                  special_in_content: bool = False) -> list[int]:
+    """Token ids of `render_chatml(messages, add_generation_prompt)` for text a user typed: the
+    markers are control tokens, each message's content is text, so a `<|im_end|>` inside a message
+    is its characters and cannot close the turn and open another (as transformers'
+    `split_special_tokens`). `special_in_content=True`: the caller wants control tokens in the
+    content read as tokens."""
+    if special_in_content:
+        return tokenizer.encode(render_chatml(messages, add_generation_prompt=add_generation_prompt))
+    ids: list[int] = []
+    for m in messages:
+        ids += tokenizer.encode(f"{IM_START}{m['role']}\n")
+        ids += tokenizer.encode(m["content"], split_special=True)
+        ids += tokenizer.encode(f"{IM_END}\n")
+    if add_generation_prompt:
+        ids += tokenizer.encode(f"{IM_START}assistant\n")
+    return ids
+
+
 def chat_segments(messages: list[dict]) -> list[tuple[str, bool]]:
     """`render_chatml(messages)` cut into (text, trained) pieces. Every piece boundary is next to a
     special token, so tokenising the pieces separately gives the tokens of the whole text, and the

@@ -26,7 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from polyglu.atomic import atomic_write_bytes, atomic_write_text
+from polyglu.atomic import (
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_tree,
+    output_lock,
+    replace_directory,
+    temporary_name,
+)
 from polyglu.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -72,6 +79,52 @@ def prepare(sources, tokenizer, out: str | Path, *, text_field: str = "text", va
     check_output_directory(out)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     out = Path(out)
+    if validation is not None:  # held-out text that is also training text measures memorisation
+        training = {Path(s).resolve(): s for s in parse_sources(sources) if isinstance(s, Path)}
+        for source in parse_sources(validation):
+            if isinstance(source, Path) and source.resolve() in training:
+                raise DataError(f"--validation {source} is also a training input ({training[source.resolve()]}); "
+                                f"validation on training data measures memorisation: give a held-out file")
+    with output_lock(out, log):  # a second prepare into `out` waits, then finds it prepared (or refuses)
+        if force and _has_content(out):
+            return _rebuild_beside(out, lambda staging: prepare(
+                sources, tok, staging, text_field=text_field, validation=validation, max_tokens=max_tokens,
+                shard_tokens=shard_tokens, workers=workers, progress=progress, metadata=metadata, log=log))
+        return _prepare(sources, tok, out, text_field=text_field, validation=validation, max_tokens=max_tokens,
+                        shard_tokens=shard_tokens, workers=workers, progress=progress, force=force,
+                        metadata=metadata, log=log)
+
+
+def _has_content(out: Path) -> bool:
+    return out.is_dir() and any(out.iterdir())
+
+
+def _rebuild_beside(out: Path, build) -> dict:
+    """--force on a directory holding an earlier result: build the new one in a hidden directory
+    beside it, then swap it in whole, so an interrupted run leaves the old dataset intact (before,
+    it was deleted first). Files prepare did not write are never deleted: they are refused."""
+    foreign = sorted(p.name for p in out.iterdir() if not _written_by_prepare(p))
+    if foreign:
+        raise DataError(f"--out {out}: holds files prepare did not write ({', '.join(foreign[:5])}); --force "
+                        f"replaces the whole directory: move them elsewhere first, or choose another --out")
+    staging = temporary_name(out)
+    try:
+        manifest = build(staging)
+        fsync_tree(staging)
+        replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _written_by_prepare(path: Path) -> bool:
+    return (path.name in (MANIFEST_NAME, STATE_NAME, TOKENIZER_DIR, VALIDATION_DIR, "text")
+            or path.match("shard-*.bin") or path.match(".shard-*.tmp"))
+
+
+def _prepare(sources, tok, out: Path, *, text_field, validation, max_tokens, shard_tokens, workers, progress, force,
+             metadata, log) -> dict:
     common = dict(text_field=text_field, shard_tokens=shard_tokens, force=force)
     plans = [_plan_split(parse_sources(sources), tok, out, out, max_tokens=max_tokens, **common)]
     if validation is not None:
@@ -89,11 +142,24 @@ def prepare_builtin_math(tokenizer, out: str | Path, *, n_train: int = 50_000, n
     JSONL, test JSONL) and tokenised: train into `out`, validation into `out/validation`.
     The manifest's "builtin" entry lists the text files (relative to `out`). A directory prepared
     from another seed or size is refused before its text is touched."""
-    from polyglu.data.synthetic import write_builtin_math
 
+    log = log or (lambda *args, **kwargs: None)
     out_dir = Path(out)
     check_output_directory(out_dir)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    with output_lock(out_dir, log):
+        if force and _has_content(out_dir):
+            return _rebuild_beside(out_dir, lambda staging: prepare_builtin_math(
+                tok, staging, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, max_tokens=max_tokens,
+                workers=workers, progress=progress, log=log))
+        return _prepare_builtin_math(tok, out_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
+                                     max_tokens=max_tokens, workers=workers, progress=progress, force=force, log=log)
+
+
+def _prepare_builtin_math(tok, out_dir: Path, *, n_train, n_val, n_test, seed, max_tokens, workers, progress, force,
+                          log) -> dict:
+    from polyglu.data.synthetic import write_builtin_math
+
     text_dir = out_dir / "text"
     spec = {"name": "math", "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test}
     stamp = text_dir / "builtin.json"
@@ -107,9 +173,9 @@ def prepare_builtin_math(tokenizer, out: str | Path, *, n_train: int = 50_000, n
         paths = write_builtin_math(text_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
         atomic_write_text(stamp, json.dumps(spec, indent=2) + "\n")
     metadata = {"builtin": {**spec, "files": {name: str(p.relative_to(out_dir)) for name, p in paths.items()}}}
-    return prepare([paths["pretrain_train"]], tok, out_dir, validation=[paths["pretrain_validation"]],
-                   max_tokens=max_tokens, workers=workers, progress=progress, force=force, metadata=metadata,
-                   log=log)
+    return _prepare([paths["pretrain_train"]], tok, out_dir, validation=[paths["pretrain_validation"]],
+                    text_field="text", max_tokens=max_tokens, shard_tokens=DEFAULT_SHARD_TOKENS, workers=workers,
+                    progress=progress, force=force, metadata=metadata, log=log)
 
 
 def check_output_directory(out: str | Path) -> None:

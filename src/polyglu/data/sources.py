@@ -191,6 +191,18 @@ def iter_rows(source: Source, columns: list[str] | None = None) -> Iterator[Row]
         raise DataError(f"{source}: rows need .jsonl, .json or .parquet, not {suffix!r}")
 
 
+def check_text_start(path, raw: bytes) -> bytes:
+    """The first bytes of a text file, checked: UTF-16 (a byte-order mark, or NUL bytes as UTF-16
+    puts in ASCII text) is refused naming the file, a UTF-8 byte-order mark is dropped (it is not
+    text: it would become a token of the first document). Returns `raw` without the mark."""
+    utf16_mark = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+    if utf16_mark or b"\x00" in raw[:4096]:
+        sign = "a UTF-16 byte-order mark" if utf16_mark else "NUL bytes"
+        raise DataError(f"{path}: UTF-16 text ({sign} at the start); convert it to UTF-8, e.g. iconv -f UTF-16 "
+                        f"-t UTF-8")
+    return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file, read in binary so that a bad byte is located exactly."""
     try:
@@ -207,6 +219,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             if not raw:
                 return
             line_no += 1
+            if line_no == 1:
+                skipped = len(raw)
+                raw = check_text_start(path, raw)
+                offset += skipped - len(raw)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -231,7 +247,7 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
 
 def _json_rows(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(check_text_start(path, path.read_bytes()).decode("utf-8"))
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

@@ -69,7 +69,11 @@ class ByteTokenizer:
     def token_id(self, token: str) -> int | None:
         return self.special.get(token)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, split_special: bool = False) -> list[int]:
+        """Token ids of `text`; a special token written in it is that token, unless `split_special`
+        (then it is text, byte by byte: user text cannot forge a control token)."""
+        if split_special:
+            return list(text.encode("utf-8"))
         ids: list[int] = []
         for part in self._split.split(text):
             if part in self.special:
@@ -140,7 +144,10 @@ class HFTokenizer:
             return None
         return int(tid)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, split_special: bool = False) -> list[int]:
+        """As ByteTokenizer.encode: with `split_special`, special-token strings are encoded as text."""
+        if split_special:
+            return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
         return self.tok.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -87,6 +87,13 @@ def shard_sources(specs: Sequence[str]) -> dict[str, Path]:
     """Named sources from `DIR` or `NAME=DIR` entries; a DIR without a manifest whose subdirectories
     have one contributes each subdirectory as a source."""
     sources: dict[str, Path] = {}
+
+    def add(name: str, path: Path) -> None:  # a second source of one name would silently replace the first
+        if name in sources:
+            raise ValueError(f"--data: two sources are named {name!r} ({sources[name]} and {path}); name them "
+                             f"apart with NAME=DIR")
+        sources[name] = path
+
     for spec in specs:
         name, _, location = spec.rpartition("=") if "=" in spec else ("", "", spec)
         path = Path(location)
@@ -94,9 +101,9 @@ def shard_sources(specs: Sequence[str]) -> dict[str, Path]:
             subdirs = sorted(p for p in path.iterdir() if (p / MANIFEST_NAME).is_file())
             if subdirs and not name:
                 for sub in subdirs:
-                    sources[sub.name] = sub
+                    add(sub.name, sub)
                 continue
-        sources[name or path.name or str(path)] = path
+        add(name or path.name or str(path), path)
     return sources
 
 

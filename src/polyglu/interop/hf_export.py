@@ -27,6 +27,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polyglu.atomic import atomic_directory
+
 CONFIG_FILE = "configuration_polychromatic.py"
 MODELING_FILE = "modeling_polychromatic.py"
 AUTO_MAP = {
@@ -240,15 +242,18 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype=None, chat: bool
     tokenizer_dir = model_dir / "tokenizer"
     if tokenizer_dir.is_dir():
         set_generation_ids(wrapper, load_tokenizer(tokenizer_dir), chat, meta.get("task"))
-    wrapper.save_pretrained(out_dir)
-    for name, source in standalone_sources().items():
-        (out_dir / name).write_text(source)
-    if tokenizer_dir.is_dir():
-        copy_tokenizer(tokenizer_dir, out_dir)
-    # safetensors writes its files 0o600: make them readable as any other file this user writes
-    for path in out_dir.iterdir():
-        if path.is_file():
-            path.chmod(_new_file_mode())
+    # built beside and renamed into place whole: an interrupted export leaves no directory with weights
+    # but no code or tokenizer (which transformers would then fail to load)
+    with atomic_directory(out_dir) as tmp:
+        wrapper.save_pretrained(tmp)
+        for name, source in standalone_sources().items():
+            (tmp / name).write_text(source)
+        if tokenizer_dir.is_dir():
+            copy_tokenizer(tokenizer_dir, tmp)
+        # safetensors writes its files 0o600: make them readable as any other file this user writes
+        for path in tmp.iterdir():
+            if path.is_file():
+                path.chmod(_new_file_mode())
     return out_dir
 
 

@@ -22,6 +22,9 @@ torch version, capability and flags; a build takes ~5 s and happens once. `POLYG
 - `0` / `off`: never (eager ops only);
 - `1` / `on`: require the kernels: an error if they cannot be built.
 
+A build that takes longer than `POLYGLU_NATIVE_BUILD_TIMEOUT` seconds (default 300) is stopped,
+compiler and all, and counts as a failed build (auto: a warning and eager ops).
+
 `polyglu build-kernels` builds (or finds) the library now and prints its path.
 """
 
@@ -121,8 +124,9 @@ def build(force: bool = False) -> Path:
     import fcntl  # POSIX only: imported here so that the module (and the eager path) loads anywhere
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    limit = build_timeout()
     with open(path.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _flock_within(lock, limit, fcntl)
         if path.exists() and not force:  # another process built it while this one waited
             return path
         print(f"polyglu: compiling the CPU kernels for torch {torch.__version__}, {vector_code()} (once, ~5 s) "
@@ -131,7 +135,7 @@ def build(force: bool = False) -> Path:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         log = path.with_suffix(".log")
         try:
-            result = subprocess.run(_command(tmp), capture_output=True, text=True)
+            result = _run_within(_command(tmp), limit)
             if result.returncode != 0:
                 log.write_text(" ".join(map(shlex.quote, _command(tmp))) + "\n" + result.stdout + result.stderr)
                 errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
@@ -141,6 +145,65 @@ def build(force: bool = False) -> Path:
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def build_timeout() -> float:
+    """Seconds a build may take (`POLYGLU_NATIVE_BUILD_TIMEOUT`, default 300): a compiler that never
+    returns must not hang a plain `generate`."""
+    raw = os.environ.get("POLYGLU_NATIVE_BUILD_TIMEOUT", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"POLYGLU_NATIVE_BUILD_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _timeout_error(limit: float) -> NativeBuildError:
+    return NativeBuildError(f"compiling {SOURCE.name} took longer than {limit:g} s and was stopped (is the compiler "
+                            f"{compiler()!r} hanging?); set POLYGLU_NATIVE_BUILD_TIMEOUT to allow longer, or "
+                            f"POLYGLU_NATIVE=0 to use eager ops")
+
+
+def _run_within(command: list[str], limit: float) -> subprocess.CompletedProcess:
+    """Run the compiler in its own process group; past `limit` seconds the whole group (the driver
+    and the cc1plus it started) is killed and NativeBuildError says so."""
+    import signal
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        process.communicate()
+        raise _timeout_error(limit) from None
+    except BaseException:  # Ctrl-C: leave no compiler behind
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _flock_within(lock, limit: float, fcntl) -> None:
+    """Wait for another builder's lock at most `limit` seconds (its compiler has that long too)."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise _timeout_error(limit) from None
+            time.sleep(0.1)
 
 
 def _loaded() -> bool:

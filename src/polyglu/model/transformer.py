@@ -268,18 +268,34 @@ class PolychromaticLM(nn.Module):
         """Load from a model directory. `overrides` change config fields that do not affect tensor
         shapes (e.g. eval_routing, mixed_impl, routing_pool), or routing_scope="neuron" (with
         routing_rank) over a layer-scope model: the same logits, each neuron's routing then trainable."""
-        from polyglu.model_io import WEIGHTS_NAME, check_state_dict, load_state_file, read_model_config
+        from polyglu.model_io import (
+            WEIGHTS_NAME,
+            check_finite,
+            check_header_shapes,
+            check_state_dict,
+            load_state_file,
+            model_state_dict,
+            read_model_config,
+            read_safetensors_header,
+        )
 
         stored, _ = read_model_config(directory)
         config = stored.replace(**overrides) if overrides else stored
-        state = load_state_file(Path(directory) / WEIGHTS_NAME)
+        weights = Path(directory) / WEIGHTS_NAME
+        # names and shapes compared from the file's header with a model (of the stored config) on the meta
+        # device: a config.json naming a huge model beside small weights is refused before any tensor is allocated
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in model_state_dict(cls(stored)).items()}
+        check_header_shapes(read_safetensors_header(weights), expected, str(weights))
+        state = load_state_file(weights)
+        check_finite(state, str(weights))
         if stored.ffn == "polyglu" and stored.routing_scope == "layer" and config.routing_scope == "neuron":
             for i in range(config.n_layers):
                 if f"layers.{i}.ffn.gate_net.2.weight" in state:  # a missing tensor is named by the check below
                     layer_to_neuron_state(state, f"layers.{i}.ffn.", config.d_ff, config.routing_rank)
         with torch.device("cpu"):
             model = cls(config)
-        check_state_dict(model, state, str(Path(directory) / WEIGHTS_NAME))
+        check_state_dict(model, state, str(weights))
         model.load_state_dict(state, strict=False)
         if dtype is not None:
             model = model.to(dtype)

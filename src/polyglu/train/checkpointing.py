@@ -90,6 +90,51 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint directory `path` cannot be resumed from (`FILE: reason`), or None when every
+    file reads: the JSON files parse, the safetensors headers are whole and match their file sizes.
+    No tensor is loaded, so checking every checkpoint of a run costs milliseconds."""
+    from polyglu.model_io import CheckpointError, read_json_file, read_safetensors_header
+
+    path = Path(path)
+    try:
+        state = read_json_file(path / "train_state.json", "a checkpoint's train state")
+        if not isinstance(state, dict) or not {"step", "tokens", "rng"} <= set(state):
+            return f"{path / 'train_state.json'}: not a train state (no step, tokens or rng)"
+        read_json_file(path / "config.json", "a checkpoint's model config")
+        read_safetensors_header(path / "model.safetensors")
+        if not is_sharded_checkpoint(path):
+            read_safetensors_header(path / "optimizer.safetensors")
+            read_json_file(path / "optimizer.json", "a checkpoint's optimizer settings")
+    except CheckpointError as e:
+        return str(e)
+    except OSError as e:
+        return f"{e.filename or path}: {e.strerror or e}"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: str | Path, log=print) -> Path | None:
+    """The newest checkpoint of `run_dir` that `checkpoint_problem` finds whole, naming (in `log`)
+    each newer damaged one and the one taken instead; None when the run has no checkpoint. When
+    every checkpoint is damaged, CheckpointError names the newest one's file and reason."""
+    from polyglu.model_io import CheckpointError
+
+    found = list_checkpoints(run_dir)
+    damaged = []
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                log(f"checkpoint {damaged[0][0].name} is damaged ({damaged[0][1]}); resuming from the newest intact "
+                    f"checkpoint, {path} (steps after it are trained again)")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}: the newest is damaged "
+                              f"({damaged[0][1]}); restore it from a backup, or start again with --overwrite")
+    return None
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any], tokenizer_dir: str | Path | None = None, keep: int = 3) -> Path:
     from safetensors.torch import save
@@ -190,7 +235,9 @@ def load_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer:
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "train_state.json").read_text())
+    from polyglu.model_io import read_json_file
+
+    return read_json_file(Path(path) / "train_state.json", "a checkpoint's train state")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

@@ -107,8 +107,11 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: name the file (a write on a descriptor names none)
+            raise OSError(e.errno, e.strerror, self.file.name) from e
         flat = {k: v for k, v in _flatten(row).items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
             for key, value in flat.items():

@@ -67,12 +67,61 @@ def build_model(config: RunConfig, vocab_size: int | None):
     return PolychromaticLM(config.model_config())
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a scheduler or taskset narrows)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_run_settings(config: RunConfig, overwrite: bool = False) -> None:
+    """The run's settings against the machine and the file system, before anything is written (the
+    values themselves are checked by the config classes): threads within the available CPUs,
+    `init_from` not inside what `--overwrite` deletes, no held-out data that is also training data,
+    no source given twice. ConfigError names the key. (Tokenizer, model and data agreement: see
+    the data-preparation checks.)"""
+    d, tc = config.data, config.train
+    cpus = available_cpus()
+    if tc.threads is not None and tc.threads > cpus:
+        raise ConfigError(f"train.threads={tc.threads} exceeds the {cpus} CPUs available to this process "
+                          f"(oversubscribed threads run many times slower); set train.threads={cpus} or less")
+    if config.init_from and overwrite:
+        start = Path(config.init_from).resolve()
+        for name in rundir.RESULT_NAMES:
+            doomed = (Path(config.run_dir) / name).resolve()
+            if start == doomed or doomed in start.parents:
+                raise ConfigError(f"init_from={config.init_from} lies inside {Path(config.run_dir) / name}, which "
+                                  f"--overwrite deletes before training; copy that model elsewhere first and point "
+                                  f"init_from there")
+
+    def same(a: str, b: str) -> bool:
+        return Path(a).resolve() == Path(b).resolve()
+
+    seen: dict[Path, str] = {}
+    for name, path in d.sources.items():
+        key = Path(path).resolve()
+        if key in seen:
+            raise ConfigError(f"data.sources.{name} and data.sources.{seen[key]} are the same directory {path}; "
+                              f"give each source once (weight it with data.mixture instead)")
+        seen[key] = name
+    for name, path in d.validation.items():
+        twin = next((n for n, p in d.sources.items() if same(p, path)), None)
+        if twin is not None:
+            raise ConfigError(f"data.validation.{name} is data.sources.{twin} ({path}): validation on training "
+                              f"data measures memorisation; name a held-out directory, or leave data.validation "
+                              f"empty (each source's validation/ split or held-out tail is used)")
+    if d.sft_train and d.sft_validation and same(d.sft_train, d.sft_validation):
+        raise ConfigError(f"data.sft_validation is data.sft_train ({d.sft_train}): validation on training data "
+                          f"measures memorisation; name a held-out file (or leave it unset)")
+
+
 def build_run(config: RunConfig, device: str | None = None, log=print, resume: bool | None = None,
               overwrite: bool = False) -> Trainer:
     """The Trainer of `config`, its run directory locked first (a second trainer there stops here,
     before anything is written). `resume=False` (a fresh start) refuses a run directory holding
     another run's results unless `overwrite`; None leaves the decision to resume()/fit()."""
     hardware.choose_threads(config.train.threads)  # a bad POLYGLU_THREADS stops here, before any data is written
+    check_run_settings(config, overwrite)
     check_agreement(config)  # reads only: a refusal here leaves nothing behind, not even the run directory
     dist = DistributedContext.from_env(device)
     if not dist.is_main:

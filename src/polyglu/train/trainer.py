@@ -44,11 +44,12 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C (SIGINT): the step in progress finished, a checkpoint was saved, the run stopped."""
+    """Ctrl-C (SIGINT) or SIGTERM: the step in progress finished, a checkpoint was saved, the run
+    stopped. `signal` names the signal (the CLI exits 128 + its number, as the signal would)."""
 
-    def __init__(self, step: int, checkpoint: Path | None) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved: {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint: Path | None, signal: str = "SIGINT") -> None:
+        super().__init__(f"interrupted ({signal}) at step {step}; checkpoint saved: {checkpoint}")
+        self.step, self.checkpoint, self.signal = step, checkpoint, signal
 
 
 class LossModule(nn.Module):
@@ -185,7 +186,7 @@ class Trainer:
             raise
 
     def _resume(self, path: str | Path | None) -> bool:
-        path = Path(path) if path else ckpt.latest_checkpoint(self.run_dir)
+        path = Path(path) if path else ckpt.newest_intact_checkpoint(self.run_dir, self.log)
         if path is None:
             saved = rundir.read_run_config(self.run_dir)
             if saved is not None:  # a run killed before its first checkpoint: the same run again
@@ -355,15 +356,15 @@ class Trainer:
         raises TrainingInterrupted."""
         self.claim_run_dir()
         self._interrupt_requested = False
-        previous_handler = self._catch_sigint()
+        previous_handlers = self._catch_sigint()
         try:
             rundir.on_main(self.dist, self._prepare_run_dir)
             self.dist.barrier()  # no rank writes before rank 0 cleared or truncated old results
             self._started = True
             return self._train(stop_at)
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in (previous_handlers or {}).items():
+                signal.signal(signum, handler)
             self.run_lock.release()
 
     def _prepare_run_dir(self) -> None:
@@ -392,8 +393,9 @@ class Trainer:
                             environment=hardware.run_record(self.precision, self.threads, self.device))
 
     def _catch_sigint(self):
-        """Ctrl-C asks the loop to checkpoint and stop after the current step; a second Ctrl-C stops
-        at once. Returns the previous handler (None off the main thread, where signals can't be set)."""
+        """Ctrl-C (SIGINT) or SIGTERM (what SLURM and Kubernetes send before killing) asks the loop
+        to checkpoint and stop after the current step; a second one stops at once. Returns the
+        previous handlers (None off the main thread, where signals can't be set)."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
@@ -401,12 +403,17 @@ class Trainer:
             if self._interrupt_requested:
                 raise KeyboardInterrupt
             self._interrupt_requested = True
-            self.log(f"interrupt: saving a checkpoint after step {self.step + 1} and stopping "
-                     f"(Ctrl-C again to stop at once without saving)")
+            self.stop_signal = signal.Signals(signum).name
+            self.log(f"{self.stop_signal}: saving a checkpoint after step {self.step + 1} and stopping "
+                     f"(send it again to stop at once without saving)")
 
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, request_stop)
-        return previous if previous is not None else signal.default_int_handler
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            previous[signum] = handler if handler is not None else (
+                signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.signal(signum, request_stop)
+        return previous
 
     def _checkpoint_due(self, step: int) -> bool:
         """Every `checkpoint_every` steps, and when `checkpoint_minutes` passed since the last save (or
@@ -485,7 +492,7 @@ class Trainer:
                     self.save()
                 if self._stop_requested() and step < end:
                     path = self.save() if self._saved_step != step else ckpt.latest_checkpoint(self.run_dir)
-                    raise TrainingInterrupted(step, path)
+                    raise TrainingInterrupted(step, path, getattr(self, "stop_signal", "SIGINT"))
         finally:
             if bar is not None:
                 bar.close()
