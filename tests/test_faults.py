@@ -508,3 +508,40 @@ def test_a_second_prepare_into_one_output_waits_for_the_first(writer_inputs, tmp
     assert any(f"is being written by pid {pid} " in line for line in said), said
     verify_prepared(out)
     assert not list(tmp_path.glob(".*.lock"))  # the lock file goes with its holder
+
+
+@pytest.mark.parametrize("writer", ["tokenizer-train", "export-hf", "analyze"])
+def test_a_second_writer_into_one_output_waits_for_the_first(writer, writer_inputs, tmp_path, capsys):
+    """export-hf, analyze and tokenizer train hold their output's lock (atomic.output_lock) while they
+    write: a second process waits, writes nothing meanwhile, then replaces the output whole."""
+    import os
+    import shutil
+    import time
+
+    from polyglu.atomic import output_lock
+    from polyglu.cli import main
+
+    root = tmp_path / "w"
+    shutil.copytree(writer_inputs, root, symlinks=True)
+    (relative,), first, second = WRITERS[writer]
+    out, held = root / relative, tmp_path / "held"
+    pid = os.fork()
+    if pid == 0:  # another writer: holds the output's lock for a second
+        code = 1
+        try:
+            with output_lock(out):
+                held.touch()
+                time.sleep(1.0)
+                code = 0 if not out.exists() else 3
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert main((first or second)(root)) == 0
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # nothing was written while the other held the lock
+    assert f"is being written by pid {pid} " in capsys.readouterr().err
+    assert out.is_dir() and any(out.iterdir())

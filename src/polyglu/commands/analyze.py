@@ -71,8 +71,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {out}: holds files analyze did not write ({', '.join(sorted(foreign)[:5])}); "
                            f"choose a new directory")
     check_not_an_input(out, "--out", (args.model, args.run, *parse_data_specs(args.data).values()))
-    analyze_to_directory(args.model, parse_data_specs(args.data), args.out, run_dir=args.run,
-                         max_tokens=args.max_tokens, evolution_tokens=args.evolution_tokens, seq_len=args.seq_len,
-                         batch_size=args.batch_size, tokenizer=args.tokenizer, text_field=args.text_field,
-                         device=args.device, dtype=args.dtype, progress=False if args.quiet else None)
+    import sys
+
+    from polyglu.atomic import output_lock
+
+    with output_lock(out, lambda line: print(line, file=sys.stderr)):  # a second analyze into --out waits
+        analyze_to_directory(args.model, parse_data_specs(args.data), args.out, run_dir=args.run,
+                             max_tokens=args.max_tokens, evolution_tokens=args.evolution_tokens,
+                             seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=args.tokenizer,
+                             text_field=args.text_field, device=args.device, dtype=args.dtype,
+                             progress=False if args.quiet else None)
     return 0

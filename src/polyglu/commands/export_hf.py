@@ -29,9 +29,18 @@ def run(args: argparse.Namespace) -> int:
         from polyglu.interop.hf_export import export_hf
     except ImportError as e:
         raise CommandError(f"export-hf needs the [hf] extra: {e}") from None
+    from polyglu.atomic import output_lock
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    export_hf(args.model, out, dtype=dtype)
+    with output_lock(out, _stderr):  # a second export into OUT_DIR waits for this one, then replaces it whole
+        export_hf(args.model, out, dtype=dtype)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out}: {files}")
     print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return 0
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)

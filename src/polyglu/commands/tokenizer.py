@@ -24,10 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import tempfile
     from pathlib import Path
 
-    from polyglu.atomic import atomic_directory
+    from polyglu.atomic import atomic_directory, output_lock
     from polyglu.commands import CommandError
     from polyglu.commands.common import check_output_directory
     from polyglu.data.tokenizer import train_bpe_tokenizer
@@ -42,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise CommandError(f"--out {out}: exists and is not empty (a tokenizer a model may depend on?); pass "
                            f"--force to replace it or choose a new directory")
-    # trained into a directory beside --out and swapped in whole: an interrupted run leaves the old one
-    with atomic_directory(out) as tmp:
+    # trained into a directory beside --out and swapped in whole: an interrupted run leaves the old one;
+    # a second tokenizer train into --out waits for this one (output_lock), then replaces it whole
+    with output_lock(out, lambda line: print(line, file=sys.stderr)), atomic_directory(out) as tmp:
         if args.builtin:
             from polyglu.data.synthetic import write_builtin_math
 
