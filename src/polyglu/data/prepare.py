@@ -465,6 +465,24 @@ def _chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield chunk
 
 
+def _forked_with_default_sigterm(make_pool):
+    """make_pool() with SIGTERM at its default action while the workers fork, so that each worker
+    has it from its first instruction. Pool.terminate() (on an error, Ctrl-C or SIGTERM) sends
+    SIGTERM to the workers; a worker still inheriting the verbs' Python handler could lose a SIGTERM
+    that arrived between fork and Python's after-fork reset of its signal state, and the pool then
+    waited on it forever (seen in CI: a worker blocked on its task queue, the parent in join())."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return make_pool()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return make_pool()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _tokenise(documents: Iterable[Document], tok, tokenizer_dir: Path, workers: int
               ) -> Iterator[tuple[Document, np.ndarray]]:
     """(document, ids) in document order. With workers > 1, chunks go to a process pool with a
@@ -475,7 +493,8 @@ def _tokenise(documents: Iterable[Document], tok, tokenizer_dir: Path, workers: 
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+    with _forked_with_default_sigterm(lambda: context.Pool(workers, initializer=_init_worker,
+                                                           initargs=(str(tokenizer_dir),))) as pool:
         pending: deque = deque()
         for chunk in _chunks(documents):
             pending.append((chunk, pool.apply_async(_encode_chunk, ([d.text for d in chunk],))))
