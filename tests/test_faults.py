@@ -461,6 +461,15 @@ def test_json_outputs_write_null_for_non_finite_numbers(writer_inputs, tmp_path,
 # ---- an output several processes may write is locked
 
 
+def _wait_for(path, seconds: float = 60.0) -> None:
+    """Until `path` exists (another process's signal), at most `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_a_second_prepare_into_one_output_waits_for_the_first(writer_inputs, tmp_path):
     import os
     import threading
@@ -477,16 +486,12 @@ def test_a_second_prepare_into_one_output_waits_for_the_first(writer_inputs, tmp
         try:
             with output_lock(out):
                 held.touch()
-                deadline = time.monotonic() + 120
-                while not release.exists() and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                _wait_for(release, 120)
                 code = 0
         finally:
             os._exit(code)
     try:
-        deadline = time.monotonic() + 60
-        while not held.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for(held)
         said: list[str] = []
 
         def release_once_waiting():
@@ -536,9 +541,7 @@ def test_a_second_writer_into_one_output_waits_for_the_first(writer, writer_inpu
         finally:
             os._exit(code)
     try:
-        deadline = time.monotonic() + 60
-        while not held.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for(held)
         assert main((first or second)(root)) == 0
     finally:
         _, status = os.waitpid(pid, 0)
