@@ -111,6 +111,7 @@ class Trainer:
         self.config_changes: dict[str, tuple[Any, Any]] = {}  # safe changes against the resumed run
         self._started = False
         self._saved_step: int | None = None
+        self._saved_at = time.monotonic()  # timed checkpoints count from here, then from each save
         self._interrupt_requested = False
         self._device_counters: dict[str, torch.Tensor] | None = None  # see _step_on_device
         self.loss_module = self.dist.wrap(self._prepare_model(), self.tc.distributed)
@@ -423,8 +424,6 @@ class Trainer:
             return True
         if self.tc.checkpoint_minutes is None:
             return False
-        if not hasattr(self, "_saved_at"):
-            self._saved_at = time.monotonic()  # the first step of this process
         due = time.monotonic() - self._saved_at >= 60 * self.tc.checkpoint_minutes
         if self.dist.enabled:
             return step % self.tc.log_every == 0 and self.dist.all_reduce_sum(float(due)) > 0
