@@ -4,6 +4,7 @@ model (fresh, or `init_from` a model directory) and the distributed context."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from polyglu import hardware
 from polyglu.config import ConfigError, DataConfig, RunConfig
 from polyglu.train import rundir
 from polyglu.train.distributed import DistributedContext
+from polyglu.train.loss import fused_available
 from polyglu.train.trainer import Trainer
 
 
@@ -115,6 +117,22 @@ def check_run_settings(config: RunConfig, overwrite: bool = False) -> None:
                           f"measures memorisation; name a held-out file (or leave it unset)")
 
 
+def check_loss_kernel(choice: str, device) -> None:
+    """`train.loss_kernel: fused` only where it can run: liger-kernel installed, and CUDA (or CPU
+    tensors under Triton's interpreter, TRITON_INTERPRET=1: how the tests run it). ConfigError
+    otherwise, before anything is written; "auto" picks a kernel that runs."""
+    if choice != "fused":
+        return
+    if not fused_available():
+        raise ConfigError("train.loss_kernel=fused needs liger-kernel, which is not installed: pip install "
+                          "'polyglu[gpu]' (CUDA machines), or set train.loss_kernel=auto")
+    kind = torch.device(device).type
+    if kind != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"train.loss_kernel=fused runs Triton kernels on CUDA, not on {kind}; set "
+                          f"train.loss_kernel=auto (the chunked loss off CUDA), or TRITON_INTERPRET=1 for "
+                          f"Triton's interpreter (slow: for tests)")
+
+
 def build_run(config: RunConfig, device: str | None = None, log=print, resume: bool | None = None,
               overwrite: bool = False) -> Trainer:
     """The Trainer of `config`, its run directory locked first (a second trainer there stops here,
@@ -124,6 +142,7 @@ def build_run(config: RunConfig, device: str | None = None, log=print, resume: b
     check_run_settings(config, overwrite)
     check_agreement(config)  # reads only: a refusal here leaves nothing behind, not even the run directory
     dist = DistributedContext.from_env(device)
+    check_loss_kernel(config.train.loss_kernel, dist.device)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731
     run_lock = rundir.RunLock(config.run_dir)
