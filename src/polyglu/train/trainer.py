@@ -405,8 +405,12 @@ class Trainer:
                 raise KeyboardInterrupt
             self._interrupt_requested = True
             self.stop_signal = signal.Signals(signum).name
-            self.log(f"{self.stop_signal}: saving a checkpoint after step {self.step + 1} and stopping "
-                     f"(send it again to stop at once without saving)")
+            if self.step + 1 >= self.tc.max_steps:  # the last step: the run finishes and saves as usual
+                self.log(f"{self.stop_signal} during the last step: finishing the run (send it again to stop "
+                         f"at once without saving)")
+            else:
+                self.log(f"{self.stop_signal}: saving a checkpoint after step {self.step + 1} and stopping "
+                         f"(send it again to stop at once without saving)")
 
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
