@@ -444,12 +444,7 @@ class Trainer:
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
         metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main, tensorboard=tc.tensorboard,
                                 wandb_project=tc.wandb_project, config=self.config.to_dict())
-        bar = None
-        if tc.progress and self.dist.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{self.config.task}", unit="step",
-                       file=sys.stderr, dynamic_ncols=True, disable=None)
+        bar = self._progress_bar()
         window_tokens, window_start = 0, time.perf_counter()
         last_row: dict[str, Any] = {}
         try:
@@ -458,37 +453,11 @@ class Trainer:
                 window_tokens += out["step_tokens"]
                 step = self.step
                 if step % tc.log_every == 0 or step == tc.max_steps:
-                    # the one host read of the step's loss and norm (kept on the device until now)
-                    self.read_step_counters()
-                    out.update(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
-                               tau=out["tau"] if out["tau"] is not None else self.model.tau)
-                    elapsed = time.perf_counter() - window_start
-                    row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
-                           "tau": out["tau"], "grad_norm": out["grad_norm"],
-                           "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
-                    if step % tc.routing_stats_every == 0 or step == tc.max_steps:
-                        with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
-                            stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
-                                                            self.device, self._autocast)
-                        if stats:
-                            row["routing_entropy"] = stats
-                    if step % tc.eval_every == 0 or step == tc.max_steps:
-                        val = self.evaluate()
-                        if val is not None:
-                            row["val_loss"] = val
-                            self.best_val = val if self.best_val is None else min(self.best_val, val)
+                    row = self._log_row(out, window_tokens, window_start)
                     metrics.write(row)
                     last_row = row
                     window_tokens, window_start = 0, time.perf_counter()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}",
-                                        tau=f"{out['tau']:.3f}" if out["tau"] is not None else "-",
-                                        tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                    if bar is None or bar.disable:  # no terminal: one plain line per logged step
-                        val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
-                        tau_text = f" tau {out['tau']:.3f}" if out["tau"] is not None else ""
-                        self.log(f"step {step}/{tc.max_steps} loss {out['loss']:.4f}{val} lr {out['lr']:.2e}"
-                                 f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
+                    self._show_row(row, bar)
                 if bar is not None:
                     bar.update(1)
                 if self._checkpoint_due(step) and step != tc.max_steps:
@@ -504,6 +473,53 @@ class Trainer:
         self._export_final()
         return {"step": self.step, "tokens": self.tokens, "last": last_row, "best_val_loss": self.best_val,
                 "checkpoint": str(path) if path else None, "model_dir": str(self.run_dir / "final")}
+
+    def _progress_bar(self):
+        """The training's tqdm bar (rank 0 with `train.progress`; tqdm hides it off a terminal), or None."""
+        if not (self.tc.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.tc.max_steps, initial=self.step, desc=f"{self.config.task}", unit="step",
+                    file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def _log_row(self, out: dict[str, Any], window_tokens: int, window_start: float) -> dict[str, Any]:
+        """The metrics row of a logged step: its loss, norm and speed over the window since the last
+        logged step, with the routing entropy and the validation loss on the steps they are due."""
+        tc, step = self.tc, self.step
+        # the one host read of the step's loss and norm (kept on the device until now)
+        self.read_step_counters()
+        out.update(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
+                   tau=out["tau"] if out["tau"] is not None else self.model.tau)
+        elapsed = time.perf_counter() - window_start
+        row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
+               "tau": out["tau"], "grad_norm": out["grad_norm"],
+               "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
+        if step % tc.routing_stats_every == 0 or step == tc.max_steps:
+            with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
+                stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
+                                                self.device, self._autocast)
+            if stats:
+                row["routing_entropy"] = stats
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val = self.evaluate()
+            if val is not None:
+                row["val_loss"] = val
+                self.best_val = val if self.best_val is None else min(self.best_val, val)
+        return row
+
+    def _show_row(self, row: dict[str, Any], bar) -> None:
+        """A logged step on the progress bar, or, with no bar on a terminal, as one plain line."""
+        tau = row["tau"]
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                            tau=f"{tau:.3f}" if tau is not None else "-",
+                            tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        if bar is None or bar.disable:  # no terminal: one plain line per logged step
+            val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
+            tau_text = f" tau {tau:.3f}" if tau is not None else ""
+            self.log(f"step {row['step']}/{self.tc.max_steps} loss {row['loss']:.4f}{val} lr {row['lr']:.2e}"
+                     f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
 
     def _export_final(self) -> None:
         """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval,
