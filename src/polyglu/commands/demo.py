@@ -51,7 +51,7 @@ def most_frequent_answer_baseline(train: list[dict], test: list[dict]) -> dict:
 
 def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> Path:
     from polyglu import hardware
-    from polyglu.config import RunConfig
+    from polyglu.train.config import RunConfig
     from polyglu.train.setup import build_run
 
     stage_dir = run_dir / ("pretrain" if task == "pretrain" else "sft")
@@ -117,7 +117,7 @@ def _accuracy_table(rows: dict[str, dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from polyglu.config import bundled_configs_dir
+    from polyglu.config_loader import bundled_configs_dir
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.math import evaluate_math
     from polyglu.loading import load_model
