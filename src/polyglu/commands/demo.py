@@ -114,37 +114,16 @@ def _accuracy_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def _evaluate(run_dir: Path, sft_dir: Path, args: argparse.Namespace, log) -> dict[str, Path]:
+    """Score the fine-tuned model, an untrained one and the most-frequent-answer baseline on the
+    held-out problems; print the table and samples, write results.json and predictions.jsonl. Returns
+    the built-in corpus's files."""
     import torch
 
-    from polyglu.config_loader import bundled_configs_dir
     from polyglu.data.tokenizer import load_tokenizer
     from polyglu.eval.math import evaluate_math
     from polyglu.loading import load_model
     from polyglu.model.transformer import PolychromaticLM
-
-    def log(*a, **k):
-        print(*a, **k, flush=True)
-
-    t0 = time.perf_counter()
-    run_dir = Path(args.run_dir)
-    configs = bundled_configs_dir()
-    pre_cfg = Path(args.config) if args.config else configs / DEFAULT_PRETRAIN
-    sft_cfg = Path(args.sft_config) if args.sft_config else configs / DEFAULT_SFT
-    for path in (pre_cfg, sft_cfg):
-        if not path.is_file():
-            from polyglu.commands import CommandError
-
-            raise CommandError(f"config {path} not found (pass --config/--sft-config)")
-
-    from polyglu import hardware
-
-    hardware.choose_threads()  # an automatic choice is made once, before the kernel compiler loads the machine
-    kernels_build = _build_kernels_in_background()
-    _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
-    sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
-    if kernels_build is not None:
-        kernels_build.join()
 
     shards = run_dir / "data" / "shards"
     files = {k: shards / v for k, v in json.loads((shards / "manifest.json").read_text())["builtin"]["files"].items()}
@@ -179,8 +158,37 @@ def run(args: argparse.Namespace) -> int:
     with open(run_dir / "predictions.jsonl", "w") as f:
         for record in results["PolyGLU fine-tuned (chat)"]["records"]:
             f.write(json.dumps(record) + "\n")
-
     log(f"evaluation took {time.perf_counter() - eval_start:.0f}s")
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    from polyglu.config_loader import bundled_configs_dir
+
+    def log(*a, **k):
+        print(*a, **k, flush=True)
+
+    t0 = time.perf_counter()
+    run_dir = Path(args.run_dir)
+    configs = bundled_configs_dir()
+    pre_cfg = Path(args.config) if args.config else configs / DEFAULT_PRETRAIN
+    sft_cfg = Path(args.sft_config) if args.sft_config else configs / DEFAULT_SFT
+    for path in (pre_cfg, sft_cfg):
+        if not path.is_file():
+            from polyglu.commands import CommandError
+
+            raise CommandError(f"config {path} not found (pass --config/--sft-config)")
+
+    from polyglu import hardware
+
+    hardware.choose_threads()  # an automatic choice is made once, before the kernel compiler loads the machine
+    kernels_build = _build_kernels_in_background()
+    _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
+    sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
+    if kernels_build is not None:
+        kernels_build.join()
+
+    files = _evaluate(run_dir, sft_dir, args, log)
     if not args.no_report:  # 4096 tokens (~45 problems) are enough to show the routing; it costs seconds
         try:
             from polyglu.analysis.pipeline import analyze_to_directory

@@ -454,37 +454,11 @@ class Trainer:
                 window_tokens += out["step_tokens"]
                 step = self.step
                 if step % tc.log_every == 0 or step == tc.max_steps:
-                    # the one host read of the step's loss and norm (kept on the device until now)
-                    self.read_step_counters()
-                    out.update(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
-                               tau=out["tau"] if out["tau"] is not None else self.model.tau)
-                    elapsed = time.perf_counter() - window_start
-                    row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
-                           "tau": out["tau"], "grad_norm": out["grad_norm"],
-                           "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
-                    if step % tc.routing_stats_every == 0 or step == tc.max_steps:
-                        with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
-                            stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
-                                                            self.device, self._autocast)
-                        if stats:
-                            row["routing_entropy"] = stats
-                    if step % tc.eval_every == 0 or step == tc.max_steps:
-                        val = self.evaluate()
-                        if val is not None:
-                            row["val_loss"] = val
-                            self.best_val = val if self.best_val is None else min(self.best_val, val)
+                    row = self._logged_row(out, window_tokens, window_start)
                     metrics.write(row)
                     last_row = row
                     window_tokens, window_start = 0, time.perf_counter()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}",
-                                        tau=f"{out['tau']:.3f}" if out["tau"] is not None else "-",
-                                        tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                    if bar is None or bar.disable:  # no terminal: one plain line per logged step
-                        val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
-                        tau_text = f" tau {out['tau']:.3f}" if out["tau"] is not None else ""
-                        self.log(f"step {step}/{tc.max_steps} loss {out['loss']:.4f}{val} lr {out['lr']:.2e}"
-                                 f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
+                    self._show_progress(bar, out, row)
                 if bar is not None:
                     bar.update(1)
                 if self._checkpoint_due(step) and step != tc.max_steps:
@@ -500,6 +474,42 @@ class Trainer:
         self._export_final()
         return {"step": self.step, "tokens": self.tokens, "last": last_row, "best_val_loss": self.best_val,
                 "checkpoint": str(path) if path else None, "model_dir": str(self.run_dir / "final")}
+
+    def _logged_row(self, out: dict[str, Any], window_tokens: int, window_start: float) -> dict[str, Any]:
+        """The metrics row of a logged step: the one host read of its loss and norm (kept on the device
+        until now), tokens per second since the last row, routing entropy and validation loss when due."""
+        tc, step = self.tc, self.step
+        self.read_step_counters()
+        out.update(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
+                   tau=out["tau"] if out["tau"] is not None else self.model.tau)
+        elapsed = time.perf_counter() - window_start
+        row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
+               "tau": out["tau"], "grad_norm": out["grad_norm"],
+               "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
+        if step % tc.routing_stats_every == 0 or step == tc.max_steps:
+            with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
+                stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
+                                                self.device, self._autocast)
+            if stats:
+                row["routing_entropy"] = stats
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val = self.evaluate()
+            if val is not None:
+                row["val_loss"] = val
+                self.best_val = val if self.best_val is None else min(self.best_val, val)
+        return row
+
+    def _show_progress(self, bar, out: dict[str, Any], row: dict[str, Any]) -> None:
+        """A logged step on the progress bar, or as one plain line when there is no terminal."""
+        if bar is not None:
+            bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}",
+                            tau=f"{out['tau']:.3f}" if out["tau"] is not None else "-",
+                            tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        if bar is None or bar.disable:
+            val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
+            tau_text = f" tau {out['tau']:.3f}" if out["tau"] is not None else ""
+            self.log(f"step {row['step']}/{self.tc.max_steps} loss {out['loss']:.4f}{val} lr {out['lr']:.2e}"
+                     f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
 
     def _export_final(self) -> None:
         """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval,

@@ -104,8 +104,6 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
     from polyglu.atomic import atomic_write_text
     from polyglu.loading import load_model
     from polyglu.model.parameters import parameter_counts
-    from polyglu.train import checkpointing as ckpt
-    from polyglu.train.setup import build_run
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     run_config = variant_run_config(config, variant, seed, d_ff)
@@ -118,20 +116,7 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
         log(f"finished earlier: {run_dir / RESULTS_NAME}")
         return json.loads((run_dir / RESULTS_NAME).read_text())
 
-    max_steps = run_config.train.max_steps
-    train_seconds = None
-    if _final_step(run_dir) != max_steps:
-        if ckpt.latest_checkpoint(run_dir) is None and (run_dir / METRICS_NAME).is_file():
-            (run_dir / METRICS_NAME).unlink()  # rows of an attempt that never reached a checkpoint
-        trainer = build_run(run_config, device=device, log=log)
-        trainer.resume()
-        start = time.perf_counter()
-        trainer.fit()
-        train_seconds = time.perf_counter() - start
-        del trainer
-    else:
-        log(f"trained earlier; evaluating {run_dir / 'final'}")
-
+    train_seconds = _train(run_config, run_dir, device, log)
     model = load_model(run_dir / "final", device=device).eval()
     rows = read_metrics(run_dir)
     val_rows = [r for r in rows if r.get("val_loss") is not None]
@@ -161,6 +146,23 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _train(run_config: RunConfig, run_dir: Path, device: str, log: Callable[..., Any]) -> float | None:
+    """Train (or resume) one run up to its max_steps; the seconds it took, None when it was done."""
+    from polyglu.train import checkpointing as ckpt
+    from polyglu.train.setup import build_run
+
+    if _final_step(run_dir) == run_config.train.max_steps:
+        log(f"trained earlier; evaluating {run_dir / 'final'}")
+        return None
+    if ckpt.latest_checkpoint(run_dir) is None and (run_dir / METRICS_NAME).is_file():
+        (run_dir / METRICS_NAME).unlink()  # rows of an attempt that never reached a checkpoint
+    trainer = build_run(run_config, device=device, log=log)
+    trainer.resume()
+    start = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - start
 
 
 def _evaluate(config: AblationConfig, model, run_config: RunConfig, run_dir: Path, log) -> dict[str, Any]:
