@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -196,3 +198,11 @@ def test_each_config_is_checked_once(monkeypatch):
     with pytest.raises(ConfigError, match="model: ModelConfig.d_model must be a positive integer, got 0"):
         config.model["d_model"] = 0
         config.model_config()
+
+
+def test_reading_and_checking_configs_does_not_import_torch():
+    # the CLI reads a run config before it imports torch: the settings modules stay torch-free
+    code = ("import sys; from polyglu.config import RunConfig; import polyglu.model_config, polyglu.train.config; "
+            "RunConfig.load(None, ['model.d_model=128']).model_config(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
