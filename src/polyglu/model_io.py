@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from polyglu.atomic import atomic_write_bytes, atomic_write_text
-from polyglu.config import ConfigError, ModelConfig
+from polyglu.config_loader import ConfigError
+from polyglu.model_config import ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -52,7 +52,7 @@ def most_frequent_answer_baseline(train: list[dict], test: list[dict]) -> dict:
 
 def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> Path:
     from polyglu import hardware
-    from polyglu.config import RunConfig
+    from polyglu.train.config import RunConfig
     from polyglu.train.setup import build_run
 
     stage_dir = run_dir / ("pretrain" if task == "pretrain" else "sft")
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _stage_configs(args: argparse.Namespace) -> tuple[Path, Path]:
     """The pre-training and fine-tuning configs: --config/--sft-config, else the bundled demo configs."""
-    from polyglu.config import bundled_configs_dir
+    from polyglu.config_loader import bundled_configs_dir
 
     configs = bundled_configs_dir()
     pre_cfg = Path(args.config) if args.config else configs / DEFAULT_PRETRAIN

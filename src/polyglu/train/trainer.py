@@ -22,12 +22,12 @@ from torch import nn
 
 from polyglu import hardware
 from polyglu.atomic import atomic_directory
-from polyglu.config import RunConfig
 from polyglu.data.special_tokens import IGNORE_INDEX
 from polyglu.model.compiler import compile_module
 from polyglu.model_io import CheckpointError, load_state_file, save_model, write_model_dir
 from polyglu.train import checkpointing as ckpt
 from polyglu.train import rundir
+from polyglu.train.config import RunConfig
 from polyglu.train.distributed import DistributedContext
 from polyglu.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from polyglu.train.metrics import MetricsWriter, routing_entropy_summary, truncate_metrics

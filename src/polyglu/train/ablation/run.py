@@ -9,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polyglu.config import ConfigError, RunConfig
+from polyglu.config_loader import ConfigError
 from polyglu.train.ablation.config import AblationConfig
 from polyglu.train.ablation.plan import RESULTS_NAME, variant_d_ff, variant_run_config
 from polyglu.train.ablation.report import read_metrics, report_ablation
+from polyglu.train.config import RunConfig
 from polyglu.train.metrics import METRICS_NAME
 
 SPEC_NAME = "ablation_spec.json"
