@@ -134,14 +134,15 @@ def check_loss_kernel(choice: str, device) -> None:
     otherwise, before anything is written; "auto" picks a kernel that runs."""
     if choice != "fused":
         return
-    if not fused_available():
-        raise ConfigError("train.loss_kernel=fused needs liger-kernel, which is not installed: pip install "
-                          "'polyglu[gpu]' (CUDA machines), or set train.loss_kernel=auto")
     kind = torch.device(device).type
+    # the device first: asking for liger-kernel imports triton, which reads TRITON_INTERPRET once
     if kind != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ConfigError(f"train.loss_kernel=fused runs Triton kernels on CUDA, not on {kind}; set "
                           f"train.loss_kernel=auto (the chunked loss off CUDA), or TRITON_INTERPRET=1 for "
                           f"Triton's interpreter (slow: for tests)")
+    if not fused_available():
+        raise ConfigError("train.loss_kernel=fused needs liger-kernel, which is not installed: pip install "
+                          "'polyglu[gpu]' (CUDA machines), or set train.loss_kernel=auto")
 
 
 def build_run(config: RunConfig, device: str | None = None, log=print, resume: bool | None = None,
