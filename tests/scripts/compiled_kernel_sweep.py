@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from polyglu.model import fused
+from polyglu.model import fused, fused_dense
 from polyglu.model.polyglu import mixed_activation_reference
 
 ACTIVATIONS = ("relu", "tanh", "silu", "gelu")
@@ -65,14 +65,14 @@ def compare(got, expected, dtype):
 
 def main(full: bool) -> int:
     forms = set()
-    layout = fused._dense_layout
+    layout = fused_dense._dense_layout
 
     def spy(*args, **kwargs):
         state = layout(*args, **kwargs)
         forms.add(state[0])
         return state
 
-    fused._dense_layout = spy
+    fused_dense._dense_layout = spy
     sizes = [(2, 33, 44)] + ([(3, 17, 100)] if full else [])
     dtypes = [torch.float32] + ([torch.bfloat16] if full else [])
     # (per_token, noise, hard, [(logit scale, tau), ...]): a sequence of calls on one compiled kernel
