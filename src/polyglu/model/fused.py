@@ -15,14 +15,19 @@ With l_k = alpha_k + dynamic_k + noise_k, g = softmax(l / tau) over k and m = su
 
 Per-neuron dynamic logits (routing_scope="neuron": dynamic (B, T', F, K)) take the "exact" forms
 ("given_units" / "exact_units"): no factorisation, one exponential per hidden unit and activation,
-and d dynamic is d l itself (summed over positions if T' = 1), not summed over d_ff.
+and d dynamic is d l itself (summed over positions if T' = 1), not summed over d_ff. PolyGLU hands
+them over in rank form instead (dynamic (B, T', r), `routing_map` (F, K, r), dynamic_k = sum_r
+dynamic_r map_kr): the dense kernels compute each unit's logits in their loops ("rank_units",
+"given_rank"), d dynamic_r = sum over d_ff and k of d l_k map_kr and d map_kr = sum over tokens of
+dynamic_r d l_k; "chunked" expands the product per call and reduces its gradient with two matmuls.
 
 Kernels (same math, chosen by `default_kernel`):
 - "chunked": eager torch ops over blocks of tokens small enough to stay in cache. Per-token routing
   weights factorise, exp(l/tau) = exp((alpha + noise)/tau) * exp(dynamic/tau), so no exponential
   is taken per hidden unit. No compiler, no warm-up: small calls with autograd (tests) and the fallback.
-- "dense": pure functions of whole tensors, unrolled over k so that torch.compile turns each
-  direction into one or two loops over the hidden units. Traced as-is inside a compiled model.
+- "dense" (`polyglu.model.fused_dense`, with the routing forms): pure functions of whole tensors,
+  unrolled over k so that torch.compile turns each direction into one or two loops over the hidden
+  units. Traced as-is inside a compiled model.
 - "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default for large CPU
   calls. Compiling takes seconds once per process (inductor caches on disk, keyed by the CPU
   instruction set through `polyglu.model.compiler`). The first call of each signature (shapes,
@@ -31,8 +36,8 @@ Kernels (same math, chosen by `default_kernel`):
   CUDA an error unless POLYGLU_KERNEL_FALLBACK=1; CUDA errors are never swallowed).
 - "triton": two hand-written Triton kernels (`polyglu.model.triton_mixed`): factored routing with an
   on-device exact fallback, one backward pass with the alpha gradient folded in. The default on
-  CUDA when triton is installed; calls it does not cover (hard routing, no CUDA tensor and no
-  TRITON_INTERPRET) take "compiled" on CUDA, "chunked" elsewhere.
+  CUDA when triton is installed; calls it does not cover (hard routing, per-neuron logits, no CUDA
+  tensor and no TRITON_INTERPRET) take "compiled" on CUDA, "chunked" elsewhere.
 Choose explicitly with `use_kernel(...)` or the environment variable POLYGLU_MIXED_KERNEL.
 Small calls without autograd (a decode step) never come here: `polyglu.model.small_inference`
 takes them (`PolyGLU` asks it first).
