@@ -403,7 +403,7 @@ class MixedActivation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, alpha, dynamic, noise, tau, activations, hard, kernel, routing_map=None):
+    def forward(ctx, gate, up, alpha, dynamic, noise, tau, activations, hard, kernel, routing_map):
         with torch.autocast(gate.device.type, enabled=False):
             h, (form, *tensors) = KERNELS[kernel](gate, up, alpha, dynamic, noise, tau, activations, hard,
                                                   routing_map)
@@ -534,4 +534,4 @@ def glu_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Te
     dynamic = torch.zeros((B, 1, 1), device=gate.device)
     tau = torch.ones((), device=gate.device)
     return MixedActivation.apply(gate.contiguous(), up.contiguous(), alpha, dynamic, None, tau, (activation,), False,
-                                 "triton")
+                                 "triton", None)

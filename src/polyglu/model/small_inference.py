@@ -52,9 +52,8 @@ def _native_ok(tensors: Sequence[torch.Tensor | None], activations: tuple[str, .
     activations with native codes, no autocast, and kernels that load (built on first use)."""
     if hard or noisy or tensors[0].device.type != "cpu" or native.activation_codes(activations) is None:
         return False
-    if (len(tensors) > 3 and tensors[3] is not None and tensors[3].dim() == 4) \
-            or (len(tensors) > 5 and tensors[5] is not None):
-        return False  # per-neuron logits ((B, T', F, K), or rank form with a map): the kernel reads one K-vector per token
+    if len(tensors) > 3 and tensors[3] is not None and tensors[3].dim() == 4:
+        return False  # per-neuron logits (B, T', F, K): the kernel reads one K-vector per token
     for t in tensors:  # a plain loop: a decode step asks this once per layer
         if t is not None and t.dtype != torch.float32:
             return False
@@ -74,7 +73,9 @@ def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...],
     elif first.numel() > SMALL_INFERENCE_ELEMENTS or fused.chosen_kernel() is not None:
         return None
     else:
-        path = "native" if _native_ok(tensors, activations, hard, noisy) else "eager"
+        # per-neuron logits in rank form (a routing map after the five tensors): not the native kernel's
+        per_neuron = len(tensors) > 5 and tensors[5] is not None
+        path = "native" if not per_neuron and _native_ok(tensors, activations, hard, noisy) else "eager"
     if path is not None and path not in _logged:
         _logged.add(path)
         logger.info("polyglu: small inference calls take the %s path (first: %s, %s)", path,
