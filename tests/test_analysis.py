@@ -400,6 +400,34 @@ def test_analysis_progress_bars_follow_the_flag(tiny_config, tmp_path, capsys, p
     assert ("analyze math" in capsys.readouterr().err) is progress
 
 
+def test_analysis_of_a_run_directory_takes_what_it_holds_and_refuses_what_is_not_a_run(tiny_config, tmp_path):
+    from polyglu.analysis.pipeline import AnalysisError, analyze_to_directory
+
+    model_dir = tmp_path / "model"
+    PolychromaticLM(tiny_config.replace(vocab_size=260)).save_pretrained(model_dir)  # byte ids
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(10)))
+
+    def analyze(run, out):
+        return analyze_to_directory(model_dir, {"math": str(rows)}, tmp_path / out, run_dir=run, max_tokens=64,
+                                    seq_len=32, tokenizer="byte", progress=False, log=lambda *a: None)
+
+    (tmp_path / "a_file").write_text("x\n")
+    with pytest.raises(AnalysisError, match=r"^--run .*a_file: not a directory$"):
+        analyze(tmp_path / "a_file", "o1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnalysisError, match=r"^--run .*empty: neither checkpoints nor metrics.jsonl found$"):
+        analyze(tmp_path / "empty", "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused before writing
+
+    metrics_only = tmp_path / "metrics_only"
+    metrics_only.mkdir()
+    (metrics_only / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 4.0, "lr": 1e-3, "tau": 1.0}) + "\n")
+    analysis = analyze(metrics_only, "o3")
+    assert "evolution" not in analysis and analysis["training"]["series"]["loss"]["value"] == [4.0]
+    assert "training" in json.loads((tmp_path / "o3" / "analysis.json").read_text())
+
+
 # ---- entropy at tau = 1 beside the model's tau
 
 

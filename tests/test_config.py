@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -169,3 +171,38 @@ def test_an_error_a_command_line_override_brings_is_blamed_on_the_command_line(t
     path.write_text("train:\n  lr_typo: 1.0e-3\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown config key 'train.lr_typo'"):
         RunConfig.load(path, ["train.max_steps=5"])
+
+
+def test_a_files_own_error_names_the_file_without_overrides_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as error:
+        RunConfig.load(path)
+    assert str(error.value) == f"{path}: train.lr must be positive, got -1.0"
+    # an override that sets the value right makes the run valid: the merged config is what is checked
+    assert RunConfig.load(path, ["train.lr=1e-3"]).train.lr == 0.001
+
+
+def test_each_config_is_checked_once(monkeypatch):
+    built = []
+    check = ModelConfig.__post_init__
+    monkeypatch.setattr(ModelConfig, "__post_init__", lambda self: built.append(1) or check(self))
+    config = RunConfig.load(None, ["model.d_model=128", "train.max_steps=5"])
+    assert len(built) == 1  # the model section, checked when the run config was built
+    first, second = config.model_config(), config.model_config()
+    assert len(built) == 1 and first == second and first is not second  # copies of the one checked config
+    first.d_model = 64  # a caller's copy: the run's model is unchanged
+    assert config.model_config().d_model == 128
+    config.model["d_model"] = 96  # a changed section is checked again, once
+    assert config.model_config().d_model == config.model_config().d_model == 96 and len(built) == 2
+    with pytest.raises(ConfigError, match="model: ModelConfig.d_model must be a positive integer, got 0"):
+        config.model["d_model"] = 0
+        config.model_config()
+
+
+def test_reading_and_checking_configs_does_not_import_torch():
+    # the CLI reads a run config before it imports torch: the settings modules stay torch-free
+    code = ("import sys; from polyglu.config import RunConfig; import polyglu.model_config, polyglu.train.config; "
+            "RunConfig.load(None, ['model.d_model=128']).model_config(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

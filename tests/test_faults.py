@@ -272,11 +272,13 @@ WRITERS = {
 }
 
 
-def _run_forked(argv, signum=None, delay=0.0):
+def _run_forked(argv, signum=None, delay=0.0, log_path=None):
     """polyglu.cli.main(argv) in a forked child (torch already imported: no start-up cost), sent
-    `signum` after `delay` seconds; returns the child's exit status."""
+    `signum` after `delay` seconds; returns the child's exit status. With `log_path`, the child's
+    stdout and stderr go to that file."""
     import os
     import signal as signals
+    import sys
     import time
 
     from polyglu.cli import main
@@ -285,9 +287,12 @@ def _run_forked(argv, signum=None, delay=0.0):
     if pid == 0:  # the child: run the verb, never return into pytest
         code = 1
         try:
+            if log_path is not None:
+                sys.stdout = sys.stderr = open(log_path, "w", buffering=1)  # noqa: SIM115
             signals.signal(signals.SIGTERM, signals.SIG_DFL)
             code = main(argv)
         finally:
+            sys.stdout.flush()
             os._exit(code if isinstance(code, int) else 1)
     if signum is not None:
         time.sleep(delay)
@@ -346,14 +351,20 @@ def test_a_writer_killed_at_any_moment_leaves_the_old_output_or_the_new(writer, 
     for trial in range(3):
         restore_old()
         signum = signals.SIGKILL if trial % 2 == 0 else signals.SIGTERM
-        code = _run_forked(new_command(root), signum, rng.uniform(0.0, duration))
+        log = tmp_path / f"child-{trial}.log"
+        code = _run_forked(new_command(root), signum, rng.uniform(0.0, duration), log_path=log)
         for target, before, after in zip(targets, old, new, strict=True):
             found = _tree(target)
             assert found == before or found == after, (
                 f"{writer}: {target.name} is neither the old output nor the new after "
                 f"{signum.name} (exit {code}, trial {trial})")
-        if writer == "train-final" and signum == signals.SIGTERM and code == 143:  # saved and stopped
-            assert ckpt.list_checkpoints(root / "run")[-1][0] > 2
+        if writer == "train-final" and signum == signals.SIGTERM:
+            text = log.read_text()
+            if code == 0:  # the run finished (the signal came during its last step, or after it)
+                assert [_tree(t) for t in targets] == new, text
+            elif "saving a checkpoint after step" in text:  # the loop got it (not start-up, which exits 143
+                assert code == 143, text                       # with no step to save): the step is saved
+                assert ckpt.list_checkpoints(root / "run")[-1][0] > 2, text
 
 
 # ---- a full disk (here: the file-size limit) names the path, and --resume continues

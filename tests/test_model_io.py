@@ -29,6 +29,25 @@ def test_round_trip_is_bitwise(tiny_config, tmp_path):
     assert files == ["config.json", "model.safetensors"]
 
 
+def test_same_weights_give_the_same_bytes_in_every_process(tiny_config, tmp_path):
+    """model.safetensors is a function of the weights: saved from two processes, byte-identical (a
+    checksum or a diff of two runs' outputs means something). safetensors orders its metadata map by
+    hash, afresh in each process, so the header carries one key."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config)
+    model.save_pretrained(tmp_path / "a")
+    with safe_open(tmp_path / "a" / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers refuses a file without it
+    code = (f"import polyglu; polyglu.load_model({str(tmp_path / 'a')!r}).save_pretrained({str(tmp_path / 'b')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
 def test_untied_head_is_saved(tiny_config, tmp_path):
     model = PolychromaticLM(tiny_config.replace(tie_embeddings=False))
     model.save_pretrained(tmp_path / "m")

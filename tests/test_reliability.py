@@ -178,6 +178,12 @@ CASES = {
     "train-lr-inf": (lambda ws: _train_base(ws, "train.lr=inf"), "train.lr must be a finite number, got inf"),
     "train-threads-over-cpus": (lambda ws: _train_base(ws, "train.threads=4096"),
                                 "train.threads=4096 exceeds the"),
+    "train-fused-loss-off-cuda": (lambda ws: _train_base(ws, "train.loss_kernel=fused"),
+                                  "train.loss_kernel=fused runs Triton kernels on CUDA, not on cpu"),
+    "train-fused-loss-without-liger": (lambda ws: _train_base(ws, "train.loss_kernel=fused"),
+                                       "train.loss_kernel=fused needs liger-kernel, which is not installed"),
+    "train-vocab-pad-not-positive": (lambda ws: _train_base(ws, "train.vocab_pad_multiple=0"),
+                                     "train.vocab_pad_multiple must be positive or null, got 0"),
     "init-from-inside-overwritten-run": (_init_from_own_final, "which --overwrite deletes before training"),
     "validation-is-training": (lambda ws: _train_base(ws, f"data.validation={{held: {ws / 'bytes'}}}"),
                                "data.validation.held is data.sources.bytes"),
@@ -275,10 +281,18 @@ CASES = {
                                 "nothing: no such directory"),
 }
 
+# what a case changes around main(): environment variables, or "patch": ("module.attribute", value)
+CASE_ENV = {
+    "train-fused-loss-off-cuda": {"TRITON_INTERPRET": "0"},  # the tests run Triton's interpreter (conftest)
+    "train-fused-loss-without-liger": {"patch": ("polyglu.train.setup.fused_available", lambda: False)},
+}
+
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gets_one_line_and_changes_nothing(case, ws, capsys):
+def test_bad_input_gets_one_line_and_changes_nothing(case, ws, capsys, monkeypatch):
     setup, expected = CASES[case]
+    for name, value in CASE_ENV.get(case, {}).items():
+        monkeypatch.setattr(*value) if name == "patch" else monkeypatch.setenv(name, value)
     argv = setup(ws)
     before = _snapshot(ws)
     capsys.readouterr()

@@ -356,7 +356,9 @@ def test_training_continues_a_layer_checkpoint_per_neuron(layer_checkpoint):
     from polyglu.train.setup import build_model
 
     config = RunConfig.load(None, [f"init_from={layer_checkpoint}", "model.routing_scope=neuron"])
-    model = build_model(config, None).eval()
+    model, built_from = build_model(config)
+    model.eval()
+    assert built_from is config  # init_from: the run config as given
     assert model.config.routing_scope == "neuron"
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Trainer: schedules, parameter groups, chunked loss, exact resume, crash safety, non-finite steps."""
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from polyglu import PolychromaticLM
-from polyglu.config import ConfigError, RunConfig
+from polyglu.config import ConfigError, ModelConfig, RunConfig
 from polyglu.data.special_tokens import IGNORE_INDEX
 from polyglu.train import checkpointing as ckpt
 from polyglu.train.loss import chunked_cross_entropy_sum
@@ -47,6 +48,26 @@ def _trainer(config, seed=0):
     model = PolychromaticLM(config.model_config())
     data = RandomTokens(64, config.train.batch_size, 16)
     return Trainer(config, model, data, RandomTokens(64, 2, 16, seed=1), log=lambda *a: None)
+
+
+def test_building_a_model_never_changes_its_config():
+    from polyglu.train.setup import build_model
+
+    preset = RunConfig.load(None, ["train.seed=3"])  # {"preset": "debug"}: the vocabulary follows the tokenizer
+    named = RunConfig.load(None, ["model.vocab_size=384", "model.n_layers=1"])
+    for run, vocab in ((preset, 300), (named, 300), (preset, None)):
+        before, model_before = copy.deepcopy(run), run.model_config()
+        model, built_from = build_model(run, vocab)
+        assert run == before and run.model == before.model and run.model_config() == model_before
+        assert model.config == built_from.model_config()
+    assert build_model(named, 300)[1] is named and build_model(preset, None)[1] is preset  # nothing to size
+    model, built_from = build_model(preset, 300)  # sized to the tokenizer (rounded up to 64) in a new config
+    assert "vocab_size" not in preset.model and built_from.model["vocab_size"] == model.config.vocab_size == 320
+    assert {k: v for k, v in built_from.to_dict().items() if k != "model"} == \
+        {k: v for k, v in preset.to_dict().items() if k != "model"}
+    model_config = ModelConfig.from_preset("debug")
+    kept = copy.deepcopy(model_config)
+    assert PolychromaticLM(model_config).config == kept and model_config == kept
 
 
 def _losses(run_dir):

@@ -36,7 +36,8 @@ def _config(run_dir, world_size):
         "preset": "debug", "vocab_size": VOCAB, "d_model": 32, "d_ff": 48, "n_heads": 4, "n_kv_heads": 2,
         "head_dim": 8, "max_seq_len": 32, "gate_hidden": 8, "routing_noise": False},
         train={"max_steps": 4, "batch_size": GLOBAL_BATCH // world_size, "lr": 3e-3, "warmup_steps": 1,
-               "log_every": 1, "eval_every": 100, "checkpoint_every": 100, "progress": False})
+               "log_every": 1, "eval_every": 100, "checkpoint_every": 100, "progress": False,
+               "dtype": "float32"})  # the comparison is to float32 rounding; auto is bf16 on some CPUs
 
 
 def _run(rank, world_size, run_dir, port):

@@ -18,8 +18,8 @@ _EXPORTS = {
     "PolychromaticLM": "polyglu.model.transformer",
     "ModelOutput": "polyglu.model.transformer",
     "KVCache": "polyglu.inference.cache",
-    "ModelConfig": "polyglu.config",
-    "ConfigError": "polyglu.config",
+    "ModelConfig": "polyglu.model_config",
+    "ConfigError": "polyglu.config_loader",
     "load_model": "polyglu.loading",
     "CheckpointError": "polyglu.model_io",
     "generate": "polyglu.inference",
@@ -43,10 +43,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover  # noqa: F401 (re-exports for type checkers)
-    from polyglu.config import ConfigError, ModelConfig  # noqa: F401
+    from polyglu.config_loader import ConfigError  # noqa: F401
     from polyglu.inference import GenerationOutput, TextStreamer, generate  # noqa: F401
     from polyglu.inference.cache import KVCache  # noqa: F401
     from polyglu.loading import load_model  # noqa: F401
     from polyglu.model.polyglu import GLU, PolyGLU, SwiGLU  # noqa: F401
     from polyglu.model.transformer import ModelOutput, PolychromaticLM  # noqa: F401
+    from polyglu.model_config import ModelConfig  # noqa: F401
     from polyglu.model_io import CheckpointError  # noqa: F401

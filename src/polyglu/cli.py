@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module = importlib.import_module(VERBS[args.verb][0])
     from polyglu.commands.common import check_utf8_arguments, os_error_line
-    from polyglu.config import ConfigError
+    from polyglu.config_loader import ConfigError
     from polyglu.model_io import CheckpointError
 
     previous = _unwind_on_sigterm()

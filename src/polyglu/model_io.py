@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from polyglu.atomic import atomic_write_bytes, atomic_write_text
-from polyglu.config import ConfigError, ModelConfig
+from polyglu.config_loader import ConfigError
+from polyglu.model_config import ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,7 +56,10 @@ def write_model_dir(state: dict[str, torch.Tensor], config, directory: str | Pat
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if getattr(config, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt", "polyglu_format": "1"}))
+    # one metadata key (transformers wants "format": "pt"; the format version lives in config.json):
+    # safetensors writes its metadata map in hash order, so two keys made the same weights come out as
+    # different bytes from one process to the next
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     meta = {"polyglu_format": FORMAT_VERSION, "model": config.to_dict()}
     meta.update(extra or {})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")

@@ -43,7 +43,6 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = hardware.choose_precision(dtype, device, purpose="inference")  # "auto": what the device does fast
     log(precision.describe())
-    dtype = precision.name
     # soft routing whatever the saved eval mode: hard one-hot weights would have zero entropy
     model = load_model(model_dir, device=device, dtype=precision.dtype, eval_routing="soft")
     config = model.config
@@ -54,15 +53,7 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
     batch_size = batch_size or max(1, min(32, ROUTING_MEMORY_BUDGET // per_row))
 
     specs = dict(datasets)
-    text_tokenizer = None
-    # the model's tokenizer tokenises text data and must be the one token shards were prepared with
-    tok_spec = tokenizer or Path(model_dir) / "tokenizer"
-    if tokenizer is not None or Path(tok_spec).is_dir():
-        from polyglu.data.tokenizer import load_tokenizer
-
-        text_tokenizer = load_tokenizer(tok_spec)
-    elif any(Path(p).is_file() for p in specs.values()):
-        raise AnalysisError(f"text data needs a tokenizer: {tok_spec} does not exist; pass --tokenizer")
+    text_tokenizer = _text_tokenizer(model_dir, tokenizer, specs)
     batches = {}
     for name, path in specs.items():
         batches[name] = load_token_batches(path, seq_len, batch_size, max_tokens, tokenizer=text_tokenizer,
@@ -78,29 +69,55 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
                    for name, b in batches.items()}
         analysis = analyze_model(model, ticking, max_tokens)
     analysis["source"] = {"model": str(model_dir), "data": specs, "seq_len": seq_len, "device": device,
-                          "dtype": dtype}
+                          "dtype": precision.name}
     del model
     if run_dir:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise AnalysisError(f"--run {run_dir}: not a directory")
-        try:
-            checkpoints = find_checkpoints(run_dir)
-        except FileNotFoundError:
-            checkpoints = []
-        if checkpoints:
-            first = next(iter(batches.values()), None)
-            log(f"evolution: {len(checkpoints)} checkpoints in {run_dir}")
-            with tqdm(total=len(checkpoints) * len(first or ()), desc="analyze checkpoints", unit="batch",
-                      disable=disable) as bar:
-                analysis["evolution"] = checkpoint_evolution(run_dir, _Ticking(first, bar) if first else None,
-                                                             evolution_tokens, device=device)
-        if (run_dir / METRICS_NAME).is_file():
-            analysis["training"] = training_curves(run_dir / METRICS_NAME)
-        if not checkpoints and "training" not in analysis:
-            raise AnalysisError(f"--run {run_dir}: neither checkpoints nor {METRICS_NAME} found")
+        analysis.update(_run_history(Path(run_dir), next(iter(batches.values()), None), evolution_tokens,
+                                     device, disable, log))
+    _write_analysis(analysis, Path(out_dir), log)
+    return analysis
 
-    out = Path(out_dir)
+
+def _text_tokenizer(model_dir: str | Path, tokenizer: str | None, specs: Mapping[str, str]):
+    """The tokenizer for text data: `tokenizer`, else the model's own (model_dir/tokenizer), which must
+    be the one token shards were prepared with; None when there is none and every dataset is shards."""
+    tok_spec = tokenizer or Path(model_dir) / "tokenizer"
+    if tokenizer is not None or Path(tok_spec).is_dir():
+        from polyglu.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(tok_spec)
+    if any(Path(p).is_file() for p in specs.values()):
+        raise AnalysisError(f"text data needs a tokenizer: {tok_spec} does not exist; pass --tokenizer")
+    return None
+
+
+def _run_history(run_dir: Path, first: list | None, evolution_tokens: int, device: str, disable: bool | None,
+                 log: Callable[..., Any]) -> dict[str, Any]:
+    """A run directory's part of the analysis: "evolution" (routing across its checkpoints, measured on
+    `first`, the first dataset's batches) and "training" (its metrics curves), each when the run has it."""
+    if not run_dir.is_dir():
+        raise AnalysisError(f"--run {run_dir}: not a directory")
+    history: dict[str, Any] = {}
+    try:
+        checkpoints = find_checkpoints(run_dir)
+    except FileNotFoundError:
+        checkpoints = []
+    if checkpoints:
+        log(f"evolution: {len(checkpoints)} checkpoints in {run_dir}")
+        with tqdm(total=len(checkpoints) * len(first or ()), desc="analyze checkpoints", unit="batch",
+                  disable=disable) as bar:
+            history["evolution"] = checkpoint_evolution(run_dir, _Ticking(first, bar) if first else None,
+                                                        evolution_tokens, device=device)
+    if (run_dir / METRICS_NAME).is_file():
+        history["training"] = training_curves(run_dir / METRICS_NAME)
+    if not checkpoints and "training" not in history:
+        raise AnalysisError(f"--run {run_dir}: neither checkpoints nor {METRICS_NAME} found")
+    return history
+
+
+def _write_analysis(analysis: dict[str, Any], out: Path, log: Callable[..., Any]) -> None:
+    """analysis.json, the figures and report.html into `out`, replacing an earlier analysis there whole;
+    the findings are logged."""
     foreign = [p.name for p in out.iterdir() if not is_analysis_output(p)] if out.is_dir() else []
     if foreign:  # checked again here: the directory is replaced whole
         raise AnalysisError(f"--out {out}: holds files analyze did not write ({', '.join(sorted(foreign)[:5])}); "
@@ -114,7 +131,6 @@ def analyze_to_directory(model_dir: str | Path, datasets: Mapping[str, str], out
     for line in findings(analysis):
         log(f"  {line}")
     log(f"wrote {out / 'analysis.json'}, {len(figures)} figures, {out / 'report.html'}")
-    return analysis
 
 
 def is_analysis_output(path: Path) -> bool:

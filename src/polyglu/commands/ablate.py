@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from polyglu.commands import CommandError
-    from polyglu.config import bundled_configs_dir
+    from polyglu.config_loader import bundled_configs_dir
     from polyglu.train.ablation import AblationConfig, report_ablation, run_ablation
     from polyglu.train.trainer import TrainingError
 

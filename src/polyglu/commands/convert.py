@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from polyglu.config import ROUTING_POOLS
+from polyglu.model_config import ROUTING_POOLS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

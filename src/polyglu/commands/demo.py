@@ -15,6 +15,7 @@ from pathlib import Path
 
 DEFAULT_PRETRAIN = "demo.yaml"
 DEFAULT_SFT = "demo-sft.yaml"
+FINE_TUNED = "PolyGLU fine-tuned (chat)"  # the results row of the fine-tuned model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def most_frequent_answer_baseline(train: list[dict], test: list[dict]) -> dict:
 
 def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> Path:
     from polyglu import hardware
-    from polyglu.config import RunConfig
+    from polyglu.train.config import RunConfig
     from polyglu.train.setup import build_run
 
     stage_dir = run_dir / ("pretrain" if task == "pretrain" else "sft")
@@ -115,19 +116,45 @@ def _accuracy_table(rows: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from polyglu.config import bundled_configs_dir
+    from polyglu import hardware
     from polyglu.data.tokenizer import load_tokenizer
-    from polyglu.eval.math import evaluate_math
-    from polyglu.loading import load_model
-    from polyglu.model.transformer import PolychromaticLM
 
     def log(*a, **k):
         print(*a, **k, flush=True)
 
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
+    pre_cfg, sft_cfg = _stage_configs(args)
+    hardware.choose_threads()  # an automatic choice is made once, before the kernel compiler loads the machine
+    kernels_build = _build_kernels_in_background()
+    _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
+    sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
+    if kernels_build is not None:
+        kernels_build.join()
+
+    files, train, test = _demo_problems(run_dir, args.eval_limit)
+    tokenizer = load_tokenizer(sft_dir / "tokenizer")
+    eval_start = time.perf_counter()
+    results = _evaluate(sft_dir, tokenizer, train, test, log)
+    log("")
+    log(_accuracy_table(results))
+    log("")
+    for record in results[FINE_TUNED]["records"][:args.samples]:
+        mark = "correct" if record["correct"] else f"wrong (expected {record['reference']})"
+        log(f"Q: {record['question']}\nA: {record['output'].strip()}\n-> {mark}\n")
+    _write_results(run_dir, results)
+    log(f"evaluation took {time.perf_counter() - eval_start:.0f}s")
+    if not args.no_report:
+        _routing_report(sft_dir, files["pretrain_validation"], run_dir, log)
+    log(f"done in {time.perf_counter() - t0:.0f}s; everything is in {run_dir}/ "
+        f"(results.json, predictions.jsonl, pretrain/, sft/)")
+    return 0
+
+
+def _stage_configs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The pre-training and fine-tuning configs: --config/--sft-config, else the bundled demo configs."""
+    from polyglu.config_loader import bundled_configs_dir
+
     configs = bundled_configs_dir()
     pre_cfg = Path(args.config) if args.config else configs / DEFAULT_PRETRAIN
     sft_cfg = Path(args.sft_config) if args.sft_config else configs / DEFAULT_SFT
@@ -136,60 +163,63 @@ def run(args: argparse.Namespace) -> int:
             from polyglu.commands import CommandError
 
             raise CommandError(f"config {path} not found (pass --config/--sft-config)")
+    return pre_cfg, sft_cfg
 
-    from polyglu import hardware
 
-    hardware.choose_threads()  # an automatic choice is made once, before the kernel compiler loads the machine
-    kernels_build = _build_kernels_in_background()
-    _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
-    sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
-    if kernels_build is not None:
-        kernels_build.join()
-
+def _demo_problems(run_dir: Path, eval_limit: int | None) -> tuple[dict[str, Path], list[dict], list[dict]]:
+    """The built-in corpus the stages prepared: its files by role, the training problems (answer and
+    difficulty, for the most-frequent-answer baseline) and the held-out test problems (the first
+    `eval_limit` with one)."""
     shards = run_dir / "data" / "shards"
     files = {k: shards / v for k, v in json.loads((shards / "manifest.json").read_text())["builtin"]["files"].items()}
     test = [json.loads(line) for line in files["test"].read_text().splitlines() if line.strip()]
     train_rows = [json.loads(line) for line in files["sft_train"].read_text().splitlines()[:20000]]
     train = [{"answer": r["messages"][-1]["content"], "difficulty": r.get("difficulty")} for r in train_rows]
-    if args.eval_limit:
-        test = test[:args.eval_limit]
-    tokenizer = load_tokenizer(sft_dir / "tokenizer")
+    if eval_limit:
+        test = test[:eval_limit]
+    return files, train, test
 
-    eval_start = time.perf_counter()
+
+def _evaluate(sft_dir: Path, tokenizer, train: list[dict], test: list[dict], log) -> dict[str, dict]:
+    """Exact-match results of the fine-tuned model, an untrained model of its shape (first 100
+    problems) and the most-frequent-answer baseline, by row name of the accuracy table."""
+    import torch
+
+    from polyglu.eval.math import evaluate_math
+    from polyglu.loading import load_model
+    from polyglu.model.transformer import PolychromaticLM
+
     log(f"evaluating on {len(test)} held-out problems (greedy decoding, KV cache)")
     results = {}
     fine_tuned = load_model(sft_dir)
-    results["PolyGLU fine-tuned (chat)"] = evaluate_math(fine_tuned, tokenizer, test, chat=True, max_new_tokens=160,
-                                                         batch_size=64)
+    results[FINE_TUNED] = evaluate_math(fine_tuned, tokenizer, test, chat=True, max_new_tokens=160, batch_size=64)
     torch.manual_seed(0)
     untrained = PolychromaticLM(fine_tuned.config).eval()
     results["untrained (chat)"] = evaluate_math(untrained, tokenizer, test[:100], chat=True, max_new_tokens=32,
                                                 batch_size=64)
     results["most frequent answer"] = most_frequent_answer_baseline(train, test)
+    return results
 
-    log("")
-    log(_accuracy_table(results))
-    log("")
-    for record in results["PolyGLU fine-tuned (chat)"]["records"][:args.samples]:
-        mark = "correct" if record["correct"] else f"wrong (expected {record['reference']})"
-        log(f"Q: {record['question']}\nA: {record['output'].strip()}\n-> {mark}\n")
 
+def _write_results(run_dir: Path, results: dict[str, dict]) -> None:
+    """run_dir/results.json (every row's accuracies) and run_dir/predictions.jsonl (the fine-tuned
+    model's record per problem)."""
     summary = {name: {k: v for k, v in r.items() if k != "records"} for name, r in results.items()}
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     with open(run_dir / "predictions.jsonl", "w") as f:
-        for record in results["PolyGLU fine-tuned (chat)"]["records"]:
+        for record in results[FINE_TUNED]["records"]:
             f.write(json.dumps(record) + "\n")
 
-    log(f"evaluation took {time.perf_counter() - eval_start:.0f}s")
-    if not args.no_report:  # 4096 tokens (~45 problems) are enough to show the routing; it costs seconds
-        try:
-            from polyglu.analysis.pipeline import analyze_to_directory
 
-            analyze_to_directory(sft_dir, {"math": str(files["pretrain_validation"])}, run_dir / "report",
-                                 run_dir=run_dir / "pretrain", max_tokens=4096, evolution_tokens=1024, seq_len=256)
-        # matplotlib missing, or bad inputs (the errors `polyglu analyze` reported while the demo went on)
-        except (ImportError, ValueError, FileNotFoundError) as e:
-            log(f"routing report skipped ({e})")
-    log(f"done in {time.perf_counter() - t0:.0f}s; everything is in {run_dir}/ "
-        f"(results.json, predictions.jsonl, pretrain/, sft/)")
-    return 0
+def _routing_report(sft_dir: Path, validation: Path, run_dir: Path, log) -> None:
+    """run_dir/report: the fine-tuned model's routing on the pre-training validation text, and its
+    evolution over the pre-training checkpoints; skipped (one line) when it cannot be made."""
+    # 4096 tokens (~45 problems) are enough to show the routing; it costs seconds
+    try:
+        from polyglu.analysis.pipeline import analyze_to_directory
+
+        analyze_to_directory(sft_dir, {"math": str(validation)}, run_dir / "report",
+                             run_dir=run_dir / "pretrain", max_tokens=4096, evolution_tokens=1024, seq_len=256)
+    # matplotlib missing, or bad inputs (the errors `polyglu analyze` reported while the demo went on)
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        log(f"routing report skipped ({e})")

@@ -83,20 +83,39 @@ def read_jsonl(path: str | Path, problems: bool = True) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from polyglu.atomic import atomic_write_text, strict_json
-    from polyglu.commands import CommandError
-    from polyglu.commands.common import (
-        check_output_file,
-        check_positive,
-        default_max_new_tokens,
-        json_with_keys,
-        jsonl_with_keys,
-        load_inference_model,
-        progress_disabled,
-        progress_visible,
-    )
-    from polyglu.commands.generate import check_fits_context
+    from polyglu.commands.common import load_inference_model, progress_disabled, progress_visible
     from polyglu.eval.math import evaluate_math
+
+    _check_arguments(args)
+    problems = read_jsonl(args.data)
+    fewshot = read_jsonl(args.fewshot_data) if args.fewshot_data else None
+    skip = args.num_fewshot if fewshot is None else 0  # demonstrations taken from --data come first
+    if args.limit is not None:
+        problems = problems[:skip + args.limit]
+    model, tokenizer = load_inference_model(args)
+    max_new_tokens = _max_new_tokens(args, model)
+    quiet = progress_disabled(args)
+    if args.compile and progress_visible(args):
+        print("polyglu eval-math: compiling the decode step for each batch shape (seconds to minutes) ...",
+              file=sys.stderr, flush=True)
+    with tqdm(total=len(problems) - skip, desc="eval-math", unit="problem", disable=quiet) as bar:
+        result = evaluate_math(model, tokenizer, problems, chat=args.chat, num_fewshot=args.num_fewshot,
+                               fewshot_examples=fewshot, max_new_tokens=max_new_tokens,
+                               batch_size=args.batch_size, system_prompt=args.system, progress=bar.update,
+                               compile=args.compile)
+    print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']})  "
+          f"[{'chat' if args.chat else 'plain'}, {args.num_fewshot}-shot]")
+    for difficulty, block in result["per_difficulty"].items():
+        print(f"  difficulty {difficulty}: {block['accuracy']:.4f} ({block['correct']}/{block['n']})")
+    _write_outputs(args, result)
+    return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The flags, before any work: positive counts, the output files (new, or an earlier output of
+    eval-math; neither an input nor each other) and --fewshot-data not the evaluated file."""
+    from polyglu.commands import CommandError
+    from polyglu.commands.common import check_output_file, check_positive, json_with_keys, jsonl_with_keys
 
     check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     check_compile_argument(args.compile)
@@ -111,31 +130,23 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--fewshot-data is the evaluated file {args.data}: demonstrations would include the "
                            f"problems scored; omit --fewshot-data (the first --num-fewshot problems of --data are "
                            f"then demonstrations and not scored) or name a training file")
-    problems = read_jsonl(args.data)
-    fewshot = read_jsonl(args.fewshot_data) if args.fewshot_data else None
-    if args.limit is not None:
-        skip = args.num_fewshot if fewshot is None else 0  # demonstrations taken from --data come first
-        problems = problems[:skip + args.limit]
-    model, tokenizer = load_inference_model(args)
+
+
+def _max_new_tokens(args: argparse.Namespace, model) -> int:
+    """--max-new-tokens, checked against the model's context; by default what the context leaves."""
+    from polyglu.commands.common import default_max_new_tokens
+    from polyglu.commands.generate import check_fits_context
+
     if args.max_new_tokens is None:
-        max_new_tokens = default_max_new_tokens(model.config.max_seq_len, cap=DEFAULT_MAX_NEW_TOKENS)
-    else:
-        check_fits_context(args.max_new_tokens, model)
-        max_new_tokens = args.max_new_tokens
-    total = len(problems) - (args.num_fewshot if fewshot is None else 0)
-    quiet = progress_disabled(args)
-    if args.compile and progress_visible(args):
-        print("polyglu eval-math: compiling the decode step for each batch shape (seconds to minutes) ...",
-              file=sys.stderr, flush=True)
-    with tqdm(total=total, desc="eval-math", unit="problem", disable=quiet) as bar:
-        result = evaluate_math(model, tokenizer, problems, chat=args.chat, num_fewshot=args.num_fewshot,
-                               fewshot_examples=fewshot, max_new_tokens=max_new_tokens,
-                               batch_size=args.batch_size, system_prompt=args.system, progress=bar.update,
-                               compile=args.compile)
-    print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']})  "
-          f"[{'chat' if args.chat else 'plain'}, {args.num_fewshot}-shot]")
-    for difficulty, block in result["per_difficulty"].items():
-        print(f"  difficulty {difficulty}: {block['accuracy']:.4f} ({block['correct']}/{block['n']})")
+        return default_max_new_tokens(model.config.max_seq_len, cap=DEFAULT_MAX_NEW_TOKENS)
+    check_fits_context(args.max_new_tokens, model)
+    return args.max_new_tokens
+
+
+def _write_outputs(args: argparse.Namespace, result: dict) -> None:
+    """--output-jsonl (one record per problem) and --json (the summary with the run's settings)."""
+    from polyglu.atomic import atomic_write_text, strict_json
+
     if args.output_jsonl:
         path = Path(args.output_jsonl)
         # built beside and renamed over: an interrupted run leaves the old file whole
@@ -148,4 +159,3 @@ def run(args: argparse.Namespace) -> int:
         summary.update(model=str(args.model), data=str(args.data), chat=args.chat, num_fewshot=args.num_fewshot)
         atomic_write_text(args.json_path, strict_json(summary) + "\n")
         print(f"wrote {args.json_path}")
-    return 0

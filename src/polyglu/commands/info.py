@@ -19,9 +19,10 @@ def describe(target: str, overrides: list[str] | None = None) -> dict:
 
     import torch
 
-    from polyglu.config import MODEL_PRESETS, ModelConfig, set_dotted
+    from polyglu.config_loader import set_dotted
     from polyglu.model.parameters import parameter_counts
     from polyglu.model.transformer import PolychromaticLM
+    from polyglu.model_config import MODEL_PRESETS, ModelConfig
     from polyglu.model_io import read_model_config
 
     if Path(target).is_dir():

@@ -38,7 +38,7 @@ def resume_command(args: argparse.Namespace, verb: str) -> str:
 
 def run(args: argparse.Namespace, task: str = TASK) -> int:
     from polyglu.commands import CommandError
-    from polyglu.config import RunConfig
+    from polyglu.train.config import RunConfig
     from polyglu.train.setup import build_run
     from polyglu.train.trainer import TrainingError, TrainingInterrupted
 

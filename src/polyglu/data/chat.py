@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polyglu.config import ConfigError
+from polyglu.config_loader import ConfigError
 from polyglu.data.sources import DataError, HFSource, Row, iter_rows, parse_sources, row_field
 from polyglu.data.special_tokens import IGNORE_INDEX, IM_END, IM_START
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polyglu.config import ConfigError, dataclass_from_dict, to_jsonable
+from polyglu.config_loader import ConfigError, dataclass_from_dict, to_jsonable
 from polyglu.data.shards import (  # noqa: F401  (TokenShards re-exported: the loader's view of the data)
     MANIFEST_NAME,
     VALIDATION_DIR,

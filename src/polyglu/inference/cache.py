@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from polyglu.config import ModelConfig
 from polyglu.documents import document_positions, segment_causal_mask, segment_ids
 from polyglu.model.polyglu import PoolState
+from polyglu.model_config import ModelConfig
 
 
 class KVCache:

@@ -3,8 +3,9 @@
 config.json stays flat, as the Hugging Face tools expect, with our field names; the usual names
 (`hidden_size`, `num_hidden_layers`, ...) are aliases through `attribute_map`. Values are validated
 by `ModelConfig` on construction, so a bad key or size fails when the config is read, naming the
-key. This module imports nothing from polyglu but `config`: `polyglu export-hf` bundles it (with
-`ModelConfig`) into a standalone `configuration_polychromatic.py`.
+key. This module imports nothing from polyglu but `model_config`: `polyglu export-hf` bundles it
+(with `ModelConfig` and the `config_loader` functions it uses) into a standalone
+`configuration_polychromatic.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from polyglu.config import ModelConfig
+from polyglu.model_config import ModelConfig
 
 
 class PolychromaticConfig(PretrainedConfig):

@@ -36,11 +36,12 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_polychromatic.PolychromaticForCausalLM",
 }
 # (modules to inline, in dependency order; roots; polyglu modules imported from a sibling file)
-CONFIG_BUNDLE = (("polyglu.config", "polyglu.interop.hf_config"), ("PolychromaticConfig",), {})
+CONFIG_BUNDLE = (("polyglu.config_loader", "polyglu.model_config", "polyglu.interop.hf_config"),
+                 ("PolychromaticConfig",), {})
 MODELING_BUNDLE = (
-    ("polyglu.config", "polyglu.documents", "polyglu.model.layers", "polyglu.model.activations",
-     "polyglu.model.polyglu", "polyglu.model.flex", "polyglu.model.attention", "polyglu.inference.cache",
-     "polyglu.model.transformer", "polyglu.interop.transformers"),
+    ("polyglu.config_loader", "polyglu.model_config", "polyglu.documents", "polyglu.model.layers",
+     "polyglu.model.activations", "polyglu.model.polyglu", "polyglu.model.flex", "polyglu.model.attention",
+     "polyglu.inference.cache", "polyglu.model.transformer", "polyglu.interop.transformers"),
     ("PolychromaticForCausalLM", "PolychromaticCache"),
     {"polyglu.interop.hf_config": ".configuration_polychromatic"},
 )

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from polyglu.config import ModelConfig
 from polyglu.model.routing import static_routing
+from polyglu.model_config import ModelConfig
 from polyglu.model_io import CheckpointError, read_json_file
 
 # other activations weigh exp(-margin / tau): exactly 0 in float32 (below ~1e-45) while tau <= 1.15,

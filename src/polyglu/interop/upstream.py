@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from polyglu.config import ModelConfig
+from polyglu.model_config import ModelConfig
 from polyglu.model_io import CheckpointError
 
 # original activation order (ReLU, Tanh, SiLU, GELU)

@@ -2,7 +2,7 @@
 kernel uses when it recomputes activations in backward, and the expression torch.compile sees.
 
 To add an activation: one `Activation` record in `ACTIVATIONS` below, its name in
-`polyglu.config.ACTIVATION_NAMES` (the torch-free list that configs and the CLI validate against;
+`polyglu.model_config.ACTIVATION_NAMES` (the torch-free list that configs and the CLI validate against;
 this module refuses to import when the two disagree), and nothing else: tests/test_activations.py
 checks every record against autograd.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from polyglu.config import ACTIVATION_NAMES
+from polyglu.model_config import ACTIVATION_NAMES
 
 aten = torch.ops.aten
 
@@ -153,7 +153,7 @@ _RECORDS = (
 ACTIVATIONS: dict[str, Activation] = {record.name: record for record in _RECORDS}
 
 if tuple(ACTIVATIONS) != ACTIVATION_NAMES:
-    raise ImportError(f"polyglu.model.activations defines {tuple(ACTIVATIONS)} but polyglu.config.ACTIVATION_NAMES "
+    raise ImportError(f"polyglu.model.activations defines {tuple(ACTIVATIONS)} but polyglu.model_config.ACTIVATION_NAMES "
                       f"lists {ACTIVATION_NAMES}: keep the two in step")
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyglu.config import ModelConfig
 from polyglu.model.flex import DocumentMask, flex_attention
 from polyglu.model.layers import RMSNorm, apply_rotary
+from polyglu.model_config import ModelConfig
 
 # enable_gqa arrived in torch 2.5; older versions repeat the K/V heads explicitly
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -296,14 +296,8 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, routing_map, ac
     """-> (d gate, d up, d alpha, d dynamic, d routing_map); routing gradients None when not asked
     (or hard), d routing_map None without a map."""
     if routing_map is not None:
-        dtype = compute_dtype(gate)
-        units = unit_logits(dynamic.detach().to(dtype), routing_map.detach().to(dtype))
-        d_gate, d_up, d_alpha, d_units, _ = chunked_backward(grad, gate, up, alpha, units, noise, tau, None,
-                                                             activations, hard, routing_grads)
-        if d_units is None:
-            return d_gate, d_up, d_alpha, None, None
-        d_dynamic, d_map = rank_gradients(d_units, dynamic.detach(), routing_map.detach())
-        return d_gate, d_up, d_alpha, d_dynamic.to(dynamic.dtype), d_map.to(routing_map.dtype)
+        return _chunked_rank_backward(grad, gate, up, alpha, dynamic, noise, tau, routing_map, activations, hard,
+                                      routing_grads)
     rules = get_activations(activations)
     K = len(rules)
     dtype = compute_dtype(gate)
@@ -353,6 +347,20 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, routing_map, ac
         d_alpha = d_alpha.div_(routing.tau).t().to(alpha.dtype)
         d_dynamic = d_dynamic.div_(routing.tau).movedim(0, -1).to(dynamic.dtype)
     return d_gate, d_up, d_alpha, d_dynamic, None
+
+
+def _chunked_rank_backward(grad, gate, up, alpha, dynamic, noise, tau, routing_map, activations, hard,
+                           routing_grads):
+    """`chunked_backward` for per-neuron logits in rank form: through the expanded per-unit logits, their
+    gradient reduced to dynamic's and the map's (`rank_gradients`)."""
+    dtype = compute_dtype(gate)
+    units = unit_logits(dynamic.detach().to(dtype), routing_map.detach().to(dtype))
+    d_gate, d_up, d_alpha, d_units, _ = chunked_backward(grad, gate, up, alpha, units, noise, tau, None,
+                                                         activations, hard, routing_grads)
+    if d_units is None:
+        return d_gate, d_up, d_alpha, None, None
+    d_dynamic, d_map = rank_gradients(d_units, dynamic.detach(), routing_map.detach())
+    return d_gate, d_up, d_alpha, d_dynamic.to(dynamic.dtype), d_map.to(routing_map.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyglu.config import (
+from polyglu.config_loader import ConfigError
+from polyglu.documents import document_positions, segment_ids
+from polyglu.model.activations import ACTIVATIONS
+from polyglu.model_config import (
     DEFAULT_ACTIVATIONS,
     MIXED_IMPLS,
     ROUTING_MODES,
     ROUTING_POOLS,
     ROUTING_SCOPES,
-    ConfigError,
     ModelConfig,
     routing_is_causal,
 )
-from polyglu.documents import document_positions, segment_ids
-from polyglu.model.activations import ACTIVATIONS
 
 try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernels
     from polyglu.model import fused as _fused

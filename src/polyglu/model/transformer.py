@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from polyglu.config import ModelConfig
 from polyglu.documents import document_causal_mask, document_positions
 from polyglu.model.attention import Attention
 from polyglu.model.flex import document_block_mask, uses_flex
 from polyglu.model.layers import RMSNorm, rotary_tables
 from polyglu.model.polyglu import GLU, PolyGLU, identity_routing_map, layer_to_neuron_state
+from polyglu.model_config import ModelConfig
 
 if TYPE_CHECKING:  # the cache lives in the inference wing, above the model: used here only by its methods
     from polyglu.inference.cache import KVCache

@@ -266,12 +266,11 @@ def _fields(config: dict[str, Any]) -> dict[str, Any]:
 def _resolved_model(model: dict[str, Any]) -> dict[str, Any]:
     """A run config's model section as the full ModelConfig it builds (a preset and explicit
     fields that give the same model compare equal)."""
-    from polyglu.config import ConfigError, ModelConfig
+    from polyglu.config_loader import ConfigError
+    from polyglu.model_config import ModelConfig
 
-    fields = dict(model)
-    preset = fields.pop("preset", None)
     try:
-        config = ModelConfig.from_preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
+        config = ModelConfig.from_section(model)
     except ConfigError:
         return model
     return config.to_dict()

@@ -3,16 +3,20 @@ model (fresh, or `init_from` a model directory) and the distributed context."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from polyglu import hardware
-from polyglu.config import ConfigError, DataConfig, RunConfig
+from polyglu.config_loader import ConfigError
 from polyglu.train import rundir
+from polyglu.train.config import DataConfig, RunConfig
 from polyglu.train.distributed import DistributedContext
+from polyglu.train.loss import fused_available
 from polyglu.train.trainer import Trainer
 
 
@@ -48,7 +52,19 @@ def builtin_data(config: RunConfig, log=print) -> dict[str, Any]:
             "shards": {"train": shards, "validation": shards}}
 
 
-def build_model(config: RunConfig, vocab_size: int | None):
+def sized_for_vocabulary(config: RunConfig, vocab_size: int | None) -> RunConfig:
+    """`config` with the model's vocabulary following a tokenizer of `vocab_size` tokens (rounded up to
+    a multiple of 64: friendlier matmul shapes) when its model section names none and the run trains a
+    fresh model; a new config (`dataclasses.replace`), `config` itself unchanged."""
+    if config.init_from or vocab_size is None or "vocab_size" in config.model:
+        return config
+    return dataclasses.replace(config, model={**config.model, "vocab_size": -(-vocab_size // 64) * 64})
+
+
+def build_model(config: RunConfig, vocab_size: int | None = None):
+    """(model, the run config it was built from): a fresh model of `config.model_config()` (its vocabulary
+    following the tokenizer's, `sized_for_vocabulary`) seeded with `train.seed`, or the `init_from`
+    model with the section's fields over its own. `config` is never changed."""
     from polyglu.loading import load_model
     from polyglu.model.transformer import PolychromaticLM
 
@@ -58,13 +74,10 @@ def build_model(config: RunConfig, vocab_size: int | None):
         if vocab_size is not None and vocab_size > model.config.vocab_size:
             raise ConfigError(f"init_from {config.init_from}: model vocabulary {model.config.vocab_size} is "
                               f"smaller than the tokenizer's {vocab_size}")
-        return model
-    fields = dict(config.model)
-    if "vocab_size" not in fields and vocab_size is not None:
-        fields["vocab_size"] = -(-vocab_size // 64) * 64  # round up: friendlier matmul shapes
-    config.model = fields
+        return model, config
+    config = sized_for_vocabulary(config, vocab_size)
     torch.manual_seed(config.train.seed)
-    return PolychromaticLM(config.model_config())
+    return PolychromaticLM(config.model_config()), config
 
 
 def available_cpus() -> int:
@@ -115,6 +128,22 @@ def check_run_settings(config: RunConfig, overwrite: bool = False) -> None:
                           f"measures memorisation; name a held-out file (or leave it unset)")
 
 
+def check_loss_kernel(choice: str, device) -> None:
+    """`train.loss_kernel: fused` only where it can run: liger-kernel installed, and CUDA (or CPU
+    tensors under Triton's interpreter, TRITON_INTERPRET=1: how the tests run it). ConfigError
+    otherwise, before anything is written; "auto" picks a kernel that runs."""
+    if choice != "fused":
+        return
+    if not fused_available():
+        raise ConfigError("train.loss_kernel=fused needs liger-kernel, which is not installed: pip install "
+                          "'polyglu[gpu]' (CUDA machines), or set train.loss_kernel=auto")
+    kind = torch.device(device).type
+    if kind != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"train.loss_kernel=fused runs Triton kernels on CUDA, not on {kind}; set "
+                          f"train.loss_kernel=auto (the chunked loss off CUDA), or TRITON_INTERPRET=1 for "
+                          f"Triton's interpreter (slow: for tests)")
+
+
 def build_run(config: RunConfig, device: str | None = None, log=print, resume: bool | None = None,
               overwrite: bool = False) -> Trainer:
     """The Trainer of `config`, its run directory locked first (a second trainer there stops here,
@@ -124,6 +153,7 @@ def build_run(config: RunConfig, device: str | None = None, log=print, resume: b
     check_run_settings(config, overwrite)
     check_agreement(config)  # reads only: a refusal here leaves nothing behind, not even the run directory
     dist = DistributedContext.from_env(device)
+    check_loss_kernel(config.train.loss_kernel, dist.device)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731
     run_lock = rundir.RunLock(config.run_dir)
@@ -212,7 +242,7 @@ def _build(config: RunConfig, dist: DistributedContext, log, overwrite: bool, ru
         if config.init_from and (Path(config.init_from) / "tokenizer").is_dir():
             tokenizer_dir = Path(config.init_from) / "tokenizer"
             tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(config, tokenizer.vocab_size)
+    model, config = build_model(config, tokenizer.vocab_size)
 
     if config.task == "pretrain":
         mixture = None

@@ -22,12 +22,12 @@ from torch import nn
 
 from polyglu import hardware
 from polyglu.atomic import atomic_directory
-from polyglu.config import RunConfig
 from polyglu.data.special_tokens import IGNORE_INDEX
 from polyglu.model.compiler import compile_module
 from polyglu.model_io import CheckpointError, load_state_file, save_model, write_model_dir
 from polyglu.train import checkpointing as ckpt
 from polyglu.train import rundir
+from polyglu.train.config import RunConfig
 from polyglu.train.distributed import DistributedContext
 from polyglu.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from polyglu.train.metrics import MetricsWriter, routing_entropy_summary, truncate_metrics
@@ -405,8 +405,12 @@ class Trainer:
                 raise KeyboardInterrupt
             self._interrupt_requested = True
             self.stop_signal = signal.Signals(signum).name
-            self.log(f"{self.stop_signal}: saving a checkpoint after step {self.step + 1} and stopping "
-                     f"(send it again to stop at once without saving)")
+            if self.step + 1 >= self.tc.max_steps:  # the last step: the run finishes and saves as usual
+                self.log(f"{self.stop_signal} during the last step: finishing the run (send it again to stop "
+                         f"at once without saving)")
+            else:
+                self.log(f"{self.stop_signal}: saving a checkpoint after step {self.step + 1} and stopping "
+                         f"(send it again to stop at once without saving)")
 
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -440,12 +444,7 @@ class Trainer:
         end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
         metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main, tensorboard=tc.tensorboard,
                                 wandb_project=tc.wandb_project, config=self.config.to_dict())
-        bar = None
-        if tc.progress and self.dist.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{self.config.task}", unit="step",
-                       file=sys.stderr, dynamic_ncols=True, disable=None)
+        bar = self._progress_bar()
         window_tokens, window_start = 0, time.perf_counter()
         last_row: dict[str, Any] = {}
         try:
@@ -454,37 +453,11 @@ class Trainer:
                 window_tokens += out["step_tokens"]
                 step = self.step
                 if step % tc.log_every == 0 or step == tc.max_steps:
-                    # the one host read of the step's loss and norm (kept on the device until now)
-                    self.read_step_counters()
-                    out.update(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
-                               tau=out["tau"] if out["tau"] is not None else self.model.tau)
-                    elapsed = time.perf_counter() - window_start
-                    row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
-                           "tau": out["tau"], "grad_norm": out["grad_norm"],
-                           "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
-                    if step % tc.routing_stats_every == 0 or step == tc.max_steps:
-                        with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
-                            stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
-                                                            self.device, self._autocast)
-                        if stats:
-                            row["routing_entropy"] = stats
-                    if step % tc.eval_every == 0 or step == tc.max_steps:
-                        val = self.evaluate()
-                        if val is not None:
-                            row["val_loss"] = val
-                            self.best_val = val if self.best_val is None else min(self.best_val, val)
+                    row = self._log_row(out, window_tokens, window_start)
                     metrics.write(row)
                     last_row = row
                     window_tokens, window_start = 0, time.perf_counter()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}",
-                                        tau=f"{out['tau']:.3f}" if out["tau"] is not None else "-",
-                                        tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                    if bar is None or bar.disable:  # no terminal: one plain line per logged step
-                        val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
-                        tau_text = f" tau {out['tau']:.3f}" if out["tau"] is not None else ""
-                        self.log(f"step {step}/{tc.max_steps} loss {out['loss']:.4f}{val} lr {out['lr']:.2e}"
-                                 f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
+                    self._show_row(row, bar)
                 if bar is not None:
                     bar.update(1)
                 if self._checkpoint_due(step) and step != tc.max_steps:
@@ -500,6 +473,53 @@ class Trainer:
         self._export_final()
         return {"step": self.step, "tokens": self.tokens, "last": last_row, "best_val_loss": self.best_val,
                 "checkpoint": str(path) if path else None, "model_dir": str(self.run_dir / "final")}
+
+    def _progress_bar(self):
+        """The training's tqdm bar (rank 0 with `train.progress`; tqdm hides it off a terminal), or None."""
+        if not (self.tc.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.tc.max_steps, initial=self.step, desc=f"{self.config.task}", unit="step",
+                    file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def _log_row(self, out: dict[str, Any], window_tokens: int, window_start: float) -> dict[str, Any]:
+        """The metrics row of a logged step: its loss, norm and speed over the window since the last
+        logged step, with the routing entropy and the validation loss on the steps they are due."""
+        tc, step = self.tc, self.step
+        # the one host read of the step's loss and norm (kept on the device until now)
+        self.read_step_counters()
+        out.update(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
+                   tau=out["tau"] if out["tau"] is not None else self.model.tau)
+        elapsed = time.perf_counter() - window_start
+        row = {"step": step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
+               "tau": out["tau"], "grad_norm": out["grad_norm"],
+               "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
+        if step % tc.routing_stats_every == 0 or step == tc.max_steps:
+            with self.dist.full_parameters(self.loss_module):  # direct calls of the inner model
+                stats = routing_entropy_summary(self.model, self.train_data.get_batch(step, 0),
+                                                self.device, self._autocast)
+            if stats:
+                row["routing_entropy"] = stats
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val = self.evaluate()
+            if val is not None:
+                row["val_loss"] = val
+                self.best_val = val if self.best_val is None else min(self.best_val, val)
+        return row
+
+    def _show_row(self, row: dict[str, Any], bar) -> None:
+        """A logged step on the progress bar, or, with no bar on a terminal, as one plain line."""
+        tau = row["tau"]
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                            tau=f"{tau:.3f}" if tau is not None else "-",
+                            tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        if bar is None or bar.disable:  # no terminal: one plain line per logged step
+            val = f" val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
+            tau_text = f" tau {tau:.3f}" if tau is not None else ""
+            self.log(f"step {row['step']}/{self.tc.max_steps} loss {row['loss']:.4f}{val} lr {row['lr']:.2e}"
+                     f"{tau_text} {row['tokens_per_s']:.0f} tok/s")
 
     def _export_final(self) -> None:
         """run_dir/final: the plain model directory (weights, config, tokenizer) for generate/eval,

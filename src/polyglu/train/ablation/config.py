@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polyglu.config import ConfigError, RunConfig, load_config, to_jsonable
+from polyglu.config_loader import ConfigError, load_config, to_jsonable
+from polyglu.train.config import RunConfig
 
 # variant -> the model fields it sets on top of the base config
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -7,8 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from polyglu.config import ConfigError, ModelConfig, RunConfig, dataclass_from_dict
+from polyglu.config_loader import ConfigError, dataclass_from_dict
+from polyglu.model_config import ModelConfig
 from polyglu.train.ablation.config import VARIANTS, AblationConfig
+from polyglu.train.config import RunConfig
 
 RESULTS_NAME = "results.json"
 
@@ -24,9 +26,7 @@ def variant_model_fields(config: AblationConfig, variant: str, d_ff: int | None 
 
 
 def variant_model_config(config: AblationConfig, variant: str, d_ff: int | None = None) -> ModelConfig:
-    fields = dict(variant_model_fields(config, variant, d_ff))
-    preset = fields.pop("preset", None)
-    return ModelConfig.from_preset(preset, **fields) if preset else ModelConfig.from_dict(fields, where="model")
+    return ModelConfig.from_section(variant_model_fields(config, variant, d_ff))
 
 
 def parameter_total(model_config: ModelConfig) -> int:

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polyglu.config import ConfigError, RunConfig
+from polyglu.config_loader import ConfigError
 from polyglu.train.ablation.config import AblationConfig
 from polyglu.train.ablation.plan import RESULTS_NAME, variant_d_ff, variant_run_config
 from polyglu.train.ablation.report import read_metrics, report_ablation
+from polyglu.train.config import RunConfig
 from polyglu.train.metrics import METRICS_NAME
 
 SPEC_NAME = "ablation_spec.json"
@@ -102,9 +103,6 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
 
     from polyglu.atomic import atomic_write_text
     from polyglu.loading import load_model
-    from polyglu.model.parameters import parameter_counts
-    from polyglu.train import checkpointing as ckpt
-    from polyglu.train.setup import build_run
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     run_config = variant_run_config(config, variant, seed, d_ff)
@@ -117,37 +115,9 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
         log(f"finished earlier: {run_dir / RESULTS_NAME}")
         return json.loads((run_dir / RESULTS_NAME).read_text())
 
-    max_steps = run_config.train.max_steps
-    train_seconds = None
-    if _final_step(run_dir) != max_steps:
-        if ckpt.latest_checkpoint(run_dir) is None and (run_dir / METRICS_NAME).is_file():
-            (run_dir / METRICS_NAME).unlink()  # rows of an attempt that never reached a checkpoint
-        trainer = build_run(run_config, device=device, log=log)
-        trainer.resume()
-        start = time.perf_counter()
-        trainer.fit()
-        train_seconds = time.perf_counter() - start
-        del trainer
-    else:
-        log(f"trained earlier; evaluating {run_dir / 'final'}")
-
+    train_seconds = _train_variant(run_config, run_dir, device, log)
     model = load_model(run_dir / "final", device=device).eval()
-    rows = read_metrics(run_dir)
-    val_rows = [r for r in rows if r.get("val_loss") is not None]
-    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
-    result: dict[str, Any] = {
-        "variant": variant, "seed": seed, "run_dir": str(run_dir),
-        "d_ff": model.config.d_ff, "parameters": parameter_counts(model),
-        "steps": rows[-1]["step"] if rows else None, "tokens": rows[-1]["tokens"] if rows else None,
-        # median over logged windows: robust to the first (warm-up) window and to load spikes
-        "tokens_per_s": statistics.median(speeds) if speeds else None,
-        "train_seconds": train_seconds,
-        "final_train_loss": rows[-1]["loss"] if rows else None,
-        "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
-        "best_val_loss": min(r["val_loss"] for r in val_rows) if val_rows else None,
-        "math": None,
-        "routing": None,
-    }
+    result = _training_results(model, run_dir, variant, seed, train_seconds)
     if routing_stats is not None and model.polyglu_layers():
         batches = validation_batches(run_config, max(1, run_config.train.eval_batches), log)
         result["routing"] = routing_stats(model, batches)
@@ -160,6 +130,47 @@ def run_variant(config: AblationConfig, variant: str, seed: int, d_ff: int | Non
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _train_variant(run_config: RunConfig, run_dir: Path, device: str, log: Callable[..., Any]) -> float | None:
+    """Train the variant to its max_steps, resuming from its latest checkpoint; returns the seconds it
+    took, or None when run_dir/final is already at max_steps (trained earlier, never scored)."""
+    from polyglu.train import checkpointing as ckpt
+    from polyglu.train.setup import build_run
+
+    if _final_step(run_dir) == run_config.train.max_steps:
+        log(f"trained earlier; evaluating {run_dir / 'final'}")
+        return None
+    if ckpt.latest_checkpoint(run_dir) is None and (run_dir / METRICS_NAME).is_file():
+        (run_dir / METRICS_NAME).unlink()  # rows of an attempt that never reached a checkpoint
+    trainer = build_run(run_config, device=device, log=log)
+    trainer.resume()
+    start = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - start
+
+
+def _training_results(model, run_dir: Path, variant: str, seed: int, train_seconds: float | None) -> dict[str, Any]:
+    """A variant's results from its trained model and metrics rows (size, steps, speed, losses), with
+    "math" and "routing" still None."""
+    from polyglu.model.parameters import parameter_counts
+
+    rows = read_metrics(run_dir)
+    val_rows = [r for r in rows if r.get("val_loss") is not None]
+    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    return {
+        "variant": variant, "seed": seed, "run_dir": str(run_dir),
+        "d_ff": model.config.d_ff, "parameters": parameter_counts(model),
+        "steps": rows[-1]["step"] if rows else None, "tokens": rows[-1]["tokens"] if rows else None,
+        # median over logged windows: robust to the first (warm-up) window and to load spikes
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "train_seconds": train_seconds,
+        "final_train_loss": rows[-1]["loss"] if rows else None,
+        "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+        "best_val_loss": min(r["val_loss"] for r in val_rows) if val_rows else None,
+        "math": None,
+        "routing": None,
+    }
 
 
 def _evaluate(config: AblationConfig, model, run_config: RunConfig, run_dir: Path, log) -> dict[str, Any]:
