@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from polyglu.model import fused, native, small_inference
+from polyglu.model import fused, fused_dense, native, small_inference
 from polyglu.model.fused import MixedActivation, default_kernel, mixed_activation_fused, use_kernel
-from polyglu.model.polyglu import PolyGLU, SwiGLU, mixed_activation, mixed_activation_reference
+from polyglu.model.polyglu import PolyGLU, SwiGLU, mixed_activation, mixed_activation_reference, neuron_logits
 
 # K = 1..4, every registry activation at least once
 ACTIVATION_SETS = [("silu",), ("gelu_tanh", "softplus"), ("identity", "sigmoid", "tanh"),
@@ -100,6 +100,92 @@ def test_per_neuron_gradcheck_float64(kernel, per_token, monkeypatch):
     assert torch.autograd.gradcheck(fn, (gate, up, alpha, dynamic), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+def make_rank_inputs(B, T, F, activations, per_token, noise, rank, dtype=torch.float32, seed=0):
+    """`make_inputs` with per-neuron routing in rank form: dynamic (B, T', rank) and a map (F, K, rank)."""
+    gate, up, alpha, _, gumbel, tau = make_inputs(B, T, F, activations, per_token, noise, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dynamic = torch.randn(B, T if per_token else 1, rank, generator=gen, dtype=torch.float64).to(dtype)
+    routing_map = (0.7 * torch.randn(F, len(activations), rank, generator=gen, dtype=torch.float64)).to(dtype)
+    return gate, up, alpha, dynamic.requires_grad_(), gumbel, tau, routing_map.requires_grad_()
+
+
+def run_rank(fn, inputs, hard, grad_seed=1):
+    """h and the grads of (gate, up, alpha, dynamic, routing_map), `fn` taking the rank form."""
+    gate, up, alpha, dynamic, noise, tau, routing_map, activations = inputs
+    leaves = (gate, up, alpha, dynamic, routing_map)
+    for t in leaves:
+        t.grad = None
+    h = fn(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map)
+    h.backward(torch.randn(h.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(h.dtype))
+    return h.detach(), [None if t.grad is None else t.grad.clone() for t in leaves]
+
+
+def rank_reference(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map):
+    """The plain autograd formulation: each neuron's logits materialised, then the reference."""
+    return mixed_activation_reference(gate, up, alpha, neuron_logits(dynamic, routing_map), noise, tau, activations,
+                                      hard)
+
+
+def assert_rank_form_matches_reference(inputs, kernel, hard, atol=2e-5, rtol=1e-4):
+    h_ref, grads_ref = run_rank(rank_reference, inputs, hard)
+
+    def fused_rank(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map):
+        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, activations, hard, kernel,
+                                      routing_map=routing_map)
+
+    h, grads = run_rank(fused_rank, inputs, hard)
+    torch.testing.assert_close(h, h_ref, atol=atol, rtol=rtol)
+    for name, g, g_ref in zip(("gate", "up", "alpha", "dynamic", "routing_map"), grads, grads_ref):
+        if g_ref is None:  # hard routing: nothing flows to the routing inputs
+            assert g is None, name
+        else:
+            assert g is not None and g.shape == g_ref.shape, name
+            torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d {n}: {m}")
+
+
+@pytest.mark.parametrize("rank", [3, 4, 6])
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("noise", [False, True], ids=["clean", "noisy"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_rank_form_matches_reference(kernel, hard, noise, per_token, rank, small_blocks):
+    """routing_scope="neuron" as PolyGLU hands it over: gate_net's r outputs and the (F, K, r) map, each
+    unit's logits computed inside the kernel ("rank_units" / "given_rank"); h and the gradients of
+    gate, up, alpha, dynamic and the map against autograd through the materialised logits."""
+    activations = ACTIVATION_SETS[-1]
+    inputs = (*make_rank_inputs(3, 21, 40, activations, per_token, noise, rank), activations)
+    assert_rank_form_matches_reference(inputs, kernel, hard)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_rank_form_gradcheck_float64(kernel, per_token, monkeypatch):
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * 5)
+    activations = ACTIVATION_SETS[-1]
+    gate, up, alpha, dynamic, gumbel, tau, routing_map = make_rank_inputs(2, 3, 5, activations, per_token, True, 3,
+                                                                          torch.float64)
+
+    def fn(gate, up, alpha, dynamic, routing_map):
+        return mixed_activation_fused(gate, up, alpha, dynamic, gumbel, tau, activations, kernel=kernel,
+                                      routing_map=routing_map)
+
+    assert torch.autograd.gradcheck(fn, (gate, up, alpha, dynamic, routing_map), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_rank_form_takes_the_rank_layouts_and_refuses_inconsistent_maps():
+    activations = ACTIVATION_SETS[-1]
+    forms = []
+    for per_token in (True, False):
+        gate, up, alpha, dynamic, _, tau, routing_map = make_rank_inputs(2, 5, 8, activations, per_token, False, 3)
+        forms.append(fused_dense._dense_layout(fused_dense.DENSE_CORES, alpha, dynamic, None, tau, False,
+                                               torch.float32, routing_map)[0])
+    assert forms == ["rank_units", "given_rank"]
+    with pytest.raises(ValueError, match="routing_map"):
+        mixed_activation_fused(gate, up, alpha, dynamic, None, tau, activations, routing_map=routing_map[:, :2])
+    with pytest.raises(ValueError, match="routing_map"):  # dynamic must be the rank form's (B, T', r)
+        mixed_activation_fused(gate, up, alpha, dynamic[..., :2], None, tau, activations, routing_map=routing_map)
+
+
 @pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
 def test_blocks_spanning_several_rows(per_token, monkeypatch):
     monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 2 * 7 * 16)  # two whole rows of T = 7 per block
@@ -143,7 +229,7 @@ def test_extreme_logits_fall_back_to_an_exact_softmax(monkeypatch, kernel):
     h, grads = run(mixed_activation_fused, inputs, kernel=kernel)
     assert torch.isfinite(h).all() and all(torch.isfinite(g).all() for g in grads)
     assert_matches_reference(inputs, kernel, atol=1e-3, rtol=1e-3)  # routing grads carry 1/tau = 100
-    monkeypatch.setattr(fused, "_TINY", 0.0)  # without the fallback: 0/0
+    monkeypatch.setattr(fused_dense, "_TINY", 0.0)  # without the fallback: 0/0
     assert torch.isnan(mixed_activation_fused(*inputs, kernel=kernel)).any()
 
 
@@ -431,7 +517,7 @@ def test_polyglu_reaches_the_fused_function(monkeypatch):
     original = MixedActivation.forward
 
     def spy(ctx, *args):
-        seen.append(args[-1])  # the kernel
+        seen.append(args[8])  # the kernel
         return original(ctx, *args)
 
     monkeypatch.setattr(MixedActivation, "forward", staticmethod(spy))
@@ -449,6 +535,17 @@ def test_compiled_kernel_matches_reference(per_token, per_neuron):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
         assert_matches_reference(inputs, "compiled")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared", "per_token"])
+def test_compiled_rank_form_matches_reference(per_token):
+    """The rank forms through torch.compile (the default for large CPU calls in neuron scope)."""
+    activations = ACTIVATION_SETS[-1]
+    inputs = (*make_rank_inputs(2, 33, 48, activations, per_token, True, 4), activations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_rank_form_matches_reference(inputs, "compiled", False)
 
 
 def _run_sweep(*flags):
@@ -481,7 +578,7 @@ def test_compiled_kernel_full_sweep_under_debug_allocator():
 
 
 def _fake_cores(shift: float):
-    cores = dict(fused._DENSE_CORES)
+    cores = dict(fused_dense.DENSE_CORES)
     forward = cores["forward"]
     cores["forward"] = lambda *args: forward(*args) + shift
     return lambda: cores
@@ -506,7 +603,7 @@ def test_an_agreeing_compiled_kernel_is_checked_once_per_signature(monkeypatch):
     calls = []
     chunked = fused.KERNELS["chunked"]
     monkeypatch.setattr(fused, "chunked_forward", lambda *a: calls.append(1) or chunked(*a))
-    compiled = fused._compiled_or("forward", lambda *a: fused.chunked_forward(*a))(fused._dense_forward)
+    compiled = fused._compiled_or("forward", lambda *a: fused.chunked_forward(*a))(fused_dense.dense_forward)
     monkeypatch.setitem(fused.KERNELS, "compiled", compiled)
     activations = ("relu", "silu")
     with warnings.catch_warnings():

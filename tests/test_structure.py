@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "polyglu"
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 600
 # modules over the limit that are being split elsewhere: skipped by the module-size check only
-PENDING_MODULES = {"model/fused.py"}
+PENDING_MODULES: set[str] = set()
 
 
 def _modules() -> dict[str, str]:

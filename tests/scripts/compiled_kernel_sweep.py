@@ -9,7 +9,7 @@ Conditions (each row a new compiled graph): routing forms "factored" and "exact"
 between them (tau and logit magnitudes sweeping through the float32 underflow threshold, as a
 training run's annealing does), shared weights (T' = 1, "given"), odd sizes (no multiple of any
 vector width), strided inputs, training (Gumbel noise) and evaluation (none), soft and hard routing;
---full adds bf16 inputs and a second set of sizes. Prints one line per case; exits 1 on a mismatch,
+--full adds bf16 inputs, a second set of sizes and per-neuron routing in rank form. Prints one line per case; exits 1 on a mismatch,
 or if the kernel fell back to the eager kernels (which would hide a fault).
 """
 
@@ -18,8 +18,8 @@ import warnings
 
 import torch
 
-from polyglu.model import fused
-from polyglu.model.polyglu import mixed_activation_reference
+from polyglu.model import fused, fused_dense
+from polyglu.model.polyglu import mixed_activation_reference, neuron_logits
 
 ACTIVATIONS = ("relu", "tanh", "silu", "gelu")
 
@@ -48,6 +48,23 @@ def run(fn, args, hard, **kwargs):
     return [h.detach()] + [None if t.grad is None else t.grad.clone() for t in (gate, up, alpha, dynamic)]
 
 
+def run_rank(fn, args, rank_args, **kwargs):
+    """Per-neuron routing in rank form (gate_net's r outputs, the (F, K, r) map): all five gradients."""
+    gate, up, alpha, _, noise, tau = args
+    dynamic, routing_map = rank_args
+    leaves = (gate, up, alpha, dynamic, routing_map)
+    for t in leaves:
+        t.grad = None
+    h = fn(gate, up, alpha, dynamic, noise, tau, ACTIVATIONS, False, routing_map=routing_map, **kwargs)
+    h.backward(torch.randn(h.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(h.dtype))
+    return [h.detach()] + [None if t.grad is None else t.grad.clone() for t in leaves]
+
+
+def rank_reference(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map):
+    return mixed_activation_reference(gate, up, alpha, neuron_logits(dynamic, routing_map), noise, tau, activations,
+                                      hard)
+
+
 def compare(got, expected, dtype):
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     worst = 0.0
@@ -65,14 +82,14 @@ def compare(got, expected, dtype):
 
 def main(full: bool) -> int:
     forms = set()
-    layout = fused._dense_layout
+    layout = fused_dense._dense_layout
 
     def spy(*args, **kwargs):
         state = layout(*args, **kwargs)
         forms.add(state[0])
         return state
 
-    fused._dense_layout = spy
+    fused_dense._dense_layout = spy
     sizes = [(2, 33, 44)] + ([(3, 17, 100)] if full else [])
     dtypes = [torch.float32] + ([torch.bfloat16] if full else [])
     # (per_token, noise, hard, [(logit scale, tau), ...]): a sequence of calls on one compiled kernel
@@ -99,6 +116,20 @@ def main(full: bool) -> int:
                         print(f"{'ok ' if ok else 'BAD'} B{B} T{T} F{F} {str(dtype)[6:]} per_token={per_token} "
                               f"noise={noise} hard={hard} scale={scale} tau={tau}: relative error {abs(result):.2g}",
                               flush=True)
+        # --full: per-neuron routing in rank form (routing_scope="neuron"), per token and shared
+        for per_token in ((True, False) if full else ()):
+            for B, T, F in sizes:
+                args = inputs(B, T, F, per_token, True, 1.0, 0.5, torch.float32, seed=3)
+                gen = torch.Generator().manual_seed(4)
+                rank_args = (torch.randn(B, T if per_token else 1, 3, generator=gen).requires_grad_(),
+                             torch.randn(F, 4, 3, generator=gen).requires_grad_())
+                expected = run_rank(rank_reference, args, rank_args)
+                got = run_rank(fused.mixed_activation_fused, args, rank_args, kernel="compiled")
+                result = compare(got, expected, torch.float32)
+                ok = result == result and result >= 0
+                failures += not ok
+                print(f"{'ok ' if ok else 'BAD'} B{B} T{T} F{F} rank form per_token={per_token}: relative error "
+                      f"{abs(result):.2g}", flush=True)
     missing = {"factored", "exact"} - forms
     print(f"{failures} failed; routing forms compiled: {', '.join(sorted(forms))}")
     if missing:

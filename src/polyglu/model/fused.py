@@ -15,14 +15,19 @@ With l_k = alpha_k + dynamic_k + noise_k, g = softmax(l / tau) over k and m = su
 
 Per-neuron dynamic logits (routing_scope="neuron": dynamic (B, T', F, K)) take the "exact" forms
 ("given_units" / "exact_units"): no factorisation, one exponential per hidden unit and activation,
-and d dynamic is d l itself (summed over positions if T' = 1), not summed over d_ff.
+and d dynamic is d l itself (summed over positions if T' = 1), not summed over d_ff. PolyGLU hands
+them over in rank form instead (dynamic (B, T', r), `routing_map` (F, K, r), dynamic_k = sum_r
+dynamic_r map_kr): the dense kernels compute each unit's logits in their loops ("rank_units",
+"given_rank"), d dynamic_r = sum over d_ff and k of d l_k map_kr and d map_kr = sum over tokens of
+dynamic_r d l_k; "chunked" expands the product per call and reduces its gradient with two matmuls.
 
 Kernels (same math, chosen by `default_kernel`):
 - "chunked": eager torch ops over blocks of tokens small enough to stay in cache. Per-token routing
   weights factorise, exp(l/tau) = exp((alpha + noise)/tau) * exp(dynamic/tau), so no exponential
   is taken per hidden unit. No compiler, no warm-up: small calls with autograd (tests) and the fallback.
-- "dense": pure functions of whole tensors, unrolled over k so that torch.compile turns each
-  direction into one or two loops over the hidden units. Traced as-is inside a compiled model.
+- "dense" (`polyglu.model.fused_dense`, with the routing forms): pure functions of whole tensors,
+  unrolled over k so that torch.compile turns each direction into one or two loops over the hidden
+  units. Traced as-is inside a compiled model.
 - "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default for large CPU
   calls. Compiling takes seconds once per process (inductor caches on disk, keyed by the CPU
   instruction set through `polyglu.model.compiler`). The first call of each signature (shapes,
@@ -31,8 +36,8 @@ Kernels (same math, chosen by `default_kernel`):
   CUDA an error unless POLYGLU_KERNEL_FALLBACK=1; CUDA errors are never swallowed).
 - "triton": two hand-written Triton kernels (`polyglu.model.triton_mixed`): factored routing with an
   on-device exact fallback, one backward pass with the alpha gradient folded in. The default on
-  CUDA when triton is installed; calls it does not cover (hard routing, no CUDA tensor and no
-  TRITON_INTERPRET) take "compiled" on CUDA, "chunked" elsewhere.
+  CUDA when triton is installed; calls it does not cover (hard routing, per-neuron logits, no CUDA
+  tensor and no TRITON_INTERPRET) take "compiled" on CUDA, "chunked" elsewhere.
 Choose explicitly with `use_kernel(...)` or the environment variable POLYGLU_MIXED_KERNEL.
 Small calls without autograd (a decode step) never come here: `polyglu.model.small_inference`
 takes them (`PolyGLU` asks it first).
@@ -49,182 +54,17 @@ from contextvars import ContextVar
 
 import torch
 
-from polyglu.model import triton_mixed
-from polyglu.model.activations import exp, get_activations
-from polyglu.model.compiler import compile_fn
-
-# ---------------------------------------------------------------------------------------------
-# "dense": whole tensors, unrolled over the K activations (what torch.compile should see)
-
-
-_TINY = 1e-30  # a softmax denominator below this may have lost terms to float32 underflow
-
-
-def _compute_dtype(gate: torch.Tensor) -> torch.dtype:
-    """Float32 (the routing math and the mix), or float64 for float64 inputs (gradcheck)."""
-    return torch.float64 if gate.dtype == torch.float64 else torch.float32
-
-
-def factored_routing_core(alpha, dynamic, noise, tau, dtype: torch.dtype):
-    """Per-token soft routing weights as g_k = A_k D_k / sum_j A_j D_j: A = exp((alpha + noise) / tau - max)
-    (K, B|1, 1, F), D = exp(dynamic / tau - max) (K, B, T, 1), and a lower bound of every sum (B, T):
-    the sum with each A_k at its smallest over the units."""
-    static = alpha.detach().to(dtype).t()[:, None, None, :]
-    if noise is not None:
-        static = static + noise.detach().to(dtype).permute(2, 0, 1)[:, :, None, :]
-    static = static / tau.detach().to(dtype)
-    a = (static - static.amax(0)).exp()
-    dyn = dynamic.detach().to(dtype).permute(2, 0, 1)[..., None] / tau.detach().to(dtype)
-    d = (dyn - dyn.amax(0)).exp()
-    return a.contiguous(), d.contiguous(), (d * a.amin(-1, keepdim=True)).sum(0).amin()
-
-
-def _dense_layout(cores, alpha, dynamic, noise, tau, hard: bool, dtype):
-    """The routing inputs laid out for the unrolled kernels, in one of three forms (form, r0, r1, r2, tau):
-
-    - "given": one weight serves all positions (T' = 1): g itself, (K, B, 1, F), computed here once;
-    - "factored": per-token soft weights (`factored_routing_core`), so that no exponential is taken
-      per hidden unit. Not while torch.compile traces (the underflow check syncs), nor when some sum
-      could underflow (extreme logits over a small tau);
-    - "exact": alpha (K, 1, 1, F), dynamic (K, B, T, 1), noise (K, B, 1, F) or None: the reference's
-      logits per hidden unit (hard routing, and the fallbacks above).
-    Per-neuron dynamic logits (B, T', F, K) take "given_units" (T' = 1) or "exact_units", with
-    dynamic laid out (K, B, T', F).
-    All in `dtype` and contiguous, so that compiled loops read them as vectors.
-    """
-    tau_t = tau.detach().to(dtype)
-    if dynamic.dim() == 4:  # per neuron: no factorisation
-        alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
-        dynamic_t = dynamic.detach().to(dtype).permute(3, 0, 1, 2)  # (K, B, T', F)
-        if dynamic_t.stride(-1) != 1:  # PolyGLU lays its per-neuron logits out so that no copy is needed
-            dynamic_t = dynamic_t.contiguous()
-        noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
-        if dynamic.shape[1] == 1:
-            weights = _dense_weights("exact", alpha_t, dynamic_t, noise_t, tau_t, hard)
-            return "given_units", torch.stack(weights), None, None, tau_t
-        return "exact_units", alpha_t, dynamic_t, noise_t, tau_t
-    if dynamic.shape[1] > 1 and not hard and not torch.compiler.is_compiling():
-        a, d, lowest = cores["routing"](alpha, dynamic, noise, tau, dtype)
-        if bool(lowest >= _TINY):
-            return "factored", a, d, None, tau_t
-    alpha_t = alpha.detach().to(dtype).t().contiguous()[:, None, None, :]
-    dynamic_t = dynamic.detach().to(dtype).permute(2, 0, 1).contiguous()[..., None]
-    noise_t = None if noise is None else noise.detach().to(dtype).permute(2, 0, 1).contiguous()[:, :, None, :]
-    if dynamic.shape[1] == 1:
-        return "given", torch.stack(_dense_weights("exact", alpha_t, dynamic_t, noise_t, tau_t, hard)), None, None, tau_t
-    return "exact", alpha_t, dynamic_t, noise_t, tau_t
-
-
-def _dense_weights(form: str, r0, r1, r2, tau, hard: bool) -> list[torch.Tensor]:
-    """g_k, k < K, each (B, T', F), from a `_dense_layout` form: softmax((alpha + dynamic + noise) / tau)
-    over k, or the one-hot of its first maximum (argmax's tie rule) when `hard`."""
-    K = r0.shape[0]
-    if form in ("given", "given_units"):
-        return [r0[k] for k in range(K)]
-    if form == "factored":
-        products = [r0[k] * r1[k] for k in range(K)]
-        inverse = 1 / functools.reduce(torch.add, products)
-        return [p * inverse for p in products]
-    logits = [r0[k] + r1[k] for k in range(K)]  # same additions, same order as the reference
-    if r2 is not None:
-        logits = [logits[k] + r2[k] for k in range(K)]
-    if not hard:
-        logits = [x / tau for x in logits]
-    top = functools.reduce(torch.maximum, logits)
-    if hard:
-        weights, taken = [], torch.zeros_like(top, dtype=torch.bool)
-        for x in logits:
-            first = (x == top) & ~taken
-            taken = taken | first
-            weights.append(first.to(top.dtype))
-        return weights
-    exps = [exp(x - top) for x in logits]
-    total = functools.reduce(torch.add, exps)
-    return [e / total for e in exps]
-
-
-def _dense_mix(gate, form, r0, r1, r2, tau, activations, hard):
-    z = gate.to(r0.dtype)
-    g = _dense_weights(form, r0, r1, r2, tau, hard)
-    acts = [rule.expr_forward(z) for rule in get_activations(activations)]
-    m = functools.reduce(torch.add, [g[k] * a for k, a in enumerate(acts)])
-    return z, g, acts, m
-
-
-def dense_forward_core(gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...], hard: bool):
-    m = _dense_mix(gate, form, r0, r1, r2, tau, activations, hard)[3]
-    return (m * up.to(m.dtype)).to(gate.dtype)
-
-
-def _dense_logit_grads(grad, up, g, acts, m, tau) -> list[torch.Tensor]:
-    """d l_k = (dh * up * g_k) * (a_k - m) / tau, per k."""
-    dm = grad.to(m.dtype) * up.to(m.dtype)
-    return [dm * g[k] * (a - m) / tau for k, a in enumerate(acts)]
-
-
-def dense_backward_inputs_core(grad, gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...],
-                               hard: bool, dynamic_grad: bool):
-    """-> (d gate, d up, d dynamic (B, T', K) or None). Reductions over d_ff only, so a compiler can
-    fuse them into the loop that computes the elementwise gradients."""
-    z, g, acts, m = _dense_mix(gate, form, r0, r1, r2, tau, activations, hard)
-    dh = grad.to(z.dtype)
-    dm = dh * up.to(z.dtype)
-    d_gate = functools.reduce(torch.add, [rule.expr_backward(dm * g[k], z, acts[k])
-                                          for k, rule in enumerate(get_activations(activations))])
-    d_up = dh * m
-    d_dynamic = None
-    if dynamic_grad:
-        shared = form in ("given", "given_units")  # one routing weight per row: sum over positions too
-        if form.endswith("_units"):  # per-neuron logits: d l itself, (B, T', F, K)
-            grads = _dense_logit_grads(grad, up, g, acts, m, tau)
-            # stored (B, T', K, F), the layout PolyGLU's per-neuron logits come in (a view, no copy back)
-            d_dynamic = torch.stack([d.sum(1, keepdim=True) if shared else d for d in grads], -2).transpose(-1, -2)
-        else:
-            dims = (1, 2) if shared else (2,)
-            d_dynamic = torch.stack([d.sum(dims) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
-            d_dynamic = d_dynamic[:, None] if shared else d_dynamic
-    return d_gate.to(gate.dtype), d_up.to(up.dtype), d_dynamic
-
-
-def dense_backward_alpha_core(grad, gate, up, form: str, r0, r1, r2, tau, activations: tuple[str, ...]):
-    """-> d alpha (F, K). A reduction over tokens: kept apart so that compiled, it recomputes the
-    elementwise terms rather than writing K hidden-layer-sized buffers for a second pass."""
-    _, g, acts, m = _dense_mix(gate, form, r0, r1, r2, tau, activations, False)
-    return torch.stack([d.sum((0, 1)) for d in _dense_logit_grads(grad, up, g, acts, m, tau)], -1)
-
-
-_DENSE_CORES = {"forward": dense_forward_core, "inputs": dense_backward_inputs_core,
-                "alpha": dense_backward_alpha_core, "routing": factored_routing_core}
-
-
-def _dense_forward(cores, gate, up, alpha, dynamic, noise, tau, activations, hard):
-    """-> (h, state): state = `_dense_layout`'s (form, r0, r1, r2, tau), computed once and kept for backward."""
-    state = _dense_layout(cores, alpha, dynamic, noise, tau, hard, _compute_dtype(gate))
-    return cores["forward"](gate, up, *state, activations, hard), state
-
-
-def _dense_backward(cores, grad, gate, up, state, activations, hard, routing_grads):
-    routing_grads = routing_grads and not hard
-    d_gate, d_up, d_dynamic = cores["inputs"](grad, gate, up, *state, activations, hard, routing_grads)
-    if not routing_grads:
-        return d_gate, d_up, None, None
-    return d_gate, d_up, cores["alpha"](grad, gate, up, *state, activations), d_dynamic
-
-
-# Inductor stores a value to memory rather than recompute it when it has many readers or a big
-# expression; here every value is cheap next to a trip through memory, so let all of them fuse.
-_COMPILE_OPTIONS = {"realize_reads_threshold": 64, "realize_opcount_threshold": 10_000,
-                    "realize_cpu_opcount_threshold": 10_000, "realize_acc_reads_threshold": 1_000,
-                    "realize_cpu_acc_reads_threshold": 1_000}
-
-
-@functools.cache
-def _compiled_cores() -> dict[str, Callable]:
-    import torch._inductor.config as inductor_config
-
-    options = {k: v for k, v in _COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
-    return {name: compile_fn(fn, options=options) for name, fn in _DENSE_CORES.items()}
-
+from polyglu.model import fused_dense, triton_mixed
+from polyglu.model.activations import get_activations
+from polyglu.model.fused_dense import (
+    DENSE_CORES,
+    compute_dtype,
+    dense_backward,
+    dense_forward,
+    rank_gradients,
+    unit_logits,
+)
+from polyglu.model.fused_dense import compiled_cores as _compiled_cores
 
 _compile_failed: list[str] = []  # why the compiled kernel was given up, if it was: later calls go to the eager kernels
 _checked: set[tuple] = set()  # signatures (direction, form, shapes, dtypes, flags) whose compiled result was checked
@@ -388,7 +228,7 @@ class _Routing:
             self.d_rows = self.d.permute(1, 2, 0)  # (B, T, K)
             # a lower bound of every S: when it is safe, no block needs checking
             bound = (self.d * self.a.amin(-1)[..., None]).sum(0)
-            self.checked = bool(bound.min() < _TINY)
+            self.checked = bool(bound.min() < fused_dense._TINY)
 
     def _exact(self, rows: slice, positions: slice) -> torch.Tensor:
         # the reference's additions in the reference's order, so argmax ties match
@@ -409,7 +249,7 @@ class _Routing:
             return self._exact(rows, positions), None
         a_rows = self.a_rows[rows] if self.a_rows.shape[0] > 1 else self.a_rows
         total = torch.matmul(self.d_rows[rows, positions], a_rows)  # (b, t, F)
-        if self.checked and bool(total.amin() < _TINY):
+        if self.checked and bool(total.amin() < fused_dense._TINY):
             return self._exact(rows, positions), None
         a = self.a[:, rows] if self.a.shape[1] > 1 else self.a
         return self.d[:, rows, positions, None] * a[:, :, None, :], total  # (K, b, t, F)
@@ -425,10 +265,13 @@ def _chunk_mix(acts: list[torch.Tensor], weights: torch.Tensor | None, total: to
     return m.div_(total) if total is not None else m
 
 
-def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool):
+def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool,
+                    routing_map=None):
+    """Per-neuron logits in rank form (`routing_map` given) are expanded to per-unit logits first."""
     rules = get_activations(activations)
-    dtype = _compute_dtype(gate)
-    routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)
+    dtype = compute_dtype(gate)
+    units = dynamic if routing_map is None else unit_logits(dynamic.detach().to(dtype), routing_map.detach().to(dtype))
+    routing = _Routing(alpha, units, noise, tau, hard, dtype)
     out = torch.empty_like(gate)
     for rows, positions in _blocks(*gate.shape):
         z = gate[rows, positions]
@@ -445,14 +288,19 @@ def chunked_forward(gate, up, alpha, dynamic, noise, tau, activations: tuple[str
         if total is not None:
             m.div_(total)
         torch.mul(m, up[rows, positions], out=out[rows, positions])
-    return out, ("chunked", alpha, dynamic, noise, tau)
+    return out, ("chunked", alpha, dynamic, noise, tau, routing_map)
 
 
-def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tuple[str, ...], hard: bool,
-                     routing_grads: bool):
+def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, routing_map, activations: tuple[str, ...],
+                     hard: bool, routing_grads: bool):
+    """-> (d gate, d up, d alpha, d dynamic, d routing_map); routing gradients None when not asked
+    (or hard), d routing_map None without a map."""
+    if routing_map is not None:
+        return _chunked_rank_backward(grad, gate, up, alpha, dynamic, noise, tau, routing_map, activations, hard,
+                                      routing_grads)
     rules = get_activations(activations)
     K = len(rules)
-    dtype = _compute_dtype(gate)
+    dtype = compute_dtype(gate)
     routing = _Routing(alpha, dynamic, noise, tau, hard, dtype)
     routing_grads = routing_grads and not hard
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
@@ -498,28 +346,43 @@ def chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tu
     if routing_grads:
         d_alpha = d_alpha.div_(routing.tau).t().to(alpha.dtype)
         d_dynamic = d_dynamic.div_(routing.tau).movedim(0, -1).to(dynamic.dtype)
-    return d_gate, d_up, d_alpha, d_dynamic
+    return d_gate, d_up, d_alpha, d_dynamic, None
+
+
+def _chunked_rank_backward(grad, gate, up, alpha, dynamic, noise, tau, routing_map, activations, hard,
+                           routing_grads):
+    """`chunked_backward` for per-neuron logits in rank form: through the expanded per-unit logits, their
+    gradient reduced to dynamic's and the map's (`rank_gradients`)."""
+    dtype = compute_dtype(gate)
+    units = unit_logits(dynamic.detach().to(dtype), routing_map.detach().to(dtype))
+    d_gate, d_up, d_alpha, d_units, _ = chunked_backward(grad, gate, up, alpha, units, noise, tau, None,
+                                                         activations, hard, routing_grads)
+    if d_units is None:
+        return d_gate, d_up, d_alpha, None, None
+    d_dynamic, d_map = rank_gradients(d_units, dynamic.detach(), routing_map.detach())
+    return d_gate, d_up, d_alpha, d_dynamic.to(dynamic.dtype), d_map.to(routing_map.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # autograd and kernel choice
 
 
-# each kernel's forward(gate, up, alpha, dynamic, noise, tau, activations, hard) -> (h, state); `state`
-# (form, t0, t1, t2, tau) is what backward needs besides gate and up, and says which backward runs
+# each kernel's forward(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map) -> (h, state);
+# `state` (form, t0, t1, t2, tau, ...) is what backward needs besides gate and up, and says which backward runs
 KERNELS: dict[str, Callable] = {
     "chunked": chunked_forward,
-    "dense": functools.partial(_dense_forward, _DENSE_CORES),
-    "compiled": _compiled_or("forward", chunked_forward)(_dense_forward),
+    "dense": functools.partial(dense_forward, DENSE_CORES),
+    "compiled": _compiled_or("forward", chunked_forward)(dense_forward),
 }
-_compiled_dense_backward = _compiled_or("backward", functools.partial(_dense_backward, _DENSE_CORES))(_dense_backward)
+_compiled_dense_backward = _compiled_or("backward", functools.partial(dense_backward, DENSE_CORES))(dense_backward)
 
 
-def _triton_forward(gate, up, alpha, dynamic, noise, tau, activations, hard):
-    """The Triton kernels (`triton_mixed`) where they apply, else "compiled" on CUDA, "chunked" elsewhere."""
-    if not triton_mixed.supports(gate, activations, hard):
+def _triton_forward(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map=None):
+    """The Triton kernels (`triton_mixed`) where they apply (one K-vector of dynamic logits per token),
+    else "compiled" on CUDA, "chunked" elsewhere."""
+    if routing_map is not None or dynamic.dim() == 4 or not triton_mixed.supports(gate, activations, hard):
         return KERNELS["compiled" if gate.is_cuda else "chunked"](gate, up, alpha, dynamic, noise, tau, activations,
-                                                                  hard)
+                                                                  hard, routing_map)
     h, tables = triton_mixed.forward(gate, up, alpha, dynamic, noise, tau, activations)
     return h, ("triton", *tables, tau)
 
@@ -533,8 +396,9 @@ def _backward(kernel, grad, gate, up, state, activations, hard, routing_grads):
     if state[0] == "triton":
         *tables, tau = state[1:]
         shape = (gate.shape[0], tables[1].shape[2], len(activations))  # dynamic's (B, T', K)
-        return triton_mixed.backward(grad, gate, up, tables, tau, activations, shape, routing_grads and not hard)
-    backward = _compiled_dense_backward if kernel == "compiled" else functools.partial(_dense_backward, _DENSE_CORES)
+        return (*triton_mixed.backward(grad, gate, up, tables, tau, activations, shape, routing_grads and not hard),
+                None)
+    backward = _compiled_dense_backward if kernel == "compiled" else functools.partial(dense_backward, DENSE_CORES)
     return backward(grad, gate, up, state, activations, hard, routing_grads)
 
 
@@ -547,12 +411,13 @@ class MixedActivation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, alpha, dynamic, noise, tau, activations, hard, kernel):
+    def forward(ctx, gate, up, alpha, dynamic, noise, tau, activations, hard, kernel, routing_map):
         with torch.autocast(gate.device.type, enabled=False):
-            h, (form, *tensors) = KERNELS[kernel](gate, up, alpha, dynamic, noise, tau, activations, hard)
+            h, (form, *tensors) = KERNELS[kernel](gate, up, alpha, dynamic, noise, tau, activations, hard,
+                                                  routing_map)
         ctx.save_for_backward(gate, up, *tensors)
         ctx.form, ctx.activations, ctx.hard, ctx.kernel = form, activations, hard, kernel
-        ctx.routing_dtypes = alpha.dtype, dynamic.dtype
+        ctx.routing_dtypes = alpha.dtype, dynamic.dtype, None if routing_map is None else routing_map.dtype
         return h
 
     @staticmethod
@@ -561,14 +426,15 @@ class MixedActivation(torch.autograd.Function):
         gate, up, *tensors = ctx.saved_tensors
         need = ctx.needs_input_grad
         with torch.autocast(gate.device.type, enabled=False):
-            d_gate, d_up, d_alpha, d_dynamic = _backward(
+            d_gate, d_up, d_alpha, d_dynamic, d_map = _backward(
                 ctx.kernel, grad.contiguous(), gate, up, (ctx.form, *tensors), ctx.activations, ctx.hard,
-                need[2] or need[3])
-        alpha_dtype, dynamic_dtype = ctx.routing_dtypes
+                need[2] or need[3] or need[9])
+        alpha_dtype, dynamic_dtype, map_dtype = ctx.routing_dtypes
         if d_alpha is not None:  # None with hard routing: nothing flows to the routing inputs
             d_alpha, d_dynamic = d_alpha.to(alpha_dtype), d_dynamic.to(dynamic_dtype)
+            d_map = None if d_map is None else d_map.to(map_dtype)
         return (d_gate if need[0] else None, d_up if need[1] else None, d_alpha if need[2] else None,
-                d_dynamic if need[3] else None, None, None, None, None, None)
+                d_dynamic if need[3] else None, None, None, None, None, None, d_map if need[9] else None)
 
 
 _kernel_choice: ContextVar[str | None] = ContextVar("polyglu_mixed_kernel", default=None)
@@ -615,7 +481,8 @@ def chosen_kernel() -> str | None:
 
 def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
                            noise: torch.Tensor | None, tau: torch.Tensor, activations: tuple[str, ...],
-                           hard: bool = False, kernel: str | None = None) -> torch.Tensor:
+                           hard: bool = False, kernel: str | None = None,
+                           routing_map: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k g_k act_k(gate) * up with g = softmax((alpha + dynamic + noise) / tau) over k (its one-hot
     argmax when `hard`), computed without keeping K x d_ff per token for backward.
 
@@ -623,21 +490,27 @@ def mixed_activation_fused(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Te
     noise: (B, F, K) or None;
     tau: 0-dim tensor. Returns (B, T, F) in gate's dtype; routing math in float32. `kernel`:
     "chunked", "dense", "compiled" or "triton" (default: `default_kernel(gate)`).
+    `routing_map` (F, K, r): per-neuron logits in rank form, dynamic then (B, T', r) and each unit's
+    dynamic logits sum_r dynamic[..., r] * routing_map[f, k, r] (`fused_dense.unit_logits`), computed
+    inside the kernel's loops; routing_map gets its gradient.
     """
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"mixed-activation kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     B, T, F_ = gate.shape
     K = len(activations)
+    rank = None if routing_map is None else routing_map.shape[-1]
     if up.shape != gate.shape or tuple(alpha.shape) != (F_, K) or dynamic.dim() not in (3, 4) \
-            or dynamic.shape[0] != B or dynamic.shape[1] not in (1, T) or dynamic.shape[-1] != K \
-            or (dynamic.dim() == 4 and dynamic.shape[2] != F_) \
+            or dynamic.shape[0] != B or dynamic.shape[1] not in (1, T) or dynamic.shape[-1] != (rank or K) \
+            or (dynamic.dim() == 4 and (dynamic.shape[2] != F_ or rank is not None)) \
+            or (rank is not None and tuple(routing_map.shape) != (F_, K, rank)) \
             or (noise is not None and tuple(noise.shape) != (B, F_, K)):
         raise ValueError(f"mixed activation: inconsistent shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                          f"alpha {tuple(alpha.shape)}, dynamic {tuple(dynamic.shape)}, noise "
-                         f"{None if noise is None else tuple(noise.shape)} for {K} activations")
+                         f"{None if noise is None else tuple(noise.shape)}"
+                         f"{'' if rank is None else f', routing_map {tuple(routing_map.shape)}'} for {K} activations")
     kernel = kernel or default_kernel(gate)
     gate, up = gate.contiguous(), up.contiguous()
-    return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel)
+    return MixedActivation.apply(gate, up, alpha, dynamic, noise, tau, tuple(activations), hard, kernel, routing_map)
 
 
 def glu_kernel_applies(gate: torch.Tensor, activation: str) -> bool:
@@ -669,4 +542,4 @@ def glu_fused(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Te
     dynamic = torch.zeros((B, 1, 1), device=gate.device)
     tau = torch.ones((), device=gate.device)
     return MixedActivation.apply(gate.contiguous(), up.contiguous(), alpha, dynamic, None, tau, (activation,), False,
-                                 "triton")
+                                 "triton", None)

@@ -104,19 +104,39 @@ def mixed_activation_reference(gate: torch.Tensor, up: torch.Tensor, alpha: torc
 
 def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,
                      noise: torch.Tensor | None, tau: torch.Tensor, activations: Sequence[str],
-                     hard: bool = False, impl: str = "auto") -> torch.Tensor:
+                     hard: bool = False, impl: str = "auto", routing_map: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k g_k * act_k(gate) * up, by the chosen implementation ("auto", "fused", "reference"): the
     fused kernels, or for a small call without autograd the small-inference override
-    (`polyglu.model.small_inference.choose` decides, here and nowhere else)."""
+    (`polyglu.model.small_inference.choose` decides, here and nowhere else). With `routing_map`
+    (F, K, r), per-neuron logits in rank form: dynamic is (B, T', r) and each neuron's logits are
+    `neuron_logits(dynamic, routing_map)`; the fused kernels compute them in their loops, the other
+    paths from that product."""
     if impl != "reference" and mixed_activation_fused is not None:
         activations = tuple(activations)
-        path = small_inference.choose((gate, up, alpha, dynamic, noise), activations, hard=hard, noisy=noise is not None)
+        path = small_inference.choose((gate, up, alpha, dynamic, noise, routing_map), activations, hard=hard,
+                                      noisy=noise is not None)
         if path is not None:
+            if routing_map is not None:
+                dynamic = neuron_logits(dynamic, routing_map)
             return small_inference.mixed_activation(gate, up, alpha, dynamic, noise, tau, activations, hard, path)
-        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, activations, hard)
+        return mixed_activation_fused(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map=routing_map)
     if impl == "fused":
         raise RuntimeError("mixed_impl='fused' requested but polyglu.model.fused is not available")
+    if routing_map is not None:
+        dynamic = neuron_logits(dynamic, routing_map)
     return mixed_activation_reference(gate, up, alpha, dynamic, noise, tau, activations, hard)
+
+
+def neuron_logits(out: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+    """Each neuron's own dynamic logits from gate_net's output `out` (B, T', r) and a map (d_ff, K, r):
+    sum_r out[..., r] * routing_map[n, k, r], (B, T', d_ff, K), a view of a (B, T', K, d_ff) tensor
+    (each activation's logits a contiguous (B, T', d_ff) slice, what the fused kernel's per-unit forms
+    read without a copy). out @ map rather than F.linear: the map's gradient is then out^T @ grad,
+    (r, BT) x (BT, K d_ff), which BLAS computes ~10x faster than the transposed product F.linear's
+    backward asks for."""
+    F_, K, r = routing_map.shape
+    flat = routing_map.permute(2, 1, 0).reshape(r, K * F_)  # (r, K * F)
+    return torch.matmul(out, flat).unflatten(-1, (K, F_)).transpose(-1, -2)  # (B, T', F, K) view
 
 
 def sample_gumbel(shape: Sequence[int], device: torch.device, generator: torch.Generator | None = None
@@ -231,13 +251,23 @@ class PolyGLU(nn.Module):
     def dynamic_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                        doc_ids: torch.Tensor | None = None, pool_state: PoolState | None = None) -> torch.Tensor:
         """beta * gate_net(pool(x)): (B, T', K), T' = 1 for "sequence" pooling without documents;
-        per neuron (B, T', d_ff, K) with routing_scope="neuron" (`scoped_logits`).
+        per neuron (B, T', d_ff, K) with routing_scope="neuron" (`neuron_logits` of `routing_inputs`)."""
+        dynamic, routing_map = self.routing_inputs(x, positions, doc_ids, pool_state)
+        return dynamic if routing_map is None else neuron_logits(dynamic, routing_map)
+
+    def routing_inputs(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                       doc_ids: torch.Tensor | None = None, pool_state: PoolState | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dynamic routing as the mixed activation takes it, (dynamic, routing_map): in layer scope
+        (beta * gate_net(pool(x)) (B, T', K), None); in neuron scope (gate_net(pool(x)) (B, T', r), the
+        map with beta folded in (d_ff, K, r)), whose product `neuron_logits` is each neuron's logits
+        (the fused kernel computes it in its loops: no (B, T', d_ff, K) tensor either way).
 
         The mean is taken after gate_net's first (linear) layer, which commutes with it: the same
         function, but the running state and the pooled tensor are gate_hidden wide, not d_model.
         """
         if self.gate_net is None:  # static-only routing
-            return x.new_zeros(x.shape[0], 1, self.n_activations)
+            return x.new_zeros(x.shape[0], 1, self.n_activations), None
         first, second = self.gate_net[0], self.gate_net[2]
         if pool_state is not None and not self.causal:
             raise ValueError(f"routing_pool={self.routing_pool!r} is non-causal and cannot be decoded with a cache")
@@ -247,11 +277,11 @@ class PolyGLU(nn.Module):
             # one decoded token per row without autograd: the same sums in five ops, in place
             hidden = _causal_step(proj, positions, pool_state, first.bias)
             if self.routing_map is not None:
-                return self.scoped_logits(second(hidden))
+                return second(hidden), self.scaled_map()
             if torch.compiler.is_compiling():
                 # a traced step: the K-wide product as a reduction joins the pooling's loop (no mm call)
-                return self.beta * ((hidden[..., None, :] * second.weight).sum(-1) + second.bias)
-            return second(hidden).mul_(self.beta)
+                return self.beta * ((hidden[..., None, :] * second.weight).sum(-1) + second.bias), None
+            return second(hidden).mul_(self.beta), None
         if self.routing_pool == "token":
             pooled = proj
         elif self.routing_pool == "sequence":
@@ -261,21 +291,13 @@ class PolyGLU(nn.Module):
                 pooled = _document_mean(proj, doc_ids)
         else:
             pooled = _causal_mean(proj, positions, pool_state).to(proj.dtype)
-        hidden = F.relu(pooled + first.bias)
-        return self.scoped_logits(second(hidden))
+        out = second(F.relu(pooled + first.bias))
+        return (self.beta * out, None) if self.routing_map is None else (out, self.scaled_map())
 
-    def scoped_logits(self, out: torch.Tensor) -> torch.Tensor:
-        """gate_net's output (B, T', r) -> the dynamic logits: beta * out (B, T', K) in layer scope;
-        in neuron scope beta * routing_map @ out, each neuron's own K logits (B, T', d_ff, K)."""
-        if self.routing_map is None:
-            return self.beta * out
-        F_, K, r = self.routing_map.shape
-        # beta folded into the small map, and the product laid out (B, T', K, F): each activation's
-        # logits are a contiguous (B, T', F) slice, what the fused kernel reads (no copy, no full-size
-        # mul). out @ map (not F.linear): the map's gradient is then out^T @ grad, (r, BT) x (BT, K F),
-        # which BLAS computes ~10x faster than the transposed product F.linear's backward asks for.
-        scaled = (self.routing_map * self.beta[:, None]).permute(2, 1, 0).reshape(r, K * F_)  # (r, K * F)
-        return torch.matmul(out, scaled).unflatten(-1, (K, F_)).transpose(-1, -2)  # (B, T', F, K) view
+    def scaled_map(self) -> torch.Tensor:
+        """routing_map with beta folded in, (d_ff, K, r): beta multiplies the small map, not a
+        full-size product."""
+        return self.routing_map * self.beta[:, None]
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, pool_state: PoolState | None = None,
@@ -300,7 +322,8 @@ class PolyGLU(nn.Module):
                                  device=x.device) if return_routing else None
             out = self.down_proj(hidden)
             return (out, routing) if return_routing else out
-        dynamic = self.dynamic_logits(x, positions, doc_ids, pool_state)  # (B, T', K)
+        # (B, T', K), or in neuron scope gate_net's (B, T', r) with the map (d_ff, K, r)
+        dynamic, routing_map = self.routing_inputs(x, positions, doc_ids, pool_state)
         hard = False
         if self.training:
             if noise is None and self.routing_noise:
@@ -309,10 +332,12 @@ class PolyGLU(nn.Module):
         else:
             hard = self.eval_routing == "hard"
         hidden = mixed_activation(gate, up, self.alpha, dynamic, noise, self.tau, self.activations, hard,
-                                  self.mixed_impl)
+                                  self.mixed_impl, routing_map=routing_map)
         out = self.down_proj(hidden)
         if return_routing:
             with torch.no_grad():
+                if routing_map is not None:
+                    dynamic = neuron_logits(dynamic, routing_map)
                 routing = routing_logits(self.alpha, dynamic, noise) if return_routing == "logits" \
                     else routing_weights(self.alpha, dynamic, noise, self.tau, hard)
             return out, routing

@@ -73,7 +73,9 @@ def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...],
     elif first.numel() > SMALL_INFERENCE_ELEMENTS or fused.chosen_kernel() is not None:
         return None
     else:
-        path = "native" if _native_ok(tensors, activations, hard, noisy) else "eager"
+        # per-neuron logits in rank form (a routing map after the five tensors): not the native kernel's
+        per_neuron = len(tensors) > 5 and tensors[5] is not None
+        path = "native" if not per_neuron and _native_ok(tensors, activations, hard, noisy) else "eager"
     if path is not None and path not in _logged:
         _logged.add(path)
         logger.info("polyglu: small inference calls take the %s path (first: %s, %s)", path,
