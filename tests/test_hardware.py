@@ -149,6 +149,22 @@ def test_auto_threads_follow_affinity_and_load_once_per_process(monkeypatch, fre
     assert hardware.choose_threads().count == 2
 
 
+def test_the_load_is_what_runs_now_not_the_last_minutes_average(monkeypatch):
+    """A job that just ended (`make setup` before `make demo`) leaves the 1-minute average high on an
+    idle machine; the tasks running now are what a new thread would compete with."""
+    assert hardware._running_now("0.90 0.45 0.20 1/187 4242\n") == 0  # only the reader runs
+    assert hardware._running_now("3.10 2.00 1.00 3/190 4242\n") == 2
+    assert hardware._running_now("garbage") is None
+    reads = iter(["0.9 0.5 0.2 1/10 1", "0.9 0.5 0.2 3/10 1", "0.9 0.5 0.2 1/10 1"])
+    monkeypatch.setattr(hardware.Path, "read_text", lambda self: next(reads))
+    monkeypatch.setattr(hardware.time, "sleep", lambda s: None)
+    assert hardware._machine_load() == 0.0  # the median of three reads: a passing task does not count
+    assert hardware.free_threads(2, 0.0, 2) == 2 and hardware.free_threads(2, 0.9, 2) == 1
+    monkeypatch.setattr(hardware.Path, "read_text", lambda self: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    assert hardware._machine_load() == 1.5  # off Linux: the 1-minute average
+
+
 def test_environment_names_what_benchmarks_record():
     info = hardware.environment("cpu", dtype="float32")
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

@@ -9,9 +9,10 @@ One owner for two choices every verb makes:
   per demo training step on AVX2. An explicit `bfloat16` on such a CPU still runs, with one warning.
 - **threads** (`choose_threads`): `train.threads`, else the environment variable POLYGLU_THREADS, else
   OMP_NUM_THREADS (torchrun sets it per process), else the CPUs this process may run on (its
-  affinity, capped by a cgroup CPU quota) less those the rest of the machine keeps busy (the 1-minute
-  load average). On 2 cores an idle machine trains the demo ~1.9x faster on 2 threads, while one
-  busy core made 2 threads 6.7x slower than 1 (docs/performance.md).
+  affinity, capped by a cgroup CPU quota) less those the rest of the machine keeps busy now (tasks
+  running, read from /proc/loadavg; the 1-minute load average off Linux). On 2 idle cores the demo
+  trains 1.4-1.6x faster on 2 threads, while one busy core made 2 threads 6.7x slower than 1
+  (docs/performance.md).
 
 `environment()` is what every benchmark prints and records: CPU capability, bf16-native, threads,
 torch version.
@@ -23,8 +24,11 @@ import functools
 import math
 import os
 import platform
+import statistics
+import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -175,7 +179,33 @@ def _cgroup_cpu_quota() -> int | None:
         return None
 
 
-def _machine_load() -> float | None:
+def _running_now(loadavg: str) -> int | None:
+    """Tasks running or runnable on the machine besides the reader, from the text of /proc/loadavg
+    (its fourth field, "running/total", counts the reading thread itself)."""
+    try:
+        return max(0, int(loadavg.split()[3].split("/")[0]) - 1)
+    except (IndexError, ValueError):
+        return None
+
+
+def _machine_load(samples: int = 3, interval: float = 0.05) -> float | None:
+    """The CPUs other work keeps busy now: the median of a few reads, 50 ms apart, of the running
+    tasks in /proc/loadavg (Linux), else the 1-minute load average. The average lags by a minute:
+    right after `make setup`, on an idle machine, it still said 0.9 and `make demo` trained on one
+    of two cores (1.4-1.6x slower than two, benchmarks/threads.py)."""
+    counts = []
+    for i in range(samples):
+        try:
+            running = _running_now(Path("/proc/loadavg").read_text())
+        except OSError:
+            running = None
+        if running is None:
+            break
+        counts.append(running)
+        if i + 1 < samples:
+            time.sleep(interval)
+    if counts:
+        return float(statistics.median(counts))
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -183,7 +213,7 @@ def _machine_load() -> float | None:
 
 
 def free_threads(cpus: int, load: float | None, machine_cpus: int | None) -> int:
-    """Threads for `cpus` usable CPUs when the machine's `machine_cpus` carry a 1-minute `load`: the
+    """Threads for `cpus` usable CPUs when the machine's `machine_cpus` carry a `load`: the
     usable CPUs less their share of the load, rounded to the nearest, at least 1. An OpenMP region
     waits for its slowest thread, so a thread placed on a busy core slows every step."""
     if load is None or not machine_cpus:
@@ -214,8 +244,8 @@ def choose_threads(requested: int | None = None, source: str = "train.threads") 
 
 @functools.cache
 def _auto_threads() -> Threads:
-    # decided once per process: later the load average counts this process's own work (the demo's
-    # fine-tuning would see its pre-training as load)
+    # decided once per process: later the load counts this process's own work (the demo's fine-tuning
+    # would see its pre-training as load)
     cpus, why = usable_cpus()
     load = _machine_load()
     count = free_threads(cpus, load, os.cpu_count())
