@@ -97,7 +97,7 @@ class TrainSection:
     vocab_pad_multiple: int | None = None
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     # CPU threads; null: $POLYGLU_THREADS, else $OMP_NUM_THREADS, else the CPUs of this process's
-    # affinity less the machine's load (polyglu.hardware.choose_threads)
+    # affinity less the tasks running on the machine now (polyglu.hardware.choose_threads)
     threads: int | None = None
     progress: bool = True
     tensorboard: bool = False
