@@ -114,7 +114,7 @@ def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, 
     if impl != "reference" and mixed_activation_fused is not None:
         activations = tuple(activations)
         path = small_inference.choose((gate, up, alpha, dynamic, noise, routing_map), activations, hard=hard,
-                                      noisy=noise is not None)
+                                      noisy=noise is not None, per_neuron=routing_map is not None)
         if path is not None:
             if routing_map is not None:
                 dynamic = neuron_logits(dynamic, routing_map)

@@ -61,10 +61,11 @@ def _native_ok(tensors: Sequence[torch.Tensor | None], activations: tuple[str, .
 
 
 def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...], *, hard: bool, noisy: bool,
-           decode: bool = False) -> str | None:
+           decode: bool = False, per_neuron: bool = False) -> str | None:
     """The path of one small inference call (see the module's docstring); the first tensor is the call's
     input (gate, or for `decode` the layer's input x). `decode`: a PolyGLU layer's whole decoded
-    token ("native-decode" or None: the layer then computes it step by step)."""
+    token ("native-decode" or None: the layer then computes it step by step). `per_neuron`: the logits
+    come in rank form (a routing map), which the native kernel does not read."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _needs_grad(tensors)):
         return None
     first = tensors[0]
@@ -73,8 +74,6 @@ def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...],
     elif first.numel() > SMALL_INFERENCE_ELEMENTS or fused.chosen_kernel() is not None:
         return None
     else:
-        # per-neuron logits in rank form (a routing map after the five tensors): not the native kernel's
-        per_neuron = len(tensors) > 5 and tensors[5] is not None
         path = "native" if not per_neuron and _native_ok(tensors, activations, hard, noisy) else "eager"
     if path is not None and path not in _logged:
         _logged.add(path)
