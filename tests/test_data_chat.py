@@ -1,12 +1,13 @@
 """ChatML formatting, assistant-only targets, SFT packing/padding, truncation, sources, determinism."""
 
 import json
+import random
 
 import pytest
 import torch
 
 from polyglu.config import ConfigError
-from polyglu.data.chat import SFTDataset, chat_segments, encode_chat, render_chatml
+from polyglu.data.chat import PACKING_POLICIES, SFTDataset, chat_segments, encode_chat, pack_rows, render_chatml
 from polyglu.data.sources import DataError, HFSource
 from polyglu.data.special_tokens import IM_END
 from polyglu.data.synthetic import chat_messages, generate_problems, pretraining_text
@@ -169,3 +170,32 @@ def test_sft_max_examples_config_rejects_non_positive(value):
     with pytest.raises(ConfigError, match="data.sft_max_examples"):
         RunConfig.load(None, [f"data.sft_max_examples={value}"], task="sft")
     assert RunConfig.load(None, ["data.sft_max_examples=7"], task="sft").data.sft_max_examples == 7
+
+
+def test_pack_rows_policies():
+    rng = random.Random(3)
+    lengths = [rng.randint(50, 160) for _ in range(400)]
+    rows = {policy: pack_rows(lengths, 256, policy) for policy in PACKING_POLICIES}
+    for policy, groups in rows.items():
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths))), policy  # each example once
+        assert all(sum(lengths[i] for i in g) <= 256 for g in groups), policy
+        assert all(g == sorted(g) for g in groups), policy  # a row keeps its examples in their order
+    assert len(rows["none"]) == 400
+    assert len(rows["best_fit"]) < 0.92 * len(rows["in_order"])  # tighter rows: less padding
+    in_order = rows["in_order"]
+    assert [i for g in in_order for i in g] == list(range(400))  # one row after another
+    assert pack_rows(lengths, 256, "best_fit") == rows["best_fit"]  # deterministic
+    assert pack_rows([], 256, "best_fit") == []
+    assert pack_rows([256, 1, 255], 256, "best_fit") == [[0], [1, 2]]
+
+
+def test_packing_setting(sft_file):
+    tok = ByteTokenizer()
+    best = SFTDataset(sft_file, tok, seq_len=600, batch_size=2)
+    in_order = SFTDataset(sft_file, tok, seq_len=600, batch_size=2, packing="in_order")
+    assert best.packing == "best_fit" and in_order.packing == "in_order"
+    assert best.stats["rows"] <= in_order.stats["rows"]
+    assert best.stats["target_tokens"] == in_order.stats["target_tokens"]
+    assert SFTDataset(sft_file, tok, seq_len=600, batch_size=2, packing="none").stats["rows"] == 24
+    with pytest.raises(ConfigError, match="packing must be"):
+        SFTDataset(sft_file, tok, seq_len=600, batch_size=2, packing="tight")

@@ -41,7 +41,8 @@ class DataConfig:
     sft_validation: str | None = None
     prompt_field: str | None = None
     response_field: str | None = None
-    packing: bool = True
+    # SFT rows: true / best_fit (whole examples, each where it fits most tightly), in_order, false / none
+    packing: bool | Literal["best_fit", "in_order", "none"] = True
     # tokenise only the first N training conversations (a short fine-tuning run reads a few thousand of
     # a large file; tokenising all of them first costs more than the run); None: all
     sft_max_examples: int | None = None
