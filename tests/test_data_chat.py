@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from polyglu.config import ConfigError
-from polyglu.data.chat import PACKING_POLICIES, SFTDataset, chat_segments, encode_chat, pack_rows, render_chatml
+from polyglu.data.chat import (
+    PACKING_POLICIES,
+    SFTDataset,
+    chat_segments,
+    encode_chat,
+    pack_rows,
+    render_chatml,
+)
 from polyglu.data.sources import DataError, HFSource
 from polyglu.data.special_tokens import IM_END
 from polyglu.data.synthetic import chat_messages, generate_problems, pretraining_text
@@ -199,3 +206,24 @@ def test_packing_setting(sft_file):
     assert SFTDataset(sft_file, tok, seq_len=600, batch_size=2, packing="none").stats["rows"] == 24
     with pytest.raises(ConfigError, match="packing must be"):
         SFTDataset(sft_file, tok, seq_len=600, batch_size=2, packing="tight")
+
+
+def test_difficulty_filter(tmp_path):
+    problems = generate_problems("train", 40, seed=5)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": chat_messages(p), "difficulty": p["difficulty"]}) + "\n"
+                            for p in problems))
+    tok = ByteTokenizer()
+    easy = SFTDataset(path, tok, seq_len=600, batch_size=2, packing="none", shuffle=False, difficulties=[1, 2])
+    expected = [p for p in problems if p["difficulty"] in (1, 2)]
+    assert 0 < len(expected) < len(problems) and easy.stats["kept"] == len(expected)
+    first = tok.decode(easy.input_ids[0][easy.input_ids[0] != tok.pad_id].tolist())
+    assert expected[0]["question"] in first  # file order, the other difficulties skipped
+    capped = SFTDataset(path, tok, seq_len=600, batch_size=2, difficulties=[1, 2], max_examples=5)
+    assert capped.stats["examples"] == 5  # the cap counts kept rows
+    with pytest.raises(DataError, match="no rows of difficulty 9"):
+        SFTDataset(path, tok, seq_len=600, batch_size=2, difficulties=[9])
+    bare = tmp_path / "bare.jsonl"  # rows without a difficulty field: the error names the row
+    bare.write_text(json.dumps({"messages": chat_messages(problems[0])}) + "\n")
+    with pytest.raises(DataError, match=r"bare.jsonl line 1: missing field 'difficulty'"):
+        SFTDataset(bare, tok, seq_len=600, batch_size=2, difficulties=[1])

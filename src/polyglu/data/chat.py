@@ -176,14 +176,19 @@ def _rows(source) -> Iterator[Row]:
 
 
 def load_conversations(source, *, messages_field: str = "messages", problem_field: str | None = None,
-                       solution_field: str | None = None, system_prompt: str | None = None
-                       ) -> Iterator[tuple[str, list[dict]]]:
+                       solution_field: str | None = None, system_prompt: str | None = None,
+                       difficulties=None) -> Iterator[tuple[str, list[dict]]]:
     """(location, messages) for each row of `source`. With `problem_field` and `solution_field`, a
-    row becomes [system?, user: problem, assistant: solution]; otherwise `messages_field` is read."""
+    row becomes [system?, user: problem, assistant: solution]; otherwise `messages_field` is read.
+    `difficulties`: keep only the rows whose integer `difficulty` field is one of these (the
+    built-in chat split has one); a row without it is an error naming its location."""
     if (problem_field is None) != (solution_field is None):
         raise ConfigError("give both problem_field and solution_field, or neither")
+    keep = None if difficulties is None else set(difficulties)
     count = 0
     for row in _rows(source):
+        if keep is not None and row_field(row, "difficulty", int) not in keep:
+            continue
         if problem_field is not None:
             messages = [{"role": "user", "content": row_field(row, problem_field)},
                         {"role": "assistant", "content": row_field(row, solution_field)}]
@@ -194,7 +199,8 @@ def load_conversations(source, *, messages_field: str = "messages", problem_fiel
         count += 1
         yield row.location, messages
     if count == 0:
-        raise DataError(f"{_describe(source)}: empty source (no rows)")
+        which = "" if keep is None else f" of difficulty {', '.join(map(str, sorted(keep)))}"
+        raise DataError(f"{_describe(source)}: empty source (no rows{which})")
 
 
 def _describe(source) -> str:
@@ -219,7 +225,8 @@ class SFTDataset:
     truncation: an example longer than seq_len is cut to its first seq_len tokens ("truncate"; if no
     assistant token remains it is dropped) or dropped ("drop"). Counts are in `stats`, and in words
     in `describe()`. `prompt_field` / `response_field` are aliases of `problem_field` /
-    `solution_field`.
+    `solution_field`. `difficulties`: only rows whose `difficulty` field is one of these
+    (`load_conversations`), before `max_examples` counts.
 
     get_batch(step, micro_step) is a pure function of (seed, step, micro_step, rank): global row
     index g = ((step * grad_accum_steps + micro_step) * world_size + rank) * batch_size + r runs
@@ -233,7 +240,7 @@ class SFTDataset:
                  truncation: str = "truncate", messages_field: str = "messages", problem_field: str | None = None,
                  solution_field: str | None = None, system_prompt: str | None = None, shuffle: bool = True,
                  max_examples: int | None = None, prompt_field: str | None = None,
-                 response_field: str | None = None) -> None:
+                 response_field: str | None = None, difficulties=None) -> None:
         problem_field = problem_field or prompt_field  # prompt/response: aliases of problem/solution
         solution_field = solution_field or response_field
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size),
@@ -255,7 +262,8 @@ class SFTDataset:
 
         examples = self._encode(load_conversations(source, messages_field=messages_field,
                                                    problem_field=problem_field, solution_field=solution_field,
-                                                   system_prompt=system_prompt), tokenizer, max_examples)
+                                                   system_prompt=system_prompt, difficulties=difficulties),
+                                tokenizer, max_examples)
         if not examples:
             raise DataError(f"{_describe(source)}: no usable example (all {self.stats['examples']} dropped: "
                             f"{self.stats['dropped_too_long']} too long for seq_len={seq_len}, "

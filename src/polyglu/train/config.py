@@ -46,8 +46,15 @@ class DataConfig:
     # tokenise only the first N training conversations (a short fine-tuning run reads a few thousand of
     # a large file; tokenising all of them first costs more than the run); None: all
     sft_max_examples: int | None = None
+    # fine-tune (and validate) only on rows whose `difficulty` field is one of these (the built-in chat
+    # split has difficulties 1-4); null: every row
+    sft_difficulties: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.sft_difficulties is not None and (not self.sft_difficulties or any(
+                isinstance(x, bool) or not isinstance(x, int) for x in self.sft_difficulties)):
+            raise ConfigError(f"data.sft_difficulties must be a non-empty list of integers or null, "
+                              f"got {self.sft_difficulties!r}")
         if self.sft_max_examples is not None and (isinstance(self.sft_max_examples, bool)
                                                   or not isinstance(self.sft_max_examples, int)
                                                   or self.sft_max_examples <= 0):

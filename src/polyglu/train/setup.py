@@ -263,7 +263,7 @@ def _build(config: RunConfig, dist: DistributedContext, log, overwrite: bool, ru
         val_file = d.sft_validation or (builtin["paths"].get("sft_validation") if builtin else None)
         common = dict(tokenizer=tokenizer, seq_len=d.seq_len, batch_size=tc.batch_size, packing=d.packing,
                       prompt_field=d.prompt_field, response_field=d.response_field, rank=dist.rank,
-                      world_size=dist.world_size)
+                      world_size=dist.world_size, difficulties=d.sft_difficulties)
         train_data = SFTDataset(train_file, seed=tc.seed, max_examples=d.sft_max_examples, **common)
         val_data = SFTDataset(val_file, seed=tc.seed + 1, **common) if val_file else None
         log(train_data.describe() if hasattr(train_data, "describe") else f"SFT data: {train_file}")
