@@ -476,6 +476,11 @@ def test_default_kernel_and_overrides(monkeypatch):
     assert default_kernel(gate) == "chunked"
     monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 8)  # large CPU calls compile
     assert default_kernel(gate) == "compiled"
+    monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 32)  # a call that needs gradients: from a quarter
+    assert default_kernel(gate) == "chunked"
+    assert default_kernel(gate.clone().requires_grad_()) == "compiled"
+    with torch.no_grad():
+        assert default_kernel(gate.clone().requires_grad_()) == "chunked"
     monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", None)
     assert default_kernel(gate) == "chunked"
     with use_kernel("dense"):

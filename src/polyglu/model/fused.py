@@ -453,13 +453,17 @@ def use_kernel(kernel: str | None):
 
 
 # CPU calls with at least this many hidden units (B * T * d_ff) compile by default: enough work to
-# repay a one-off compile, and eager ops cost the most there (None: never compile by default on CPU)
+# repay a one-off compile, and eager ops cost the most there (None: never compile by default on CPU).
+# A call that needs gradients (training: many steps of one shape) compiles from a quarter of it: at
+# the demo's shape with batches of 4 (2^19 units) a float32 step took 1.105x SwiGLU's compiled and
+# 1.44x eager ("chunked"), one thread, AVX-512 (docs/performance.md)
 COMPILE_MIN_ELEMENTS: int | None = 1 << 20
 
 def default_kernel(gate: torch.Tensor) -> str:
     """"dense" while torch.compile traces (the math joins the caller's graph); else a `use_kernel`
     choice; else the environment variable POLYGLU_MIXED_KERNEL; else "triton" on CUDA with Triton
-    installed, "compiled" on CPU from COMPILE_MIN_ELEMENTS hidden units, "chunked" otherwise."""
+    installed, "compiled" on CPU from COMPILE_MIN_ELEMENTS hidden units (a quarter of it for a call that
+    needs gradients), "chunked" otherwise."""
     if torch.compiler.is_compiling():
         return "dense"
     chosen = _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None
@@ -469,8 +473,10 @@ def default_kernel(gate: torch.Tensor) -> str:
         return chosen
     if gate.is_cuda:
         return "triton" if _triton_available() else "chunked"
-    if gate.device.type == "cpu" and COMPILE_MIN_ELEMENTS is not None and gate.numel() >= COMPILE_MIN_ELEMENTS:
-        return "compiled"
+    if gate.device.type == "cpu" and COMPILE_MIN_ELEMENTS is not None:
+        training = gate.requires_grad and torch.is_grad_enabled()
+        if gate.numel() >= (COMPILE_MIN_ELEMENTS // 4 if training else COMPILE_MIN_ELEMENTS):
+            return "compiled"
     return "chunked"
 
 
