@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from polyglu.cli import main as cli_main
-from polyglu.commands.demo import _accuracy_table, most_frequent_answer_baseline
+from polyglu.commands.demo import _accuracy_table, _stale, most_frequent_answer_baseline
 from polyglu.config import RunConfig, bundled_configs_dir
 
 TINY_MODEL = dict(preset="debug", d_model=32, d_ff=48, n_heads=4, n_kv_heads=2, head_dim=8, max_seq_len=512,
@@ -32,6 +32,15 @@ def test_shipped_demo_configs_load():
     for name, task in (("demo.yaml", "pretrain"), ("demo-sft.yaml", "sft")):
         config = RunConfig.load(bundled_configs_dir() / name, task=task)
         assert config.task == task and config.data.tokenizer == "train"
+
+
+def test_a_finished_stage_is_reused_only_for_the_same_steps_and_model():
+    model = {"d_model": 32, "n_layers": 2, "activations": ["relu", "gelu"], "vocab_size": 300}
+    meta = {"step": 5, "model": dict(model)}
+    assert _stale(meta, 5, {**model, "vocab_size": 512}) is None  # the vocabulary follows the tokenizer
+    assert _stale(meta, 6, model) == "it ran 5 steps, not 6"
+    assert _stale(meta, 5, {**model, "n_layers": 3}) == "its model differs in n_layers (2 -> 3)"
+    assert "activations" in _stale(meta, 5, {**model, "activations": ["relu"]})
 
 
 def test_most_frequent_answer_baseline_and_table():
@@ -70,6 +79,16 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "[pretrain] already finished" in out and "[sft] already finished" in out
         assert torch.get_num_threads() == 1
+
+        # another model shape: neither stage is reused (the fine-tuning started from the old model)
+        config = yaml.safe_load(pre.read_text())
+        config["model"]["n_layers"] = 1
+        pre.write_text(yaml.safe_dump(config))
+        assert cli_main(args) == 0
+        out = capsys.readouterr().out
+        assert "[pretrain] " + str(run_dir / "pretrain") + " is not reused: its model differs in n_layers (2 -> 1)" in out
+        assert "[sft] 2 steps" in out and "already finished" not in out
+        assert json.loads((run_dir / "sft" / "final" / "config.json").read_text())["model"]["n_layers"] == 1
     finally:
         torch.set_num_threads(1)
 

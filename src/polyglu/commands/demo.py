@@ -50,7 +50,26 @@ def most_frequent_answer_baseline(train: list[dict], test: list[dict]) -> dict:
     return {"accuracy": sum(b["correct"] for b in result.values()) / max(n, 1), "n": n, "per_difficulty": result}
 
 
-def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> Path:
+# model fields that make another model: a finished stage saved with other values is trained again
+_SHAPE_FIELDS = ("d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn", "activations",
+                 "gate_hidden", "routing_pool", "routing_scope")
+
+
+def _stale(meta: dict, steps: int, model: dict) -> str | None:
+    """Why a finished stage (its final/config.json `meta`) cannot be reused for `steps` steps of a
+    model with the fields `model`, or None if it can."""
+    if meta.get("step") != steps:
+        return f"it ran {meta.get('step')} steps, not {steps}"
+    saved = meta.get("model") or {}
+    changed = [k for k in _SHAPE_FIELDS if json.dumps(saved.get(k)) != json.dumps(model.get(k))]
+    if changed:
+        return "its model differs in " + ", ".join(f"{k} ({saved.get(k)} -> {model.get(k)})" for k in changed)
+    return None
+
+
+def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh: bool, log) -> tuple[Path, bool]:
+    """Train one stage, or reuse it when it finished with the same steps and model shape (the
+    pre-trained model's for fine-tuning). Returns (its final model directory, whether it trained)."""
     from polyglu import hardware
     from polyglu.train.config import RunConfig
     from polyglu.train.setup import build_run
@@ -65,10 +84,14 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
     hardware.apply_threads(config.train.threads)  # also for the evaluation, even when the stages are reused
     done = stage_dir / "final" / "config.json"
     if done.is_file() and not fresh:
-        meta = json.loads(done.read_text())
-        if meta.get("step") == config.train.max_steps:
+        model = (config.model_config().to_dict() if task == "pretrain" else
+                 json.loads((run_dir / "pretrain" / "final" / "config.json").read_text()).get("model") or {})
+        why = _stale(json.loads(done.read_text()), config.train.max_steps, model)
+        if why is None:
             log(f"[{task}] already finished in {stage_dir} (use --fresh to redo)")
-            return stage_dir / "final"
+            return stage_dir / "final", False
+        log(f"[{task}] {stage_dir} is not reused: {why}; training it again")
+        fresh = True
     trainer = build_run(config, log=log, overwrite=fresh)  # --fresh replaces an earlier stage's results
     if not fresh:
         trainer.resume()
@@ -77,7 +100,7 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
     last = summary["last"]
     log(f"[{task}] {summary['step']} steps, {summary['tokens']:,} tokens in {time.perf_counter() - start:.0f}s; "
         f"loss {last.get('loss', float('nan')):.3f}, val_loss {summary['best_val_loss'] or float('nan'):.3f}")
-    return Path(summary["model_dir"])
+    return Path(summary["model_dir"]), True
 
 
 def _build_kernels_in_background():
@@ -127,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
     pre_cfg, sft_cfg = _stage_configs(args)
     hardware.choose_threads()  # an automatic choice is made once, before the kernel compiler loads the machine
     kernels_build = _build_kernels_in_background()
-    _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
-    sft_dir = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh, log)
+    _, pretrained = _stage(run_dir, pre_cfg, "pretrain", args.pretrain_steps, args.fresh, log)
+    # a fine-tuned model of an earlier pre-training is not reused
+    sft_dir, _ = _stage(run_dir, sft_cfg, "sft", args.sft_steps, args.fresh or pretrained, log)
     if kernels_build is not None:
         kernels_build.join()
 
