@@ -287,6 +287,13 @@ def _run_forked(argv, signum=None, delay=0.0, log_path=None):
     if pid == 0:  # the child: run the verb, never return into pytest
         code = 1
         try:
+            # tqdm's default lock holds a semaphore this process shares with pytest's: a child killed
+            # while it writes a bar would leave it taken, and pytest's next bar would wait forever
+            # (seen once: a worker stuck in tqdm's lock in test_cli_perplexity); the child takes its own
+            import threading
+
+            from tqdm import tqdm
+            tqdm.set_lock(threading.RLock())
             if log_path is not None:
                 sys.stdout = sys.stderr = open(log_path, "w", buffering=1)  # noqa: SIM115
             signals.signal(signals.SIGTERM, signals.SIG_DFL)
