@@ -49,7 +49,7 @@ def pack_rows(lengths: list[int], seq_len: int, policy: str) -> list[list[int]]:
 
     best_fit: each example, in order, goes to the open row it fills most tightly (least room left),
     else a new row; a row with less room than the shortest example is closed. On the built-in chat
-    split at seq_len 256 this leaves 7.9% of the tokens as padding where in_order leaves 20.3%.
+    split at seq_len 256 this leaves 7.8% of the tokens as padding where in_order leaves 20.3%.
     in_order: one row after another, a new row when the next example does not fit.
     none: one example per row."""
     if policy == "none":
@@ -77,6 +77,8 @@ def pack_rows(lengths: list[int], seq_len: int, policy: str) -> list[list[int]]:
         if left - n >= shortest:
             bisect.insort(room, (left - n, row))
     return groups
+
+
 ENCODE_CHUNK = 1024  # examples tokenised per batch call
 
 
