@@ -268,7 +268,7 @@ def compiled_cores() -> dict[str, Callable]:
 
     options = {k: v for k, v in _COMPILE_OPTIONS.items() if _has_option(inductor_config, k)}
     # the routing core works on (K, B, 1, F) and (K, B, T, 1) tensors, a few small ops: eager costs
-    # nothing measurable per step, where compiling it cost ~3 s on a cold cache (demo shape, 2 cores)
+    # nothing measurable per step, where compiling it cost 2-3 s on a cold cache (demo shape, 2 cores, AVX-512 and AVX2)
     return {name: fn if name in _EAGER_CORES else compile_fn(fn, options=options) for name, fn in DENSE_CORES.items()}
 
 
