@@ -62,7 +62,8 @@ def test_kernel_tests_pass_with_torch_lowered_to_avx2():
     if _capability_under("avx2") != "AVX2":
         pytest.skip("this CPU cannot run torch's AVX2 kernels")
     # POLYGLU_NATIVE=on: the native kernels must build for AVX2 (their tests would skip otherwise)
-    out = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_native.py", "tests/test_fused.py"],
+    out = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_native.py", "tests/test_native_training.py",
+                "tests/test_fused.py"],
                {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "POLYGLU_NATIVE": "on"}, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 

@@ -473,6 +473,7 @@ def test_polyglu_saves_no_more_than_swiglu():
 def test_default_kernel_and_overrides(monkeypatch):
     gate = torch.zeros(1, 2, 4)
     monkeypatch.delenv("POLYGLU_MIXED_KERNEL", raising=False)
+    monkeypatch.setenv("POLYGLU_NATIVE", "0")  # with the native kernels on, "native" (tests/test_native_training.py)
     assert default_kernel(gate) == "chunked"
     monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 8)  # large CPU calls compile
     assert default_kernel(gate) == "compiled"

@@ -54,7 +54,7 @@ from contextvars import ContextVar
 
 import torch
 
-from polyglu.model import fused_dense, triton_mixed
+from polyglu.model import fused_dense, fused_native, native, triton_mixed
 from polyglu.model.activations import get_activations
 from polyglu.model.fused_dense import (
     DENSE_CORES,
@@ -390,7 +390,29 @@ def _triton_forward(gate, up, alpha, dynamic, noise, tau, activations, hard, rou
 KERNELS["triton"] = _triton_forward
 
 
+def _native_forward(gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map=None):
+    """The hand-written CPU kernel (`fused_native`) where it applies, else "compiled"."""
+    if not fused_native.applies(gate, up, dynamic, activations, hard, routing_map):
+        return KERNELS["compiled"](gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map)
+    result = fused_native.forward(gate, up, alpha, dynamic, noise, tau, activations)
+    return fused_native.checked("forward", (gate, up, alpha, dynamic, noise, tau, activations), result,
+                                lambda: chunked_forward(gate, up, alpha, dynamic, noise, tau, activations, False))
+
+
+KERNELS["native"] = _native_forward
+
+
+def _native_backward(grad, gate, up, state, activations, routing_grads):
+    _, alpha, dynamic, noise, tau = state
+    result = fused_native.backward(grad, gate, up, alpha, dynamic, noise, tau, activations, routing_grads)
+    return fused_native.checked("backward", (grad, gate, up, *state, activations, routing_grads), result,
+                                lambda: chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, None, activations,
+                                                         False, routing_grads))
+
+
 def _backward(kernel, grad, gate, up, state, activations, hard, routing_grads):
+    if state[0] == "native":
+        return _native_backward(grad, gate, up, state, activations, routing_grads and not hard)
     if state[0] == "chunked":
         return chunked_backward(grad, gate, up, *state[1:], activations, hard, routing_grads)
     if state[0] == "triton":
@@ -476,7 +498,7 @@ def default_kernel(gate: torch.Tensor) -> str:
     if gate.device.type == "cpu" and COMPILE_MIN_ELEMENTS is not None:
         training = gate.requires_grad and torch.is_grad_enabled()
         if gate.numel() >= (COMPILE_MIN_ELEMENTS // 4 if training else COMPILE_MIN_ELEMENTS):
-            return "compiled"
+            return "compiled" if native.mode() == "off" else "native"
     return "chunked"
 
 

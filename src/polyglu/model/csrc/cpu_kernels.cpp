@@ -12,10 +12,15 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -216,6 +221,395 @@ at::Tensor decode_hidden(const at::Tensor& x, const at::Tensor& gate_in, const a
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Training: the mixed activation's forward and a one-pass backward (the "native" kernel of
+// polyglu/model/fused_native.py), soft routing with one K-vector of dynamic logits per token (or per
+// row), optional Gumbel noise, gate/up in float32 or bfloat16, math in float32.
+//
+// Per-token routing weights factorise: exp(l_k / tau) = A_k D_k with A = exp((alpha + noise)/tau - max)
+// per (row, unit) and D = exp(dynamic/tau - max) per token, so no exponential is taken per hidden
+// unit and activation; a token whose sum could underflow (extreme logits over a small tau) takes the
+// exact softmax of the reference's logits, ((alpha + dynamic) + noise) / tau, for each of its units.
+// The backward computes, in one pass over the units, d gate, d up, d dynamic (summed over the
+// units of each token) and d alpha (summed over tokens, in a buffer per thread): the compiled kernel
+// needs two passes for the two reductions, each recomputing the activations.
+
+constexpr float kTinySum = 1e-30f;  // polyglu/model/fused_dense.py _TINY
+
+struct MixTables {
+  int64_t B = 0, T = 0, Td = 0, F = 0, K = 0;
+  float tau = 1.f;
+  bool noisy = false;
+  std::vector<float> alpha_t;   // (K, F)
+  std::vector<float> noise_t;   // (B, K, F), empty without noise
+  std::vector<float> dynamic;   // (B * Td, K) as given
+  std::vector<float> a;         // (B or 1, K, F): exp((alpha + noise) / tau - max over k)
+  std::vector<float> d;         // (B * Td, K): exp(dynamic / tau - max over k)
+  std::vector<uint8_t> exact;   // (B * Td): 1 where the factored sum could underflow
+
+  const float* a_row(int64_t b) const { return a.data() + (noisy ? b : 0) * K * F; }
+};
+
+MixTables mix_tables(const at::Tensor& alpha_in, const at::Tensor& dynamic_in, const std::optional<at::Tensor>& noise_in,
+                     double tau, int64_t B, int64_t T, int64_t F, int64_t K) {
+  MixTables m;
+  m.B = B; m.T = T; m.F = F; m.K = K; m.tau = static_cast<float>(tau);
+  m.Td = dynamic_in.size(1);
+  m.noisy = noise_in.has_value() && noise_in->defined();
+  const at::Tensor alpha = alpha_in.contiguous(), dynamic = dynamic_in.contiguous();
+  m.alpha_t.resize(K * F);
+  const float* ap = alpha.data_ptr<float>();
+  for (int64_t f = 0; f < F; ++f)
+    for (int64_t k = 0; k < K; ++k) m.alpha_t[k * F + f] = ap[f * K + k];
+  m.dynamic.assign(dynamic.data_ptr<float>(), dynamic.data_ptr<float>() + B * m.Td * K);
+  const int64_t rows_a = m.noisy ? B : 1;
+  if (m.noisy) {
+    const at::Tensor noise = noise_in->contiguous();
+    const float* np = noise.data_ptr<float>();
+    m.noise_t.resize(B * K * F);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t f = 0; f < F; ++f)
+        for (int64_t k = 0; k < K; ++k) m.noise_t[(b * K + k) * F + f] = np[(b * F + f) * K + k];
+  }
+  m.a.resize(rows_a * K * F);
+  std::vector<float> lowest(rows_a * K);  // each A_k at its smallest over the units
+  for (int64_t b = 0; b < rows_a; ++b) {
+    for (int64_t f = 0; f < F; ++f) {
+      float s[kMaxActivations], top = -INFINITY;
+      for (int64_t k = 0; k < K; ++k) {
+        s[k] = m.alpha_t[k * F + f];
+        if (m.noisy) s[k] += m.noise_t[(b * K + k) * F + f];
+        s[k] /= m.tau;
+        top = std::max(top, s[k]);
+      }
+      for (int64_t k = 0; k < K; ++k) m.a[(b * K + k) * F + f] = std::exp(s[k] - top);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* row = m.a.data() + (b * K + k) * F;
+      lowest[b * K + k] = *std::min_element(row, row + F);
+    }
+  }
+  m.d.resize(B * m.Td * K);
+  m.exact.resize(B * m.Td);
+  for (int64_t r = 0; r < B * m.Td; ++r) {
+    float s[kMaxActivations], top = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) {
+      s[k] = m.dynamic[r * K + k] / m.tau;
+      top = std::max(top, s[k]);
+    }
+    const int64_t b = r / m.Td;
+    float bound = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      m.d[r * K + k] = std::exp(s[k] - top);
+      bound += m.d[r * K + k] * lowest[(m.noisy ? b : 0) * K + k];
+    }
+    // NaN logits take the exact path too, which carries the NaN as the reference does
+    m.exact[r] = !(bound >= kTinySum);
+  }
+  return m;
+}
+
+// The activations of a call: known at compile time for the default set (the loops over k unroll and
+// keep every per-activation vector in a register), or read at run time for any other.
+template <int64_t... Codes>
+struct FixedActivations {
+  static constexpr int64_t K = sizeof...(Codes);
+  static constexpr int64_t size() { return K; }
+  static constexpr int64_t code(int64_t k) {
+    constexpr int64_t codes[] = {Codes...};
+    return codes[k];
+  }
+};
+
+struct RuntimeActivations {
+  int64_t K = 0;
+  int64_t codes[kMaxActivations] = {};
+  int64_t size() const { return K; }
+  int64_t code(int64_t k) const { return codes[k]; }
+};
+
+// Calls `body(acts)` with the activations of `activations` as a FixedActivations when they are the
+// default (relu, tanh, silu, gelu), else as a RuntimeActivations.
+template <typename Body>
+void with_activations(at::IntArrayRef activations, Body body) {
+  if (activations.size() == 4 && activations[0] == kRelu && activations[1] == kTanh && activations[2] == kSilu
+      && activations[3] == kGelu) {
+    body(FixedActivations<kRelu, kTanh, kSilu, kGelu>());
+    return;
+  }
+  RuntimeActivations acts;
+  acts.K = static_cast<int64_t>(activations.size());
+  for (int64_t k = 0; k < acts.K; ++k) acts.codes[k] = activations[k];
+  body(acts);
+}
+
+// g_k for one vector of units of token (b, t') at unit offset f: factored, or the exact softmax.
+template <typename Acts>
+inline void routing_vector(const MixTables& m, const Acts& acts, int64_t b, int64_t td, int64_t f, int64_t n, Vec* g) {
+  const int64_t K = acts.size(), row = b * m.Td + td;
+  if (!m.exact[row]) {
+    const float* a = m.a_row(b);
+    const float* d = m.d.data() + row * K;
+    Vec total(0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      g[k] = Vec::loadu(a + k * m.F + f, n) * Vec(d[k]);
+      total = total + g[k];
+    }
+    const Vec inverse = Vec(1.f) / total;
+    for (int64_t k = 0; k < K; ++k) g[k] = g[k] * inverse;
+    return;
+  }
+  const float* dyn = m.dynamic.data() + row * K;
+  Vec top;
+  for (int64_t k = 0; k < K; ++k) {
+    Vec l = Vec::loadu(m.alpha_t.data() + k * m.F + f, n) + Vec(dyn[k]);
+    if (m.noisy) l = l + Vec::loadu(m.noise_t.data() + (b * K + k) * m.F + f, n);
+    g[k] = l / Vec(m.tau);
+    top = k == 0 ? g[k] : at::vec::maximum(top, g[k]);
+  }
+  Vec total(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    g[k] = (g[k] - top).exp();
+    total = total + g[k];
+  }
+  for (int64_t k = 0; k < K; ++k) g[k] = g[k] / total;
+}
+
+// act(z) and act'(z), `e` = exp(-z) as in `activate`.
+inline void activate_with_slope(int64_t code, const Vec& z, const Vec& e, Vec& a, Vec& slope) {
+  switch (code) {
+    case kRelu:
+      a = at::vec::clamp_min(z, Vec(0.f));
+      slope = Vec::blendv(Vec(0.f), Vec(1.f), z > Vec(0.f));
+      return;
+    case kTanh:
+      a = Vec(2.f) / (Vec(1.f) + e * e) - Vec(1.f);
+      slope = Vec(1.f) - a * a;
+      return;
+    case kSilu: {
+      const Vec s = Vec(1.f) / (Vec(1.f) + e);
+      a = z * s;
+      slope = s * (Vec(1.f) + z * (Vec(1.f) - s));
+      return;
+    }
+    case kGelu: {
+      const Vec cdf = Vec(0.5f) * (Vec(1.f) + (z * Vec(static_cast<float>(M_SQRT1_2))).erf());
+      a = z * cdf;
+      slope = cdf + z * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2)) * (z * z * Vec(-0.5f)).exp();
+      return;
+    }
+    case kIdentity:
+      a = z;
+      slope = Vec(1.f);
+      return;
+    default: {  // kSigmoid
+      a = Vec(1.f) / (Vec(1.f) + e);
+      slope = a * (Vec(1.f) - a);
+      return;
+    }
+  }
+}
+
+bool needs_exp(at::IntArrayRef activations) {
+  for (int64_t code : activations)
+    if (code == kTanh || code == kSilu || code == kSigmoid) return true;
+  return false;
+}
+
+// A row of `n` values as float32: the row itself, or converted into `scratch`.
+template <typename scalar_t>
+const float* float_row(const scalar_t* src, std::vector<float>& scratch, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    scratch.resize(n);
+    at::vec::convert(src, scratch.data(), n);
+    return scratch.data();
+  }
+}
+
+template <typename scalar_t>
+float* out_row(scalar_t* dst, std::vector<float>& scratch, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return dst;
+  } else {
+    scratch.resize(n);
+    return scratch.data();
+  }
+}
+
+template <typename scalar_t>
+void finish_row(const float* row, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(row, dst, n);
+}
+
+void check_mix_inputs(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& alpha, const at::Tensor& dynamic,
+                      const std::optional<at::Tensor>& noise, at::IntArrayRef activations) {
+  check_activations(activations);
+  const int64_t K = static_cast<int64_t>(activations.size());
+  TORCH_CHECK(gate.device().is_cpu() && (gate.scalar_type() == at::kFloat || gate.scalar_type() == at::kBFloat16),
+              "polyglu native training kernels take float32 or bfloat16 CPU tensors, got ", gate.scalar_type());
+  TORCH_CHECK(gate.dim() == 3 && up.sizes() == gate.sizes() && up.scalar_type() == gate.scalar_type(),
+              "polyglu native kernels: gate and up must be (B, T, F) alike");
+  const int64_t B = gate.size(0), T = gate.size(1), F = gate.size(2);
+  check_float_cpu(alpha);
+  check_float_cpu(dynamic);
+  TORCH_CHECK(alpha.dim() == 2 && alpha.size(0) == F && alpha.size(1) == K, "polyglu native kernels: alpha must be (F, K)");
+  TORCH_CHECK(dynamic.dim() == 3 && dynamic.size(0) == B && (dynamic.size(1) == 1 || dynamic.size(1) == T)
+              && dynamic.size(2) == K, "polyglu native kernels: dynamic must be (B, 1 or T, K)");
+  if (noise.has_value() && noise->defined()) {
+    check_float_cpu(*noise);
+    TORCH_CHECK(noise->dim() == 3 && noise->size(0) == B && noise->size(1) == F && noise->size(2) == K,
+                "polyglu native kernels: noise must be (B, F, K)");
+  }
+}
+
+// Rows in parallel, ~32K units a task.
+inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1)); }
+
+template <typename scalar_t, typename Acts>
+void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* up, scalar_t* out,
+                      const Acts& acts, bool with_exp) {
+  const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
+  at::parallel_for(0, m.B * T, row_grain(F), [&](int64_t begin, int64_t end) {
+    std::vector<float> zs, us, os;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
+      const float* z_row = float_row(gate + r * F, zs, F);
+      const float* u_row = float_row(up + r * F, us, F);
+      float* o_row = out_row(out + r * F, os, F);
+      for (int64_t f = 0; f < F; f += width) {
+        const int64_t n = std::min(width, F - f);
+        Vec g[kMaxActivations];
+        routing_vector(m, acts, b, td, f, n, g);
+        const Vec z = Vec::loadu(z_row + f, n);
+        const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
+        Vec mixed(0.f);
+        for (int64_t k = 0; k < K; ++k) mixed = at::vec::fmadd(g[k], activate(acts.code(k), z, e), mixed);
+        (mixed * Vec::loadu(u_row + f, n)).store(o_row + f, n);
+      }
+      finish_row(o_row, out + r * F, F);
+    }
+  });
+}
+
+// gate, up (B, T, F) float32 or bfloat16; alpha (F, K), dynamic (B, 1 or T, K), noise (B, F, K) or
+// None, all float32 -> h (B, T, F) in gate's dtype.
+at::Tensor mix_forward(const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& alpha,
+                       const at::Tensor& dynamic, const std::optional<at::Tensor>& noise, double tau,
+                       at::IntArrayRef activations) {
+  check_mix_inputs(gate_in, up_in, alpha, dynamic, noise, activations);
+  const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+  const int64_t B = gate.size(0), T = gate.size(1), F = gate.size(2), K = static_cast<int64_t>(activations.size());
+  const MixTables m = mix_tables(alpha, dynamic, noise, tau, B, T, F, K);
+  at::Tensor out = at::empty({B, T, F}, gate.options());
+  const bool with_exp = needs_exp(activations);
+  with_activations(activations, [&](const auto& acts) {
+    if (gate.scalar_type() == at::kFloat) {
+      mix_forward_rows(m, gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), acts, with_exp);
+    } else {
+      mix_forward_rows(m, gate.data_ptr<at::BFloat16>(), up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
+                       acts, with_exp);
+    }
+  });
+  return out;
+}
+
+template <typename scalar_t, typename Acts>
+void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t* gate, const scalar_t* up,
+                       scalar_t* d_gate, scalar_t* d_up, float* d_dynamic_tokens, float* d_alpha_threads,
+                       const Acts& acts, bool with_exp) {
+  const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
+  const bool routing = d_dynamic_tokens != nullptr;
+  at::parallel_for(0, m.B * T, row_grain(F), [&](int64_t begin, int64_t end) {
+    std::vector<float> hs, zs, us, dgs, dus;
+    float* d_alpha = routing ? d_alpha_threads + at::get_thread_num() * K * F : nullptr;  // (K, F)
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
+      const float* h_row = float_row(grad + r * F, hs, F);
+      const float* z_row = float_row(gate + r * F, zs, F);
+      const float* u_row = float_row(up + r * F, us, F);
+      float* dg_row = out_row(d_gate + r * F, dgs, F);
+      float* du_row = out_row(d_up + r * F, dus, F);
+      Vec row_sum[kMaxActivations];
+      for (int64_t k = 0; k < K; ++k) row_sum[k] = Vec(0.f);
+      for (int64_t f = 0; f < F; f += width) {
+        const int64_t n = std::min(width, F - f);
+        Vec g[kMaxActivations], a[kMaxActivations];
+        routing_vector(m, acts, b, td, f, n, g);
+        const Vec z = Vec::loadu(z_row + f, n), dh = Vec::loadu(h_row + f, n);
+        const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
+        Vec mixed(0.f), slope_mix(0.f);
+        for (int64_t k = 0; k < K; ++k) {
+          Vec slope;
+          activate_with_slope(acts.code(k), z, e, a[k], slope);
+          mixed = at::vec::fmadd(g[k], a[k], mixed);
+          slope_mix = at::vec::fmadd(g[k], slope, slope_mix);
+        }
+        const Vec dm = dh * Vec::loadu(u_row + f, n);
+        (dm * slope_mix).store(dg_row + f, n);
+        (dh * mixed).store(du_row + f, n);
+        if (routing) {
+          for (int64_t k = 0; k < K; ++k) {
+            const Vec term = dm * g[k] * (a[k] - mixed);  // d l_k * tau
+            // past the row's end the lanes hold 0 * (0 / 0): only the first n enter the sum
+            row_sum[k] = row_sum[k] + (n == width ? term : Vec::set(Vec(0.f), term, n));
+            (Vec::loadu(d_alpha + k * F + f, n) + term).store(d_alpha + k * F + f, n);
+          }
+        }
+      }
+      finish_row(dg_row, d_gate + r * F, F);
+      finish_row(du_row, d_up + r * F, F);
+      if (routing) {
+        for (int64_t k = 0; k < K; ++k)
+          d_dynamic_tokens[r * K + k] = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, row_sum[k]) / m.tau;
+      }
+    }
+  });
+}
+
+// -> (d gate, d up) in gate's dtype, and with `routing_grads` d alpha (F, K) and d dynamic (B, 1 or
+// T, K) in float32 (else empty tensors).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_backward(
+    const at::Tensor& grad_in, const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& alpha,
+    const at::Tensor& dynamic, const std::optional<at::Tensor>& noise, double tau, at::IntArrayRef activations,
+    bool routing_grads) {
+  check_mix_inputs(gate_in, up_in, alpha, dynamic, noise, activations);
+  TORCH_CHECK(grad_in.sizes() == gate_in.sizes() && grad_in.scalar_type() == gate_in.scalar_type(),
+              "polyglu native kernels: the gradient must be shaped and typed like gate");
+  const at::Tensor grad = grad_in.contiguous(), gate = gate_in.contiguous(), up = up_in.contiguous();
+  const int64_t B = gate.size(0), T = gate.size(1), F = gate.size(2), K = static_cast<int64_t>(activations.size());
+  const MixTables m = mix_tables(alpha, dynamic, noise, tau, B, T, F, K);
+  at::Tensor d_gate = at::empty({B, T, F}, gate.options()), d_up = at::empty({B, T, F}, gate.options());
+  const auto f32 = alpha.options();
+  at::Tensor d_tokens = routing_grads ? at::empty({B, T, K}, f32) : at::Tensor();
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> d_alpha_threads(routing_grads ? threads * K * F : 0, 0.f);
+  float* dt = routing_grads ? d_tokens.data_ptr<float>() : nullptr;
+  const bool with_exp = needs_exp(activations);
+  with_activations(activations, [&](const auto& acts) {
+    if (gate.scalar_type() == at::kFloat) {
+      mix_backward_rows(m, grad.data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(),
+                        d_gate.data_ptr<float>(), d_up.data_ptr<float>(), dt, d_alpha_threads.data(), acts, with_exp);
+    } else {
+      using bf16 = at::BFloat16;
+      mix_backward_rows(m, grad.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), d_gate.data_ptr<bf16>(),
+                        d_up.data_ptr<bf16>(), dt, d_alpha_threads.data(), acts, with_exp);
+    }
+  });
+  if (!routing_grads) return {d_gate, d_up, at::Tensor(), at::Tensor()};
+  at::Tensor d_alpha = at::empty({F, K}, f32);
+  float* da = d_alpha.data_ptr<float>();
+  for (int64_t f = 0; f < F; ++f)
+    for (int64_t k = 0; k < K; ++k) {
+      float total = 0.f;
+      for (int64_t i = 0; i < threads; ++i) total += d_alpha_threads[(i * K + k) * F + f];
+      da[f * K + k] = total / m.tau;
+    }
+  at::Tensor d_dynamic = m.Td == 1 ? d_tokens.sum(1, true) : d_tokens;
+  return {d_gate, d_up, d_alpha, d_dynamic};
+}
 }  // namespace
 
 TORCH_LIBRARY(polyglu_cpu, m) {
@@ -223,4 +617,8 @@ TORCH_LIBRARY(polyglu_cpu, m) {
   m.def("decode_hidden(Tensor x, Tensor gate, Tensor up, Tensor w1, Tensor b1, Tensor(a!) total, Tensor keep, Tensor count, Tensor w2, Tensor b2, Tensor beta, Tensor alpha, float tau, int[] activations) -> Tensor");
   m.impl("mixed_activation", c10::DispatchKey::CPU, &mixed_activation);
   m.impl("decode_hidden", c10::DispatchKey::CPU, &decode_hidden);
+  m.def("mix_forward(Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, Tensor? noise, float tau, int[] activations) -> Tensor");
+  m.def("mix_backward(Tensor grad, Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, Tensor? noise, float tau, int[] activations, bool routing_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.impl("mix_forward", c10::DispatchKey::CPU, &mix_forward);
+  m.impl("mix_backward", c10::DispatchKey::CPU, &mix_backward);
 }

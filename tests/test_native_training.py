@@ -1,0 +1,230 @@
+"""The native training kernel ("native" in polyglu.model.fused: csrc/cpu_kernels.cpp mix_forward and
+mix_backward, wrapped by polyglu.model.fused_native): the reference's output and all four gradients
+in float32 and bfloat16, with and without noise, shared or per-token routing, the exact fallback at
+tiny tau, any thread count; taken where it applies and only there; checked once per signature and
+given up, with one warning, when it disagrees."""
+
+import warnings
+
+import pytest
+import torch
+
+from polyglu.model import fused, fused_native, native
+from polyglu.model.fused import default_kernel, mixed_activation_fused
+from polyglu.model.fused_dense import _TINY, factored_routing_core
+from polyglu.model.polyglu import mixed_activation_reference
+
+DEFAULT = ("relu", "tanh", "silu", "gelu")  # the compile-time specialised loops
+ALL_NATIVE = native.NATIVE_ACTIVATIONS  # the run-time loops
+
+
+@pytest.fixture
+def kernels():
+    ops = native.kernels()
+    if ops is None:
+        pytest.skip("the native CPU kernels are unavailable here (no C++ compiler?)")
+    return ops
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    monkeypatch.setattr(fused_native, "_given_up", [])
+    monkeypatch.setattr(fused_native, "_checked", set())
+
+
+def make_inputs(B, T, F, K, per_token, noisy, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = torch.randn(B, T, F, generator=g) * 3, torch.randn(B, T, F, generator=g)
+    alpha = torch.randn(F, K, generator=g) * scale
+    dynamic = torch.randn(B, T if per_token else 1, K, generator=g) * scale
+    noise = torch.randn(B, F, K, generator=g) if noisy else None
+    return gate, up, alpha, dynamic, noise
+
+
+def reference(grad, gate, up, alpha, dynamic, noise, tau, activations):
+    """Output and gradients (gate, up, alpha, dynamic) of the reference formulation in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in (gate, up, alpha, dynamic)]
+    h = mixed_activation_reference(*leaves, None if noise is None else noise.double(), torch.tensor(tau, dtype=torch.float64),
+                                   activations)
+    h.backward(grad.double())
+    return [h.detach()] + [t.grad for t in leaves]
+
+
+def assert_close_relative(got, expected, tolerance, what):
+    scale = float(expected.abs().max()) or 1.0
+    error = float((got.double() - expected).abs().max())
+    assert error <= tolerance * scale, f"{what}: max error {error:.3g} against values up to {scale:.3g}"
+
+
+@pytest.mark.parametrize("activations", [DEFAULT, ALL_NATIVE, ("silu",), ("gelu", "relu")])
+@pytest.mark.parametrize("B, T, F, per_token, noisy", [(2, 5, 40, True, True), (3, 4, 33, False, False),
+                                                       (2, 3, 64, True, False), (1, 2, 1, False, True)])
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_forward_and_backward_equal_the_reference(kernels, activations, B, T, F, per_token, noisy, tau):
+    gate, up, alpha, dynamic, noise = make_inputs(B, T, F, len(activations), per_token, noisy)
+    grad = torch.randn(B, T, F)
+    codes = native.activation_codes(activations)
+    h = kernels.mix_forward(gate, up, alpha, dynamic, noise, tau, codes)
+    d_gate, d_up, d_alpha, d_dynamic = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, tau, codes, True)
+    expected = reference(grad, gate, up, alpha, dynamic, noise, tau, activations)
+    for name, got, want in zip(("h", "d gate", "d up", "d alpha", "d dynamic"), (h, d_gate, d_up, d_alpha, d_dynamic),
+                               expected):
+        assert got.shape == want.shape and got.dtype == torch.float32, name
+        # elementwise results to float32 rounding; the sums, which cancel (float32 eager kernels err up to
+        # ~1e-4 here too), to 5e-4 of their largest value
+        assert_close_relative(got, want, 5e-4 if name in ("d alpha", "d dynamic") else 2e-6, name)
+    without = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, tau, codes, False)
+    assert torch.equal(without[0], d_gate) and torch.equal(without[1], d_up)
+    assert without[2] is None or without[2].numel() == 0
+
+
+def test_tokens_whose_factored_sum_underflows_take_the_exact_softmax(kernels):
+    # logits of +-40 over tau 0.02: the factored weights A_k D_k underflow for most tokens
+    gate, up, alpha, dynamic, noise = make_inputs(2, 6, 48, 4, True, True, scale=40.0)
+    _, _, lowest = factored_routing_core(alpha, dynamic, noise, torch.tensor(0.02), torch.float32)
+    assert lowest < _TINY  # the factored form alone would divide by zero here
+    grad = torch.randn(2, 6, 48)
+    codes = native.activation_codes(DEFAULT)
+    h = kernels.mix_forward(gate, up, alpha, dynamic, noise, 0.02, codes)
+    grads = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.02, codes, True)
+    expected = reference(grad, gate, up, alpha, dynamic, noise, 0.02, DEFAULT)
+    for name, got, want in zip(("h", "d gate", "d up"), (h, *grads[:2]), expected):
+        assert_close_relative(got, want, 2e-6, name)
+    for got, want in zip(grads[2:], expected[3:]):  # nearly one-hot weights: routing gradients near 0
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_bfloat16_inputs_compute_in_float32(kernels, per_token):
+    gate, up, alpha, dynamic, noise = make_inputs(3, 7, 72, 4, per_token, True)
+    gate, up, grad = gate.bfloat16(), up.bfloat16(), torch.randn(3, 7, 72).bfloat16()
+    codes = native.activation_codes(DEFAULT)
+    h = kernels.mix_forward(gate, up, alpha, dynamic, noise, 0.5, codes)
+    d_gate, d_up, d_alpha, d_dynamic = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.5, codes, True)
+    expected = reference(grad, gate, up, alpha, dynamic, noise, 0.5, DEFAULT)  # on the same bf16 values
+    assert (h.dtype, d_gate.dtype, d_up.dtype, d_alpha.dtype) == (torch.bfloat16,) * 3 + (torch.float32,)
+    for name, got, want in zip(("h", "d gate", "d up"), (h, d_gate, d_up), expected):
+        assert_close_relative(got, want, 2 ** -8, name)  # one bf16 rounding of a float32 result
+    assert_close_relative(d_alpha, expected[3], 1e-5, "d alpha")  # float32 sums of exact bf16 inputs
+    assert_close_relative(d_dynamic, expected[4], 1e-5, "d dynamic")
+
+
+def test_threads_split_the_rows_and_sum_the_alpha_gradient(kernels):
+    gate, up, alpha, dynamic, noise = make_inputs(4, 64, 160, 4, True, True)
+    grad = torch.randn(4, 64, 160)
+    codes = native.activation_codes(DEFAULT)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.7, codes, True)
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3):
+        for got, one in zip(results[threads], results[1]):
+            torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_are_refused_by_the_kernel(kernels):
+    gate, up, alpha, dynamic, noise = make_inputs(2, 3, 8, 4, True, True)
+    codes = native.activation_codes(DEFAULT)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.mix_forward(gate.double(), up.double(), alpha, dynamic, noise, 1.0, codes)
+    with pytest.raises(RuntimeError, match="noise must be"):
+        kernels.mix_forward(gate, up, alpha, dynamic, noise[:, :4], 1.0, codes)
+    with pytest.raises(RuntimeError, match="dynamic must be"):
+        kernels.mix_forward(gate, up, alpha, dynamic[:, :2], noise, 1.0, codes)
+    with pytest.raises(RuntimeError, match="gradient must be"):
+        kernels.mix_backward(gate.bfloat16(), gate, up, alpha, dynamic, noise, 1.0, codes, True)
+
+
+# --------------------------------------------------------------------------------------------
+# in the fused kernel
+
+
+def fused_gradients(kernel, gate, up, alpha, dynamic, noise, tau, activations, hard=False):
+    leaves = [t.detach().clone().requires_grad_() for t in (gate, up, alpha, dynamic)]
+    h = mixed_activation_fused(*leaves, noise, torch.tensor(tau), activations, hard, kernel=kernel)
+    h.backward(torch.ones_like(h))
+    return [h.detach()] + [t.grad for t in leaves]
+
+
+def test_the_native_kernel_trains_like_the_eager_one(kernels):
+    inputs = make_inputs(2, 6, 40, 4, True, True)
+    got = fused_gradients("native", *inputs, 0.6, DEFAULT)
+    expected = fused_gradients("chunked", *inputs, 0.6, DEFAULT)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(fused_native._checked) == 2  # forward and backward checked once each for this signature
+
+
+def test_calls_it_does_not_take_go_to_the_compiled_kernel(kernels, monkeypatch):
+    taken = []
+
+    def compiled(*args):
+        taken.append(args[7])  # hard
+        return fused.chunked_forward(*args)
+
+    monkeypatch.setitem(fused.KERNELS, "compiled", compiled)
+    gate, up, alpha, dynamic, noise = make_inputs(2, 4, 16, 4, True, False)
+    with torch.no_grad():
+        mixed_activation_fused(gate, up, alpha, dynamic, None, torch.tensor(1.0), DEFAULT, True, kernel="native")
+        mixed_activation_fused(gate.double(), up.double(), alpha, dynamic, None, torch.tensor(1.0), DEFAULT,
+                               kernel="native")
+    assert taken == [True, False]
+    assert not fused_native.applies(gate, up, dynamic, ("relu", "gelu_tanh"), False, None)
+    assert not fused_native.applies(gate, up, dynamic[..., None, :].expand(2, 4, 16, 4), DEFAULT, False, None)
+    assert fused_native.applies(gate, up, dynamic, DEFAULT, False, None)
+    assert fused_native.applies(gate.bfloat16(), up.bfloat16(), dynamic, DEFAULT, False, None)
+
+
+def test_a_disagreeing_kernel_is_given_up_with_one_warning(kernels, monkeypatch):
+    real = fused_native.forward
+
+    def wrong(*args):
+        h, state = real(*args)
+        return h + 1, state
+
+    monkeypatch.setattr(fused_native, "forward", wrong)
+    inputs = make_inputs(2, 4, 24, 4, True, True)
+    expected = fused_gradients("chunked", *inputs, 0.8, DEFAULT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fused_gradients("native", *inputs, 0.8, DEFAULT)  # the eager result, then "compiled"'s fallback
+    messages = [str(w.message) for w in caught if "native mixed-activation kernel" in str(w.message)]
+    assert len(messages) == 1 and "disagrees with the eager kernel (forward" in messages[0]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert not fused_native.applies(inputs[0], inputs[1], inputs[3], DEFAULT, False, None)
+
+
+def test_large_cpu_calls_take_it_unless_the_native_kernels_are_off(monkeypatch):
+    monkeypatch.delenv("POLYGLU_MIXED_KERNEL", raising=False)
+    monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 8)
+    gate = torch.zeros(1, 2, 4, requires_grad=True)
+    monkeypatch.delenv("POLYGLU_NATIVE", raising=False)
+    assert default_kernel(gate) == "native"
+    monkeypatch.setenv("POLYGLU_NATIVE", "0")
+    assert default_kernel(gate) == "compiled"
+
+
+def test_a_training_step_through_it_equals_the_eager_kernels(kernels, tiny_config):
+    from polyglu import PolychromaticLM
+
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config).train()
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 17))
+    grads = {}
+    for kernel in ("chunked", "native"):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same Gumbel noise
+        with fused.use_kernel(kernel):
+            logits = model(tokens[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        grads[kernel] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["native"].keys() == grads["chunked"].keys()
+    for name, g in grads["native"].items():
+        torch.testing.assert_close(g, grads["chunked"][name], rtol=1e-4, atol=1e-6, msg=name)
