@@ -72,7 +72,7 @@ def test_forward_and_backward_equal_the_reference(kernels, activations, B, T, F,
         assert got.shape == want.shape and got.dtype == torch.float32, name
         # elementwise results to float32 rounding; the sums, which cancel (float32 eager kernels err up to
         # ~1e-4 here too), to 5e-4 of their largest value
-        assert_close_relative(got, want, 5e-4 if name in ("d alpha", "d dynamic") else 2e-6, name)
+        assert_close_relative(got, want, 5e-4 if name in ("d alpha", "d dynamic") else 4e-6, name)
     without = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, tau, codes, False)
     assert torch.equal(without[0], d_gate) and torch.equal(without[1], d_up)
     assert without[2] is None or without[2].numel() == 0
@@ -89,7 +89,7 @@ def test_tokens_whose_factored_sum_underflows_take_the_exact_softmax(kernels):
     grads = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.02, codes, True)
     expected = reference(grad, gate, up, alpha, dynamic, noise, 0.02, DEFAULT)
     for name, got, want in zip(("h", "d gate", "d up"), (h, *grads[:2]), expected):
-        assert_close_relative(got, want, 2e-6, name)
+        assert_close_relative(got, want, 4e-6, name)
     for got, want in zip(grads[2:], expected[3:]):  # nearly one-hot weights: routing gradients near 0
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)

@@ -90,9 +90,9 @@ def _signature(value) -> object:
     return value if isinstance(value, (str, bool, int, float, type(None))) else type(value).__name__
 
 
-def _disagreement(got, expected) -> str | None:
-    """None when every tensor of `got` matches `expected` (same NaN/inf pattern, small relative error);
-    else what differs, for the one-line warning."""
+def _disagreement(got, expected, tolerances=None) -> str | None:
+    """None when every tensor of `got` matches `expected` (same NaN/inf pattern, small relative error:
+    `tolerances[i]`, else by the output's dtype); else what differs, for the one-line warning."""
     for i, (a, b) in enumerate(zip(got, expected)):
         if a is None or b is None:
             if (a is None) != (b is None):
@@ -105,7 +105,7 @@ def _disagreement(got, expected) -> str | None:
         finite = b.isfinite()
         scale = float(b[finite].abs().max()) if bool(finite.any()) else 0.0
         error = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
-        tolerance = _CHECK_TOLERANCE.get(got[i].dtype, _CHECK_TOLERANCE_16BIT)
+        tolerance = tolerances[i] if tolerances else _CHECK_TOLERANCE.get(got[i].dtype, _CHECK_TOLERANCE_16BIT)
         if error > tolerance * max(scale, 1e-6):
             return f"output {i}: max error {error:.3g} (values up to {scale:.3g})"
     return None
@@ -395,7 +395,7 @@ def _native_forward(gate, up, alpha, dynamic, noise, tau, activations, hard, rou
     if not fused_native.applies(gate, up, dynamic, activations, hard, routing_map):
         return KERNELS["compiled"](gate, up, alpha, dynamic, noise, tau, activations, hard, routing_map)
     result = fused_native.forward(gate, up, alpha, dynamic, noise, tau, activations)
-    return fused_native.checked("forward", (gate, up, alpha, dynamic, noise, tau, activations), result,
+    return fused_native.checked("forward", fused_native.signature(gate, up, dynamic, noise, activations), result,
                                 lambda: chunked_forward(gate, up, alpha, dynamic, noise, tau, activations, False))
 
 
@@ -405,7 +405,8 @@ KERNELS["native"] = _native_forward
 def _native_backward(grad, gate, up, state, activations, routing_grads):
     _, alpha, dynamic, noise, tau = state
     result = fused_native.backward(grad, gate, up, alpha, dynamic, noise, tau, activations, routing_grads)
-    return fused_native.checked("backward", (grad, gate, up, *state, activations, routing_grads), result,
+    key = fused_native.signature(gate, up, dynamic, noise, activations, routing_grads)
+    return fused_native.checked("backward", key, result,
                                 lambda: chunked_backward(grad, gate, up, alpha, dynamic, noise, tau, None, activations,
                                                          False, routing_grads))
 

@@ -35,10 +35,11 @@ from polyglu.model_config import (
 
 try:  # the Hugging Face standalone export (interop/hf_export.py) bundles this module without the kernels
     from polyglu.model import fused as _fused
+    from polyglu.model import fused_native as _fused_native
     from polyglu.model import small_inference
     from polyglu.model.fused import mixed_activation_fused
 except ImportError:
-    mixed_activation_fused, small_inference, _fused = None, None, None
+    mixed_activation_fused, small_inference, _fused, _fused_native = None, None, None, None
 
 
 @dataclass
@@ -381,6 +382,10 @@ def _causal_mean(proj: torch.Tensor, positions: torch.Tensor | None, pool_state:
         total = torch.where(positions[..., None] > 0, pool_state.total[:, None] + proj, proj.float())  # (B, 1, H)
         pool_state.total.copy_(total[:, 0].detach())
         return total / (positions[..., None] + 1)
+    if pool_state is None and _fused_native is not None:  # training, a prefill without a cache: one native pass
+        pooled = _fused_native.causal_mean(proj, positions)
+        if pooled is not None:
+            return pooled
     csum = proj.float().cumsum(dim=1)  # (B, T, H)
     if positions is None:  # one document per row
         return csum / torch.arange(1, T + 1, device=proj.device)[:, None]

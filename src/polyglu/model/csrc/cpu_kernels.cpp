@@ -322,6 +322,8 @@ struct FixedActivations {
   }
 };
 
+using DefaultActivations = FixedActivations<kRelu, kTanh, kSilu, kGelu>;
+
 struct RuntimeActivations {
   int64_t K = 0;
   int64_t codes[kMaxActivations] = {};
@@ -335,7 +337,7 @@ template <typename Body>
 void with_activations(at::IntArrayRef activations, Body body) {
   if (activations.size() == 4 && activations[0] == kRelu && activations[1] == kTanh && activations[2] == kSilu
       && activations[3] == kGelu) {
-    body(FixedActivations<kRelu, kTanh, kSilu, kGelu>());
+    body(DefaultActivations());
     return;
   }
   RuntimeActivations acts;
@@ -344,36 +346,101 @@ void with_activations(at::IntArrayRef activations, Body body) {
   body(acts);
 }
 
-// g_k for one vector of units of token (b, t') at unit offset f: factored, or the exact softmax.
+// The routing weights of one vector of units of token (b, t') at unit offset f, unnormalised:
+// sets w_k and returns their sum (g_k = w_k / sum): w_k = A_k D_k (factored), or exp(l_k - max l)
+// with l = ((alpha + dynamic) + noise) / tau (the exact softmax, for tokens whose factored sum could
+// underflow; the sum is then >= 1).
 template <typename Acts>
-inline void routing_vector(const MixTables& m, const Acts& acts, int64_t b, int64_t td, int64_t f, int64_t n, Vec* g) {
+inline Vec routing_vector(const MixTables& m, const Acts& acts, int64_t b, int64_t td, int64_t f, int64_t n, Vec* w) {
   const int64_t K = acts.size(), row = b * m.Td + td;
+  Vec total(0.f);
   if (!m.exact[row]) {
     const float* a = m.a_row(b);
     const float* d = m.d.data() + row * K;
-    Vec total(0.f);
     for (int64_t k = 0; k < K; ++k) {
-      g[k] = Vec::loadu(a + k * m.F + f, n) * Vec(d[k]);
-      total = total + g[k];
+      w[k] = Vec::loadu(a + k * m.F + f, n) * Vec(d[k]);
+      total = total + w[k];
     }
-    const Vec inverse = Vec(1.f) / total;
-    for (int64_t k = 0; k < K; ++k) g[k] = g[k] * inverse;
-    return;
+    return total;
   }
   const float* dyn = m.dynamic.data() + row * K;
+  const Vec inverse_tau(1.f / m.tau);
   Vec top;
   for (int64_t k = 0; k < K; ++k) {
     Vec l = Vec::loadu(m.alpha_t.data() + k * m.F + f, n) + Vec(dyn[k]);
     if (m.noisy) l = l + Vec::loadu(m.noise_t.data() + (b * K + k) * m.F + f, n);
-    g[k] = l / Vec(m.tau);
-    top = k == 0 ? g[k] : at::vec::maximum(top, g[k]);
+    w[k] = l * inverse_tau;
+    top = k == 0 ? w[k] : at::vec::maximum(top, w[k]);
   }
-  Vec total(0.f);
   for (int64_t k = 0; k < K; ++k) {
-    g[k] = (g[k] - top).exp();
-    total = total + g[k];
+    w[k] = (w[k] - top).exp();
+    total = total + w[k];
   }
-  for (int64_t k = 0; k < K; ++k) g[k] = g[k] / total;
+  return total;
+}
+
+// The default set's activations (and with `kSlopes` their derivatives) for one vector: relu;
+// tanh = 2 / (1 + e^2) - 1 and silu = z / (1 + e) with e = exp(-z); GELU through `normal_cdf`'s
+// formula. Their three reciprocals (of 1 + e, 1 + e^2 and erf's 1 + p|z|/sqrt 2) take one division
+// where every lane has -20 <= z <= 1e30 (their product then stays finite: < 1e27), three elsewhere
+// (large negative z, inf, NaN); a few float32 roundings more: < 1e-6 relative. Both exponentials
+// are ATen's exp_u20 (a degree-5 polynomial, relative error < 3e-6; Sleef's exp, < 1.2e-7, took 20%
+// longer over the whole kernel): training-grade float32, far below bf16's rounding. (The routing
+// weights keep their own division: a softmax whose weights sum to 1 - 4 ulp would turn the
+// activations' size, divided by a small tau, into routing gradient.)
+template <bool kSlopes>
+inline void default_activations(const Vec& z, Vec* a, Vec* slope) {
+  const Vec one(1.f);
+  const Vec e = z.neg().exp_u20();
+  const Vec p = one + e, q = one + e * e;
+  const Vec w = at::vec::fmadd(Vec(0.3275911f), z.abs() * Vec(static_cast<float>(M_SQRT1_2)), one);
+  Vec inverse_p, inverse_q, t;
+  const Vec in_range = (z >= Vec(-20.f)) & (z <= Vec(1e30f));
+  if (in_range.zero_mask() == 0) {
+    const Vec pq = p * q;
+    const Vec r = one / (pq * w);
+    inverse_p = q * w * r;
+    inverse_q = p * w * r;
+    t = pq * r;
+  } else {
+    inverse_p = one / p;
+    inverse_q = one / q;
+    t = one / w;
+  }
+  Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
+  poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
+  poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
+  const Vec gauss = (z * z * Vec(-0.5f)).exp_u20();
+  const Vec tail = Vec(0.5f) * poly * t * gauss;
+  const Vec cdf = Vec::blendv(one - tail, tail, z < Vec(0.f));
+  a[0] = at::vec::clamp_min(z, Vec(0.f));
+  a[1] = Vec(2.f) * inverse_q - one;
+  a[2] = z * inverse_p;
+  a[3] = z * cdf;
+  if (kSlopes) {
+    slope[0] = Vec::blendv(Vec(0.f), one, z > Vec(0.f));
+    slope[1] = one - a[1] * a[1];
+    slope[2] = inverse_p * (one + z * (one - inverse_p));
+    slope[3] = cdf + z * gauss * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
+  }
+}
+
+// The standard normal distribution at z: returns Phi(z) and sets `density` to phi(z). Phi is the
+// erf formula of ATen's vectorised CPU erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7) written
+// as 1 - q or q, q = t P(t) exp(-z^2 / 2) / 2, so that phi shares its exponential (GELU's backward
+// takes one exponential where erf and phi took two).
+inline Vec normal_cdf(const Vec& z, Vec& density) {
+  const Vec x = z.abs() * Vec(static_cast<float>(M_SQRT1_2));
+  const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), x, Vec(1.f));
+  Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
+  poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
+  poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
+  const Vec gauss = (z * z * Vec(-0.5f)).exp();
+  density = gauss * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
+  const Vec q = Vec(0.5f) * poly * t * gauss;
+  return Vec::blendv(Vec(1.f) - q, q, z < Vec(0.f));
 }
 
 // act(z) and act'(z), `e` = exp(-z) as in `activate`.
@@ -394,9 +461,10 @@ inline void activate_with_slope(int64_t code, const Vec& z, const Vec& e, Vec& a
       return;
     }
     case kGelu: {
-      const Vec cdf = Vec(0.5f) * (Vec(1.f) + (z * Vec(static_cast<float>(M_SQRT1_2))).erf());
+      Vec density;
+      const Vec cdf = normal_cdf(z, density);
       a = z * cdf;
-      slope = cdf + z * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2)) * (z * z * Vec(-0.5f)).exp();
+      slope = cdf + z * density;
       return;
     }
     case kIdentity:
@@ -481,12 +549,20 @@ void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* 
       float* o_row = out_row(out + r * F, os, F);
       for (int64_t f = 0; f < F; f += width) {
         const int64_t n = std::min(width, F - f);
-        Vec g[kMaxActivations];
-        routing_vector(m, acts, b, td, f, n, g);
+        Vec w[kMaxActivations];
+        const Vec total = routing_vector(m, acts, b, td, f, n, w);
         const Vec z = Vec::loadu(z_row + f, n);
-        const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
         Vec mixed(0.f);
-        for (int64_t k = 0; k < K; ++k) mixed = at::vec::fmadd(g[k], activate(acts.code(k), z, e), mixed);
+        if constexpr (std::is_same_v<Acts, DefaultActivations>) {
+          Vec a[4];
+          default_activations<false>(z, a, nullptr);
+          for (int64_t k = 0; k < 4; ++k) mixed = at::vec::fmadd(w[k], a[k], mixed);
+          mixed = mixed / total;
+        } else {
+          const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
+          for (int64_t k = 0; k < K; ++k) mixed = at::vec::fmadd(w[k], activate(acts.code(k), z, e), mixed);
+          mixed = mixed / total;
+        }
         (mixed * Vec::loadu(u_row + f, n)).store(o_row + f, n);
       }
       finish_row(o_row, out + r * F, F);
@@ -536,16 +612,21 @@ void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t*
       for (int64_t k = 0; k < K; ++k) row_sum[k] = Vec(0.f);
       for (int64_t f = 0; f < F; f += width) {
         const int64_t n = std::min(width, F - f);
-        Vec g[kMaxActivations], a[kMaxActivations];
-        routing_vector(m, acts, b, td, f, n, g);
+        Vec g[kMaxActivations], a[kMaxActivations], slope[kMaxActivations];
+        const Vec total = routing_vector(m, acts, b, td, f, n, g);
         const Vec z = Vec::loadu(z_row + f, n), dh = Vec::loadu(h_row + f, n);
-        const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
+        if constexpr (std::is_same_v<Acts, DefaultActivations>) {
+          default_activations<true>(z, a, slope);
+        } else {
+          const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
+          for (int64_t k = 0; k < K; ++k) activate_with_slope(acts.code(k), z, e, a[k], slope[k]);
+        }
+        const Vec inverse_total = Vec(1.f) / total;
         Vec mixed(0.f), slope_mix(0.f);
         for (int64_t k = 0; k < K; ++k) {
-          Vec slope;
-          activate_with_slope(acts.code(k), z, e, a[k], slope);
+          g[k] = g[k] * inverse_total;
           mixed = at::vec::fmadd(g[k], a[k], mixed);
-          slope_mix = at::vec::fmadd(g[k], slope, slope_mix);
+          slope_mix = at::vec::fmadd(g[k], slope[k], slope_mix);
         }
         const Vec dm = dh * Vec::loadu(u_row + f, n);
         (dm * slope_mix).store(dg_row + f, n);
@@ -610,6 +691,112 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_backward(
   at::Tensor d_dynamic = m.Td == 1 ? d_tokens.sum(1, true) : d_tokens;
   return {d_gate, d_up, d_alpha, d_dynamic};
 }
+
+// ---------------------------------------------------------------------------------------------
+// Causal pooling for training (polyglu/model/polyglu.py _causal_mean without a cache): the mean of
+// proj over the positions <= t of t's document, mean[b, t] = (C[t] - C[start - 1]) / (positions[t] + 1)
+// with C the running sum over the row (accumulated in double and rounded to float32 per position,
+// as torch's CPU cumsum) and start = t - positions[t] (no subtraction when start <= 0). Its backward
+// is the same computation's gradient: g / (position + 1), less what each document start took away,
+// summed from the row's end. One pass each way over (B, T, H) instead of ~10 eager ops.
+
+template <typename scalar_t>
+void causal_pool_rows(const scalar_t* proj, const int64_t* positions, float* out, int64_t B, int64_t T, int64_t H) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> running(H);
+    std::vector<float> sums(T * H);  // C[t] rounded to float32
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(running.begin(), running.end(), 0.0);
+      const scalar_t* p = proj + b * T * H;
+      for (int64_t t = 0; t < T; ++t) {
+        float* c = sums.data() + t * H;
+        for (int64_t h = 0; h < H; ++h) {
+          running[h] += static_cast<double>(static_cast<float>(p[t * H + h]));
+          c[h] = static_cast<float>(running[h]);
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t position = positions ? positions[b * T + t] : t;
+        const int64_t start = t - position;
+        const float count = static_cast<float>(position + 1);
+        const float* c = sums.data() + t * H;
+        const float* before = start > 0 ? sums.data() + (start - 1) * H : nullptr;
+        float* o = out + (b * T + t) * H;
+        for (int64_t h = 0; h < H; ++h) o[h] = (before ? c[h] - before[h] : c[h]) / count;
+      }
+    }
+  });
+}
+
+// proj (B, T, H) float32 or bfloat16, positions (B, T) int64 or None (one document per row) -> (B, T, H) float32
+at::Tensor causal_pool(const at::Tensor& proj_in, const std::optional<at::Tensor>& positions_in) {
+  TORCH_CHECK(proj_in.device().is_cpu() && proj_in.dim() == 3
+              && (proj_in.scalar_type() == at::kFloat || proj_in.scalar_type() == at::kBFloat16),
+              "polyglu native kernels: causal_pool takes a (B, T, H) float32 or bfloat16 CPU tensor");
+  const at::Tensor proj = proj_in.contiguous();
+  const int64_t B = proj.size(0), T = proj.size(1), H = proj.size(2);
+  at::Tensor positions;
+  if (positions_in.has_value() && positions_in->defined()) {
+    positions = positions_in->contiguous();
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B
+                && positions.size(1) == T, "polyglu native kernels: positions must be (B, T) int64");
+  }
+  at::Tensor out = at::empty({B, T, H}, proj.options().dtype(at::kFloat));
+  const int64_t* pos = positions.defined() ? positions.data_ptr<int64_t>() : nullptr;
+  if (proj.scalar_type() == at::kFloat) {
+    causal_pool_rows(proj.data_ptr<float>(), pos, out.data_ptr<float>(), B, T, H);
+  } else {
+    causal_pool_rows(proj.data_ptr<at::BFloat16>(), pos, out.data_ptr<float>(), B, T, H);
+  }
+  return out;
+}
+
+// grad (B, T, H) float32 -> d proj (B, T, H) float32
+at::Tensor causal_pool_backward(const at::Tensor& grad_in, const std::optional<at::Tensor>& positions_in) {
+  TORCH_CHECK(grad_in.device().is_cpu() && grad_in.dim() == 3 && grad_in.scalar_type() == at::kFloat,
+              "polyglu native kernels: causal_pool_backward takes a (B, T, H) float32 CPU gradient");
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t B = grad.size(0), T = grad.size(1), H = grad.size(2);
+  at::Tensor positions;
+  if (positions_in.has_value() && positions_in->defined()) {
+    positions = positions_in->contiguous();
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B
+                && positions.size(1) == T, "polyglu native kernels: positions must be (B, T) int64");
+  }
+  const int64_t* pos = positions.defined() ? positions.data_ptr<int64_t>() : nullptr;
+  at::Tensor out = at::empty({B, T, H}, grad.options());
+  const float* g = grad.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> d_sums(T * H);  // the gradient of C[t]
+    std::vector<double> running(H);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(d_sums.begin(), d_sums.end(), 0.f);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t position = pos ? pos[b * T + t] : t;
+        const int64_t start = t - position;
+        const float count = static_cast<float>(position + 1);
+        const float* gt = g + (b * T + t) * H;
+        float* dc = d_sums.data() + t * H;
+        for (int64_t h = 0; h < H; ++h) dc[h] += gt[h] / count;
+        if (start > 0) {
+          float* db = d_sums.data() + (start - 1) * H;
+          for (int64_t h = 0; h < H; ++h) db[h] -= gt[h] / count;
+        }
+      }
+      std::fill(running.begin(), running.end(), 0.0);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const float* dc = d_sums.data() + t * H;
+        float* ot = o + (b * T + t) * H;
+        for (int64_t h = 0; h < H; ++h) {
+          running[h] += static_cast<double>(dc[h]);
+          ot[h] = static_cast<float>(running[h]);
+        }
+      }
+    }
+  });
+  return out;
+}
 }  // namespace
 
 TORCH_LIBRARY(polyglu_cpu, m) {
@@ -621,4 +808,8 @@ TORCH_LIBRARY(polyglu_cpu, m) {
   m.def("mix_backward(Tensor grad, Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, Tensor? noise, float tau, int[] activations, bool routing_grads) -> (Tensor, Tensor, Tensor, Tensor)");
   m.impl("mix_forward", c10::DispatchKey::CPU, &mix_forward);
   m.impl("mix_backward", c10::DispatchKey::CPU, &mix_backward);
+  m.def("causal_pool(Tensor proj, Tensor? positions) -> Tensor");
+  m.def("causal_pool_backward(Tensor grad, Tensor? positions) -> Tensor");
+  m.impl("causal_pool", c10::DispatchKey::CPU, &causal_pool);
+  m.impl("causal_pool_backward", c10::DispatchKey::CPU, &causal_pool_backward);
 }
