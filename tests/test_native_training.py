@@ -210,7 +210,7 @@ def test_large_cpu_calls_take_it_unless_the_native_kernels_are_off(monkeypatch):
     assert default_kernel(gate) == "compiled"
 
 
-def test_a_training_step_through_it_equals_the_eager_kernels(kernels, tiny_config):
+def test_a_training_step_through_it_equals_the_eager_kernels(kernels, tiny_config, monkeypatch):
     from polyglu import PolychromaticLM
 
     torch.manual_seed(0)
@@ -218,6 +218,8 @@ def test_a_training_step_through_it_equals_the_eager_kernels(kernels, tiny_confi
     tokens = torch.randint(0, tiny_config.vocab_size, (2, 17))
     grads = {}
     for kernel in ("chunked", "native"):
+        # the native routing network too (from 1 token)
+        monkeypatch.setattr(fused_native, "POOL_MIN_TOKENS", 1 if kernel == "native" else 10 ** 9)
         model.zero_grad()
         torch.manual_seed(1)  # the same Gumbel noise
         with fused.use_kernel(kernel):
@@ -228,3 +230,65 @@ def test_a_training_step_through_it_equals_the_eager_kernels(kernels, tiny_confi
     assert grads["native"].keys() == grads["chunked"].keys()
     for name, g in grads["native"].items():
         torch.testing.assert_close(g, grads["chunked"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# causal pooling and the routing head
+
+
+def routing_outputs(layer, x, positions, doc_ids, native_from: int, monkeypatch):
+    monkeypatch.setattr(fused_native, "POOL_MIN_TOKENS", native_from)
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    dynamic, _ = layer.routing_inputs(x, positions, doc_ids, None)
+    dynamic.float().backward(torch.randn(dynamic.shape, generator=torch.Generator().manual_seed(1)))
+    return [dynamic.detach().float(), x.grad] + [p.grad for p in (*layer.gate_net.parameters(), layer.beta)]
+
+
+@pytest.mark.parametrize("with_documents", [True, False])
+def test_the_native_routing_network_equals_the_eager_ops(kernels, monkeypatch, with_documents):
+    from polyglu.documents import document_positions
+    from polyglu.model.polyglu import PolyGLU
+
+    torch.manual_seed(0)
+    layer = PolyGLU(24, 40, gate_hidden=8)
+    with torch.no_grad():
+        layer.beta.uniform_(0.5, 1.5)
+        layer.gate_net[0].bias.normal_()
+    x = torch.randn(3, 50, 24)
+    doc_ids = (torch.arange(50) * 3 // 50).expand(3, 50) if with_documents else None
+    positions = document_positions(doc_ids) if with_documents else None
+    eager = routing_outputs(layer, x, positions, doc_ids, 10 ** 9, monkeypatch)
+    got = routing_outputs(layer, x, positions, doc_ids, 1, monkeypatch)
+    names = ["dynamic", "d x", "d w1", "d b1", "d w2", "d b2", "d beta"]
+    for name, a, b in zip(names, got, eager):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_causal_pooling_equals_the_eager_mean_bit_for_bit_and_its_gradient(kernels, monkeypatch):
+    from polyglu.model.polyglu import _causal_mean
+
+    proj = torch.randn(2, 40, 8, requires_grad=True)
+    positions = torch.cat([torch.arange(15), torch.arange(25)]).expand(2, 40)
+    for pos in (positions, None, positions + 2):  # a row may begin inside a document
+        monkeypatch.setattr(fused_native, "POOL_MIN_TOKENS", 10 ** 9)
+        expected = _causal_mean(proj, pos, None)
+        grad = torch.randn_like(expected)
+        (d_expected,) = torch.autograd.grad(expected, proj, grad)
+        monkeypatch.setattr(fused_native, "POOL_MIN_TOKENS", 1)
+        got = _causal_mean(proj, pos, None)
+        (d_got,) = torch.autograd.grad(got, proj, grad)
+        assert torch.equal(got, expected)  # the same double running sum, rounded per position
+        torch.testing.assert_close(d_got, d_expected, rtol=1e-6, atol=1e-6)
+
+
+def test_small_or_traced_routing_takes_the_eager_ops(kernels):
+    proj = torch.randn(1, 8, 4)
+    b1, w2, b2, beta = torch.zeros(4), torch.zeros(4, 4), torch.zeros(4), torch.ones(4)
+    assert fused_native.routing_head(proj, None, b1, w2, b2, beta) is None  # 8 tokens < POOL_MIN_TOKENS
+    assert fused_native.causal_mean(proj, None) is None
+    big = torch.randn(2, fused_native.POOL_MIN_TOKENS, 4)
+    assert fused_native.routing_head(big, None, b1, w2, b2, beta) is not None
+    assert fused_native.routing_head(big.double(), None, b1, w2, b2, beta) is None
+    assert fused_native.routing_head(big, None, b1.double(), w2, b2, beta) is None

@@ -126,10 +126,40 @@ def causal_mean(proj: torch.Tensor, positions: torch.Tensor | None) -> torch.Ten
     """The mean of proj (B, T, H) over the positions <= t of t's document, in float32, by the native
     kernel (one pass each way); None where it does not apply (the caller's eager ops then): another
     device or dtype, a trace, fewer than POOL_MIN_TOKENS tokens, kernels off or unavailable."""
+    return _CausalMean.apply(proj, positions) if causal_mean_applies(proj, positions) else None
+
+
+def causal_mean_applies(proj: torch.Tensor, positions: torch.Tensor | None) -> bool:
     if proj.device.type != "cpu" or proj.dtype not in _TOLERANCE or torch.compiler.is_compiling():
-        return None
+        return False
     if proj.shape[0] * proj.shape[1] < POOL_MIN_TOKENS or (positions is not None and positions.dtype != torch.long):
+        return False
+    return native.mode() != "off" and native.kernels() is not None and hasattr(native.kernels(), "causal_pool")
+
+
+class _RoutingHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, proj, positions, b1, w2, b2, beta):
+        dynamic, hidden = native.kernels().routing_head(proj, positions, b1, w2, b2, beta)
+        ctx.save_for_backward(hidden, positions, w2, b2, beta)
+        ctx.dtypes = proj.dtype, b1.dtype, w2.dtype, b2.dtype, beta.dtype
+        return dynamic
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        hidden, positions, w2, b2, beta = ctx.saved_tensors
+        grads = native.kernels().routing_head_backward(grad.float(), hidden, positions, w2, b2, beta)
+        return grads[0].to(ctx.dtypes[0]), None, *(g.to(dtype) for g, dtype in zip(grads[1:], ctx.dtypes[1:]))
+
+
+def routing_head(proj: torch.Tensor, positions: torch.Tensor | None, b1: torch.Tensor, w2: torch.Tensor,
+                 b2: torch.Tensor, beta: torch.Tensor) -> torch.Tensor | None:
+    """The layer-scope routing network after its first projection proj (B, T, H): causal pooling, then
+    beta * (w2 relu(pooled + b1) + b2), (B, T, K) in float32, by the native kernel (one call each
+    way); None where `causal_mean` would not apply, or the parameters are not float32."""
+    if any(t.dtype != torch.float32 for t in (b1, w2, b2, beta)) or w2.shape[0] > 8:
         return None
-    if native.mode() == "off" or native.kernels() is None or not hasattr(native.kernels(), "causal_pool"):
-        return None
-    return _CausalMean.apply(proj, positions)
+    if causal_mean_applies(proj, positions) and hasattr(native.kernels(), "routing_head"):
+        return _RoutingHead.apply(proj, positions, b1, w2, b2, beta)
+    return None

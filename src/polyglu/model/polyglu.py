@@ -291,6 +291,11 @@ class PolyGLU(nn.Module):
             else:
                 pooled = _document_mean(proj, doc_ids)
         else:
+            if pool_state is None and self.routing_map is None and _fused_native is not None:
+                # training, a prefill without a cache: pooling and the rest of gate_net in one native call
+                dynamic = _fused_native.routing_head(proj, positions, first.bias, second.weight, second.bias, self.beta)
+                if dynamic is not None:
+                    return dynamic, None
             pooled = _causal_mean(proj, positions, pool_state).to(proj.dtype)
         out = second(F.relu(pooled + first.bias))
         return (self.beta * out, None) if self.routing_map is None else (out, self.scaled_map())

@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -797,6 +798,97 @@ at::Tensor causal_pool_backward(const at::Tensor& grad_in, const std::optional<a
   });
   return out;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The layer-scope routing network after its first projection, for training: causal pooling, then
+// dynamic = beta * (W2 relu(pooled + b1) + b2), one call each way where eager torch takes ~15 small
+// ops. Float32 math; the hidden layer relu(pooled + b1) (B, T, H) is kept for the backward.
+
+void check_head(const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& beta, int64_t H) {
+  for (const at::Tensor* t : {&b1, &w2, &b2, &beta}) check_float_cpu(*t);
+  const int64_t K = w2.size(0);
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == H && b1.numel() == H && b2.numel() == K && beta.numel() == K
+              && K <= kMaxActivations,
+              "polyglu native kernels: routing head shapes disagree (b1 (H), w2 (K, H), b2 (K), beta (K))");
+}
+
+// proj (B, T, H) float32 or bfloat16, positions (B, T) int64 or None -> (dynamic (B, T, K), hidden (B, T, H)), float32
+std::tuple<at::Tensor, at::Tensor> routing_head(const at::Tensor& proj, const std::optional<at::Tensor>& positions,
+                                                const at::Tensor& b1_in, const at::Tensor& w2_in,
+                                                const at::Tensor& b2_in, const at::Tensor& beta_in) {
+  at::Tensor hidden = causal_pool(proj, positions);  // the pooled mean, turned into the hidden layer in place
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  check_head(b1_in, w2_in, b2_in, beta_in, H);
+  const at::Tensor b1 = b1_in.contiguous(), w2 = w2_in.contiguous(), b2 = b2_in.contiguous(), beta = beta_in.contiguous();
+  const int64_t K = w2.size(0);
+  at::Tensor dynamic = at::empty({B, T, K}, hidden.options());
+  float* hp = hidden.data_ptr<float>();
+  float* dp = dynamic.data_ptr<float>();
+  const float *b1p = b1.data_ptr<float>(), *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>(),
+              *betap = beta.data_ptr<float>();
+  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* h = hp + r * H;
+      for (int64_t j = 0; j < H; ++j) h[j] = std::max(h[j] + b1p[j], 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < H; ++j) acc += w2p[k * H + j] * h[j];
+        dp[r * K + k] = betap[k] * (acc + b2p[k]);
+      }
+    }
+  });
+  return {dynamic, hidden};
+}
+
+// grad (B, T, K) float32, hidden (B, T, H) from `routing_head` -> (d proj (B, T, H) float32, d b1 (H),
+// d w2 (K, H), d b2 (K), d beta (K))
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_head_backward(
+    const at::Tensor& grad_in, const at::Tensor& hidden, const std::optional<at::Tensor>& positions,
+    const at::Tensor& w2_in, const at::Tensor& b2_in, const at::Tensor& beta_in) {
+  check_float_cpu(grad_in);
+  check_float_cpu(hidden);
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2), K = w2_in.size(0);
+  TORCH_CHECK(hidden.is_contiguous() && grad_in.dim() == 3 && grad_in.size(0) == B && grad_in.size(1) == T
+              && grad_in.size(2) == K, "polyglu native kernels: the routing head's gradient must be (B, T, K)");
+  const at::Tensor grad = grad_in.contiguous(), w2 = w2_in.contiguous(), b2 = b2_in.contiguous(), beta = beta_in.contiguous();
+  const float *gp = grad.data_ptr<float>(), *hp = hidden.data_ptr<float>(), *w2p = w2.data_ptr<float>(),
+              *b2p = b2.data_ptr<float>(), *betap = beta.data_ptr<float>();
+  at::Tensor d_pre = at::empty({B, T, H}, hidden.options());
+  float* dpre = d_pre.data_ptr<float>();
+  const int64_t threads = at::get_num_threads(), width = H + K * H + 2 * K;  // d b1, d w2, d b2, d beta
+  std::vector<float> partial(threads * width, 0.f);
+  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
+    float* acc = partial.data() + at::get_thread_num() * width;
+    float *d_b1 = acc, *d_w2 = acc + H, *d_b2 = acc + H + K * H, *d_beta = d_b2 + K;
+    float d_out[kMaxActivations];
+    for (int64_t r = begin; r < end; ++r) {
+      const float* h = hp + r * H;
+      for (int64_t k = 0; k < K; ++k) {
+        float out = b2p[k];
+        for (int64_t j = 0; j < H; ++j) out += w2p[k * H + j] * h[j];
+        const float g = gp[r * K + k];
+        d_beta[k] += g * out;
+        d_out[k] = g * betap[k];
+        d_b2[k] += d_out[k];
+        for (int64_t j = 0; j < H; ++j) d_w2[k * H + j] += d_out[k] * h[j];
+      }
+      float* d = dpre + r * H;
+      for (int64_t j = 0; j < H; ++j) {
+        float dh = 0.f;
+        for (int64_t k = 0; k < K; ++k) dh += w2p[k * H + j] * d_out[k];
+        d[j] = h[j] > 0.f ? dh : 0.f;
+        d_b1[j] += d[j];
+      }
+    }
+  });
+  at::Tensor sums = at::zeros({width}, hidden.options());
+  float* sp = sums.data_ptr<float>();
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t j = 0; j < width; ++j) sp[j] += partial[i * width + j];
+  at::Tensor d_proj = causal_pool_backward(d_pre, positions);
+  return {d_proj, sums.slice(0, 0, H).clone(), sums.slice(0, H, H + K * H).view({K, H}).clone(),
+          sums.slice(0, H + K * H, H + K * H + K).clone(), sums.slice(0, H + K * H + K, width).clone()};
+}
 }  // namespace
 
 TORCH_LIBRARY(polyglu_cpu, m) {
@@ -812,4 +904,8 @@ TORCH_LIBRARY(polyglu_cpu, m) {
   m.def("causal_pool_backward(Tensor grad, Tensor? positions) -> Tensor");
   m.impl("causal_pool", c10::DispatchKey::CPU, &causal_pool);
   m.impl("causal_pool_backward", c10::DispatchKey::CPU, &causal_pool_backward);
+  m.def("routing_head(Tensor proj, Tensor? positions, Tensor b1, Tensor w2, Tensor b2, Tensor beta) -> (Tensor, Tensor)");
+  m.def("routing_head_backward(Tensor grad, Tensor hidden, Tensor? positions, Tensor w2, Tensor b2, Tensor beta) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.impl("routing_head", c10::DispatchKey::CPU, &routing_head);
+  m.impl("routing_head_backward", c10::DispatchKey::CPU, &routing_head_backward);
 }
