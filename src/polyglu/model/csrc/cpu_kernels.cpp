@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -47,6 +48,37 @@ inline Vec activate(int64_t code, const Vec& z, const Vec& e) {
 }
 
 constexpr int64_t kMaxActivations = 8;
+
+// Runs body(begin, end, task) over [0, n) in up to at::get_num_threads() contiguous ranges of at least
+// `grain` (task = 0, 1, ...: the range's index, for per-task buffers), the first on the calling
+// thread, the others on threads of their own. Not at::parallel_for: in a torch built with OpenMP that
+// is a `#pragma omp parallel` compiled into this library, which is built without OpenMP, so it ran
+// everything on the calling thread. A thread start costs ~20 us, against a few ms of work per call.
+template <typename Body>
+void parallel_rows(int64_t n, int64_t grain, const Body& body) {
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1)));
+  if (tasks == 1) {
+    if (n > 0) body(int64_t{0}, n, int64_t{0});
+    return;
+  }
+  const int64_t step = (n + tasks - 1) / tasks;
+  std::vector<std::thread> workers;
+  workers.reserve(tasks - 1);
+  struct Join {
+    std::vector<std::thread>& threads;
+    ~Join() {
+      for (auto& t : threads) t.join();
+    }
+  } join{workers};
+  for (int64_t t = 1; t < tasks; ++t) {
+    const int64_t begin = t * step, end = std::min(n, begin + step);
+    if (begin < end) workers.emplace_back([&body, begin, end, t] { body(begin, end, t); });
+  }
+  body(int64_t{0}, std::min(n, step), int64_t{0});
+}
+
+// The number of tasks `parallel_rows` may use: the size of per-task buffers.
+inline int64_t max_tasks() { return std::max<int64_t>(1, at::get_num_threads()); }
 
 void check_float_cpu(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
@@ -80,7 +112,7 @@ void mix_rows(const float* gate, const float* up, float* out, int64_t rows, int6
   const int64_t width = Vec::size();
   // rows in parallel when there are enough of them (~32K values a task), else all in this thread
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(rows, grain, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
       const float* dyn = dynamic_of(r);
       const float* gr = gate + r * F;
@@ -541,7 +573,7 @@ template <typename scalar_t, typename Acts>
 void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* up, scalar_t* out,
                       const Acts& acts, bool with_exp) {
   const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
-  at::parallel_for(0, m.B * T, row_grain(F), [&](int64_t begin, int64_t end) {
+  parallel_rows(m.B * T, row_grain(F), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> zs, us, os;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
@@ -599,9 +631,9 @@ void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t*
                        const Acts& acts, bool with_exp) {
   const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
   const bool routing = d_dynamic_tokens != nullptr;
-  at::parallel_for(0, m.B * T, row_grain(F), [&](int64_t begin, int64_t end) {
+  parallel_rows(m.B * T, row_grain(F), [&](int64_t begin, int64_t end, int64_t task) {
     std::vector<float> hs, zs, us, dgs, dus;
-    float* d_alpha = routing ? d_alpha_threads + at::get_thread_num() * K * F : nullptr;  // (K, F)
+    float* d_alpha = routing ? d_alpha_threads + task * K * F : nullptr;  // (K, F)
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
       const float* h_row = float_row(grad + r * F, hs, F);
@@ -666,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_backward(
   at::Tensor d_gate = at::empty({B, T, F}, gate.options()), d_up = at::empty({B, T, F}, gate.options());
   const auto f32 = alpha.options();
   at::Tensor d_tokens = routing_grads ? at::empty({B, T, K}, f32) : at::Tensor();
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = max_tasks();
   std::vector<float> d_alpha_threads(routing_grads ? threads * K * F : 0, 0.f);
   float* dt = routing_grads ? d_tokens.data_ptr<float>() : nullptr;
   const bool with_exp = needs_exp(activations);
@@ -703,7 +735,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_backward(
 
 template <typename scalar_t>
 void causal_pool_rows(const scalar_t* proj, const int64_t* positions, float* out, int64_t B, int64_t T, int64_t H) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  parallel_rows(B, 1, [&](int64_t begin, int64_t end, int64_t) {
     std::vector<double> running(H);
     std::vector<float> sums(T * H);  // C[t] rounded to float32
     for (int64_t b = begin; b < end; ++b) {
@@ -768,7 +800,7 @@ at::Tensor causal_pool_backward(const at::Tensor& grad_in, const std::optional<a
   at::Tensor out = at::empty({B, T, H}, grad.options());
   const float* g = grad.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  parallel_rows(B, 1, [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> d_sums(T * H);  // the gradient of C[t]
     std::vector<double> running(H);
     for (int64_t b = begin; b < end; ++b) {
@@ -826,7 +858,7 @@ std::tuple<at::Tensor, at::Tensor> routing_head(const at::Tensor& proj, const st
   float* dp = dynamic.data_ptr<float>();
   const float *b1p = b1.data_ptr<float>(), *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>(),
               *betap = beta.data_ptr<float>();
-  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
+  parallel_rows(B * T, 256, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
       float* h = hp + r * H;
       for (int64_t j = 0; j < H; ++j) h[j] = std::max(h[j] + b1p[j], 0.f);
@@ -855,10 +887,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_h
               *b2p = b2.data_ptr<float>(), *betap = beta.data_ptr<float>();
   at::Tensor d_pre = at::empty({B, T, H}, hidden.options());
   float* dpre = d_pre.data_ptr<float>();
-  const int64_t threads = at::get_num_threads(), width = H + K * H + 2 * K;  // d b1, d w2, d b2, d beta
+  const int64_t threads = max_tasks(), width = H + K * H + 2 * K;  // d b1, d w2, d b2, d beta
   std::vector<float> partial(threads * width, 0.f);
-  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
-    float* acc = partial.data() + at::get_thread_num() * width;
+  parallel_rows(B * T, 256, [&](int64_t begin, int64_t end, int64_t task) {
+    float* acc = partial.data() + task * width;
     float *d_b1 = acc, *d_w2 = acc + H, *d_b2 = acc + H + K * H, *d_beta = d_b2 + K;
     float d_out[kMaxActivations];
     for (int64_t r = begin; r < end; ++r) {
