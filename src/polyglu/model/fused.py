@@ -28,12 +28,18 @@ Kernels (same math, chosen by `default_kernel`):
 - "dense" (`polyglu.model.fused_dense`, with the routing forms): pure functions of whole tensors,
   unrolled over k so that torch.compile turns each direction into one or two loops over the hidden
   units. Traced as-is inside a compiled model.
-- "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): the default for large CPU
-  calls. Compiling takes seconds once per process (inductor caches on disk, keyed by the CPU
-  instruction set through `polyglu.model.compiler`). The first call of each signature (shapes,
+- "compiled": "dense" compiled on its own (Triton on CUDA, C++ on CPU): large CPU calls the
+  "native" kernel does not take (or with POLYGLU_NATIVE=0). Compiling takes seconds once per
+  process (inductor caches on disk, keyed by the CPU instruction set through
+  `polyglu.model.compiler`). The first call of each signature (shapes,
   dtypes, routing form) is checked against the eager kernel on the same inputs, forward and
   backward; if compiling fails or the results disagree, one warning and "chunked" from then on (on
   CUDA an error unless POLYGLU_KERNEL_FALLBACK=1; CUDA errors are never swallowed).
+- "native": a hand-written CPU kernel (`polyglu.model.fused_native`, C++ in csrc/cpu_kernels.cpp):
+  the same math as "compiled" for soft layer-scope routing in float32 or bf16, its backward one pass
+  (both reductions); no compile per shape, one library build. The default for large CPU calls;
+  calls it does not take go to "compiled", and like it, it is checked against the eager kernel on
+  each signature's first call.
 - "triton": two hand-written Triton kernels (`polyglu.model.triton_mixed`): factored routing with an
   on-device exact fallback, one backward pass with the alpha gradient folded in. The default on
   CUDA when triton is installed; calls it does not cover (hard routing, per-neuron logits, no CUDA
@@ -485,8 +491,8 @@ COMPILE_MIN_ELEMENTS: int | None = 1 << 20
 def default_kernel(gate: torch.Tensor) -> str:
     """"dense" while torch.compile traces (the math joins the caller's graph); else a `use_kernel`
     choice; else the environment variable POLYGLU_MIXED_KERNEL; else "triton" on CUDA with Triton
-    installed, "compiled" on CPU from COMPILE_MIN_ELEMENTS hidden units (a quarter of it for a call that
-    needs gradients), "chunked" otherwise."""
+    installed, "native" on CPU ("compiled" with POLYGLU_NATIVE=0) from COMPILE_MIN_ELEMENTS hidden
+    units (a quarter of it for a call that needs gradients), "chunked" otherwise."""
     if torch.compiler.is_compiling():
         return "dense"
     chosen = _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None

@@ -1,4 +1,6 @@
-"""Native CPU kernels for small inference calls, compiled once per torch version and CPU on first use.
+"""Native CPU kernels, compiled once per torch version and CPU on first use: for small inference
+calls (below), and for training (`polyglu.model.fused_native`: the mixed activation's forward and
+one-pass backward, causal pooling and the routing network).
 
 A batch-1 decode step on CPU spends its time in per-op overhead, not arithmetic: PolyGLU's routing
 and mixed activation take ~20 eager ops a layer where SwiGLU takes two. `csrc/cpu_kernels.cpp`

@@ -1,4 +1,7 @@
-// polyglu's CPU kernels for small inference calls, float32:
+// polyglu's CPU kernels. Training (below the inference kernels; polyglu/model/fused_native.py):
+//   mix_forward / mix_backward: the mixed activation's forward and one-pass backward;
+//   causal_pool / routing_head (and their backwards): causal pooling and the routing network.
+// Small inference calls, float32:
 //   mixed_activation: sum_k g_k act_k(gate) * up with soft, noise-free routing (a short prefill, a
 //     batched decode step: the "native" path of polyglu/model/small_inference.py);
 //   decode_hidden: a PolyGLU layer's hidden activations for one decoded token per row, the causal
