@@ -424,8 +424,13 @@ inline Vec routing_vector(const MixTables& m, const Acts& acts, int64_t b, int64
 // longer over the whole kernel): training-grade float32, far below bf16's rounding. (The routing
 // weights keep their own division: a softmax whose weights sum to 1 - 4 ulp would turn the
 // activations' size, divided by a small tau, into routing gradient.)
+//
+// The forward (no slopes) passes the routing weights' sum `total` (1e-30 <= total <= K) and gets
+// 1 / total from the same division (`inverse_total`): its rounding only scales the mix by < 1e-6
+// there, where the backward needs weights that sum to 1.
 template <bool kSlopes>
-inline void default_activations(const Vec& z, Vec* a, Vec* slope) {
+inline void default_activations(const Vec& z, Vec* a, Vec* slope, const Vec* total = nullptr,
+                                Vec* inverse_total = nullptr) {
   const Vec one(1.f);
   const Vec e = z.neg().exp_u20();
   const Vec p = one + e, q = one + e * e;
@@ -433,15 +438,26 @@ inline void default_activations(const Vec& z, Vec* a, Vec* slope) {
   Vec inverse_p, inverse_q, t;
   const Vec in_range = (z >= Vec(-20.f)) & (z <= Vec(1e30f));
   if (in_range.zero_mask() == 0) {
-    const Vec pq = p * q;
-    const Vec r = one / (pq * w);
-    inverse_p = q * w * r;
-    inverse_q = p * w * r;
-    t = pq * r;
+    const Vec pq = p * q, qw = q * w;
+    if (total != nullptr) {
+      const Vec pqw = pq * w;
+      const Vec r = one / (pqw * *total);
+      *inverse_total = pqw * r;
+      const Vec rt = r * *total;
+      inverse_p = qw * rt;
+      inverse_q = p * w * rt;
+      t = pq * rt;
+    } else {
+      const Vec r = one / (pq * w);
+      inverse_p = qw * r;
+      inverse_q = p * w * r;
+      t = pq * r;
+    }
   } else {
     inverse_p = one / p;
     inverse_q = one / q;
     t = one / w;
+    if (total != nullptr) *inverse_total = one / *total;
   }
   Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
   poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
@@ -590,10 +606,10 @@ void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* 
         const Vec z = Vec::loadu(z_row + f, n);
         Vec mixed(0.f);
         if constexpr (std::is_same_v<Acts, DefaultActivations>) {
-          Vec a[4];
-          default_activations<false>(z, a, nullptr);
+          Vec a[4], inverse_total;
+          default_activations<false>(z, a, nullptr, &total, &inverse_total);
           for (int64_t k = 0; k < 4; ++k) mixed = at::vec::fmadd(w[k], a[k], mixed);
-          mixed = mixed / total;
+          mixed = mixed * inverse_total;
         } else {
           const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
           for (int64_t k = 0; k < K; ++k) mixed = at::vec::fmadd(w[k], activate(acts.code(k), z, e), mixed);
@@ -839,6 +855,10 @@ at::Tensor causal_pool_backward(const at::Tensor& grad_in, const std::optional<a
 // dynamic = beta * (W2 relu(pooled + b1) + b2), one call each way where eager torch takes ~15 small
 // ops. Float32 math; the hidden layer relu(pooled + b1) (B, T, H) is kept for the backward.
 
+inline float dot(const float* x, const float* y, int64_t n) {
+  return at::vec::map2_reduce_all<float>([](Vec p, Vec q) { return p * q; }, [](Vec p, Vec q) { return p + q; }, x, y, n);
+}
+
 void check_head(const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& beta, int64_t H) {
   for (const at::Tensor* t : {&b1, &w2, &b2, &beta}) check_float_cpu(*t);
   const int64_t K = w2.size(0);
@@ -865,11 +885,7 @@ std::tuple<at::Tensor, at::Tensor> routing_head(const at::Tensor& proj, const st
     for (int64_t r = begin; r < end; ++r) {
       float* h = hp + r * H;
       for (int64_t j = 0; j < H; ++j) h[j] = std::max(h[j] + b1p[j], 0.f);
-      for (int64_t k = 0; k < K; ++k) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < H; ++j) acc += w2p[k * H + j] * h[j];
-        dp[r * K + k] = betap[k] * (acc + b2p[k]);
-      }
+      for (int64_t k = 0; k < K; ++k) dp[r * K + k] = betap[k] * (dot(w2p + k * H, h, H) + b2p[k]);
     }
   });
   return {dynamic, hidden};
@@ -895,23 +911,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_h
   parallel_rows(B * T, 256, [&](int64_t begin, int64_t end, int64_t task) {
     float* acc = partial.data() + task * width;
     float *d_b1 = acc, *d_w2 = acc + H, *d_b2 = acc + H + K * H, *d_beta = d_b2 + K;
-    float d_out[kMaxActivations];
     for (int64_t r = begin; r < end; ++r) {
-      const float* h = hp + r * H;
+      const float* __restrict h = hp + r * H;
+      float* __restrict d = dpre + r * H;
+      std::fill(d, d + H, 0.f);
       for (int64_t k = 0; k < K; ++k) {
-        float out = b2p[k];
-        for (int64_t j = 0; j < H; ++j) out += w2p[k * H + j] * h[j];
         const float g = gp[r * K + k];
-        d_beta[k] += g * out;
-        d_out[k] = g * betap[k];
-        d_b2[k] += d_out[k];
-        for (int64_t j = 0; j < H; ++j) d_w2[k * H + j] += d_out[k] * h[j];
+        d_beta[k] += g * (dot(w2p + k * H, h, H) + b2p[k]);
+        const float d_out = g * betap[k];
+        d_b2[k] += d_out;
+        float* __restrict dw = d_w2 + k * H;
+        const float* __restrict w = w2p + k * H;
+        for (int64_t j = 0; j < H; ++j) {
+          dw[j] += d_out * h[j];
+          d[j] += w[j] * d_out;
+        }
       }
-      float* d = dpre + r * H;
       for (int64_t j = 0; j < H; ++j) {
-        float dh = 0.f;
-        for (int64_t k = 0; k < K; ++k) dh += w2p[k * H + j] * d_out[k];
-        d[j] = h[j] > 0.f ? dh : 0.f;
+        d[j] = h[j] > 0.f ? d[j] : 0.f;
         d_b1[j] += d[j];
       }
     }
