@@ -104,9 +104,10 @@ def _stage(run_dir: Path, config_path: Path, task: str, steps: int | None, fresh
 
 
 def _build_kernels_in_background():
-    """The evaluation decodes with the native CPU kernels (polyglu.model.native): when they are not
-    built yet, compile them now, in a compiler process on the core training leaves idle (it trains
-    on one thread), rather than at the evaluation (~5 s). Returns the thread to join, or None."""
+    """Training (the fused kernel and routing network, polyglu.model.fused_native) and the evaluation
+    (decoding) run the native CPU kernels (polyglu.model.native): when they are not built yet,
+    compile them now, in a compiler process, while the tokenizer and the data are prepared, rather
+    than at the first training step (~15 s). Returns the thread to join, or None."""
     import threading
 
     from polyglu.model import native

@@ -17,7 +17,7 @@ Which calls take them is decided in `polyglu.model.small_inference.choose`, nowh
 The library is built with the system's C++ compiler (`$CXX`, else `c++`) against the installed
 torch, for the CPU capability torch runs with, into `$POLYGLU_CACHE_DIR` (default
 `$XDG_CACHE_HOME/polyglu`, else `~/.cache/polyglu`) under `kernels/`, named by a hash of the source,
-torch version, capability and flags; a build takes ~5 s and happens once. `POLYGLU_NATIVE` chooses:
+torch version, capability and flags; a build takes ~15 s and happens once. `POLYGLU_NATIVE` chooses:
 
 - `auto` (default): build when first needed (one line on stderr says so); without a compiler, or
   if the build fails, warn once and compute with eager ops (the same math, ~10% slower decoding);
@@ -131,7 +131,7 @@ def build(force: bool = False) -> Path:
         _flock_within(lock, limit, fcntl)
         if path.exists() and not force:  # another process built it while this one waited
             return path
-        print(f"polyglu: compiling the CPU kernels for torch {torch.__version__}, {vector_code()} (once, ~5 s) "
+        print(f"polyglu: compiling the CPU kernels for torch {torch.__version__}, {vector_code()} (once, ~15 s) "
               f"-> {path}",
               file=sys.stderr, flush=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
