@@ -311,16 +311,18 @@ MixTables mix_tables(const at::Tensor& alpha_in, const at::Tensor& dynamic_in, c
   }
   m.a.resize(rows_a * K * F);
   std::vector<float> lowest(rows_a * K);  // each A_k at its smallest over the units
+  const int64_t width = Vec::size();
   for (int64_t b = 0; b < rows_a; ++b) {
-    for (int64_t f = 0; f < F; ++f) {
-      float s[kMaxActivations], top = -INFINITY;
+    for (int64_t f = 0; f < F; f += width) {  // B x F x K exponentials a call: vectorised
+      const int64_t n = std::min(width, F - f);
+      Vec s[kMaxActivations], top;
       for (int64_t k = 0; k < K; ++k) {
-        s[k] = m.alpha_t[k * F + f];
-        if (m.noisy) s[k] += m.noise_t[(b * K + k) * F + f];
-        s[k] /= m.tau;
-        top = std::max(top, s[k]);
+        s[k] = Vec::loadu(m.alpha_t.data() + k * F + f, n);
+        if (m.noisy) s[k] = s[k] + Vec::loadu(m.noise_t.data() + (b * K + k) * F + f, n);
+        s[k] = s[k] / Vec(m.tau);
+        top = k == 0 ? s[k] : at::vec::maximum(top, s[k]);
       }
-      for (int64_t k = 0; k < K; ++k) m.a[(b * K + k) * F + f] = std::exp(s[k] - top);
+      for (int64_t k = 0; k < K; ++k) (s[k] - top).exp().store(m.a.data() + (b * K + k) * F + f, n);
     }
     for (int64_t k = 0; k < K; ++k) {
       const float* row = m.a.data() + (b * K + k) * F;
