@@ -48,3 +48,14 @@ def model() -> PolychromaticLM:
         for layer in m.polyglu_layers():
             layer.alpha.normal_(0.0, 2.0)
     return m.eval()
+
+
+@pytest.fixture
+def kernels():
+    """The native CPU kernels (built on first use), or a skip where they are unavailable (no C++ compiler?)."""
+    from polyglu.model import native
+
+    ops = native.kernels()
+    if ops is None:
+        pytest.skip("the native CPU kernels are unavailable here (no C++ compiler?)")
+    return ops

@@ -21,14 +21,6 @@ DEFAULT = ("relu", "tanh", "silu", "gelu")
 
 
 @pytest.fixture
-def kernels():
-    ops = native.kernels()
-    if ops is None:
-        pytest.skip("the native CPU kernels are unavailable here (no C++ compiler?)")
-    return ops
-
-
-@pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """A native module that has not tried to load yet, caching under tmp_path."""
     monkeypatch.setattr(native, "_kernels", native._UNTRIED)

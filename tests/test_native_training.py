@@ -18,14 +18,6 @@ DEFAULT = ("relu", "tanh", "silu", "gelu")  # the compile-time specialised loops
 ALL_NATIVE = native.NATIVE_ACTIVATIONS  # the run-time loops
 
 
-@pytest.fixture
-def kernels():
-    ops = native.kernels()
-    if ops is None:
-        pytest.skip("the native CPU kernels are unavailable here (no C++ compiler?)")
-    return ops
-
-
 @pytest.fixture(autouse=True)
 def fresh_checks(monkeypatch):
     monkeypatch.setattr(fused_native, "_given_up", [])

@@ -788,6 +788,15 @@ void causal_pool_rows(const scalar_t* proj, const int64_t* positions, float* out
   });
 }
 
+// positions (B, T) int64, contiguous; an undefined tensor for None (one document per row)
+at::Tensor checked_positions(const std::optional<at::Tensor>& positions_in, int64_t B, int64_t T) {
+  if (!positions_in.has_value() || !positions_in->defined()) return at::Tensor();
+  const at::Tensor positions = positions_in->contiguous();
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B
+              && positions.size(1) == T, "polyglu native kernels: positions must be (B, T) int64");
+  return positions;
+}
+
 // proj (B, T, H) float32 or bfloat16, positions (B, T) int64 or None (one document per row) -> (B, T, H) float32
 at::Tensor causal_pool(const at::Tensor& proj_in, const std::optional<at::Tensor>& positions_in) {
   TORCH_CHECK(proj_in.device().is_cpu() && proj_in.dim() == 3
@@ -795,12 +804,7 @@ at::Tensor causal_pool(const at::Tensor& proj_in, const std::optional<at::Tensor
               "polyglu native kernels: causal_pool takes a (B, T, H) float32 or bfloat16 CPU tensor");
   const at::Tensor proj = proj_in.contiguous();
   const int64_t B = proj.size(0), T = proj.size(1), H = proj.size(2);
-  at::Tensor positions;
-  if (positions_in.has_value() && positions_in->defined()) {
-    positions = positions_in->contiguous();
-    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B
-                && positions.size(1) == T, "polyglu native kernels: positions must be (B, T) int64");
-  }
+  const at::Tensor positions = checked_positions(positions_in, B, T);
   at::Tensor out = at::empty({B, T, H}, proj.options().dtype(at::kFloat));
   const int64_t* pos = positions.defined() ? positions.data_ptr<int64_t>() : nullptr;
   if (proj.scalar_type() == at::kFloat) {
@@ -817,12 +821,7 @@ at::Tensor causal_pool_backward(const at::Tensor& grad_in, const std::optional<a
               "polyglu native kernels: causal_pool_backward takes a (B, T, H) float32 CPU gradient");
   const at::Tensor grad = grad_in.contiguous();
   const int64_t B = grad.size(0), T = grad.size(1), H = grad.size(2);
-  at::Tensor positions;
-  if (positions_in.has_value() && positions_in->defined()) {
-    positions = positions_in->contiguous();
-    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B
-                && positions.size(1) == T, "polyglu native kernels: positions must be (B, T) int64");
-  }
+  const at::Tensor positions = checked_positions(positions_in, B, T);
   const int64_t* pos = positions.defined() ? positions.data_ptr<int64_t>() : nullptr;
   at::Tensor out = at::empty({B, T, H}, grad.options());
   const float* g = grad.data_ptr<float>();
