@@ -248,7 +248,8 @@ def status() -> str:
 def _load():
     setting = mode()
     if setting == "off":
-        logger.info("polyglu: native CPU kernels off (POLYGLU_NATIVE=0): small inference calls use eager ops")
+        logger.info("polyglu: native CPU kernels off (POLYGLU_NATIVE=0): small inference calls use eager ops, "
+                    "training the compiled kernel")
         return None
     try:
         path = build()
@@ -258,8 +259,9 @@ def _load():
     except Exception as e:  # no compiler, a failed build, an unloadable library, a platform without fcntl
         if setting == "on":
             raise NativeBuildError(f"POLYGLU_NATIVE=on but the CPU kernels are unavailable: {e}") from e
-        warnings.warn(f"polyglu: CPU kernels unavailable ({e}); small CPU inference calls use eager ops "
-                      "(set POLYGLU_NATIVE=0 to silence this)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"polyglu: CPU kernels unavailable ({e}); small CPU inference calls use eager ops, "
+                      "training the compiled kernel (set POLYGLU_NATIVE=0 to silence this)", RuntimeWarning,
+                      stacklevel=3)
         return None
 
 
