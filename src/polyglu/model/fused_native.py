@@ -25,6 +25,8 @@ import torch
 
 from polyglu.model import native
 
+MAX_ACTIVATIONS = 8  # the kernels' kMaxActivations (csrc/cpu_kernels.cpp)
+
 _given_up: list[str] = []  # why the native kernel was given up, if it was
 _checked: set[tuple] = set()
 
@@ -43,7 +45,7 @@ def applies(gate: torch.Tensor, up: torch.Tensor, dynamic: torch.Tensor, activat
         return False
     if gate.dtype not in _TOLERANCE or up.dtype != gate.dtype or native.activation_codes(activations) is None:
         return False
-    return native.kernels() is not None and hasattr(native.kernels(), "mix_forward")
+    return native.kernels() is not None
 
 
 def _routing(alpha: torch.Tensor, dynamic: torch.Tensor, noise: torch.Tensor | None):
@@ -102,7 +104,6 @@ def give_up(reason: str) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-
 # Causal pooling (`polyglu.model.polyglu._causal_mean` without a cache) takes the native kernel from
 # this many tokens (B * T): below it the eager ops cost little and no kernel needs building
 POOL_MIN_TOKENS = 512
@@ -134,7 +135,7 @@ def causal_mean_applies(proj: torch.Tensor, positions: torch.Tensor | None) -> b
         return False
     if proj.shape[0] * proj.shape[1] < POOL_MIN_TOKENS or (positions is not None and positions.dtype != torch.long):
         return False
-    return native.mode() != "off" and native.kernels() is not None and hasattr(native.kernels(), "causal_pool")
+    return native.mode() != "off" and native.kernels() is not None
 
 
 class _RoutingHead(torch.autograd.Function):
@@ -158,8 +159,6 @@ def routing_head(proj: torch.Tensor, positions: torch.Tensor | None, b1: torch.T
     """The layer-scope routing network after its first projection proj (B, T, H): causal pooling, then
     beta * (w2 relu(pooled + b1) + b2), (B, T, K) in float32, by the native kernel (one call each
     way); None where `causal_mean` would not apply, or the parameters are not float32."""
-    if any(t.dtype != torch.float32 for t in (b1, w2, b2, beta)) or w2.shape[0] > 8:
+    if any(t.dtype != torch.float32 for t in (b1, w2, b2, beta)) or w2.shape[0] > MAX_ACTIVATIONS:
         return None
-    if causal_mean_applies(proj, positions) and hasattr(native.kernels(), "routing_head"):
-        return _RoutingHead.apply(proj, positions, b1, w2, b2, beta)
-    return None
+    return _RoutingHead.apply(proj, positions, b1, w2, b2, beta) if causal_mean_applies(proj, positions) else None
