@@ -1,7 +1,8 @@
 """Training-step throughput, side by side: PolychromaticLM with PolyGLU vs with SwiGLU FFNs.
 
-One step = forward, next-token cross-entropy, backward, AdamW step. Both models are built from the
-same preset (default `small`) with the same seed and data, and their steps alternate, so machine
+One step = forward, next-token cross-entropy, backward, AdamW step, in the trainer's precision:
+float32 weights, and with bfloat16 (what `auto` picks where bf16 is native) the forward under bf16
+autocast, as `polyglu.train.trainer` runs it. Both models are built from the same preset (default `small`) with the same seed and data, and their steps alternate, so machine
 load hits both alike. Prints tokens/s (median and best over `--steps`) and the PolyGLU/SwiGLU time
 ratio; `--json` prints one JSON object instead.
 
@@ -81,14 +82,17 @@ def build(args, ffn: str) -> tuple[PolychromaticLM, torch.optim.Optimizer]:
         overrides["routing_pool"] = args.pool
     config = ModelConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(0)
-    model = PolychromaticLM(config).to(device=args.device, dtype=DTYPES[args.dtype]).train()
+    model = PolychromaticLM(config).to(device=args.device).train()  # float32 weights, as the trainer keeps them
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     return model, optimizer
 
 
-def train_step(model, optimizer, tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> float:
+def train_step(model, optimizer, tokens: torch.Tensor, doc_ids: torch.Tensor | None,
+               dtype: torch.dtype = torch.float32) -> float:
+    """One step; `dtype` bfloat16: the forward under bf16 autocast (the trainer's `_autocast`)."""
     optimizer.zero_grad(set_to_none=True)
-    logits = model(tokens[:, :-1], doc_ids).logits
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model(tokens[:, :-1], doc_ids).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
     optimizer.step()
@@ -113,7 +117,7 @@ def main(argv=None) -> None:
         for step in range(args.warmup + args.steps):
             for ffn, (model, optimizer) in models.items():
                 start = clock()
-                losses[ffn] = train_step(model, optimizer, tokens, doc_ids)
+                losses[ffn] = train_step(model, optimizer, tokens, doc_ids, DTYPES[args.dtype])
                 if step >= args.warmup:
                     times[ffn].append(clock() - start)
     n_tokens = args.batch * args.seq_len

@@ -254,7 +254,8 @@ def _load():
     try:
         path = build()
         load(path)
-        logger.info("polyglu: native CPU kernels loaded from %s", path)
+        logger.info("polyglu: native CPU kernels loaded from %s (parallel loops: %s)", path,
+                    torch.ops.polyglu_cpu.threading())
         return torch.ops.polyglu_cpu
     except Exception as e:  # no compiler, a failed build, an unloadable library, a platform without fcntl
         if setting == "on":

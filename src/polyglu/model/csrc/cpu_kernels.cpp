@@ -20,10 +20,15 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
+#include <exception>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -53,11 +58,52 @@ inline Vec activate(int64_t code, const Vec& z, const Vec& e) {
 
 constexpr int64_t kMaxActivations = 8;
 
+// torch's OpenMP runtime, as this process loaded it. Not at::parallel_for: in a torch built with
+// OpenMP that is a `#pragma omp parallel` compiled into this library, which is built without OpenMP
+// (a compiler's own runtime could be another copy than torch's), so it ran everything on the calling
+// thread. GOMP_parallel is the entry point such a pragma compiles to (libgomp's ABI; LLVM's libomp
+// and Intel's libiomp5 export it too): called here through the runtime torch loaded, the rows run on
+// torch's own worker threads. Threads of our own instead (the fallback below) compete for the cores
+// with those workers, which spin for a while after each parallel op: on 2 cores a 0.3 ms kernel
+// then took several ms, and a training step 1.2x SwiGLU's where one thread gave 1.05x.
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
+};
+
+const OpenMP& openmp() {
+  static const OpenMP runtime = [] {
+    OpenMP found;
+#if AT_PARALLEL_OPENMP
+    // torch loads its runtime into the global scope (libtorch_global_deps); else look for it by name
+    const auto take = [&found](void* handle) {
+      void* parallel = dlsym(handle, "GOMP_parallel");
+      void* thread_num = dlsym(handle, "omp_get_thread_num");
+      void* num_threads = dlsym(handle, "omp_get_num_threads");
+      if (parallel == nullptr || thread_num == nullptr || num_threads == nullptr) return false;
+      found.parallel = reinterpret_cast<decltype(found.parallel)>(parallel);
+      found.thread_num = reinterpret_cast<decltype(found.thread_num)>(thread_num);
+      found.num_threads = reinterpret_cast<decltype(found.num_threads)>(num_threads);
+      return true;
+    };
+    if (!take(RTLD_DEFAULT)) {
+      for (const char* name : {"libgomp.so.1", "libiomp5.so", "libomp.so"}) {
+        void* handle = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);  // only a runtime already loaded
+        if (handle != nullptr && take(handle)) break;
+      }
+    }
+#endif
+    return found;
+  }();
+  return runtime;
+}
+
 // Runs body(begin, end, task) over [0, n) in up to at::get_num_threads() contiguous ranges of at least
-// `grain` (task = 0, 1, ...: the range's index, for per-task buffers), the first on the calling
-// thread, the others on threads of their own. Not at::parallel_for: in a torch built with OpenMP that
-// is a `#pragma omp parallel` compiled into this library, which is built without OpenMP, so it ran
-// everything on the calling thread. A thread start costs ~20 us, against a few ms of work per call.
+// `grain` (task = 0, 1, ...: the range's index, for per-task buffers): on torch's OpenMP threads
+// (`openmp`), else with torch's own at::parallel_for where torch is not built with OpenMP (its
+// native pool is a library call), else the first range on the calling thread and the others on
+// threads of their own (a thread start costs ~20 us, against a few ms of work per call).
 template <typename Body>
 void parallel_rows(int64_t n, int64_t grain, const Body& body) {
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1)));
@@ -66,6 +112,41 @@ void parallel_rows(int64_t n, int64_t grain, const Body& body) {
     return;
   }
   const int64_t step = (n + tasks - 1) / tasks;
+  const auto run = [&](int64_t task) {
+    const int64_t begin = task * step, end = std::min(n, begin + step);
+    if (begin < end) body(begin, end, task);
+  };
+  const OpenMP& omp = openmp();
+  if (omp.parallel != nullptr) {
+    struct Shared {
+      const decltype(run)* body;
+      int64_t tasks;
+      const OpenMP* omp;
+      std::mutex lock;
+      std::exception_ptr error;
+    } shared{&run, tasks, &omp, {}, nullptr};
+    // a team smaller than asked for (a nested region: one thread) takes every task in turn
+    omp.parallel([](void* data) {
+      Shared& s = *static_cast<Shared*>(data);
+      const int64_t threads = std::max(1, s.omp->num_threads());
+      for (int64_t task = s.omp->thread_num(); task < s.tasks; task += threads) {
+        try {
+          (*s.body)(task);
+        } catch (...) {
+          std::lock_guard<std::mutex> guard(s.lock);
+          if (!s.error) s.error = std::current_exception();
+        }
+      }
+    }, &shared, static_cast<unsigned>(tasks), 0);
+    if (shared.error) std::rethrow_exception(shared.error);
+    return;
+  }
+#if !AT_PARALLEL_OPENMP
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) run(task);
+  });
+  return;
+#endif
   std::vector<std::thread> workers;
   workers.reserve(tasks - 1);
   struct Join {
@@ -74,11 +155,8 @@ void parallel_rows(int64_t n, int64_t grain, const Body& body) {
       for (auto& t : threads) t.join();
     }
   } join{workers};
-  for (int64_t t = 1; t < tasks; ++t) {
-    const int64_t begin = t * step, end = std::min(n, begin + step);
-    if (begin < end) workers.emplace_back([&body, begin, end, t] { body(begin, end, t); });
-  }
-  body(int64_t{0}, std::min(n, step), int64_t{0});
+  for (int64_t t = 1; t < tasks; ++t) workers.emplace_back([&run, t] { run(t); });
+  run(0);
 }
 
 // The number of tasks `parallel_rows` may use: the size of per-task buffers.
@@ -950,7 +1028,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_h
 }
 }  // namespace
 
+// How `parallel_rows` runs its ranges: "openmp" (torch's OpenMP threads), "torch" (torch's native
+// pool), "threads" (threads of its own: torch uses OpenMP, but its runtime was not found).
+std::string threading() {
+  if (openmp().parallel != nullptr) return "openmp";
+  return AT_PARALLEL_OPENMP ? "threads" : "torch";
+}
+
 TORCH_LIBRARY(polyglu_cpu, m) {
+  m.def("threading() -> str", &threading);
   m.def("mixed_activation(Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, float tau, int[] activations) -> Tensor");
   m.def("decode_hidden(Tensor x, Tensor gate, Tensor up, Tensor w1, Tensor b1, Tensor(a!) total, Tensor keep, Tensor count, Tensor w2, Tensor b2, Tensor beta, Tensor alpha, float tau, int[] activations) -> Tensor");
   m.impl("mixed_activation", c10::DispatchKey::CPU, &mixed_activation);
