@@ -102,6 +102,23 @@ def test_bfloat16_inputs_compute_in_float32(kernels, per_token):
     assert_close_relative(d_dynamic, expected[4], 1e-5, "d dynamic")
 
 
+@pytest.mark.parametrize("F", [64, 72, 37])  # whole vectors (AVX-512 and AVX2), a tail, a tail alone
+def test_bfloat16_results_are_the_float32_results_rounded(kernels, F):
+    # bf16 rows are widened and results rounded in registers: the same float32 math as on float32
+    # inputs holding the same values, then torch's round-to-nearest-even: equal (NaN where NaN)
+    gate, up, alpha, dynamic, noise = make_inputs(2, 5, F, 4, True, True)
+    gate, up, grad = gate.bfloat16(), up.bfloat16(), torch.randn(2, 5, F).bfloat16()
+    gate[0, 0, 3], up[1, 2, F - 1] = float("nan"), float("nan")
+    codes = native.activation_codes(DEFAULT)
+    h = kernels.mix_forward(gate, up, alpha, dynamic, noise, 0.5, codes)
+    wide = kernels.mix_forward(gate.float(), up.float(), alpha, dynamic, noise, 0.5, codes)
+    torch.testing.assert_close(h, wide.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    grads = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.5, codes, False)
+    wide = kernels.mix_backward(grad.float(), gate.float(), up.float(), alpha, dynamic, noise, 0.5, codes, False)
+    for got, want in zip(grads[:2], wide[:2]):
+        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0, equal_nan=True)
+
+
 def test_threads_split_the_rows_and_sum_the_alpha_gradient(kernels):
     gate, up, alpha, dynamic, noise = make_inputs(4, 64, 160, 4, True, True)
     grad = torch.randn(4, 64, 160)

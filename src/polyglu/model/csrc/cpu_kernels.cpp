@@ -618,36 +618,53 @@ bool needs_exp(at::IntArrayRef activations) {
   return false;
 }
 
-// A row of `n` values as float32: the row itself, or converted into `scratch` (bf16 -> float32 is
-// exact, the 16 bits shifted up: a loop the compiler vectorises, where ATen's generic convert is a
-// scalar loop that made the bf16 forward slower than the float32 one).
-template <typename scalar_t>
-const float* float_row(const scalar_t* src, std::vector<float>& scratch, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    static_assert(std::is_same_v<scalar_t, at::BFloat16>, "float32 or bfloat16 rows");
-    scratch.resize(n);
-    const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
-    uint32_t* __restrict out = reinterpret_cast<uint32_t*>(scratch.data());
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-    return scratch.data();
-  }
+// `n` <= Vec::size() values at p as one float32 vector. bf16 -> float32 is exact (the 16 bits
+// shifted up); a full vector is widened in registers (ATen's generic convert is a scalar loop, and
+// widening whole rows into scratch first cost the bf16 kernels ~20% over float32).
+inline Vec load_float(const float* p, int64_t n) { return Vec::loadu(p, n); }
+
+inline Vec load_float(const at::BFloat16* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == Vec::size())
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (n == Vec::size())
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(p))), 16));
+#endif
+  float buffer[Vec::size()];
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(p[i]);
+  return Vec::loadu(buffer, n);
 }
 
-template <typename scalar_t>
-float* out_row(scalar_t* dst, std::vector<float>& scratch, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return dst;
-  } else {
-    scratch.resize(n);
-    return scratch.data();
-  }
-}
+// Stores the first `n` lanes of v at p: float32, or bf16 rounded to nearest even (NaN stays NaN),
+// as torch's float -> bf16 conversion rounds.
+inline void store_float(const Vec& v, float* p, int64_t n) { v.store(p, n); }
 
-template <typename scalar_t>
-void finish_row(const float* row, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(row, dst, n);
+inline void store_float(const Vec& v, at::BFloat16* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == Vec::size()) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (n == Vec::size()) {
+    const __m256 x = v;
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, lsb), _mm256_set1_epi32(0x7fff)), 16);
+    rounded = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded,
+                                 _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q)));  // NaN -> 0xffff
+    // 8 x 32 -> 8 x 16 bits: packus works within 128-bit lanes; the permute gathers both halves
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xd8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return;
+  }
+#endif
+  float buffer[Vec::size()];
+  v.store(buffer, n);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<at::BFloat16>(buffer[i]);
 }
 
 void check_mix_inputs(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& alpha, const at::Tensor& dynamic,
@@ -679,17 +696,16 @@ void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* 
                       const Acts& acts, bool with_exp) {
   const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
   parallel_rows(m.B * T, row_grain(F), [&](int64_t begin, int64_t end, int64_t) {
-    std::vector<float> zs, us, os;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
-      const float* z_row = float_row(gate + r * F, zs, F);
-      const float* u_row = float_row(up + r * F, us, F);
-      float* o_row = out_row(out + r * F, os, F);
+      const scalar_t* z_row = gate + r * F;
+      const scalar_t* u_row = up + r * F;
+      scalar_t* o_row = out + r * F;
       for (int64_t f = 0; f < F; f += width) {
         const int64_t n = std::min(width, F - f);
         Vec w[kMaxActivations];
         const Vec total = routing_vector(m, acts, b, td, f, n, w);
-        const Vec z = Vec::loadu(z_row + f, n);
+        const Vec z = load_float(z_row + f, n);
         Vec mixed(0.f);
         if constexpr (std::is_same_v<Acts, DefaultActivations>) {
           Vec a[4], inverse_total;
@@ -701,9 +717,8 @@ void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* 
           for (int64_t k = 0; k < K; ++k) mixed = at::vec::fmadd(w[k], activate(acts.code(k), z, e), mixed);
           mixed = mixed / total;
         }
-        (mixed * Vec::loadu(u_row + f, n)).store(o_row + f, n);
+        store_float(mixed * load_float(u_row + f, n), o_row + f, n);
       }
-      finish_row(o_row, out + r * F, F);
     }
   });
 }
@@ -737,22 +752,21 @@ void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t*
   const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
   const bool routing = d_dynamic_tokens != nullptr;
   parallel_rows(m.B * T, row_grain(F), [&](int64_t begin, int64_t end, int64_t task) {
-    std::vector<float> hs, zs, us, dgs, dus;
     float* d_alpha = routing ? d_alpha_threads + task * K * F : nullptr;  // (K, F)
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
-      const float* h_row = float_row(grad + r * F, hs, F);
-      const float* z_row = float_row(gate + r * F, zs, F);
-      const float* u_row = float_row(up + r * F, us, F);
-      float* dg_row = out_row(d_gate + r * F, dgs, F);
-      float* du_row = out_row(d_up + r * F, dus, F);
+      const scalar_t* h_row = grad + r * F;
+      const scalar_t* z_row = gate + r * F;
+      const scalar_t* u_row = up + r * F;
+      scalar_t* dg_row = d_gate + r * F;
+      scalar_t* du_row = d_up + r * F;
       Vec row_sum[kMaxActivations];
       for (int64_t k = 0; k < K; ++k) row_sum[k] = Vec(0.f);
       for (int64_t f = 0; f < F; f += width) {
         const int64_t n = std::min(width, F - f);
         Vec g[kMaxActivations], a[kMaxActivations], slope[kMaxActivations];
         const Vec total = routing_vector(m, acts, b, td, f, n, g);
-        const Vec z = Vec::loadu(z_row + f, n), dh = Vec::loadu(h_row + f, n);
+        const Vec z = load_float(z_row + f, n), dh = load_float(h_row + f, n);
         if constexpr (std::is_same_v<Acts, DefaultActivations>) {
           default_activations<true>(z, a, slope);
         } else {
@@ -766,9 +780,9 @@ void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t*
           mixed = at::vec::fmadd(g[k], a[k], mixed);
           slope_mix = at::vec::fmadd(g[k], slope[k], slope_mix);
         }
-        const Vec dm = dh * Vec::loadu(u_row + f, n);
-        (dm * slope_mix).store(dg_row + f, n);
-        (dh * mixed).store(du_row + f, n);
+        const Vec dm = dh * load_float(u_row + f, n);
+        store_float(dm * slope_mix, dg_row + f, n);
+        store_float(dh * mixed, du_row + f, n);
         if (routing) {
           for (int64_t k = 0; k < K; ++k) {
             const Vec term = dm * g[k] * (a[k] - mixed);  // d l_k * tau
@@ -778,8 +792,6 @@ void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t*
           }
         }
       }
-      finish_row(dg_row, d_gate + r * F, F);
-      finish_row(du_row, d_up + r * F, F);
       if (routing) {
         for (int64_t k = 0; k < K; ++k)
           d_dynamic_tokens[r * K + k] = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, row_sum[k]) / m.tau;
