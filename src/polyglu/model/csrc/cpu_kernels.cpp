@@ -188,119 +188,15 @@ const float* alpha_rows(const at::Tensor& alpha, int64_t F, int64_t K, std::vect
   return buffer.data();
 }
 
-// The activations of a call: known at compile time for the default set (the loops over k unroll and
-// keep every per-activation vector in a register), or read at run time for any other.
-template <int64_t... Codes>
-struct FixedActivations {
-  static constexpr int64_t K = sizeof...(Codes);
-  static constexpr int64_t size() { return K; }
-  static constexpr int64_t code(int64_t k) {
-    constexpr int64_t codes[] = {Codes...};
-    return codes[k];
-  }
-};
-
-using DefaultActivations = FixedActivations<kRelu, kTanh, kSilu, kGelu>;
-
-struct RuntimeActivations {
-  int64_t K = 0;
-  int64_t codes[kMaxActivations] = {};
-  int64_t size() const { return K; }
-  int64_t code(int64_t k) const { return codes[k]; }
-};
-
-// Calls `body(acts)` with the activations of `activations` as a FixedActivations when they are the
-// default (relu, tanh, silu, gelu), else as a RuntimeActivations.
-template <typename Body>
-void with_activations(at::IntArrayRef activations, Body body) {
-  if (activations.size() == 4 && activations[0] == kRelu && activations[1] == kTanh && activations[2] == kSilu
-      && activations[3] == kGelu) {
-    body(DefaultActivations());
-    return;
-  }
-  RuntimeActivations acts;
-  acts.K = static_cast<int64_t>(activations.size());
-  for (int64_t k = 0; k < acts.K; ++k) acts.codes[k] = activations[k];
-  body(acts);
-}
-
-// The default set's activations (and with `kSlopes` their derivatives) for one vector: relu;
-// tanh = 2 / (1 + e^2) - 1 and silu = z / (1 + e) with e = exp(-z); GELU through `normal_cdf`'s
-// formula. Their three reciprocals (of 1 + e, 1 + e^2 and erf's 1 + p|z|/sqrt 2) take one division
-// where every lane has -20 <= z <= 1e30 (their product then stays finite: < 1e27), three elsewhere
-// (large negative z, inf, NaN); a few float32 roundings more: < 1e-6 relative. Both exponentials
-// are ATen's exp_u20 (a degree-5 polynomial, relative error < 3e-6; Sleef's exp, < 1.2e-7, took 20%
-// longer over the whole kernel): training-grade float32, far below bf16's rounding. (The routing
-// weights keep their own division: a softmax whose weights sum to 1 - 4 ulp would turn the
-// activations' size, divided by a small tau, into routing gradient.)
-//
-// The forward (no slopes) passes the routing weights' sum `total` (1e-30 <= total <= K) and gets
-// 1 / total from the same division (`inverse_total`): its rounding only scales the mix by < 1e-6
-// there, where the backward needs weights that sum to 1.
-template <bool kSlopes>
-POLYGLU_INLINE void default_activations(const Vec& z, Vec* a, Vec* slope, const Vec* total = nullptr,
-                                Vec* inverse_total = nullptr) {
-  const Vec one(1.f);
-  const Vec e = z.neg().exp_u20();
-  const Vec p = one + e, q = one + e * e;
-  const Vec w = at::vec::fmadd(Vec(0.3275911f), z.abs() * Vec(static_cast<float>(M_SQRT1_2)), one);
-  Vec inverse_p, inverse_q, t;
-  const Vec in_range = (z >= Vec(-20.f)) & (z <= Vec(1e30f));
-  if (in_range.zero_mask() == 0) {
-    const Vec pq = p * q, qw = q * w;
-    if (total != nullptr) {
-      const Vec pqw = pq * w;
-      const Vec r = one / (pqw * *total);
-      *inverse_total = pqw * r;
-      const Vec rt = r * *total;
-      inverse_p = qw * rt;
-      inverse_q = p * w * rt;
-      t = pq * rt;
-    } else {
-      const Vec r = one / (pq * w);
-      inverse_p = qw * r;
-      inverse_q = p * w * r;
-      t = pq * r;
-    }
-  } else {
-    inverse_p = one / p;
-    inverse_q = one / q;
-    t = one / w;
-    if (total != nullptr) *inverse_total = one / *total;
-  }
-  Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-  poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
-  poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
-  poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
-  const Vec gauss = (z * z * Vec(-0.5f)).exp_u20();
-  const Vec tail = Vec(0.5f) * poly * t * gauss;
-  const Vec cdf = Vec::blendv(one - tail, tail, z < Vec(0.f));
-  a[0] = at::vec::clamp_min(z, Vec(0.f));
-  a[1] = Vec(2.f) * inverse_q - one;
-  a[2] = z * inverse_p;
-  a[3] = z * cdf;
-  if (kSlopes) {
-    slope[0] = Vec::blendv(Vec(0.f), one, z > Vec(0.f));
-    slope[1] = one - a[1] * a[1];
-    slope[2] = inverse_p * (one + z * (one - inverse_p));
-    slope[3] = cdf + z * gauss * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
-  }
-}
-
 // out[r, :] = up[r, :] * sum_k g_k act_k(gate[r, :]) for the rows r of (rows, F) float32 buffers,
 // g = softmax((alpha + dynamic[r]) / tau) over k: the reference's additions, its division and an
 // exact softmax per unit (no underflow whatever the logits). dynamic_of(r) points at row r's K logits.
-// For the default set the softmax's exponentials are exp_u20 and the activations
-// `default_activations`' (one division for their reciprocals and the softmax's sum; < 3e-6 relative,
-// as the training kernel): 1536 units took 3.4 us instead of 5.8 (AVX-512, one thread); any other
-// set takes Sleef's exp and `activate`.
-template <typename Acts, typename DynamicOf>
+template <typename DynamicOf>
 void mix_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t F, const float* alpha_t,
-              DynamicOf dynamic_of, double tau, const Acts& acts) {
-  const int64_t K = acts.size();
+              DynamicOf dynamic_of, double tau, at::IntArrayRef activations) {
+  const int64_t K = static_cast<int64_t>(activations.size());
   bool needs_exp = false;
-  for (int64_t k = 0; k < K; ++k) needs_exp = needs_exp || acts.code(k) == kTanh || acts.code(k) == kSilu
-                                               || acts.code(k) == kSigmoid;
+  for (int64_t code : activations) needs_exp = needs_exp || code == kTanh || code == kSilu || code == kSigmoid;
   const bool divide = tau != 1.0;  // dividing by 1 changes nothing: skip it
   const Vec tau_v(static_cast<float>(tau));
   const int64_t width = Vec::size();
@@ -324,25 +220,14 @@ void mix_rows(const float* gate, const float* up, float* out, int64_t rows, int6
           if (divide) logit[k] = logit[k] / tau_v;
           top = k == 0 ? logit[k] : at::vec::maximum(top, logit[k]);
         }
+        const Vec e = needs_exp ? z.neg().exp() : Vec(0.f);
         Vec total(0.f), mixed(0.f);
-        if constexpr (std::is_same_v<Acts, DefaultActivations>) {
-          Vec w[4], a[4], inverse_total;
-          for (int64_t k = 0; k < 4; ++k) {
-            w[k] = (logit[k] - top).exp_u20();
-            total = total + w[k];
-          }
-          default_activations<false>(z, a, nullptr, &total, &inverse_total);  // 1 <= total <= 4
-          for (int64_t k = 0; k < 4; ++k) mixed = at::vec::fmadd(w[k], a[k], mixed);
-          (mixed * inverse_total * Vec::loadu(ur + f, n)).store(orow + f, n);
-        } else {
-          const Vec e = needs_exp ? z.neg().exp() : Vec(0.f);
-          for (int64_t k = 0; k < K; ++k) {
-            const Vec w = (logit[k] - top).exp();
-            total = total + w;
-            mixed = at::vec::fmadd(w, activate(acts.code(k), z, e), mixed);
-          }
-          (mixed / total * Vec::loadu(ur + f, n)).store(orow + f, n);
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec w = (logit[k] - top).exp();
+          total = total + w;
+          mixed = at::vec::fmadd(w, activate(activations[k], z, e), mixed);
         }
+        (mixed / total * Vec::loadu(ur + f, n)).store(orow + f, n);
       }
     }
   });
@@ -372,10 +257,8 @@ at::Tensor mixed_activation(const at::Tensor& gate_in, const at::Tensor& up_in, 
   const float* alpha_t = alpha_rows(alpha, F, K, buffer);
   const float* d = dynamic.data_ptr<float>();
   const int64_t Td = dynamic.size(1);
-  with_activations(activations, [&](const auto& acts) {
-    mix_rows(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), B * T, F, alpha_t,
-             [=](int64_t r) { return d + ((r / T) * Td + (Td == 1 ? 0 : r % T)) * K; }, tau, acts);
-  });
+  mix_rows(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), B * T, F, alpha_t,
+           [=](int64_t r) { return d + ((r / T) * Td + (Td == 1 ? 0 : r % T)) * K; }, tau, activations);
   return out;
 }
 
@@ -456,10 +339,8 @@ at::Tensor decode_hidden(const at::Tensor& x, const at::Tensor& gate_in, const a
   std::vector<float> buffer;
   const float* alpha_t = alpha_rows(alpha, F, K, buffer);
   const float* d = dynamic.data();
-  with_activations(activations, [&](const auto& acts) {
-    mix_rows(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), B, F, alpha_t,
-             [=](int64_t r) { return d + r * K; }, tau, acts);
-  });
+  mix_rows(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), B, F, alpha_t,
+           [=](int64_t r) { return d + r * K; }, tau, activations);
   return out;
 }
 
@@ -554,6 +435,42 @@ MixTables mix_tables(const at::Tensor& alpha_in, const at::Tensor& dynamic_in, c
   return m;
 }
 
+// The activations of a call: known at compile time for the default set (the loops over k unroll and
+// keep every per-activation vector in a register), or read at run time for any other.
+template <int64_t... Codes>
+struct FixedActivations {
+  static constexpr int64_t K = sizeof...(Codes);
+  static constexpr int64_t size() { return K; }
+  static constexpr int64_t code(int64_t k) {
+    constexpr int64_t codes[] = {Codes...};
+    return codes[k];
+  }
+};
+
+using DefaultActivations = FixedActivations<kRelu, kTanh, kSilu, kGelu>;
+
+struct RuntimeActivations {
+  int64_t K = 0;
+  int64_t codes[kMaxActivations] = {};
+  int64_t size() const { return K; }
+  int64_t code(int64_t k) const { return codes[k]; }
+};
+
+// Calls `body(acts)` with the activations of `activations` as a FixedActivations when they are the
+// default (relu, tanh, silu, gelu), else as a RuntimeActivations.
+template <typename Body>
+void with_activations(at::IntArrayRef activations, Body body) {
+  if (activations.size() == 4 && activations[0] == kRelu && activations[1] == kTanh && activations[2] == kSilu
+      && activations[3] == kGelu) {
+    body(DefaultActivations());
+    return;
+  }
+  RuntimeActivations acts;
+  acts.K = static_cast<int64_t>(activations.size());
+  for (int64_t k = 0; k < acts.K; ++k) acts.codes[k] = activations[k];
+  body(acts);
+}
+
 // The routing weights of one vector of units of token (b, t') at unit offset f, unnormalised:
 // sets w_k and returns their sum (g_k = w_k / sum): w_k = A_k D_k (factored), or exp(l_k - max l)
 // with l = ((alpha + dynamic) + noise) / tau (the exact softmax, for tokens whose factored sum could
@@ -585,6 +502,69 @@ POLYGLU_INLINE Vec routing_vector(const MixTables& m, const Acts& acts, int64_t 
     total = total + w[k];
   }
   return total;
+}
+
+// The default set's activations (and with `kSlopes` their derivatives) for one vector: relu;
+// tanh = 2 / (1 + e^2) - 1 and silu = z / (1 + e) with e = exp(-z); GELU through `normal_cdf`'s
+// formula. Their three reciprocals (of 1 + e, 1 + e^2 and erf's 1 + p|z|/sqrt 2) take one division
+// where every lane has -20 <= z <= 1e30 (their product then stays finite: < 1e27), three elsewhere
+// (large negative z, inf, NaN); a few float32 roundings more: < 1e-6 relative. Both exponentials
+// are ATen's exp_u20 (a degree-5 polynomial, relative error < 3e-6; Sleef's exp, < 1.2e-7, took 20%
+// longer over the whole kernel): training-grade float32, far below bf16's rounding. (The routing
+// weights keep their own division: a softmax whose weights sum to 1 - 4 ulp would turn the
+// activations' size, divided by a small tau, into routing gradient.)
+//
+// The forward (no slopes) passes the routing weights' sum `total` (1e-30 <= total <= K) and gets
+// 1 / total from the same division (`inverse_total`): its rounding only scales the mix by < 1e-6
+// there, where the backward needs weights that sum to 1.
+template <bool kSlopes>
+POLYGLU_INLINE void default_activations(const Vec& z, Vec* a, Vec* slope, const Vec* total = nullptr,
+                                Vec* inverse_total = nullptr) {
+  const Vec one(1.f);
+  const Vec e = z.neg().exp_u20();
+  const Vec p = one + e, q = one + e * e;
+  const Vec w = at::vec::fmadd(Vec(0.3275911f), z.abs() * Vec(static_cast<float>(M_SQRT1_2)), one);
+  Vec inverse_p, inverse_q, t;
+  const Vec in_range = (z >= Vec(-20.f)) & (z <= Vec(1e30f));
+  if (in_range.zero_mask() == 0) {
+    const Vec pq = p * q, qw = q * w;
+    if (total != nullptr) {
+      const Vec pqw = pq * w;
+      const Vec r = one / (pqw * *total);
+      *inverse_total = pqw * r;
+      const Vec rt = r * *total;
+      inverse_p = qw * rt;
+      inverse_q = p * w * rt;
+      t = pq * rt;
+    } else {
+      const Vec r = one / (pq * w);
+      inverse_p = qw * r;
+      inverse_q = p * w * r;
+      t = pq * r;
+    }
+  } else {
+    inverse_p = one / p;
+    inverse_q = one / q;
+    t = one / w;
+    if (total != nullptr) *inverse_total = one / *total;
+  }
+  Vec poly = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
+  poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
+  poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
+  const Vec gauss = (z * z * Vec(-0.5f)).exp_u20();
+  const Vec tail = Vec(0.5f) * poly * t * gauss;
+  const Vec cdf = Vec::blendv(one - tail, tail, z < Vec(0.f));
+  a[0] = at::vec::clamp_min(z, Vec(0.f));
+  a[1] = Vec(2.f) * inverse_q - one;
+  a[2] = z * inverse_p;
+  a[3] = z * cdf;
+  if (kSlopes) {
+    slope[0] = Vec::blendv(Vec(0.f), one, z > Vec(0.f));
+    slope[1] = one - a[1] * a[1];
+    slope[2] = inverse_p * (one + z * (one - inverse_p));
+    slope[3] = cdf + z * gauss * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
+  }
 }
 
 // The standard normal distribution at z: returns Phi(z) and sets `density` to phi(z). Phi is the
