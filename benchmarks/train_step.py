@@ -2,9 +2,10 @@
 
 One step = forward, next-token cross-entropy, backward, AdamW step, in the trainer's precision:
 float32 weights, and with bfloat16 (what `auto` picks where bf16 is native) the forward under bf16
-autocast, as `polyglu.train.trainer` runs it. Both models are built from the same preset (default `small`) with the same seed and data, and their steps alternate, so machine
-load hits both alike. Prints tokens/s (median and best over `--steps`) and the PolyGLU/SwiGLU time
-ratio; `--json` prints one JSON object instead.
+autocast, as `polyglu.train.trainer` runs it. Both models are built from the same preset (default
+`small`) with the same seed and data, and their steps alternate, so machine load hits both alike.
+Prints tokens/s (median and best over `--steps`) and the PolyGLU/SwiGLU time ratio; `--json` prints
+one JSON object instead.
 
     python benchmarks/train_step.py                                   # small, B=4 T=256, CPU f32
     python benchmarks/train_step.py --preset demo --threads 1 --clock cpu  # the demo's step: B=8 T=256, packed
