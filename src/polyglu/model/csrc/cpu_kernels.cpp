@@ -471,19 +471,38 @@ void with_activations(at::IntArrayRef activations, Body body) {
   body(acts);
 }
 
+// One token's factored routing, read once per row: the table row A (K, F) and the token's factors
+// D_k as vectors, held in registers over the row's vector loop (read through `m` at every vector,
+// the compiler reloaded them after each of the loop's stores, which may alias anything). a is null
+// where the token takes the exact softmax.
+struct RowRouting {
+  const float* a = nullptr;
+  Vec d[kMaxActivations];
+};
+
+template <typename Acts>
+POLYGLU_INLINE RowRouting row_routing(const MixTables& m, const Acts& acts, int64_t b, int64_t td) {
+  const int64_t K = acts.size(), row = b * m.Td + td;
+  RowRouting routing;
+  if (!m.exact[row]) {
+    routing.a = m.a_row(b);
+    for (int64_t k = 0; k < K; ++k) routing.d[k] = Vec(m.d[row * K + k]);
+  }
+  return routing;
+}
+
 // The routing weights of one vector of units of token (b, t') at unit offset f, unnormalised:
 // sets w_k and returns their sum (g_k = w_k / sum): w_k = A_k D_k (factored), or exp(l_k - max l)
 // with l = ((alpha + dynamic) + noise) / tau (the exact softmax, for tokens whose factored sum could
 // underflow; the sum is then >= 1).
 template <typename Acts>
-POLYGLU_INLINE Vec routing_vector(const MixTables& m, const Acts& acts, int64_t b, int64_t td, int64_t f, int64_t n, Vec* w) {
+POLYGLU_INLINE Vec routing_vector(const MixTables& m, const Acts& acts, const RowRouting& token, int64_t F,
+                                  int64_t b, int64_t td, int64_t f, int64_t n, Vec* w) {
   const int64_t K = acts.size(), row = b * m.Td + td;
   Vec total(0.f);
-  if (!m.exact[row]) {
-    const float* a = m.a_row(b);
-    const float* d = m.d.data() + row * K;
+  if (token.a != nullptr) {
     for (int64_t k = 0; k < K; ++k) {
-      w[k] = Vec::loadu(a + k * m.F + f, n) * Vec(d[k]);
+      w[k] = Vec::loadu(token.a + k * F + f, n) * token.d[k];
       total = total + w[k];
     }
     return total;
@@ -717,10 +736,11 @@ void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* 
       const scalar_t* z_row = gate + r * F;
       const scalar_t* u_row = up + r * F;
       scalar_t* o_row = out + r * F;
+      const RowRouting token = row_routing(m, acts, b, td);
       for (int64_t f = 0; f < F; f += width) {
         const int64_t n = std::min(width, F - f);
         Vec w[kMaxActivations];
-        const Vec total = routing_vector(m, acts, b, td, f, n, w);
+        const Vec total = routing_vector(m, acts, token, F, b, td, f, n, w);
         const Vec z = load_float(z_row + f, n);
         Vec mixed(0.f);
         if constexpr (std::is_same_v<Acts, DefaultActivations>) {
@@ -771,12 +791,13 @@ POLYGLU_INLINE void backward_row(const MixTables& m, const Acts& acts, bool with
   const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
   const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
   const bool routing = d_alpha != nullptr;
+  const RowRouting token = row_routing(m, acts, b, td);
   Vec row_sum[kMaxActivations];
   for (int64_t k = 0; k < K; ++k) row_sum[k] = Vec(0.f);
   for (int64_t f = 0; f < F; f += width) {
     const int64_t n = std::min(width, F - f), i = r * F + f;
     Vec g[kMaxActivations], a[kMaxActivations], slope[kMaxActivations];
-    const Vec total = routing_vector(m, acts, b, td, f, n, g);
+    const Vec total = routing_vector(m, acts, token, F, b, td, f, n, g);
     const Vec z = load_float(gate + i, n), dh = load_float(grad + i, n);
     if constexpr (std::is_same_v<Acts, DefaultActivations>) {
       default_activations<true>(z, a, slope);
