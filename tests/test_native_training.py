@@ -104,19 +104,28 @@ def test_bfloat16_inputs_compute_in_float32(kernels, per_token):
 
 @pytest.mark.parametrize("F", [64, 72, 37])  # whole vectors (AVX-512 and AVX2), a tail, a tail alone
 def test_bfloat16_results_are_the_float32_results_rounded(kernels, F):
-    # bf16 rows are widened and results rounded in registers: the same float32 math as on float32
-    # inputs holding the same values, then torch's round-to-nearest-even: equal (NaN where NaN)
-    gate, up, alpha, dynamic, noise = make_inputs(2, 5, F, 4, True, True)
-    gate, up, grad = gate.bfloat16(), up.bfloat16(), torch.randn(2, 5, F).bfloat16()
-    gate[0, 0, 3], up[1, 2, F - 1] = float("nan"), float("nan")
-    codes = native.activation_codes(DEFAULT)
-    h = kernels.mix_forward(gate, up, alpha, dynamic, noise, 0.5, codes)
-    wide = kernels.mix_forward(gate.float(), up.float(), alpha, dynamic, noise, 0.5, codes)
-    torch.testing.assert_close(h, wide.bfloat16(), rtol=0, atol=0, equal_nan=True)
-    grads = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.5, codes, False)
-    wide = kernels.mix_backward(grad.float(), gate.float(), up.float(), alpha, dynamic, noise, 0.5, codes, False)
-    for got, want in zip(grads[:2], wide[:2]):
-        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    # bf16 rows are widened and results rounded in registers. A run-time activation set computes the
+    # same float32 math from bf16 and float32 inputs: its results are the float32 ones under torch's
+    # round-to-nearest-even (NaN where NaN). The default set computes at bf16 grade from bf16 inputs
+    # (cheaper exp and erf, ~1e-4 of the largest value): within one bf16 unit of the float32 results.
+    for activations, exact in ((("silu", "gelu", "relu"), True), (DEFAULT, False)):
+        gate, up, alpha, dynamic, noise = make_inputs(2, 5, F, len(activations), True, True)
+        gate, up, grad = gate.bfloat16(), up.bfloat16(), torch.randn(2, 5, F).bfloat16()
+        gate[0, 0, 3], up[1, 2, F - 1] = float("nan"), float("nan")
+        codes = native.activation_codes(activations)
+        results = [kernels.mix_forward(gate, up, alpha, dynamic, noise, 0.5, codes)]
+        results += kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.5, codes, False)[:2]
+        wide = [kernels.mix_forward(gate.float(), up.float(), alpha, dynamic, noise, 0.5, codes)]
+        wide += kernels.mix_backward(grad.float(), gate.float(), up.float(), alpha, dynamic, noise, 0.5, codes,
+                                     False)[:2]
+        for got, want in zip(results, wide):
+            assert got.dtype == torch.bfloat16
+            if exact:
+                torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0, equal_nan=True)
+            else:
+                scale = float(want.nan_to_num().abs().max())  # erf's 2.5e-5 is absolute: near 0 it shows
+                torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=2 ** -7, atol=1e-4 * scale,
+                                           equal_nan=True)
 
 
 def test_threads_split_the_rows_and_sum_the_alpha_gradient(kernels):
