@@ -11,10 +11,11 @@ factored sum could underflow), with two differences that make it faster:
   routing tables is laid out by eager ops per call.
 
 It takes soft routing with one K-vector of dynamic logits per token or per row (layer scope), any
-Gumbel noise, gate and up in float32 or bfloat16 (math in float32), activations with a native code;
-other calls go to "compiled" (`applies`). Like "compiled", the first call of each signature is
-checked against the eager kernel, forward and backward; a disagreement or a kernel that does not
-build means one warning and "compiled" from then on.
+Gumbel noise, gate and up in float32 or bfloat16 (math in float32; from bf16 inputs the default
+activations at bf16 grade, ~1e-4, where the eager kernel rounds each to bf16), activations with a
+native code; other calls go to "compiled" (`applies`). Like "compiled", the first call of each
+signature is checked against the eager kernel, forward and backward; a disagreement or a kernel that
+does not build means one warning and "compiled" from then on.
 """
 
 from __future__ import annotations
