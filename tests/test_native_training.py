@@ -150,8 +150,8 @@ def test_threads_split_the_rows_and_sum_the_alpha_gradient(kernels):
 def test_parallel_loops_run_on_torchs_own_threads(kernels):
     # threads of the kernels' own competed with torch's spinning OpenMP workers for the cores (a
     # 2-thread training step took 1.2x SwiGLU's); with torch's runtime found they run on its workers
-    backend = "OpenMP" if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() else "native"
-    assert kernels.threading() == ("openmp" if backend == "OpenMP" else "torch")
+    openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert kernels.threading() == ("openmp" if openmp else "torch")
 
 
 def test_bad_inputs_are_refused_by_the_kernel(kernels):
