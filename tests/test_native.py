@@ -201,6 +201,105 @@ def test_decode_takes_the_eager_path_where_the_kernel_does_not_apply(kernels, mo
     assert decoded(_block(routing_noise=False).train())[1]  # training without noise: the same soft routing
 
 
+def test_decode_reads_the_layer_once_per_cache_and_the_moment_at_every_token(kernels, monkeypatch):
+    """What the kernel needs of the layer is looked up once per KV cache (keyed by its running sums
+    and the layer's mode); values changed in place, grad mode, autocast and the mode still count at
+    every token, and another cache reads the layer again."""
+    block = _block()
+    spy = Spy(kernels)
+    monkeypatch.setattr(native, "_kernels", spy)
+    x, positions = torch.randn(2, 4, 32), torch.tensor([[0, 1, 2, 3], [3, 4, 5, 6]])
+
+    def step(state, t, grad=False):
+        spy.calls.clear()
+        with torch.set_grad_enabled(grad):
+            out = block(x[:, t:t + 1], positions=positions[:, t:t + 1], pool_state=state)
+        return out, spy.calls == ["decode_hidden"]
+
+    def eager(state, t):
+        monkeypatch.setattr(native, "_kernels", None)
+        try:
+            with torch.no_grad():
+                return block(x[:, t:t + 1], positions=positions[:, t:t + 1], pool_state=state)
+        finally:
+            monkeypatch.setattr(native, "_kernels", spy)
+
+    state, twin = PoolState(torch.zeros(2, 8)), PoolState(torch.zeros(2, 8))
+    out, taken = step(state, 0)
+    assert taken and torch.allclose(out, eager(twin, 0), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        block.alpha.mul_(-2.0)  # in place: the next token reads the new values
+    out, taken = step(state, 1)
+    assert taken and torch.allclose(out, eager(twin, 1), atol=1e-6, rtol=1e-5)
+    out, taken = step(state, 2, grad=True)  # gradients wanted mid-cache: autograd's eager ops
+    assert not taken and out.requires_grad
+    eager(twin, 2)
+    block.train()  # training mode with Gumbel noise: the kernel does not apply
+    assert not step(state, 3)[1]
+    block.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not step(PoolState(torch.zeros(2, 8)), 0)[1]
+    block.alpha = torch.nn.Parameter(torch.randn(48, 4))  # replaced: a new cache reads the new tensor
+    state, twin = PoolState(torch.zeros(2, 8)), PoolState(torch.zeros(2, 8))
+    out, taken = step(state, 0)
+    assert taken and torch.allclose(out, eager(twin, 0), atol=1e-6, rtol=1e-5)
+
+
+def test_an_adapter_on_the_routing_network_decodes_through_its_own_forward(kernels, monkeypatch):
+    """A module standing in for one of gate_net's layers (an adapter such as PEFT's LoRA) has a forward
+    of its own that the kernel's weights-only routing step would skip: such a layer decodes eagerly,
+    and its cached decoding equals its full forward."""
+
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.5
+
+    block = _block()
+    shifted = Shifted(32, 8)
+    shifted.load_state_dict(block.gate_net[0].state_dict())
+    block.gate_net[0] = shifted
+    spy = Spy(kernels)
+    monkeypatch.setattr(native, "_kernels", spy)
+    x = torch.randn(2, 5, 32)
+    positions = torch.arange(5).expand(2, 5)
+    got, _ = _decode(block, x, positions, shared_flags=True)
+    assert "decode_hidden" not in spy.calls
+    with torch.no_grad():
+        torch.testing.assert_close(got, block(x), atol=1e-6, rtol=1e-5)
+
+
+def test_routing_saturated_on_silu_decodes_exactly_swiglu(kernels, monkeypatch):
+    """A PolyGLU model routed to SiLU (a Qwen3 upcycled by `polyglu convert --from qwen3`) decodes,
+    through the native kernel, exactly what the same weights give as SwiGLU, bit for bit."""
+    from polyglu.config import ModelConfig
+    from polyglu.interop.qwen3 import route_to_silu
+
+    config = ModelConfig.from_preset("debug", vocab_size=97, d_model=32, d_ff=64, n_heads=4, n_kv_heads=2,
+                                     head_dim=8, max_seq_len=64, gate_hidden=8)
+    torch.manual_seed(0)
+    polyglu = PolychromaticLM(config).eval()
+    route_to_silu(polyglu)
+    swiglu = PolychromaticLM(config.replace(ffn="swiglu")).eval()
+    missing, _ = swiglu.load_state_dict(polyglu.state_dict(), strict=False)
+    assert not missing
+    polyglu.use_decode_layout()
+    swiglu.use_decode_layout()
+    spy = Spy(kernels)
+    monkeypatch.setattr(native, "_kernels", spy)
+    prompt = torch.randint(1, 97, (1, 5))
+    with torch.no_grad():
+        caches = {name: KVCache.for_model(m, 1, 20) for name, m in (("polyglu", polyglu), ("swiglu", swiglu))}
+        logits = {name: m(prompt, cache=caches[name]).logits for name, m in (("polyglu", polyglu), ("swiglu", swiglu))}
+        assert torch.equal(logits["polyglu"], logits["swiglu"])
+        token = logits["polyglu"][:, -1:].argmax(-1)
+        for _ in range(6):
+            spy.calls.clear()
+            step = {name: m(token, cache=caches[name]).logits for name, m in (("polyglu", polyglu), ("swiglu", swiglu))}
+            assert spy.calls == ["decode_hidden"] * config.n_layers
+            assert torch.equal(step["polyglu"], step["swiglu"])
+            token = step["polyglu"][:, -1:].argmax(-1)
+
+
 def test_generation_with_the_kernels_equals_generation_without(kernels, monkeypatch, tiny_config):
     model = PolychromaticLM(tiny_config).eval()
     with torch.no_grad():

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from polyglu.model import fused, native
 from polyglu.model.activations import get_activations
@@ -47,38 +48,50 @@ def _needs_grad(tensors: Sequence[torch.Tensor | None]) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _native_ok(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...], hard: bool, noisy: bool) -> bool:
-    """Whether the native kernels compute this call: float32 CPU tensors, soft noise-free routing,
-    activations with native codes, no autocast, and kernels that load (built on first use)."""
-    if hard or noisy or tensors[0].device.type != "cpu" or native.activation_codes(activations) is None:
+def _native_tensors(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...], hard: bool,
+                    noisy: bool) -> bool:
+    """What the native kernels need of a call itself: float32 CPU tensors, soft noise-free routing and
+    activations with native codes."""
+    if hard or noisy or not tensors[0].is_cpu or native.activation_codes(activations) is None:
         return False
     if len(tensors) > 3 and tensors[3] is not None and tensors[3].dim() == 4:
         return False  # per-neuron logits (B, T', F, K): the kernel reads one K-vector per token
-    for t in tensors:  # a plain loop: a decode step asks this once per layer
-        if t is not None and t.dtype != torch.float32:
-            return False
+    float32 = torch.float32
+    return all(t is None or t.dtype is float32 for t in tensors)
+
+
+def _native_now() -> bool:
+    """What the native kernels need of the moment: no autocast, and kernels that load (built on first use)."""
     return not torch.is_autocast_enabled("cpu") and native.kernels() is not None
+
+
+def _log_path(path: str, first: torch.Tensor, activations: tuple[str, ...]) -> None:
+    if path not in _logged:
+        _logged.add(path)
+        logger.info("polyglu: small inference calls take the %s path (first: %s, %s)", path,
+                    "x".join(map(str, first.shape)), ",".join(activations))
 
 
 def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...], *, hard: bool, noisy: bool,
            decode: bool = False, per_neuron: bool = False) -> str | None:
     """The path of one small inference call (see the module's docstring); the first tensor is the call's
     input (gate, or for `decode` the layer's input x). `decode`: a PolyGLU layer's whole decoded
-    token ("native-decode" or None: the layer then computes it step by step). `per_neuron`: the logits
-    come in rank form (a routing map), which the native kernel does not read."""
+    token ("native-decode" or None: the layer then computes it step by step; `decode_hidden` asks
+    the same questions with their answers about the layer kept per KV cache). `per_neuron`: the
+    logits come in rank form (a routing map), which the native kernel does not read."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _needs_grad(tensors)):
         return None
     first = tensors[0]
     if decode:
-        path = "native-decode" if len(activations) > 1 and _native_ok(tensors, activations, hard, noisy) else None
+        native_ok = len(activations) > 1 and _native_tensors(tensors, activations, hard, noisy) and _native_now()
+        path = "native-decode" if native_ok else None
     elif first.numel() > SMALL_INFERENCE_ELEMENTS or fused.chosen_kernel() is not None:
         return None
     else:
-        path = "native" if not per_neuron and _native_ok(tensors, activations, hard, noisy) else "eager"
-    if path is not None and path not in _logged:
-        _logged.add(path)
-        logger.info("polyglu: small inference calls take the %s path (first: %s, %s)", path,
-                    "x".join(map(str, first.shape)), ",".join(activations))
+        native_ok = not per_neuron and _native_tensors(tensors, activations, hard, noisy) and _native_now()
+        path = "native" if native_ok else "eager"
+    if path is not None:
+        _log_path(path, first, activations)
     return path
 
 
@@ -99,24 +112,53 @@ def describe(activations: tuple[str, ...]) -> str:
 def decode_hidden(layer, x: torch.Tensor, positions: torch.Tensor | None, pool_state) -> torch.Tensor | None:
     """The hidden activations of one float32 CPU token per row of `layer` (a PolyGLU with causal
     pooling) through the native kernel: the pool step (continuing `pool_state`'s running sums in
-    place), the routing network and the mixed activation in one call; None when `choose` says no."""
-    if layer.gate_net is None or layer.routing_pool != "causal" or layer.routing_map is not None:
-        return None  # the kernel computes one K-vector of logits per row, not per neuron
-    first, _, second = layer.gate_net
-    noisy = layer.routing_noise if layer.training else False
-    hard = not layer.training and layer.eval_routing == "hard"
-    routing = (first.weight, first.bias, second.weight, second.bias, layer.beta, layer.alpha)
-    if choose((x, *routing), layer.activations, hard=hard, noisy=noisy, decode=True) is None:
+    place), the routing network and the mixed activation in one call; None where `choose`'s rules
+    say no ("native-decode").
+
+    Called once per layer and decoded token, where Python's own time shows: inside a decode step,
+    its caches cold from streaming the weights, nn.Module attribute lookups (`layer.alpha`, ...) and
+    `choose` took ~18 us a layer. So what the rules ask of the layer (its routing tensors, their
+    dtypes, its routing mode) is answered once per KV cache (`_decode_tensors`, kept on the layer,
+    keyed by the cache's running sums `pool_state.total` and the layer's training flag), and a decode
+    step asks only what can change between two tokens: a trace, grad mode, autocast, the kernels.
+    Within one cache the layer's tensors may change their values in place (the kernel reads them at
+    every call), not be replaced by others."""
+    if torch.compiler.is_compiling():
+        return None
+    total, training = pool_state.total, layer.training
+    memo = layer.__dict__.get("_native_decode")
+    if memo is None or memo[0] is not total or memo[1] is not training:
+        memo = (total, training, _decode_tensors(layer, x, training))
+        layer.__dict__["_native_decode"] = memo
+    tensors = memo[2]
+    if tensors is None or (torch.is_grad_enabled() and _needs_grad((x, *tensors))) or not _native_now():
         return None
     keep, count = pool_state.keep, pool_state.count
     if keep is None or count is None:  # not a decode step's shared flags: derived from the positions
         if positions is None:
             return None  # the eager path says what is missing
         keep, count = (positions > 0).float(), (positions + 1).float()
-    w1, b1, w2, b2, beta, alpha = routing
-    return native.kernels().decode_hidden.default(x, layer.gate_proj(x), layer.up_proj(x), w1, b1, pool_state.total,
-                                                  keep, count, w2, b2, beta, alpha, float(layer.tau),
+    _log_path("native-decode", x, layer.activations)
+    w1, b1, w2, b2, beta, alpha, tau = tensors
+    return native.kernels().decode_hidden.default(x, layer.gate_proj(x), layer.up_proj(x), w1, b1, total, keep,
+                                                  count, w2, b2, beta, alpha, tau,
                                                   native.activation_codes(layer.activations))
+
+
+def _decode_tensors(layer, x: torch.Tensor, training: bool) -> tuple[torch.Tensor, ...] | None:
+    """(w1, b1, w2, b2, beta, alpha, tau) of a layer whose decoded tokens the native kernel can
+    compute (`choose`'s rules for "native-decode", less those of the moment), else None."""
+    gate_net = layer.gate_net
+    if gate_net is None or layer.routing_pool != "causal" or layer.routing_map is not None:
+        return None  # the kernel computes one K-vector of logits per row, not per neuron
+    first, _, second = gate_net
+    if type(first) is not nn.Linear or type(second) is not nn.Linear:
+        return None  # an adapter (PEFT's LoRA) on the routing network: its own forward, eagerly
+    tensors = (first.weight, first.bias, second.weight, second.bias, layer.beta, layer.alpha, layer.tau)
+    hard, noisy = not training and layer.eval_routing == "hard", training and layer.routing_noise
+    if len(layer.activations) < 2 or not _native_tensors((x, *tensors), layer.activations, hard, noisy):
+        return None
+    return tensors
 
 
 def mixed_activation(gate: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, dynamic: torch.Tensor,

@@ -188,48 +188,91 @@ const float* alpha_rows(const at::Tensor& alpha, int64_t F, int64_t K, std::vect
   return buffer.data();
 }
 
+// The activations of a call: known at compile time for the default set (the loops over k unroll and
+// keep every per-activation vector in a register), or read at run time for any other.
+template <int64_t... Codes>
+struct FixedActivations {
+  static constexpr int64_t K = sizeof...(Codes);
+  static constexpr int64_t size() { return K; }
+  static constexpr int64_t code(int64_t k) {
+    constexpr int64_t codes[] = {Codes...};
+    return codes[k];
+  }
+};
+
+using DefaultActivations = FixedActivations<kRelu, kTanh, kSilu, kGelu>;
+
+struct RuntimeActivations {
+  int64_t K = 0;
+  int64_t codes[kMaxActivations] = {};
+  int64_t size() const { return K; }
+  int64_t code(int64_t k) const { return codes[k]; }
+};
+
+// Calls `body(acts)` with the activations of `activations` as a FixedActivations when they are the
+// default (relu, tanh, silu, gelu), else as a RuntimeActivations.
+template <typename Body>
+void with_activations(at::IntArrayRef activations, Body body) {
+  if (activations.size() == 4 && activations[0] == kRelu && activations[1] == kTanh && activations[2] == kSilu
+      && activations[3] == kGelu) {
+    body(DefaultActivations());
+    return;
+  }
+  RuntimeActivations acts;
+  acts.K = static_cast<int64_t>(activations.size());
+  for (int64_t k = 0; k < acts.K; ++k) acts.codes[k] = activations[k];
+  body(acts);
+}
+
 // out[r, :] = up[r, :] * sum_k g_k act_k(gate[r, :]) for the rows r of (rows, F) float32 buffers,
 // g = softmax((alpha + dynamic[r]) / tau) over k: the reference's additions, its division and an
 // exact softmax per unit (no underflow whatever the logits). dynamic_of(r) points at row r's K logits.
 template <typename DynamicOf>
 void mix_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t F, const float* alpha_t,
               DynamicOf dynamic_of, double tau, at::IntArrayRef activations) {
-  const int64_t K = static_cast<int64_t>(activations.size());
-  bool needs_exp = false;
-  for (int64_t code : activations) needs_exp = needs_exp || code == kTanh || code == kSilu || code == kSigmoid;
-  const bool divide = tau != 1.0;  // dividing by 1 changes nothing: skip it
-  const Vec tau_v(static_cast<float>(tau));
-  const int64_t width = Vec::size();
-  // rows in parallel when there are enough of them (~32K values a task), else all in this thread
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1));
-  parallel_rows(rows, grain, [&](int64_t begin, int64_t end, int64_t) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* dyn = dynamic_of(r);
-      const float* gr = gate + r * F;
-      const float* ur = up + r * F;
-      float* orow = out + r * F;
-      Vec dv[kMaxActivations];
-      for (int64_t k = 0; k < K; ++k) dv[k] = Vec(dyn[k]);
-      for (int64_t f = 0; f < F; f += width) {
-        const int64_t n = std::min(width, F - f);
-        const Vec z = Vec::loadu(gr + f, n);
-        Vec logit[kMaxActivations];
-        Vec top;
-        for (int64_t k = 0; k < K; ++k) {
-          logit[k] = Vec::loadu(alpha_t + k * F + f, n) + dv[k];
-          if (divide) logit[k] = logit[k] / tau_v;
-          top = k == 0 ? logit[k] : at::vec::maximum(top, logit[k]);
-        }
-        const Vec e = needs_exp ? z.neg().exp() : Vec(0.f);
-        Vec total(0.f), mixed(0.f);
-        for (int64_t k = 0; k < K; ++k) {
-          const Vec w = (logit[k] - top).exp();
-          total = total + w;
-          mixed = at::vec::fmadd(w, activate(activations[k], z, e), mixed);
-        }
-        (mixed / total * Vec::loadu(ur + f, n)).store(orow + f, n);
-      }
+  with_activations(activations, [&](const auto& acts) {
+    const int64_t K = acts.size();
+    bool needs_exp = false;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t code = acts.code(k);
+      needs_exp = needs_exp || code == kTanh || code == kSilu || code == kSigmoid;
     }
+    const bool divide = tau != 1.0;  // dividing by 1 changes nothing: skip it
+    const Vec inverse_tau(static_cast<float>(1.0 / tau));
+    const int64_t width = Vec::size();
+    // rows in parallel when there are enough of them (~32K values a task), else all in this thread
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1));
+    parallel_rows(rows, grain, [&](int64_t begin, int64_t end, int64_t) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* dyn = dynamic_of(r);
+        const float* gr = gate + r * F;
+        const float* ur = up + r * F;
+        float* orow = out + r * F;
+        Vec dv[kMaxActivations];
+        for (int64_t k = 0; k < K; ++k) dv[k] = Vec(dyn[k]);
+        for (int64_t f = 0; f < F; f += width) {
+          const int64_t n = std::min(width, F - f);
+          const Vec z = Vec::loadu(gr + f, n);
+          Vec logit[kMaxActivations];
+          Vec top;
+          for (int64_t k = 0; k < K; ++k) {
+            logit[k] = Vec::loadu(alpha_t + k * F + f, n) + dv[k];
+            if (divide) logit[k] = logit[k] * inverse_tau;
+            top = k == 0 ? logit[k] : at::vec::maximum(top, logit[k]);
+          }
+          const Vec e = needs_exp ? z.neg().exp() : Vec(0.f);
+          Vec total(0.f), mixed(0.f);
+          for (int64_t k = 0; k < K; ++k) {
+            // exp_u20 (20 ulp): exactly 1 at 0 and 0 below float's range, so routing saturated on one
+            // activation (a Qwen3 upcycled to PolyGLU) gives that activation exactly
+            const Vec w = (logit[k] - top).exp_u20();
+            total = total + w;
+            mixed = at::vec::fmadd(w, activate(acts.code(k), z, e), mixed);
+          }
+          (mixed / total * Vec::loadu(ur + f, n)).store(orow + f, n);
+        }
+      }
+    });
   });
 }
 
@@ -265,7 +308,8 @@ at::Tensor mixed_activation(const at::Tensor& gate_in, const at::Tensor& up_in, 
 // One decoded token per row through the routing network with causal pooling, continuing the running
 // sums in place (`_causal_step` in polyglu.py):
 //   total = x W1^T + total * keep;  dynamic = beta * (W2 relu(b1 + total / count) + b2)
-// x (B, 1, D); w1 (H, D) any strides; total (B, H) contiguous (updated); keep, count (B, 1); w2 (K, H).
+// x (B, 1, D); w1 (H, D) and w2 (K, H) any strides (the decode layout stores them column-major);
+// total (B, H) contiguous (updated); keep, count (B, 1).
 // Writes dynamic (B, K) to `dynamic`.
 void routing_step(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& b1_in, at::Tensor& total,
                   const at::Tensor& keep_in, const at::Tensor& count_in, const at::Tensor& w2_in,
@@ -277,12 +321,13 @@ void routing_step(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor
   TORCH_CHECK(w1.dim() == 2 && w1.size(0) == H && x_in.numel() == B * D && w2_in.dim() == 2 && w2_in.size(1) == H
               && b1_in.numel() == H && b2_in.numel() == K && beta_in.numel() == K
               && keep_in.numel() == B && count_in.numel() == B, "polyglu native kernels: inconsistent routing shapes");
-  const at::Tensor x = x_in.contiguous(), b1 = b1_in.contiguous(), w2 = w2_in.contiguous(), b2 = b2_in.contiguous(),
+  const at::Tensor x = x_in.contiguous(), b1 = b1_in.contiguous(), b2 = b2_in.contiguous(),
                    beta = beta_in.contiguous(), keep = keep_in.contiguous(), count = count_in.contiguous();
   const float* w = w1.data_ptr<float>();
   const int64_t s0 = w1.stride(0), s1 = w1.stride(1);
-  const float *b1p = b1.data_ptr<float>(), *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>(),
+  const float *b1p = b1.data_ptr<float>(), *w2p = w2_in.data_ptr<float>(), *b2p = b2.data_ptr<float>(),
               *betap = beta.data_ptr<float>();
+  const int64_t t0 = w2_in.stride(0), t1 = w2_in.stride(1);
   std::vector<float> proj(H), hidden(H);
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x.data_ptr<float>() + b * D;
@@ -313,7 +358,7 @@ void routing_step(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor
     }
     for (int64_t k = 0; k < K; ++k) {
       float acc = 0.f;
-      for (int64_t h = 0; h < H; ++h) acc += w2p[k * H + h] * hidden[h];
+      for (int64_t h = 0; h < H; ++h) acc += w2p[k * t0 + h * t1] * hidden[h];
       dynamic[b * K + k] = (acc + b2p[k]) * betap[k];
     }
   }
@@ -324,8 +369,9 @@ void routing_step(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor
 at::Tensor decode_hidden(const at::Tensor& x, const at::Tensor& gate_in, const at::Tensor& up_in,
                          const at::Tensor& w1, const at::Tensor& b1, at::Tensor total, const at::Tensor& keep,
                          const at::Tensor& count, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& beta,
-                         const at::Tensor& alpha, double tau, at::IntArrayRef activations) {
-  for (const at::Tensor* t : {&gate_in, &up_in, &alpha}) check_float_cpu(*t);
+                         const at::Tensor& alpha, const at::Tensor& tau, at::IntArrayRef activations) {
+  for (const at::Tensor* t : {&gate_in, &up_in, &alpha, &tau}) check_float_cpu(*t);
+  TORCH_CHECK(tau.numel() == 1, "polyglu native kernels: tau must hold one value, got ", tau.numel());
   check_activations(activations);
   const int64_t K = static_cast<int64_t>(activations.size());
   const int64_t B = total.size(0), F = gate_in.size(-1);
@@ -340,7 +386,7 @@ at::Tensor decode_hidden(const at::Tensor& x, const at::Tensor& gate_in, const a
   const float* alpha_t = alpha_rows(alpha, F, K, buffer);
   const float* d = dynamic.data();
   mix_rows(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), B, F, alpha_t,
-           [=](int64_t r) { return d + r * K; }, tau, activations);
+           [=](int64_t r) { return d + r * K; }, *tau.data_ptr<float>(), activations);
   return out;
 }
 
@@ -433,42 +479,6 @@ MixTables mix_tables(const at::Tensor& alpha_in, const at::Tensor& dynamic_in, c
     m.exact[r] = !(bound >= kTinySum);
   }
   return m;
-}
-
-// The activations of a call: known at compile time for the default set (the loops over k unroll and
-// keep every per-activation vector in a register), or read at run time for any other.
-template <int64_t... Codes>
-struct FixedActivations {
-  static constexpr int64_t K = sizeof...(Codes);
-  static constexpr int64_t size() { return K; }
-  static constexpr int64_t code(int64_t k) {
-    constexpr int64_t codes[] = {Codes...};
-    return codes[k];
-  }
-};
-
-using DefaultActivations = FixedActivations<kRelu, kTanh, kSilu, kGelu>;
-
-struct RuntimeActivations {
-  int64_t K = 0;
-  int64_t codes[kMaxActivations] = {};
-  int64_t size() const { return K; }
-  int64_t code(int64_t k) const { return codes[k]; }
-};
-
-// Calls `body(acts)` with the activations of `activations` as a FixedActivations when they are the
-// default (relu, tanh, silu, gelu), else as a RuntimeActivations.
-template <typename Body>
-void with_activations(at::IntArrayRef activations, Body body) {
-  if (activations.size() == 4 && activations[0] == kRelu && activations[1] == kTanh && activations[2] == kSilu
-      && activations[3] == kGelu) {
-    body(DefaultActivations());
-    return;
-  }
-  RuntimeActivations acts;
-  acts.K = static_cast<int64_t>(activations.size());
-  for (int64_t k = 0; k < acts.K; ++k) acts.codes[k] = activations[k];
-  body(acts);
 }
 
 // One token's factored routing, read once per row: the table row A (K, F) and the token's factors
@@ -1121,7 +1131,7 @@ std::string threading() {
 TORCH_LIBRARY(polyglu_cpu, m) {
   m.def("threading() -> str", &threading);
   m.def("mixed_activation(Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, float tau, int[] activations) -> Tensor");
-  m.def("decode_hidden(Tensor x, Tensor gate, Tensor up, Tensor w1, Tensor b1, Tensor(a!) total, Tensor keep, Tensor count, Tensor w2, Tensor b2, Tensor beta, Tensor alpha, float tau, int[] activations) -> Tensor");
+  m.def("decode_hidden(Tensor x, Tensor gate, Tensor up, Tensor w1, Tensor b1, Tensor(a!) total, Tensor keep, Tensor count, Tensor w2, Tensor b2, Tensor beta, Tensor alpha, Tensor tau, int[] activations) -> Tensor");
   m.impl("mixed_activation", c10::DispatchKey::CPU, &mixed_activation);
   m.impl("decode_hidden", c10::DispatchKey::CPU, &decode_hidden);
   m.def("mix_forward(Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, Tensor? noise, float tau, int[] activations) -> Tensor");
