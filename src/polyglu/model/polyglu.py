@@ -313,7 +313,7 @@ class PolyGLU(nn.Module):
         `return_routing="logits"` returns the routing logits alpha + dynamic + noise (B, T', d_ff, K)
         before the division by tau instead of the weights (the analysis reads them at two taus)."""
         if pool_state is not None and x.shape[1] == 1 and noise is None and not return_routing \
-                and x.device.type == "cpu" and x.dtype == torch.float32:
+                and x.is_cpu and x.dtype == torch.float32:
             hidden = small_inference.decode_hidden(self, x, positions, pool_state) if small_inference else None
             if hidden is not None:
                 return self.down_proj(hidden)
