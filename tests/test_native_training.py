@@ -319,3 +319,126 @@ def test_small_or_traced_routing_takes_the_eager_ops(kernels):
     assert fused_native.routing_head(big, None, b1, w2, b2, beta) is not None
     assert fused_native.routing_head(big.double(), None, b1, w2, b2, beta) is None
     assert fused_native.routing_head(big, None, b1.double(), w2, b2, beta) is None
+
+
+# --------------------------------------------------------------------------------------------
+# the gate and the routing network's first layer in one projection (fused_native.projected_mix)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, T", [(2, 5), (3, 1), (1, 4)])
+def test_a_gate_in_the_columns_of_a_wider_buffer_gives_the_same_bits(kernels, dtype, B, T):
+    F, H = 40, 8
+    _, up, alpha, dynamic, noise = make_inputs(B, T, F, 4, True, True)
+    g = torch.Generator().manual_seed(3)
+    gp, up = (torch.randn(B, T, F + H, generator=g) * 3).to(dtype), up.to(dtype)
+    gate, grad, codes = gp[..., :F], torch.randn(B, T, F, generator=g).to(dtype), native.activation_codes(DEFAULT)
+    assert not gate.is_contiguous()
+    assert torch.equal(kernels.mix_forward(gate, up, alpha, dynamic, noise, 0.7, codes),
+                       kernels.mix_forward(gate.contiguous(), up, alpha, dynamic, noise, 0.7, codes))
+    expected = kernels.mix_backward(grad, gate.contiguous(), up, alpha, dynamic, noise, 0.7, codes, True)
+    d_gp = torch.full((B, T, F + H), 7.0, dtype=dtype)
+    got = kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.7, codes, True, d_gp[..., :F])
+    assert got[0] is None  # written into d_gate_out
+    assert torch.equal(d_gp[..., :F], expected[0]) and bool((d_gp[..., F:] == 7.0).all())  # the rest untouched
+    for a, b in zip(got[1:], expected[1:]):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="d_gate_out must be"):
+        kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.7, codes, True, d_gp[..., :F - 1])
+
+
+def _projected_layer(**kwargs):
+    from polyglu.model.polyglu import PolyGLU
+
+    torch.manual_seed(0)
+    layer = PolyGLU(24, 48, gate_hidden=8, **kwargs).train()
+    with torch.no_grad():
+        layer.alpha.normal_()
+        if layer.beta is not None:
+            layer.beta.uniform_(0.5, 2.0)
+    return layer
+
+
+def _step(layer, x, doc_ids, autocast=False):
+    """Output and the gradients of x and of every parameter, for one forward and backward."""
+    torch.manual_seed(1)  # the same Gumbel noise
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x, doc_ids)
+    grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.shape[-1])).sum(), [x, *layer.parameters()],
+                                allow_unused=True)
+    return [y.detach().float(), *grads]
+
+
+@pytest.fixture
+def small_native_calls(monkeypatch):
+    """The native mix and routing head for this file's small shapes (their size thresholds lowered)."""
+    monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 64)
+    monkeypatch.setattr(fused_native, "POOL_MIN_TOKENS", 8)
+
+
+class _Counter:
+    def __init__(self, monkeypatch):
+        self.calls, real = 0, fused_native.projected_mix
+
+        def counted(*args):
+            self.calls += 1
+            return real(*args)
+        monkeypatch.setattr(fused_native, "projected_mix", counted)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_one_projection_for_gate_and_routing_trains_like_two(kernels, small_native_calls, monkeypatch, autocast):
+    """After the first call of a shape (the separate projections, whose native kernels are checked
+    then), a training call takes gate and gate_net's first projection from one product; output and
+    every gradient agree with the separate projections (float32 to rounding; under bf16 autocast x's
+    gradient is one bf16 product where it was two summed in float32)."""
+    layer, counter = _projected_layer(), _Counter(monkeypatch)
+    x, doc_ids = torch.randn(2, 12, 24), (torch.arange(12) // 5).expand(2, 12)
+    first = _step(layer, x, doc_ids, autocast)
+    assert counter.calls == 0  # the first call checks the kernels on the separate path
+    got = _step(layer, x, doc_ids, autocast)
+    assert counter.calls == 1
+    names = ["y", "d x", *(name for name, _ in layer.named_parameters())]
+    for name, a, b in zip(names, got, first):
+        if autocast and name in ("y", "d x"):
+            assert_close_relative(a, b.double(), 2e-2, name)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_one_projection_is_taken_only_where_it_computes_the_same(kernels, small_native_calls, monkeypatch):
+    x, doc_ids = torch.randn(2, 12, 24), (torch.arange(12) // 5).expand(2, 12)
+    counter = _Counter(monkeypatch)
+
+    def taken(layer, grad=True, **kwargs):
+        _step(layer, x, doc_ids)  # the first call of the shape checks the kernels, both ways
+        counter.calls = 0
+        with torch.set_grad_enabled(grad):
+            layer(x.clone().requires_grad_(grad), doc_ids, **kwargs)
+        return counter.calls > 0
+
+    assert taken(_projected_layer())
+    assert not taken(_projected_layer(), grad=False)  # no gradients: the inference paths
+    assert not taken(_projected_layer(), return_routing=True)
+    hard = _projected_layer(eval_routing="hard").eval()  # (its forward would compile the hard kernel)
+    assert taken(_projected_layer()) and hard._projected_hidden(x.requires_grad_(), None, None) is None
+    assert not taken(_projected_layer(routing_pool="sequence"))
+    assert not taken(_projected_layer(routing_mode="static"))
+    assert not taken(_projected_layer(routing_scope="neuron"))
+    hooked = _projected_layer()
+    seen = []
+    hooked.gate_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert not taken(hooked) and seen  # a hook on gate_proj runs: the separate projections
+
+    class Adapter(torch.nn.Linear):  # a subclass with a forward of its own (as an adapter)
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    adapted = _projected_layer()
+    adapter = Adapter(24, 8)
+    adapter.load_state_dict(adapted.gate_net[0].state_dict())
+    adapted.gate_net[0] = adapter
+    assert not taken(adapted)
+    with fused.use_kernel("chunked"):
+        assert not taken(_projected_layer())

@@ -509,6 +509,19 @@ def default_kernel(gate: torch.Tensor) -> str:
     return "chunked"
 
 
+def native_chosen(units: int, device: torch.device, needs_grad: bool) -> bool:
+    """Whether `default_kernel` picks "native" for a call of `units` hidden units on `device` (outside a
+    trace; `needs_grad`: a training call)."""
+    if torch.compiler.is_compiling() or device.type != "cpu":
+        return False
+    chosen = _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None
+    if chosen is not None:
+        return chosen == "native"
+    if COMPILE_MIN_ELEMENTS is None:
+        return False
+    return units >= (COMPILE_MIN_ELEMENTS // 4 if needs_grad else COMPILE_MIN_ELEMENTS) and native.mode() != "off"
+
+
 def chosen_kernel() -> str | None:
     """The kernel chosen explicitly (`use_kernel`, else POLYGLU_MIXED_KERNEL), or None."""
     return _kernel_choice.get() or os.environ.get("POLYGLU_MIXED_KERNEL") or None

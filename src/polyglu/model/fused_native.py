@@ -163,3 +163,93 @@ def routing_head(proj: torch.Tensor, positions: torch.Tensor | None, b1: torch.T
     if any(t.dtype != torch.float32 for t in (b1, w2, b2, beta)) or w2.shape[0] > MAX_ACTIVATIONS:
         return None
     return _RoutingHead.apply(proj, positions, b1, w2, b2, beta) if causal_mean_applies(proj, positions) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate and the routing network's first layer in one projection (training on CPU).
+#
+# A PolyGLU layer projects x three times: gate (d_ff wide), up (d_ff) and gate_net's first layer
+# (gate_hidden, 32). The last is a skinny product each way (x W1^T, and backward d_proj W1 and
+# d_proj^T x) that a BLAS runs far below its speed on wide ones, and it costs x one more cast under
+# autocast and its gradient one more sum. Here gate and proj come from one product with the stacked
+# weight [W_gate; W1] (B, T, d_ff + gate_hidden), the mix reads the gate as the first d_ff columns
+# (the kernels take evenly strided rows) and the backward writes d gate and d proj into one buffer,
+# the gradient of that product: one product each way instead of two.
+
+
+def projected_mix_applies(x: torch.Tensor, d_ff: int, gate_hidden: int, activations: tuple[str, ...],
+                          noisy: bool, positions: torch.Tensor | None, routing_params: tuple[torch.Tensor, ...],
+                          mixed_impl: str) -> bool:
+    """Whether a PolyGLU call takes `projected_mix`: a CPU call that needs gradients, on which the
+    native kernels would compute the mix (`fused.default_kernel` "native", `applies`) and the routing
+    head (`routing_head`), and whose mix signature the native kernel already passed its first-call
+    check on, forward and backward (so the first step of a shape takes the separate path, which
+    checks it)."""
+    from polyglu.model import fused  # noqa: PLC0415 (fused imports this module)
+
+    if mixed_impl == "reference" or _given_up or x.dim() != 3 or not x.is_cpu or not torch.is_grad_enabled():
+        return False
+    B, T, _ = x.shape
+    if not fused.native_chosen(B * T * d_ff, x.device, needs_grad=True):
+        return False
+    dtype = _compute_dtype(x)
+    if dtype not in _TOLERANCE or native.activation_codes(activations) is None or len(activations) > MAX_ACTIVATIONS:
+        return False
+    if any(t.dtype != torch.float32 for t in routing_params) or B * T < POOL_MIN_TOKENS:
+        return False
+    if positions is not None and positions.dtype != torch.long:
+        return False
+    gate_shape, dynamic_shape = torch.Size((B, T, d_ff)), torch.Size((B, T, len(activations)))
+    key = (gate_shape, dtype, dtype, dynamic_shape, not noisy, activations)
+    return ("forward", *key, None) in _checked and ("backward", *key, True) in _checked and native.kernels() is not None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes x in: the CPU autocast dtype under autocast, else x's."""
+    if not torch.is_autocast_enabled("cpu") or x.dtype not in (torch.float32, torch.float64):
+        return x.dtype
+    get = getattr(torch, "get_autocast_dtype", None)
+    return get("cpu") if get is not None else torch.get_autocast_cpu_dtype()
+
+
+class _ProjectedMix(torch.autograd.Function):
+    """h = sum_k g_k act_k(gate) * up from gp = x [W_gate; W1]^T (B, T, d_ff + H): gate its first
+    d_ff columns, gate_net's first projection the rest; routing head and mix by the native kernels."""
+
+    @staticmethod
+    def forward(ctx, gp, up, alpha, b1, w2, b2, beta, positions, noise, tau, activations):
+        d_ff = up.shape[-1]
+        kernels, codes = native.kernels(), native.activation_codes(activations)
+        with torch.autocast("cpu", enabled=False):
+            dynamic, hidden = kernels.routing_head(gp[..., d_ff:], positions, b1, w2, b2, beta)
+            alpha, dynamic_in, noise = _routing(alpha, dynamic, noise)
+            h = kernels.mix_forward(gp[..., :d_ff], up, alpha, dynamic_in, noise, float(tau), codes)
+        ctx.save_for_backward(gp, up, alpha, dynamic, noise, hidden, positions, w2, b2, beta)
+        ctx.tau, ctx.codes = float(tau), codes
+        ctx.dtypes = (b1.dtype, w2.dtype, b2.dtype, beta.dtype)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gp, up, alpha, dynamic, noise, hidden, positions, w2, b2, beta = ctx.saved_tensors
+        d_ff, kernels = up.shape[-1], native.kernels()
+        d_gp = torch.empty_like(gp, memory_format=torch.contiguous_format)
+        with torch.autocast("cpu", enabled=False):
+            _, d_up, d_alpha, d_dynamic = kernels.mix_backward(
+                grad.to(gp.dtype), gp[..., :d_ff], up, alpha, dynamic, noise, ctx.tau, ctx.codes, True, d_gp[..., :d_ff])
+            d_proj, *head = kernels.routing_head_backward(d_dynamic, hidden, positions, w2, b2, beta)
+            d_gp[..., d_ff:].copy_(d_proj)
+        need = ctx.needs_input_grad
+        head = [g.to(dtype) if need[i + 3] else None for i, (g, dtype) in enumerate(zip(head, ctx.dtypes))]
+        return (d_gp, d_up if need[1] else None, d_alpha if need[2] else None, *head, None, None, None, None)
+
+
+def projected_mix(gp: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor, beta: torch.Tensor, positions: torch.Tensor | None, noise: torch.Tensor | None,
+                  tau: torch.Tensor, activations: tuple[str, ...]) -> torch.Tensor:
+    """The hidden activations (B, T, d_ff) in up's dtype from gp = x [W_gate; W1]^T (B, T, d_ff + H)
+    and up = x W_up^T (B, T, d_ff): causal pooling of gp's last H columns, then beta * (w2 relu(pooled
+    + b1) + b2) as the dynamic logits, and the mix over gp's first d_ff columns; `projected_mix_applies`
+    says where it may run. Its backward gives gp's gradient in one buffer."""
+    return _ProjectedMix.apply(gp, up, alpha, b1, w2, b2, beta, positions, noise, tau, activations)

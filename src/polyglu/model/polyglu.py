@@ -300,6 +300,32 @@ class PolyGLU(nn.Module):
         out = second(F.relu(pooled + first.bias))
         return (self.beta * out, None) if self.routing_map is None else (out, self.scaled_map())
 
+    def _projected_hidden(self, x: torch.Tensor, positions: torch.Tensor | None,
+                          noise: torch.Tensor | None) -> torch.Tensor | None:
+        """The hidden activations of a CPU training call with gate and gate_net's first projection from
+        one product, x [W_gate; W1]^T (`fused_native.projected_mix`: one product each way where
+        there were two, one a skinny d_model x gate_hidden); None where it does not apply (then the
+        separate projections, the same function)."""
+        if self.gate_net is None or self.routing_pool != "causal" or self.routing_map is not None \
+                or self.n_activations == 1 or (not self.training and self.eval_routing == "hard"):
+            return None
+        first, relu, second = self.gate_net
+        if not (_plain_linear(self.gate_proj) and _plain_linear(first) and _plain_linear(second)) \
+                or type(relu) is not nn.ReLU or self.gate_proj.bias is not None or first.bias is None \
+                or second.bias is None or _global_module_hooks():
+            return None
+        noisy = noise is not None or (self.training and self.routing_noise)
+        routing = (self.alpha, first.bias, second.weight, second.bias, self.beta)
+        if not _fused_native.projected_mix_applies(x, self.d_ff, first.out_features, self.activations, noisy,
+                                                   positions, routing, self.mixed_impl):
+            return None
+        gp = F.linear(x, torch.cat([self.gate_proj.weight, first.weight]))  # (B, T, F + H)
+        up = self.up_proj(x)
+        if noise is None and noisy:  # one Gumbel draw per (sequence, neuron, activation), as `forward`
+            noise = sample_gumbel((x.shape[0], self.d_ff, self.n_activations), x.device)
+        return _fused_native.projected_mix(gp, up, self.alpha, first.bias, second.weight, second.bias, self.beta,
+                                           positions, noise, self.tau, self.activations)
+
     def scaled_map(self) -> torch.Tensor:
         """routing_map with beta folded in, (d_ff, K, r): beta multiplies the small map, not a
         full-size product."""
@@ -319,6 +345,10 @@ class PolyGLU(nn.Module):
                 return self.down_proj(hidden)
         if positions is None and doc_ids is not None:
             positions = document_positions(doc_ids)
+        if pool_state is None and not return_routing and _fused_native is not None:
+            hidden = self._projected_hidden(x, positions, noise)
+            if hidden is not None:
+                return self.down_proj(hidden)
         gate = self.gate_proj(x)  # (B, T, F)
         up = self.up_proj(x)  # (B, T, F)
         if self.n_activations == 1:
@@ -348,6 +378,21 @@ class PolyGLU(nn.Module):
                     else routing_weights(self.alpha, dynamic, noise, self.tau, hard)
             return out, routing
         return out
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is F.linear(x, weight, bias): no subclass or wrapper (an adapter,
+    a parametrization) and no hooks that calling it would run."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
+                                              or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook`
+    and the like) are there: a product that stands in for two modules' calls would skip them."""
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def identity_routing_map(d_ff: int, n_activations: int, rank: int) -> torch.Tensor:

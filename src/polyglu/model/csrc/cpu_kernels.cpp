@@ -763,14 +763,26 @@ void check_mix_inputs(const at::Tensor& gate, const at::Tensor& up, const at::Te
 // Rows in parallel, ~32K units a task.
 inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1)); }
 
+// The row stride of a (B, T, F) tensor whose B * T rows of F units lie at even steps with the units
+// side by side: a contiguous tensor (F), or a column slice of a wider buffer, as the gate comes in the
+// first F columns of the projection PolyGLU computes together with its routing network's (fused_native
+// `projected_mix`); -1 for any other layout.
+int64_t row_stride(const at::Tensor& t) {
+  const int64_t B = t.size(0), T = t.size(1), F = t.size(2);
+  if (F > 1 && t.stride(2) != 1) return -1;
+  const int64_t ld = T > 1 ? t.stride(1) : (B > 1 ? t.stride(0) : F);
+  if (ld < F || (B > 1 && T > 1 && t.stride(0) != T * ld)) return -1;
+  return ld;
+}
+
 template <typename scalar_t, typename Acts>
-void mix_forward_rows(const MixTables& m, const scalar_t* gate, const scalar_t* up, scalar_t* out,
+void mix_forward_rows(const MixTables& m, const scalar_t* gate, int64_t gate_ld, const scalar_t* up, scalar_t* out,
                       const Acts& acts, bool with_exp) {
   const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
   parallel_rows(m.B * T, row_grain(F), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
-      const scalar_t* z_row = gate + r * F;
+      const scalar_t* z_row = gate + r * gate_ld;
       const scalar_t* u_row = up + r * F;
       scalar_t* o_row = out + r * F;
       const RowRouting token = row_routing(m, acts, b, td);
@@ -802,17 +814,20 @@ at::Tensor mix_forward(const at::Tensor& gate_in, const at::Tensor& up_in, const
                        const at::Tensor& dynamic, const std::optional<at::Tensor>& noise, double tau,
                        at::IntArrayRef activations) {
   check_mix_inputs(gate_in, up_in, alpha, dynamic, noise, activations);
-  const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+  int64_t gate_ld = row_stride(gate_in);  // the gate may be a column slice of a wider buffer
+  const at::Tensor gate = gate_ld < 0 ? gate_in.contiguous() : gate_in, up = up_in.contiguous();
   const int64_t B = gate.size(0), T = gate.size(1), F = gate.size(2), K = static_cast<int64_t>(activations.size());
+  if (gate_ld < 0) gate_ld = F;
   const MixTables m = mix_tables(alpha, dynamic, noise, tau, B, T, F, K);
-  at::Tensor out = at::empty({B, T, F}, gate.options());
+  at::Tensor out = at::empty({B, T, F}, up.options());
   const bool with_exp = needs_exp(activations);
   with_activations(activations, [&](const auto& acts) {
     if (gate.scalar_type() == at::kFloat) {
-      mix_forward_rows(m, gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), acts, with_exp);
+      mix_forward_rows(m, gate.data_ptr<float>(), gate_ld, up.data_ptr<float>(), out.data_ptr<float>(), acts,
+                       with_exp);
     } else {
-      mix_forward_rows(m, gate.data_ptr<at::BFloat16>(), up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
-                       acts, with_exp);
+      mix_forward_rows(m, gate.data_ptr<at::BFloat16>(), gate_ld, up.data_ptr<at::BFloat16>(),
+                       out.data_ptr<at::BFloat16>(), acts, with_exp);
     }
   });
   return out;
@@ -824,8 +839,8 @@ at::Tensor mix_forward(const at::Tensor& gate_in, const at::Tensor& up_in, const
 // 10-15% longer.
 template <typename scalar_t, typename Acts>
 POLYGLU_INLINE void backward_row(const MixTables& m, const Acts& acts, bool with_exp, int64_t r, const scalar_t* grad,
-                         const scalar_t* gate, const scalar_t* up, scalar_t* d_gate, scalar_t* d_up,
-                         float* d_alpha, float* d_dynamic_tokens) {
+                         const scalar_t* gate, int64_t gate_ld, const scalar_t* up, scalar_t* d_gate,
+                         int64_t d_gate_ld, scalar_t* d_up, float* d_alpha, float* d_dynamic_tokens) {
   const int64_t K = acts.size(), F = m.F, T = m.T, width = Vec::size();
   const int64_t b = r / T, td = m.Td == 1 ? 0 : r % T;
   const bool routing = d_alpha != nullptr;
@@ -836,7 +851,7 @@ POLYGLU_INLINE void backward_row(const MixTables& m, const Acts& acts, bool with
     const int64_t n = std::min(width, F - f), i = r * F + f;
     Vec g[kMaxActivations], a[kMaxActivations], slope[kMaxActivations];
     const Vec total = routing_vector(m, acts, token, F, b, td, f, n, g);
-    const Vec z = load_float(gate + i, n), dh = load_float(grad + i, n);
+    const Vec z = load_float(gate + r * gate_ld + f, n), dh = load_float(grad + i, n);
     if constexpr (std::is_same_v<Acts, DefaultActivations>) {
       default_activations<true, std::is_same_v<scalar_t, at::BFloat16>>(z, a, slope);
     } else {
@@ -851,7 +866,7 @@ POLYGLU_INLINE void backward_row(const MixTables& m, const Acts& acts, bool with
       slope_mix = at::vec::fmadd(g[k], slope[k], slope_mix);
     }
     const Vec dm = dh * load_float(up + i, n);
-    store_float(dm * slope_mix, d_gate + i, n);
+    store_float(dm * slope_mix, d_gate + r * d_gate_ld + f, n);
     store_float(dh * mixed, d_up + i, n);
     if (routing) {
       for (int64_t k = 0; k < K; ++k) {
@@ -869,31 +884,43 @@ POLYGLU_INLINE void backward_row(const MixTables& m, const Acts& acts, bool with
 }
 
 template <typename scalar_t, typename Acts>
-void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t* gate, const scalar_t* up,
-                       scalar_t* d_gate, scalar_t* d_up, float* d_dynamic_tokens, float* d_alpha_threads,
-                       const Acts& acts, bool with_exp) {
+void mix_backward_rows(const MixTables& m, const scalar_t* grad, const scalar_t* gate, int64_t gate_ld,
+                       const scalar_t* up, scalar_t* d_gate, int64_t d_gate_ld, scalar_t* d_up,
+                       float* d_dynamic_tokens, float* d_alpha_threads, const Acts& acts, bool with_exp) {
   const int64_t K = acts.size(), F = m.F;
   const bool routing = d_dynamic_tokens != nullptr;
   parallel_rows(m.B * m.T, row_grain(F), [&](int64_t begin, int64_t end, int64_t task) {
     float* d_alpha = routing ? d_alpha_threads + task * K * F : nullptr;  // (K, F)
     for (int64_t r = begin; r < end; ++r)
-      backward_row(m, acts, with_exp, r, grad, gate, up, d_gate, d_up, d_alpha, d_dynamic_tokens);
+      backward_row(m, acts, with_exp, r, grad, gate, gate_ld, up, d_gate, d_gate_ld, d_up, d_alpha, d_dynamic_tokens);
   });
 }
 
 // -> (d gate, d up) in gate's dtype, and with `routing_grads` d alpha (F, K) and d dynamic (B, 1 or
-// T, K) in float32 (else empty tensors).
+// T, K) in float32 (else empty tensors). The gate may be a column slice of a wider buffer (`row_stride`);
+// with `d_gate_out` (B, T, F), laid out so too, d gate is written there and comes back empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_backward(
     const at::Tensor& grad_in, const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& alpha,
     const at::Tensor& dynamic, const std::optional<at::Tensor>& noise, double tau, at::IntArrayRef activations,
-    bool routing_grads) {
+    bool routing_grads, const std::optional<at::Tensor>& d_gate_out) {
   check_mix_inputs(gate_in, up_in, alpha, dynamic, noise, activations);
   TORCH_CHECK(grad_in.sizes() == gate_in.sizes() && grad_in.scalar_type() == gate_in.scalar_type(),
               "polyglu native kernels: the gradient must be shaped and typed like gate");
-  const at::Tensor grad = grad_in.contiguous(), gate = gate_in.contiguous(), up = up_in.contiguous();
+  int64_t gate_ld = row_stride(gate_in);
+  const at::Tensor grad = grad_in.contiguous(), gate = gate_ld < 0 ? gate_in.contiguous() : gate_in,
+                   up = up_in.contiguous();
   const int64_t B = gate.size(0), T = gate.size(1), F = gate.size(2), K = static_cast<int64_t>(activations.size());
+  if (gate_ld < 0) gate_ld = F;
   const MixTables m = mix_tables(alpha, dynamic, noise, tau, B, T, F, K);
-  at::Tensor d_gate = at::empty({B, T, F}, gate.options()), d_up = at::empty({B, T, F}, gate.options());
+  const bool into = d_gate_out.has_value() && d_gate_out->defined();
+  if (into) {
+    TORCH_CHECK(d_gate_out->sizes() == gate.sizes() && d_gate_out->scalar_type() == gate.scalar_type()
+                && d_gate_out->device().is_cpu() && row_stride(*d_gate_out) >= 0,
+                "polyglu native kernels: d_gate_out must be (B, T, F) like gate, its rows evenly strided");
+  }
+  at::Tensor d_gate = into ? *d_gate_out : at::empty({B, T, F}, up.options());
+  const int64_t d_gate_ld = into ? row_stride(d_gate) : F;
+  at::Tensor d_up = at::empty({B, T, F}, up.options());
   const auto f32 = alpha.options();
   at::Tensor d_tokens = routing_grads ? at::empty({B, T, K}, f32) : at::Tensor();
   const int64_t threads = max_tasks();
@@ -902,14 +929,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_backward(
   const bool with_exp = needs_exp(activations);
   with_activations(activations, [&](const auto& acts) {
     if (gate.scalar_type() == at::kFloat) {
-      mix_backward_rows(m, grad.data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(),
-                        d_gate.data_ptr<float>(), d_up.data_ptr<float>(), dt, d_alpha_threads.data(), acts, with_exp);
+      mix_backward_rows(m, grad.data_ptr<float>(), gate.data_ptr<float>(), gate_ld, up.data_ptr<float>(),
+                        d_gate.data_ptr<float>(), d_gate_ld, d_up.data_ptr<float>(), dt, d_alpha_threads.data(), acts,
+                        with_exp);
     } else {
       using bf16 = at::BFloat16;
-      mix_backward_rows(m, grad.data_ptr<bf16>(), gate.data_ptr<bf16>(), up.data_ptr<bf16>(), d_gate.data_ptr<bf16>(),
-                        d_up.data_ptr<bf16>(), dt, d_alpha_threads.data(), acts, with_exp);
+      mix_backward_rows(m, grad.data_ptr<bf16>(), gate.data_ptr<bf16>(), gate_ld, up.data_ptr<bf16>(),
+                        d_gate.data_ptr<bf16>(), d_gate_ld, d_up.data_ptr<bf16>(), dt, d_alpha_threads.data(), acts,
+                        with_exp);
     }
   });
+  if (into) d_gate = at::Tensor();  // written into d_gate_out: no alias of an argument comes back
   if (!routing_grads) return {d_gate, d_up, at::Tensor(), at::Tensor()};
   at::Tensor d_alpha = at::empty({F, K}, f32);
   float* da = d_alpha.data_ptr<float>();
@@ -1135,7 +1165,7 @@ TORCH_LIBRARY(polyglu_cpu, m) {
   m.impl("mixed_activation", c10::DispatchKey::CPU, &mixed_activation);
   m.impl("decode_hidden", c10::DispatchKey::CPU, &decode_hidden);
   m.def("mix_forward(Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, Tensor? noise, float tau, int[] activations) -> Tensor");
-  m.def("mix_backward(Tensor grad, Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, Tensor? noise, float tau, int[] activations, bool routing_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mix_backward(Tensor grad, Tensor gate, Tensor up, Tensor alpha, Tensor dynamic, Tensor? noise, float tau, int[] activations, bool routing_grads, Tensor(a!)? d_gate_out=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.impl("mix_forward", c10::DispatchKey::CPU, &mix_forward);
   m.impl("mix_backward", c10::DispatchKey::CPU, &mix_backward);
   m.def("causal_pool(Tensor proj, Tensor? positions) -> Tensor");
