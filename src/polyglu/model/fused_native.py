@@ -219,13 +219,13 @@ class _ProjectedMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gp, up, alpha, b1, w2, b2, beta, positions, noise, tau, activations):
         d_ff = up.shape[-1]
-        kernels, codes = native.kernels(), native.activation_codes(activations)
+        kernels, codes, tau = native.kernels(), native.activation_codes(activations), float(tau)
         with torch.autocast("cpu", enabled=False):
             dynamic, hidden = kernels.routing_head(gp[..., d_ff:], positions, b1, w2, b2, beta)
-            alpha, dynamic_in, noise = _routing(alpha, dynamic, noise)
-            h = kernels.mix_forward(gp[..., :d_ff], up, alpha, dynamic_in, noise, float(tau), codes)
+            alpha, noise = alpha.detach().float(), None if noise is None else noise.detach().float()
+            h = kernels.mix_forward(gp[..., :d_ff], up, alpha, dynamic, noise, tau, codes)
         ctx.save_for_backward(gp, up, alpha, dynamic, noise, hidden, positions, w2, b2, beta)
-        ctx.tau, ctx.codes = float(tau), codes
+        ctx.tau, ctx.codes = tau, codes
         ctx.dtypes = (b1.dtype, w2.dtype, b2.dtype, beta.dtype)
         return h
 
@@ -237,11 +237,13 @@ class _ProjectedMix(torch.autograd.Function):
         d_gp = torch.empty_like(gp, memory_format=torch.contiguous_format)
         with torch.autocast("cpu", enabled=False):
             _, d_up, d_alpha, d_dynamic = kernels.mix_backward(
-                grad.to(gp.dtype), gp[..., :d_ff], up, alpha, dynamic, noise, ctx.tau, ctx.codes, True, d_gp[..., :d_ff])
+                grad if grad.dtype == gp.dtype else grad.to(gp.dtype), gp[..., :d_ff], up, alpha, dynamic, noise, ctx.tau,
+                ctx.codes, True, d_gp[..., :d_ff])
             d_proj, *head = kernels.routing_head_backward(d_dynamic, hidden, positions, w2, b2, beta)
             d_gp[..., d_ff:].copy_(d_proj)
         need = ctx.needs_input_grad
-        head = [g.to(dtype) if need[i + 3] else None for i, (g, dtype) in enumerate(zip(head, ctx.dtypes))]
+        head = [(g if g.dtype == dtype else g.to(dtype)) if need[i + 3] else None
+                for i, (g, dtype) in enumerate(zip(head, ctx.dtypes))]
         return (d_gp, d_up if need[1] else None, d_alpha if need[2] else None, *head, None, None, None, None)
 
 
