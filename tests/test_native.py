@@ -266,6 +266,11 @@ def test_an_adapter_on_the_routing_network_decodes_through_its_own_forward(kerne
     assert "decode_hidden" not in spy.calls
     with torch.no_grad():
         torch.testing.assert_close(got, block(x), atol=1e-6, rtol=1e-5)
+    hooked, seen = _block(), []  # a hook on the routing network runs: eager decoding calls it
+    hooked.gate_net[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    spy.calls.clear()
+    _decode(hooked, x, positions, shared_flags=True)
+    assert "decode_hidden" not in spy.calls and len(seen) == 5
 
 
 def test_routing_saturated_on_silu_decodes_exactly_swiglu(kernels, monkeypatch):

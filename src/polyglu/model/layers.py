@@ -1,4 +1,5 @@
-"""Small building blocks: RMSNorm and rotary position tables."""
+"""Small building blocks: RMSNorm, rotary position tables, and whether a module's call can be skipped
+(`plain_linear`, `global_module_hooks`: a fused path that computes a Linear's product itself)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is F.linear(x, weight, bias): no subclass or wrapper (an adapter,
+    a parametrization) and no hooks that calling it would run."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
+                                              or module._backward_hooks or module._backward_pre_hooks)
+
+
+def global_module_hooks() -> bool:
+    """Whether hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook`
+    and the like) are there: a product that stands in for two modules' calls would skip them."""
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))

@@ -23,6 +23,7 @@ from torch import nn
 from polyglu.config_loader import ConfigError
 from polyglu.documents import document_positions, segment_ids
 from polyglu.model.activations import ACTIVATIONS
+from polyglu.model.layers import global_module_hooks, plain_linear
 from polyglu.model_config import (
     DEFAULT_ACTIVATIONS,
     MIXED_IMPLS,
@@ -310,9 +311,9 @@ class PolyGLU(nn.Module):
                 or self.n_activations == 1 or (not self.training and self.eval_routing == "hard"):
             return None
         first, relu, second = self.gate_net
-        if not (_plain_linear(self.gate_proj) and _plain_linear(first) and _plain_linear(second)) \
+        if not (plain_linear(self.gate_proj) and plain_linear(first) and plain_linear(second)) \
                 or type(relu) is not nn.ReLU or self.gate_proj.bias is not None or first.bias is None \
-                or second.bias is None or _global_module_hooks():
+                or second.bias is None or global_module_hooks():
             return None
         noisy = noise is not None or (self.training and self.routing_noise)
         routing = (self.alpha, first.bias, second.weight, second.bias, self.beta)
@@ -378,21 +379,6 @@ class PolyGLU(nn.Module):
                     else routing_weights(self.alpha, dynamic, noise, self.tau, hard)
             return out, routing
         return out
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear whose forward is F.linear(x, weight, bias): no subclass or wrapper (an adapter,
-    a parametrization) and no hooks that calling it would run."""
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
-                                              or module._backward_hooks or module._backward_pre_hooks)
-
-
-def _global_module_hooks() -> bool:
-    """Whether hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook`
-    and the like) are there: a product that stands in for two modules' calls would skip them."""
-    module = torch.nn.modules.module
-    return any(getattr(module, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def identity_routing_map(d_ff: int, n_activations: int, rank: int) -> torch.Tensor:

@@ -24,10 +24,10 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from polyglu.model import fused, native
 from polyglu.model.activations import get_activations
+from polyglu.model.layers import global_module_hooks, plain_linear
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def _decode_tensors(layer, x: torch.Tensor, training: bool) -> tuple[torch.Tenso
     if gate_net is None or layer.routing_pool != "causal" or layer.routing_map is not None:
         return None  # the kernel computes one K-vector of logits per row, not per neuron
     first, _, second = gate_net
-    if type(first) is not nn.Linear or type(second) is not nn.Linear:
-        return None  # an adapter (PEFT's LoRA) on the routing network: its own forward, eagerly
+    if not (plain_linear(first) and plain_linear(second)) or global_module_hooks():
+        return None  # an adapter (PEFT's LoRA) or hooks on the routing network: its own calls, eagerly
     tensors = (first.weight, first.bias, second.weight, second.bias, layer.beta, layer.alpha, layer.tau)
     hard, noisy = not training and layer.eval_routing == "hard", training and layer.routing_noise
     if len(layer.activations) < 2 or not _native_tensors((x, *tensors), layer.activations, hard, noisy):
