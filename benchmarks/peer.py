@@ -7,7 +7,8 @@ run, interleaved repeat by repeat (so machine load hits all alike):
 
 - decode tokens/s at batch 1 and at batch 64: greedy, with the KV cache, a fixed number of new
   tokens (EOS disabled), prefill included; polyglu through `polyglu.generate`, Qwen3 through
-  `model.generate`;
+  `model.generate`; also SwiGLU reading PolyGLU's tensors ("swiglu_shared", `shared_swiglu`), since
+  two separately built models stream their weights a few per cent apart by where they were put;
 - training-step time: forward, cross-entropy on the logits, backward, AdamW step (same loss code
   for all three).
 
@@ -180,10 +181,7 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, steps: int, rounds: int,
     from polyglu.inference import DecodeStep, KVCache
 
     polyglu = models["polyglu"]
-    swiglu = PolychromaticLM(polyglu.config.replace(ffn="swiglu")).eval()
-    missing, _ = swiglu.load_state_dict(polyglu.state_dict(), strict=False, assign=True)
-    assert not missing, missing
-    pair = {"polyglu": polyglu, "swiglu": swiglu}
+    pair = {"polyglu": polyglu, "swiglu": shared_swiglu(polyglu)}
     step = {name: DecodeStep(model, compile=compiled) for name, model in pair.items()}
     times: dict[str, list[float]] = {name: [] for name in pair}
     with torch.no_grad():
@@ -201,6 +199,15 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, steps: int, rounds: int,
                         times[name].append(CLOCK[0]() - start)
                     state[name] = (cache, logits)
     return times
+
+
+def shared_swiglu(polyglu: PolychromaticLM) -> PolychromaticLM:
+    """A SwiGLU model of polyglu's shape reading polyglu's tensors for every weight the two share
+    (attention, gate, up, down, norms, embeddings: the same memory, in polyglu's layout)."""
+    swiglu = PolychromaticLM(polyglu.config.replace(ffn="swiglu")).eval()
+    missing, _ = swiglu.load_state_dict(polyglu.state_dict(), strict=False, assign=True)
+    assert not missing, missing
+    return swiglu
 
 
 def native_kernels_in_use() -> bool:
@@ -232,6 +239,8 @@ def main(argv=None) -> None:
                                      (f"decode_batch{args.batch}", args.batch, args.batch_new_tokens)):
         prompts = torch.randint(1, vocab, (batch, args.prompt_len), generator=gen)
         runners = {name: decode_runner(name, model, prompts, new_tokens) for name, model in models.items()}
+        # SwiGLU on PolyGLU's own tensors: the comparison without where the allocator put each model
+        runners["swiglu_shared"] = decode_runner("swiglu_shared", shared_swiglu(models["polyglu"]), prompts, new_tokens)
         if args.qwen3_columns:
             qwen3_columns = column_major_copy(models["qwen3"])
             runners["qwen3_columns"] = decode_runner("qwen3_columns", qwen3_columns, prompts, new_tokens)
@@ -307,6 +316,8 @@ def print_table(setup: dict, results: dict) -> None:
                 ratio = f"{label}{suffix}: polyglu/swiglu speed {polyglu / rows[f'swiglu{suffix}']['tokens_per_s']:.3f}"
                 if "qwen3" in rows:
                     ratio += f", polyglu/qwen3 speed {polyglu / rows['qwen3']['tokens_per_s']:.3f}"
+                if suffix == "" and "swiglu_shared" in rows:
+                    ratio += f", polyglu/swiglu (shared weights) speed {polyglu / rows['swiglu_shared']['tokens_per_s']:.3f}"
                 print(ratio)
 
 

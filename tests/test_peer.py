@@ -56,3 +56,16 @@ def test_lockstep_decode_shares_every_common_weight_and_times_each_step():
     swiglu_state, polyglu_state = seen["swiglu"].state_dict(), polyglu.state_dict()
     assert swiglu_state.keys() < polyglu_state.keys()  # PolyGLU adds only its routing tensors
     assert all(tensor.data_ptr() == polyglu_state[key].data_ptr() for key, tensor in swiglu_state.items())
+
+
+def test_decode_compares_polyglu_with_a_swiglu_on_its_own_tensors(capsys):
+    peer.main(["--preset", "debug", "--repeats", "1", "--new-tokens", "2", "--batch", "2", "--batch-new-tokens", "1",
+               "--prompt-len", "4", "--skip-train", "--json"])
+    import json
+
+    results = json.loads(capsys.readouterr().out)["results"]
+    for label in ("decode_batch1", "decode_batch2"):
+        assert {"polyglu", "swiglu", "qwen3", "swiglu_shared"} <= results[label].keys(), label
+    models = peer.build_models(peer.parse_args(["--preset", "debug", "--train-seq-len", "16"]))
+    shared, own = peer.shared_swiglu(models["polyglu"]).state_dict(), models["polyglu"].state_dict()
+    assert all(tensor.data_ptr() == own[key].data_ptr() for key, tensor in shared.items())
