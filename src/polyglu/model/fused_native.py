@@ -75,7 +75,11 @@ def backward(grad, gate, up, alpha, dynamic, noise, tau, activations: tuple[str,
 def signature(gate, up, dynamic, noise, activations, routing_grads=None) -> tuple:
     """What makes a call a new case for the kernel's loops: shapes, dtype, noise, activations, and
     whether routing gradients are computed (a few tuples: asked on every call)."""
-    return gate.shape, gate.dtype, up.dtype, dynamic.shape, noise is None, activations, routing_grads
+    return _signature(gate.shape, gate.dtype, up.dtype, dynamic.shape, noise is None, activations, routing_grads)
+
+
+def _signature(gate_shape, gate_dtype, up_dtype, dynamic_shape, noiseless, activations, routing_grads=None) -> tuple:
+    return gate_shape, gate_dtype, up_dtype, dynamic_shape, noiseless, activations, routing_grads
 
 
 def checked(direction: str, key: tuple, result: tuple, eager) -> tuple:
@@ -132,9 +136,13 @@ def causal_mean(proj: torch.Tensor, positions: torch.Tensor | None) -> torch.Ten
 
 
 def causal_mean_applies(proj: torch.Tensor, positions: torch.Tensor | None) -> bool:
-    if proj.device.type != "cpu" or proj.dtype not in _TOLERANCE or torch.compiler.is_compiling():
+    return _pool_applies(proj.device, proj.dtype, proj.shape[0] * proj.shape[1], positions)
+
+
+def _pool_applies(device: torch.device, dtype: torch.dtype, tokens: int, positions: torch.Tensor | None) -> bool:
+    if device.type != "cpu" or dtype not in _TOLERANCE or torch.compiler.is_compiling():
         return False
-    if proj.shape[0] * proj.shape[1] < POOL_MIN_TOKENS or (positions is not None and positions.dtype != torch.long):
+    if tokens < POOL_MIN_TOKENS or (positions is not None and positions.dtype != torch.long):
         return False
     return native.mode() != "off" and native.kernels() is not None
 
@@ -177,8 +185,7 @@ def routing_head(proj: torch.Tensor, positions: torch.Tensor | None, b1: torch.T
 # the gradient of that product: one product each way instead of two.
 
 
-def projected_mix_applies(x: torch.Tensor, d_ff: int, gate_hidden: int, activations: tuple[str, ...],
-                          noisy: bool, positions: torch.Tensor | None, routing_params: tuple[torch.Tensor, ...],
+def projected_mix_applies(x: torch.Tensor, d_ff: int, activations: tuple[str, ...], noisy: bool, positions: torch.Tensor | None, routing_params: tuple[torch.Tensor, ...],
                           mixed_impl: str) -> bool:
     """Whether a PolyGLU call takes `projected_mix`: a CPU call that needs gradients, on which the
     native kernels would compute the mix (`fused.default_kernel` "native", `applies`) and the routing
@@ -193,15 +200,11 @@ def projected_mix_applies(x: torch.Tensor, d_ff: int, gate_hidden: int, activati
     if not fused.native_chosen(B * T * d_ff, x.device, needs_grad=True):
         return False
     dtype = _compute_dtype(x)
-    if dtype not in _TOLERANCE or native.activation_codes(activations) is None or len(activations) > MAX_ACTIVATIONS:
+    if native.activation_codes(activations) is None or len(activations) > MAX_ACTIVATIONS \
+            or any(t.dtype != torch.float32 for t in routing_params) or not _pool_applies(x.device, dtype, B * T, positions):
         return False
-    if any(t.dtype != torch.float32 for t in routing_params) or B * T < POOL_MIN_TOKENS:
-        return False
-    if positions is not None and positions.dtype != torch.long:
-        return False
-    gate_shape, dynamic_shape = torch.Size((B, T, d_ff)), torch.Size((B, T, len(activations)))
-    key = (gate_shape, dtype, dtype, dynamic_shape, not noisy, activations)
-    return ("forward", *key, None) in _checked and ("backward", *key, True) in _checked and native.kernels() is not None
+    shapes = torch.Size((B, T, d_ff)), dtype, dtype, torch.Size((B, T, len(activations))), not noisy, activations
+    return ("forward", *_signature(*shapes)) in _checked and ("backward", *_signature(*shapes, True)) in _checked
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -222,7 +225,7 @@ class _ProjectedMix(torch.autograd.Function):
         kernels, codes, tau = native.kernels(), native.activation_codes(activations), float(tau)
         with torch.autocast("cpu", enabled=False):
             dynamic, hidden = kernels.routing_head(gp[..., d_ff:], positions, b1, w2, b2, beta)
-            alpha, noise = alpha.detach().float(), None if noise is None else noise.detach().float()
+            alpha, _, noise = _routing(alpha, dynamic, noise)
             h = kernels.mix_forward(gp[..., :d_ff], up, alpha, dynamic, noise, tau, codes)
         ctx.save_for_backward(gp, up, alpha, dynamic, noise, hidden, positions, w2, b2, beta)
         ctx.tau, ctx.codes = tau, codes

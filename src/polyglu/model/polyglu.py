@@ -317,8 +317,8 @@ class PolyGLU(nn.Module):
             return None
         noisy = noise is not None or (self.training and self.routing_noise)
         routing = (self.alpha, first.bias, second.weight, second.bias, self.beta)
-        if not _fused_native.projected_mix_applies(x, self.d_ff, first.out_features, self.activations, noisy,
-                                                   positions, routing, self.mixed_impl):
+        if not _fused_native.projected_mix_applies(x, self.d_ff, self.activations, noisy, positions, routing,
+                                                   self.mixed_impl):
             return None
         gp = F.linear(x, torch.cat([self.gate_proj.weight, first.weight]))  # (B, T, F + H)
         up = self.up_proj(x)

@@ -60,9 +60,10 @@ def _native_tensors(tensors: Sequence[torch.Tensor | None], activations: tuple[s
     return all(t is None or t.dtype is float32 for t in tensors)
 
 
-def _native_now() -> bool:
-    """What the native kernels need of the moment: no autocast, and kernels that load (built on first use)."""
-    return not torch.is_autocast_enabled("cpu") and native.kernels() is not None
+def _native_now():
+    """What the native kernels need of the moment: no autocast, and kernels that load (built on first
+    use); the kernels (`torch.ops.polyglu_cpu`) if so, else None."""
+    return None if torch.is_autocast_enabled("cpu") else native.kernels()
 
 
 def _log_path(path: str, first: torch.Tensor, activations: tuple[str, ...]) -> None:
@@ -83,12 +84,14 @@ def choose(tensors: Sequence[torch.Tensor | None], activations: tuple[str, ...],
         return None
     first = tensors[0]
     if decode:
-        native_ok = len(activations) > 1 and _native_tensors(tensors, activations, hard, noisy) and _native_now()
+        native_ok = len(activations) > 1 and _native_tensors(tensors, activations, hard, noisy) \
+            and _native_now() is not None
         path = "native-decode" if native_ok else None
     elif first.numel() > SMALL_INFERENCE_ELEMENTS or fused.chosen_kernel() is not None:
         return None
     else:
-        native_ok = not per_neuron and _native_tensors(tensors, activations, hard, noisy) and _native_now()
+        native_ok = not per_neuron and _native_tensors(tensors, activations, hard, noisy) \
+            and _native_now() is not None
         path = "native" if native_ok else "eager"
     if path is not None:
         _log_path(path, first, activations)
@@ -131,7 +134,10 @@ def decode_hidden(layer, x: torch.Tensor, positions: torch.Tensor | None, pool_s
         memo = (total, training, _decode_tensors(layer, x, training))
         layer.__dict__["_native_decode"] = memo
     tensors = memo[2]
-    if tensors is None or (torch.is_grad_enabled() and _needs_grad((x, *tensors))) or not _native_now():
+    if tensors is None or (torch.is_grad_enabled() and _needs_grad((x, *tensors))):
+        return None
+    kernels = _native_now()
+    if kernels is None:
         return None
     keep, count = pool_state.keep, pool_state.count
     if keep is None or count is None:  # not a decode step's shared flags: derived from the positions
@@ -140,9 +146,8 @@ def decode_hidden(layer, x: torch.Tensor, positions: torch.Tensor | None, pool_s
         keep, count = (positions > 0).float(), (positions + 1).float()
     _log_path("native-decode", x, layer.activations)
     w1, b1, w2, b2, beta, alpha, tau = tensors
-    return native.kernels().decode_hidden.default(x, layer.gate_proj(x), layer.up_proj(x), w1, b1, total, keep,
-                                                  count, w2, b2, beta, alpha, tau,
-                                                  native.activation_codes(layer.activations))
+    return kernels.decode_hidden.default(x, layer.gate_proj(x), layer.up_proj(x), w1, b1, total, keep, count, w2, b2,
+                                         beta, alpha, tau, native.activation_codes(layer.activations))
 
 
 def _decode_tensors(layer, x: torch.Tensor, training: bool) -> tuple[torch.Tensor, ...] | None:

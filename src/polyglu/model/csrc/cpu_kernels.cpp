@@ -188,6 +188,16 @@ const float* alpha_rows(const at::Tensor& alpha, int64_t F, int64_t K, std::vect
   return buffer.data();
 }
 
+// Whether any of the activations reads e = exp(-z) (`activate`).
+bool needs_exp(at::IntArrayRef activations) {
+  for (int64_t code : activations)
+    if (code == kTanh || code == kSilu || code == kSigmoid) return true;
+  return false;
+}
+
+// Rows in parallel, ~32K units a task.
+inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1)); }
+
 // The activations of a call: known at compile time for the default set (the loops over k unroll and
 // keep every per-activation vector in a register), or read at run time for any other.
 template <int64_t... Codes>
@@ -232,17 +242,12 @@ void mix_rows(const float* gate, const float* up, float* out, int64_t rows, int6
               DynamicOf dynamic_of, double tau, at::IntArrayRef activations) {
   with_activations(activations, [&](const auto& acts) {
     const int64_t K = acts.size();
-    bool needs_exp = false;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t code = acts.code(k);
-      needs_exp = needs_exp || code == kTanh || code == kSilu || code == kSigmoid;
-    }
+    const bool with_exp = needs_exp(activations);
     const bool divide = tau != 1.0;  // dividing by 1 changes nothing: skip it
     const Vec inverse_tau(static_cast<float>(1.0 / tau));
     const int64_t width = Vec::size();
-    // rows in parallel when there are enough of them (~32K values a task), else all in this thread
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1));
-    parallel_rows(rows, grain, [&](int64_t begin, int64_t end, int64_t) {
+    // rows in parallel when there are enough of them, else all in this thread
+    parallel_rows(rows, row_grain(F), [&](int64_t begin, int64_t end, int64_t) {
       for (int64_t r = begin; r < end; ++r) {
         const float* dyn = dynamic_of(r);
         const float* gr = gate + r * F;
@@ -260,7 +265,7 @@ void mix_rows(const float* gate, const float* up, float* out, int64_t rows, int6
             if (divide) logit[k] = logit[k] * inverse_tau;
             top = k == 0 ? logit[k] : at::vec::maximum(top, logit[k]);
           }
-          const Vec e = needs_exp ? z.neg().exp() : Vec(0.f);
+          const Vec e = with_exp ? z.neg().exp() : Vec(0.f);
           Vec total(0.f), mixed(0.f);
           for (int64_t k = 0; k < K; ++k) {
             // exp_u20 (20 ulp): exactly 1 at 0 and 0 below float's range, so routing saturated on one
@@ -676,12 +681,6 @@ inline void activate_with_slope(int64_t code, const Vec& z, const Vec& e, Vec& a
   }
 }
 
-bool needs_exp(at::IntArrayRef activations) {
-  for (int64_t code : activations)
-    if (code == kTanh || code == kSilu || code == kSigmoid) return true;
-  return false;
-}
-
 // `n` <= Vec::size() values at p as one float32 vector. bf16 -> float32 is exact (the 16 bits
 // shifted up); a full vector is widened in registers (ATen's generic convert is a scalar loop, and
 // widening whole rows into scratch first cost the bf16 kernels ~20% over float32).
@@ -760,8 +759,6 @@ void check_mix_inputs(const at::Tensor& gate, const at::Tensor& up, const at::Te
   }
 }
 
-// Rows in parallel, ~32K units a task.
-inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(F, 1)); }
 
 // The row stride of a (B, T, F) tensor whose B * T rows of F units lie at even steps with the units
 // side by side: a contiguous tensor (F), or a column slice of a wider buffer, as the gate comes in the
@@ -773,6 +770,15 @@ int64_t row_stride(const at::Tensor& t) {
   const int64_t ld = T > 1 ? t.stride(1) : (B > 1 ? t.stride(0) : F);
   if (ld < F || (B > 1 && T > 1 && t.stride(0) != T * ld)) return -1;
   return ld;
+}
+
+// `t` as rows the kernels read at steps of `ld` units: itself where `row_stride` allows, else a
+// contiguous copy (ld = F).
+at::Tensor strided_rows(const at::Tensor& t, int64_t& ld) {
+  ld = row_stride(t);
+  if (ld >= 0) return t;
+  ld = t.size(2);
+  return t.contiguous();
 }
 
 template <typename scalar_t, typename Acts>
@@ -814,10 +820,9 @@ at::Tensor mix_forward(const at::Tensor& gate_in, const at::Tensor& up_in, const
                        const at::Tensor& dynamic, const std::optional<at::Tensor>& noise, double tau,
                        at::IntArrayRef activations) {
   check_mix_inputs(gate_in, up_in, alpha, dynamic, noise, activations);
-  int64_t gate_ld = row_stride(gate_in);  // the gate may be a column slice of a wider buffer
-  const at::Tensor gate = gate_ld < 0 ? gate_in.contiguous() : gate_in, up = up_in.contiguous();
+  int64_t gate_ld;  // the gate may be a column slice of a wider buffer
+  const at::Tensor gate = strided_rows(gate_in, gate_ld), up = up_in.contiguous();
   const int64_t B = gate.size(0), T = gate.size(1), F = gate.size(2), K = static_cast<int64_t>(activations.size());
-  if (gate_ld < 0) gate_ld = F;
   const MixTables m = mix_tables(alpha, dynamic, noise, tau, B, T, F, K);
   at::Tensor out = at::empty({B, T, F}, up.options());
   const bool with_exp = needs_exp(activations);
@@ -906,11 +911,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_backward(
   check_mix_inputs(gate_in, up_in, alpha, dynamic, noise, activations);
   TORCH_CHECK(grad_in.sizes() == gate_in.sizes() && grad_in.scalar_type() == gate_in.scalar_type(),
               "polyglu native kernels: the gradient must be shaped and typed like gate");
-  int64_t gate_ld = row_stride(gate_in);
-  const at::Tensor grad = grad_in.contiguous(), gate = gate_ld < 0 ? gate_in.contiguous() : gate_in,
-                   up = up_in.contiguous();
+  int64_t gate_ld;
+  const at::Tensor grad = grad_in.contiguous(), gate = strided_rows(gate_in, gate_ld), up = up_in.contiguous();
   const int64_t B = gate.size(0), T = gate.size(1), F = gate.size(2), K = static_cast<int64_t>(activations.size());
-  if (gate_ld < 0) gate_ld = F;
   const MixTables m = mix_tables(alpha, dynamic, noise, tau, B, T, F, K);
   const bool into = d_gate_out.has_value() && d_gate_out->defined();
   if (into) {
