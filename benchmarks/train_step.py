@@ -33,6 +33,7 @@ from polyglu import hardware
 from polyglu.config import MODEL_PRESETS, ModelConfig
 from polyglu.model.fused import KERNELS, use_kernel
 from polyglu.model.transformer import PolychromaticLM
+from polyglu.train.optim import build_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -84,7 +85,7 @@ def build(args, ffn: str) -> tuple[PolychromaticLM, torch.optim.Optimizer]:
     config = ModelConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(0)
     model = PolychromaticLM(config).to(device=args.device).train()  # float32 weights, as the trainer keeps them
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)  # the trainer's AdamW (fused where torch has it)
     return model, optimizer
 
 

@@ -126,6 +126,34 @@ def test_weight_decay_groups_list_every_parameter(tiny_config):
     assert "layers.0.ffn.alpha" in no_decay["names"] and "layers.1.ffn.beta" in no_decay["names"]
 
 
+def test_the_cpu_optimizer_is_fused_where_torch_has_it_and_updates_as_the_loop_does(tiny_config, tmp_path):
+    """build_optimizer fuses AdamW on the CPU (torch >= 2.4): the same update as torch's per-tensor
+    loop over the same groups, and a CPU trainer still reads a step's finiteness on the host."""
+    from polyglu.train.optim import build_optimizer, fused_on
+
+    torch.manual_seed(0)
+    model = PolychromaticLM(tiny_config)
+    twin = PolychromaticLM(tiny_config)
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), 1e-8)
+    loop = torch.optim.AdamW(parameter_groups(twin, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    assert bool(fused.defaults.get("fused")) == fused_on("cpu")
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert fused.defaults["fused"]
+    tokens = torch.randint(tiny_config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(2)  # the same Gumbel draws in both
+            logits = m(tokens[:, :-1]).logits
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    trainer = _trainer(_config(tmp_path / "run"))
+    assert bool(trainer.optimizer.defaults.get("fused")) == fused_on("cpu") and not trainer._skips_on_device
+
+
 def test_chunked_cross_entropy_matches_full():
     torch.manual_seed(0)
     hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)

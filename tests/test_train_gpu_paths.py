@@ -115,6 +115,8 @@ def _device_skipping_trainer(tmp_path, **train):
     tc = trainer.tc
     trainer.optimizer = torch.optim.AdamW(parameter_groups(trainer.model, tc.weight_decay), lr=tc.lr,
                                           betas=tuple(tc.betas), eps=tc.eps, fused=True)
+    assert not trainer._skips_on_device  # on the CPU the finiteness is read on the host
+    trainer._device_path = True
     assert trainer._skips_on_device
     return trainer
 
