@@ -347,6 +347,51 @@ def test_a_gate_in_the_columns_of_a_wider_buffer_gives_the_same_bits(kernels, dt
         kernels.mix_backward(grad, gate, up, alpha, dynamic, noise, 0.7, codes, True, d_gp[..., :F - 1])
 
 
+def _projected_inputs(dtype=torch.float32, positions=True, noisy=True):
+    B, T, F, H, K = 2, 6, 40, 8, 4
+    g = torch.Generator().manual_seed(5)
+    gp, up = (torch.randn(B, T, F + H, generator=g) * 2).to(dtype), torch.randn(B, T, F, generator=g).to(dtype)
+    alpha = torch.randn(F, K, generator=g)
+    b1, w2, b2, beta = (torch.randn(H, generator=g), torch.randn(K, H, generator=g), torch.randn(K, generator=g),
+                        torch.rand(K, generator=g) + 0.5)
+    pos = (torch.arange(T) % 4).expand(B, T).contiguous() if positions else None
+    noise = torch.randn(B, F, K, generator=g) if noisy else None
+    return [gp, up, alpha, b1, w2, b2, beta], pos, noise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("positions, noisy", [(True, True), (False, False)])
+def test_the_native_projected_mix_is_one_autograd_function(kernels, dtype, positions, noisy):
+    """kernels.projected_mix (an autograd function in C++): its output without autograd equals the one
+    with; each input's gradient equals the one the kernels' own calls give (mix_backward, then the
+    routing head's backward, as the separate path runs them), also where only some inputs need one;
+    and it refuses to build a graph of its backward (a second derivative) instead of returning a wrong one."""
+    tensors, pos, noise = _projected_inputs(dtype, positions, noisy)
+    codes, F = native.activation_codes(DEFAULT), tensors[1].shape[-1]
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    h = kernels.projected_mix(*leaves, pos, noise, 0.7, codes)
+    with torch.no_grad():
+        assert torch.equal(kernels.projected_mix(*tensors, pos, noise, 0.7, codes), h)
+    grad = torch.randn(h.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    got = torch.autograd.grad(h, leaves, grad)
+    gp, up, alpha, b1, w2, b2, beta = tensors
+    dynamic, hidden = kernels.routing_head(gp[..., F:], pos, b1, w2, b2, beta)
+    _, d_up, d_alpha, d_dynamic = kernels.mix_backward(grad, gp[..., :F].contiguous(), up, alpha, dynamic, noise, 0.7,
+                                                       codes, True)
+    d_gate = kernels.mix_backward(grad, gp[..., :F].contiguous(), up, alpha, dynamic, noise, 0.7, codes, True)[0]
+    d_proj, *head = kernels.routing_head_backward(d_dynamic, hidden, pos, w2, b2, beta)
+    expected = [torch.cat([d_gate, d_proj.to(dtype)], -1), d_up, d_alpha, *head]
+    for name, a, b in zip(["gp", "up", "alpha", "b1", "w2", "b2", "beta"], got, expected):
+        assert torch.equal(a, b), name
+    some = [t.clone().requires_grad_(i in (1, 4)) for i, t in enumerate(tensors)]  # up and w2 only
+    d_up_only, d_w2_only = torch.autograd.grad(kernels.projected_mix(*some, pos, noise, 0.7, codes), [some[1], some[4]],
+                                               grad)
+    assert torch.equal(d_up_only, d_up) and torch.equal(d_w2_only, head[1])
+    with pytest.raises(RuntimeError, match="differentiable once"):  # a graph of the backward: refused
+        torch.autograd.grad(kernels.projected_mix(*leaves, pos, noise, 0.7, codes).float().square().sum(), leaves[1],
+                            create_graph=True)
+
+
 def _projected_layer(**kwargs):
     from polyglu.model.polyglu import PolyGLU
 

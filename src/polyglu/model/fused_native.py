@@ -215,46 +215,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return get("cpu") if get is not None else torch.get_autocast_cpu_dtype()
 
 
-class _ProjectedMix(torch.autograd.Function):
-    """h = sum_k g_k act_k(gate) * up from gp = x [W_gate; W1]^T (B, T, d_ff + H): gate its first
-    d_ff columns, gate_net's first projection the rest; routing head and mix by the native kernels."""
-
-    @staticmethod
-    def forward(ctx, gp, up, alpha, b1, w2, b2, beta, positions, noise, tau, activations):
-        d_ff = up.shape[-1]
-        kernels, codes, tau = native.kernels(), native.activation_codes(activations), float(tau)
-        with torch.autocast("cpu", enabled=False):
-            dynamic, hidden = kernels.routing_head(gp[..., d_ff:], positions, b1, w2, b2, beta)
-            alpha, _, noise = _routing(alpha, dynamic, noise)
-            h = kernels.mix_forward(gp[..., :d_ff], up, alpha, dynamic, noise, tau, codes)
-        ctx.save_for_backward(gp, up, alpha, dynamic, noise, hidden, positions, w2, b2, beta)
-        ctx.tau, ctx.codes = tau, codes
-        ctx.dtypes = (b1.dtype, w2.dtype, b2.dtype, beta.dtype)
-        return h
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gp, up, alpha, dynamic, noise, hidden, positions, w2, b2, beta = ctx.saved_tensors
-        d_ff, kernels = up.shape[-1], native.kernels()
-        d_gp = torch.empty_like(gp, memory_format=torch.contiguous_format)
-        with torch.autocast("cpu", enabled=False):
-            _, d_up, d_alpha, d_dynamic = kernels.mix_backward(
-                grad if grad.dtype == gp.dtype else grad.to(gp.dtype), gp[..., :d_ff], up, alpha, dynamic, noise, ctx.tau,
-                ctx.codes, True, d_gp[..., :d_ff])
-            d_proj, *head = kernels.routing_head_backward(d_dynamic, hidden, positions, w2, b2, beta)
-            d_gp[..., d_ff:].copy_(d_proj)
-        need = ctx.needs_input_grad
-        head = [(g if g.dtype == dtype else g.to(dtype)) if need[i + 3] else None
-                for i, (g, dtype) in enumerate(zip(head, ctx.dtypes))]
-        return (d_gp, d_up if need[1] else None, d_alpha if need[2] else None, *head, None, None, None, None)
-
-
 def projected_mix(gp: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                   b2: torch.Tensor, beta: torch.Tensor, positions: torch.Tensor | None, noise: torch.Tensor | None,
                   tau: torch.Tensor, activations: tuple[str, ...]) -> torch.Tensor:
     """The hidden activations (B, T, d_ff) in up's dtype from gp = x [W_gate; W1]^T (B, T, d_ff + H)
     and up = x W_up^T (B, T, d_ff): causal pooling of gp's last H columns, then beta * (w2 relu(pooled
     + b1) + b2) as the dynamic logits, and the mix over gp's first d_ff columns; `projected_mix_applies`
-    says where it may run. Its backward gives gp's gradient in one buffer."""
-    return _ProjectedMix.apply(gp, up, alpha, b1, w2, b2, beta, positions, noise, tau, activations)
+    says where it may run. Its backward gives gp's gradient in one buffer. One autograd function in
+    the native library (its `ProjectedMix`), whose forward and backward call the kernels directly: the
+    Python autograd.Function it replaced spent ~0.1-0.2 ms a layer each way around the same calls."""
+    return native.kernels().projected_mix(gp, up, alpha, b1, w2, b2, beta, positions, noise, float(tau),
+                                          native.activation_codes(activations))
