@@ -4,8 +4,11 @@ One step = forward, next-token cross-entropy, backward, AdamW step, in the train
 float32 weights, and with bfloat16 (what `auto` picks where bf16 is native) the forward under bf16
 autocast, as `polyglu.train.trainer` runs it. Both models are built from the same preset (default
 `small`) with the same seed and data, and their steps alternate, so machine load hits both alike.
-Prints tokens/s (median and best over `--steps`) and the PolyGLU/SwiGLU time ratio; `--json` prints
-one JSON object instead.
+The optimizer is the trainer's (`polyglu.train.optim.build_optimizer`: AdamW, fused where torch has
+it). Prints tokens/s (median and best over `--steps`) and the PolyGLU/SwiGLU time ratio three ways:
+of the medians, of the best steps, and the median over step pairs of PolyGLU's step over the SwiGLU
+step just before it (the steadiest where the machine's speed drifts: see docs/performance.md);
+`--json` prints one JSON object instead.
 
     python benchmarks/train_step.py                                   # small, B=4 T=256, CPU f32
     python benchmarks/train_step.py --preset demo --threads 1 --clock cpu  # the demo's step: B=8 T=256, packed
@@ -127,8 +130,12 @@ def main(argv=None) -> None:
                      "tokens_per_s_median": n_tokens / statistics.median(t), "tokens_per_s_best": n_tokens / min(t),
                      "parameters": sum(p.numel() for p in models[ffn][0].parameters()), "last_loss": losses[ffn]}
                for ffn, t in times.items()}
+    # each step's PolyGLU time over the SwiGLU step just before it: the two run seconds apart, so a
+    # machine whose speed drifts between runs (a shared VM) moves both alike; the median of these pairs
+    # held within +-0.4% over four two-thread runs whose ratio of medians spread over 1.02-1.05
+    paired = statistics.median(p / s for s, p in zip(times["swiglu"], times["polyglu"]))
     ratio = {"median": results["polyglu"]["median_s"] / results["swiglu"]["median_s"],
-             "min": results["polyglu"]["min_s"] / results["swiglu"]["min_s"]}
+             "min": results["polyglu"]["min_s"] / results["swiglu"]["min_s"], "paired_median": paired}
     if args.neuron:
         ratio["neuron_over_layer_median"] = results["polyglu-neuron"]["median_s"] / results["polyglu"]["median_s"]
         ratio["neuron_over_layer_min"] = results["polyglu-neuron"]["min_s"] / results["polyglu"]["min_s"]
@@ -149,7 +156,8 @@ def main(argv=None) -> None:
     for ffn, r in results.items():
         print(f"{ffn:<14} {r['parameters']:>11,} {r['median_s'] * 1e3:>11.1f} {r['min_s'] * 1e3:>11.1f} "
               f"{r['tokens_per_s_median']:>10.0f} {r['tokens_per_s_best']:>10.0f}")
-    print(f"polyglu / swiglu step time: {ratio['median']:.3f} (median), {ratio['min']:.3f} (best)")
+    print(f"polyglu / swiglu step time: {ratio['median']:.3f} (median), {ratio['min']:.3f} (best), "
+          f"{ratio['paired_median']:.3f} (median of step pairs)")
     if args.neuron:
         print(f"neuron / layer scope step time: {ratio['neuron_over_layer_median']:.3f} (median), "
               f"{ratio['neuron_over_layer_min']:.3f} (best)")

@@ -3,6 +3,7 @@ the one warning for emulated bf16, and what training runs record."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import warnings
@@ -222,6 +223,10 @@ def test_benchmarks_record_the_environment_and_resolve_dtype_auto(script, args):
     assert environment["threads"] == 1 and environment["torch"] == torch.__version__
     assert environment["bf16_native"] == hardware.cpu_bf16_native()[0]
     assert environment["dtype"] == hardware.choose_precision("auto", "cpu").name == result["setup"]["dtype"]
+    if script == "train_step.py":  # the ratio of each step pair, PolyGLU's step over the SwiGLU step before it
+        times = {ffn: r["samples_s"] for ffn, r in result["results"].items()}
+        pairs = [p / s for s, p in zip(times["swiglu"], times["polyglu"])]
+        assert result["polyglu_over_swiglu_time"]["paired_median"] == pytest.approx(statistics.median(pairs))
 
 
 def test_every_benchmark_records_the_environment():
