@@ -52,10 +52,20 @@ def model() -> PolychromaticLM:
 
 @pytest.fixture
 def kernels():
-    """The native CPU kernels (built on first use), or a skip where they are unavailable (no C++ compiler?)."""
+    """The native CPU kernels (built on first use), or a skip where they are unavailable (no C++
+    compiler, POLYGLU_NATIVE=0). With a compiler on PATH a build that fails is a failure, not a
+    skip: a C++ error must not turn the kernels' tests into skips."""
+    import shlex
+    import shutil
+
     from polyglu.model import native
 
     ops = native.kernels()
     if ops is None:
+        if native.mode() != "off" and shutil.which(shlex.split(native.compiler())[0]):
+            try:
+                native.load(native.build())
+            except Exception as e:  # noqa: BLE001 (any build or load error is the finding)
+                pytest.fail(f"a C++ compiler is here but the native CPU kernels did not build or load: {e}")
         pytest.skip("the native CPU kernels are unavailable here (no C++ compiler?)")
     return ops
