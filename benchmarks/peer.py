@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from polyglu import PolychromaticLM, generate, hardware  # noqa: E402
 from polyglu.config import MODEL_PRESETS, ModelConfig  # noqa: E402
-from polyglu.train.optim import build_optimizer  # noqa: E402
+from polyglu.train.optim import default_optimizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,7 +140,7 @@ def decode_runner(name: str, model, prompts: torch.Tensor, new_tokens: int, comp
 
 
 def train_runner(model, tokens: torch.Tensor):
-    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)  # the trainer's AdamW (fused where torch has it)
+    optimizer = default_optimizer(model)  # the trainer's AdamW (fused where torch has it)
 
     def run():
         model.train()

@@ -29,7 +29,7 @@ from polyglu.config import MODEL_PRESETS, ModelConfig  # noqa: E402
 from polyglu.model.fused import KERNELS, use_kernel  # noqa: E402
 from polyglu.model.transformer import PolychromaticLM  # noqa: E402
 from polyglu.train.loss import chunked_cross_entropy_sum  # noqa: E402
-from polyglu.train.optim import build_optimizer  # noqa: E402
+from polyglu.train.optim import default_optimizer  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = PolychromaticLM(ModelConfig.from_preset(args.preset, max_seq_len=max(
         args.seq_len, MODEL_PRESETS[args.preset].get("max_seq_len", 0)))).train()
-    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)  # the trainer's AdamW (fused where torch has it)
+    optimizer = default_optimizer(model)  # the trainer's AdamW (fused where torch has it)
     tokens = torch.randint(model.config.vocab_size, (args.batch, args.seq_len + 1),
                            generator=torch.Generator().manual_seed(0))
     doc_ids = (torch.arange(args.seq_len) * args.documents // args.seq_len).expand(args.batch, -1)

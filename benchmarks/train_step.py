@@ -4,7 +4,7 @@ One step = forward, next-token cross-entropy, backward, AdamW step, in the train
 float32 weights, and with bfloat16 (what `auto` picks where bf16 is native) the forward under bf16
 autocast, as `polyglu.train.trainer` runs it. Both models are built from the same preset (default
 `small`) with the same seed and data, and their steps alternate, so machine load hits both alike.
-The optimizer is the trainer's (`polyglu.train.optim.build_optimizer`: AdamW, fused where torch has
+The optimizer is the trainer's (`polyglu.train.optim.default_optimizer`: AdamW, fused where torch has
 it). Prints tokens/s (median and best over `--steps`) and the PolyGLU/SwiGLU time ratio three ways:
 of the medians, of the best steps, and the median over step pairs of PolyGLU's step over the SwiGLU
 step just before it (the steadiest where the machine's speed drifts: see docs/performance.md);
@@ -36,7 +36,7 @@ from polyglu import hardware
 from polyglu.config import MODEL_PRESETS, ModelConfig
 from polyglu.model.fused import KERNELS, use_kernel
 from polyglu.model.transformer import PolychromaticLM
-from polyglu.train.optim import build_optimizer
+from polyglu.train.optim import default_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -88,7 +88,7 @@ def build(args, ffn: str) -> tuple[PolychromaticLM, torch.optim.Optimizer]:
     config = ModelConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(0)
     model = PolychromaticLM(config).to(device=args.device).train()  # float32 weights, as the trainer keeps them
-    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)  # the trainer's AdamW (fused where torch has it)
+    optimizer = default_optimizer(model)  # the trainer's AdamW (fused where torch has it)
     return model, optimizer
 
 

@@ -376,9 +376,8 @@ def test_the_native_projected_mix_is_one_autograd_function(kernels, dtype, posit
     got = torch.autograd.grad(h, leaves, grad)
     gp, up, alpha, b1, w2, b2, beta = tensors
     dynamic, hidden = kernels.routing_head(gp[..., F:], pos, b1, w2, b2, beta)
-    _, d_up, d_alpha, d_dynamic = kernels.mix_backward(grad, gp[..., :F].contiguous(), up, alpha, dynamic, noise, 0.7,
-                                                       codes, True)
-    d_gate = kernels.mix_backward(grad, gp[..., :F].contiguous(), up, alpha, dynamic, noise, 0.7, codes, True)[0]
+    d_gate, d_up, d_alpha, d_dynamic = kernels.mix_backward(grad, gp[..., :F].contiguous(), up, alpha, dynamic,
+                                                            noise, 0.7, codes, True)
     d_proj, *head = kernels.routing_head_backward(d_dynamic, hidden, pos, w2, b2, beta)
     expected = [torch.cat([d_gate, d_proj.to(dtype)], -1), d_up, d_alpha, *head]
     for name, a, b in zip(["gp", "up", "alpha", "b1", "w2", "b2", "beta"], got, expected):

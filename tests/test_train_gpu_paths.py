@@ -14,7 +14,7 @@ from polyglu.train import loss as loss_module
 from polyglu.train.loss import chunked_cross_entropy_sum, cross_entropy_sum, padded_head
 from polyglu.train.metrics import routing_entropy_summary
 from polyglu.train.optim import parameter_groups
-from polyglu.train.trainer import TrainingError
+from polyglu.train.trainer import Trainer, TrainingError
 
 liger = pytest.importorskip("liger_kernel")
 
@@ -109,22 +109,21 @@ class _HostReads:
                 setattr(torch.Tensor, name, original)
 
 
-def _device_skipping_trainer(tmp_path, **train):
+def _device_skipping_trainer(tmp_path, monkeypatch, **train):
     trainer = _trainer(_config(tmp_path / "run", **train))
     # the CUDA optimizer (fused AdamW) on the CPU: it skips a non-finite step inside its kernel
     tc = trainer.tc
     trainer.optimizer = torch.optim.AdamW(parameter_groups(trainer.model, tc.weight_decay), lr=tc.lr,
                                           betas=tuple(tc.betas), eps=tc.eps, fused=True)
     assert not trainer._skips_on_device  # on the CPU the finiteness is read on the host
-    trainer._device_path = True
-    assert trainer._skips_on_device
+    monkeypatch.setattr(Trainer, "_skips_on_device", property(lambda self: True))  # the accelerators' step
     return trainer
 
 
-def test_a_training_step_reads_no_floating_value_on_the_host(tmp_path):
+def test_a_training_step_reads_no_floating_value_on_the_host(tmp_path, monkeypatch):
     """With the CUDA optimizer and the Triton mixed-activation kernel, a step reads only the target
     counts of its (host) batches; loss and grad norm stay on the device until log_every."""
-    trainer = _device_skipping_trainer(tmp_path)
+    trainer = _device_skipping_trainer(tmp_path, monkeypatch)
     with fused.use_kernel("triton"), _HostReads().watching() as reads:
         out = trainer.train_step()
     assert isinstance(out["loss"], torch.Tensor) and isinstance(out["grad_norm"], torch.Tensor)
@@ -132,8 +131,8 @@ def test_a_training_step_reads_no_floating_value_on_the_host(tmp_path):
     assert torch.isfinite(out["loss"]) and trainer.skipped_steps == 0
 
 
-def test_non_finite_steps_are_skipped_on_the_device_then_stop(tmp_path):
-    trainer = _device_skipping_trainer(tmp_path, max_bad_steps=2)
+def test_non_finite_steps_are_skipped_on_the_device_then_stop(tmp_path, monkeypatch):
+    trainer = _device_skipping_trainer(tmp_path, monkeypatch, max_bad_steps=2)
     real = trainer.loss_module.forward
     trainer.loss_module.forward = lambda *args: real(*args) * float("nan")
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -148,8 +147,8 @@ def test_non_finite_steps_are_skipped_on_the_device_then_stop(tmp_path):
     assert trainer.skipped_steps == 2
 
 
-def test_a_run_of_skipped_steps_goes_on_across_counter_reads(tmp_path):
-    trainer = _device_skipping_trainer(tmp_path, max_bad_steps=3)
+def test_a_run_of_skipped_steps_goes_on_across_counter_reads(tmp_path, monkeypatch):
+    trainer = _device_skipping_trainer(tmp_path, monkeypatch, max_bad_steps=3)
     real = trainer.loss_module.forward
     trainer.loss_module.forward = lambda *args: real(*args) * float("nan")
     trainer.train_step()

@@ -222,7 +222,7 @@ def projected_mix(gp: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor, b1: t
     and up = x W_up^T (B, T, d_ff): causal pooling of gp's last H columns, then beta * (w2 relu(pooled
     + b1) + b2) as the dynamic logits, and the mix over gp's first d_ff columns; `projected_mix_applies`
     says where it may run. Its backward gives gp's gradient in one buffer. One autograd function in
-    the native library (its `ProjectedMix`), whose forward and backward call the kernels directly: the
-    Python autograd.Function it replaced spent ~0.1-0.2 ms a layer each way around the same calls."""
+    the native library (its `ProjectedMix`), whose forward and backward call the kernels directly,
+    without the Python around them (docs/performance.md, seventh session)."""
     return native.kernels().projected_mix(gp, up, alpha, b1, w2, b2, beta, positions, noise, float(tau),
                                           native.activation_codes(activations))

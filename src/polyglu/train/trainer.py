@@ -114,7 +114,6 @@ class Trainer:
         self._saved_at = time.monotonic()  # timed checkpoints count from here, then from each save
         self._interrupt_requested = False
         self._device_counters: dict[str, torch.Tensor] | None = None  # see _step_on_device
-        self._device_path = False  # True: a CPU run takes an accelerator's step (tests of that path)
         self.loss_module = self.dist.wrap(self._prepare_model(), self.tc.distributed)
         self.sharded = self.dist.is_sharded(self.loss_module)
         if self.sharded:  # fully_shard replaced the parameters with DTensors: optimise those
@@ -293,7 +292,7 @@ class Trainer:
         """A fused AdamW on an accelerator skips a non-finite step inside its own kernel (`found_inf`,
         as under GradScaler): the step needs no host read. On the CPU, where reading a value costs
         nothing (the optimizer is fused there too), the finiteness is read every step."""
-        return bool(self.optimizer.defaults.get("fused")) and (self.device.type != "cpu" or self._device_path)
+        return bool(self.optimizer.defaults.get("fused")) and self.device.type != "cpu"
 
     def _step_on_device(self, step: int, lr: float, tau: float | None, loss: torch.Tensor, grad_norm: torch.Tensor,
                         tokens: int) -> dict[str, Any]:

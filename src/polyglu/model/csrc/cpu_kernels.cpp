@@ -1158,8 +1158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_h
 // PolyGLU's CPU training call from one projection gp = x [W_gate; W1]^T (B, T, F + H): the routing
 // head on gp's last H columns, the mix on its first F (polyglu/model/fused_native.py
 // `projected_mix`, which says where it applies), as one autograd function in C++. The same calls
-// as the Python autograd.Function it replaces; without its Python each way (saving and unpacking
-// ten tensors, an autocast guard, the argument plumbing), ~0.1-0.2 ms a layer in a real step.
+// as the Python autograd.Function it replaces, without its Python each way (saving and unpacking
+// ten tensors, an autocast guard, the argument plumbing): its backward node took 2.38 ms a layer
+// where the Python one took 2.70 (bf16, the demo's shape, one thread, inside real steps).
 // Its backward writes d gate and d proj into one buffer, the gradient of that projection.
 class ProjectedMix : public torch::autograd::Function<ProjectedMix> {
  public:
